@@ -1,0 +1,1 @@
+"""Prefill + constant-cache decode for every registry variant."""
