@@ -1,0 +1,154 @@
+"""Rank-0 metrics: metrics.jsonl (always), wandb / aim / tensorboard (chosen by `tracker`), tqdm on a TTY.
+
+MFU = flops_per_token(seq_length) * tokens/s/GPU / peak dense bf16 FLOP/s of the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched by substring of the device name.
+PEAK_BF16_FLOPS = (
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("B100", 1.75e15),
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("A6000", 155e12),
+    ("A10G", 70e12), ("L4", 121e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of one device, or None where unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
+    return None if not peak else flops_per_token * tokens_per_s_per_device / peak
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        out = {"mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+               "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    import resource
+
+    return {"cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class MetricsLogger:
+    """Writes on rank 0 only; other ranks get a no-op logger."""
+
+    def __init__(self, cfg, rank: int, start_step: int):
+        self.enabled = rank == 0
+        self.cfg = cfg
+        self.path = os.path.join(cfg.ckpt_save_path, "metrics.jsonl")
+        self.tracker = None
+        self.bar = None
+        if not self.enabled:
+            return
+        os.makedirs(cfg.ckpt_save_path, exist_ok=True)
+        self.file = open(self.path, "a")
+        if cfg.tracker:
+            self.tracker = _open_tracker(cfg)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.num_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+        if self.tracker is not None:
+            self.tracker(record)
+
+    def event(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.bar is not None:
+                self.bar.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "n/a" if v is None else str(v)
+
+
+def _open_tracker(cfg):
+    """Returns record -> None for the chosen tracker; imported lazily, a clear error if missing."""
+    name = cfg.tracker
+    root = cfg.tracker_dir or os.path.join(cfg.ckpt_save_path, "tracker")
+    try:
+        if name == "wandb":
+            import wandb
+
+            run = wandb.init(project=cfg.tracker_project_name, dir=root, id=cfg.tracker_run_id,
+                             resume="allow", config=cfg.to_dict())
+            return lambda r: run.log({k: v for k, v in r.items() if v is not None}, step=r["step"])
+        if name == "aim":
+            import aim
+
+            run = aim.Run(experiment=cfg.tracker_project_name, repo=root, run_hash=cfg.tracker_run_id)
+            run["hparams"] = cfg.to_dict()
+            return lambda r: [run.track(v, name=k, step=r["step"]) for k, v in r.items()
+                              if k != "step" and isinstance(v, (int, float))]
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=os.path.join(root, cfg.tracker_run_id or "tb"))
+
+            def write(r):
+                for k, v in r.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        writer.add_scalar(k, v, r["step"])
+                writer.flush()
+
+            return write
+    except ImportError as e:
+        pip = {"wandb": "wandb", "aim": "aim", "tensorboard": "tensorboard"}[name]
+        raise RuntimeError(f"tracker={name!r} but it is not installed ({e}); pip install {pip}, "
+                           f"or use tracker=None (metrics.jsonl is always written)") from None
+    raise ValueError(f"tracker={name!r}: expected None, wandb, aim or tensorboard")
+
+
+def build_profiler(cfg, rank: int):
+    """torch.profiler over 6 steps (wait 1, warmup 2, active 3), trace under <run>/profile_traces; or None."""
+    if not cfg.use_profiler or (cfg.profiler_rank0_only and rank != 0):
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, schedule=schedule(wait=1, warmup=2, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(os.path.join(cfg.ckpt_save_path, "profile_traces")),
+                   profile_memory=True, record_shapes=True, with_stack=False)

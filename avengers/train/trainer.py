@@ -1,0 +1,188 @@
+"""The training loop: config -> model (FSDP2) -> AdamW + schedule -> steps, metrics, checkpoints.
+
+    python -m avengers.train --config configs/demo.yaml             # one process (CPU or one GPU)
+    torchrun --nproc_per_node=8 -m avengers.train --config ...     # every visible GPU
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from avengers.config import ConfigError, TrainConfig, validate
+from avengers.models import get_model_spec
+from avengers.train import data as train_data
+from avengers.train.checkpoint import Checkpointer
+from avengers.train.metrics import MetricsLogger, build_profiler, mfu, peak_flops, peak_memory_gib
+from avengers.train.parallel import build_mesh, init_distributed, parallelize
+from avengers.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_SUFFIXES = ("A_log", "D", "dt_bias")  # Mamba's SSM parameters
+_FAULT_ENV = "AVENGERS_FAULT_AT_STEP"  # tests: exit abruptly (like kill -9) after this optimizer step
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
+    """Decay matrices only: no decay on 1-D tensors (norms, biases), embeddings or Mamba's A_log/D/dt_bias."""
+    if decay_all:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        skip = p.ndim < 2 or id(p) in embedding_params or leaf in NO_DECAY_SUFFIXES
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def build_model(cfg: TrainConfig, spec, device: torch.device, mesh, mixed_precision: bool) -> nn.Module:
+    """Full init on CPU then shard; with low_cpu_fsdp, shard on meta, materialise shards, then init."""
+    if cfg.low_cpu_fsdp:
+        model = spec.build("meta")
+    else:
+        model = spec.build("cpu")
+        model.init_weights()
+        model.to(device)
+    parallelize(model, spec.block_types, mesh, activation_checkpointing=cfg.fsdp_activation_checkpointing,
+                selective=cfg.selective_checkpointing, compile_blocks=cfg.use_torch_compile,
+                mixed_precision=mixed_precision, compile_cache_size_limit=cfg.compile_cache_size_limit)
+    if cfg.low_cpu_fsdp:
+        model.to_empty(device=device)
+        with torch.no_grad():
+            model.init_weights()
+    return model
+
+
+def _check_tracker(cfg: TrainConfig) -> None:
+    module = {"wandb": "wandb", "aim": "aim", "tensorboard": "torch.utils.tensorboard"}.get(cfg.tracker or "")
+    if module and importlib.util.find_spec(module.split(".")[0]) is None:
+        raise ConfigError(f"tracker={cfg.tracker!r} but {module} is not installed; pip install it, "
+                          f"or use tracker=None (metrics.jsonl is always written)")
+    if cfg.tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tracker='tensorboard' but tensorboard is not installed; pip install tensorboard")
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary with the last reported metrics."""
+    info = init_distributed(cfg.device)
+    logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    validate(cfg, info.world_size, info.local_world_size)
+    _check_tracker(cfg)
+    spec = get_model_spec(cfg.model_variant)
+    train_data.validate_data(cfg, info.world_size, spec.vocab_size)
+    if cfg.seq_length > spec.max_seq_len:
+        log.warning("seq_length %d exceeds %s's max_seq_len %d", cfg.seq_length, spec.name, spec.max_seq_len)
+
+    device, rank, world = info.device, info.rank, info.world_size
+    on_gpu = device.type == "cuda"
+    if rank == 0:
+        cfg.save(os.path.join(cfg.ckpt_save_path, "config.yaml"))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    mixed = cfg.mixed_precision and on_gpu
+    mesh = build_mesh(cfg.sharding_strategy, world, device.type, cfg.hsdp_shard_size or info.local_world_size)
+    model = build_model(cfg, spec, device, mesh, mixed)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all_params),
+                                  lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  fused=on_gpu or None)
+    scheduler = build_scheduler(optimizer, cfg.num_steps, cfg.training_stage, cfg.warmup_steps, cfg.min_lr_ratio)
+    loader = train_data.build_loader(cfg, rank, world, spec.vocab_size)
+    ckpt = Checkpointer(cfg, rank, world)
+    step, tokens_seen, how = ckpt.resume(model, optimizer, scheduler, loader)
+    metrics = MetricsLogger(cfg, rank, step)
+    metrics.event(f"[avengers.train] {spec.name}: {spec.num_params() / 1e6:.1f}M params, world {world} "
+                  f"({cfg.sharding_strategy}, {device.type}), {how}")
+
+    flops_tok = spec.flops_per_token(cfg.seq_length)
+    peak = peak_flops(device)
+    tokens_per_step = world * cfg.batch_size * cfg.seq_length * cfg.grad_accum_steps
+    last_step = min(cfg.num_steps, cfg.stop_at_step or cfg.num_steps)
+    batches = iter(loader)
+    profiler = build_profiler(cfg, rank)
+    if profiler is not None:
+        profiler.start()
+    loss_sum = torch.zeros((), device=device)
+    gnorm_sum = torch.zeros((), device=device)
+    window_steps, window_start, summary = 0, time.perf_counter(), {}
+    fault_step = int(os.environ.get(_FAULT_ENV, "0"))
+    model.train()
+    while step < last_step:
+        for micro in range(cfg.grad_accum_steps):
+            inputs, labels = next(batches)
+            inputs = inputs.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            model.set_requires_gradient_sync(micro == cfg.grad_accum_steps - 1)
+            loss = loss_fn(model(inputs), labels) / cfg.grad_accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        gnorm = clip_grad_norm(model, cfg.grad_clip_thresh)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        gnorm_sum += gnorm
+        step += 1
+        window_steps += 1
+        tokens_seen += tokens_per_step
+        metrics.step()
+        if profiler is not None:
+            profiler.step()
+        if step % cfg.report_interval == 0 or step == last_step:
+            stats = torch.stack([loss_sum, gnorm_sum]) / window_steps
+            dist.all_reduce(stats)
+            stats /= world
+            elapsed = time.perf_counter() - window_start
+            tok_s = cfg.batch_size * cfg.seq_length * cfg.grad_accum_steps * window_steps / elapsed
+            summary = {"step": step, "loss": stats[0].item(), "lr": _lr_of_step(scheduler, step),
+                       "grad_norm": stats[1].item(),
+                       "tokens_seen": tokens_seen, "tokens_per_s_per_gpu": tok_s, "step_time_s": elapsed / window_steps,
+                       "mfu": mfu(flops_tok, tok_s, peak), **peak_memory_gib(device)}
+            metrics.log(summary)
+            loss_sum.zero_()
+            gnorm_sum.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if step % cfg.checkpoint_interval == 0 or (step == last_step and cfg.save_final_checkpoint):
+            path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader)
+            metrics.event(f"[avengers.train] checkpoint step {step} -> {path}")
+            window_start = time.perf_counter()  # the save is not training time
+        if step == fault_step:
+            os._exit(19)
+    if profiler is not None:
+        profiler.stop()
+    metrics.close()
+    return summary
+
+
+def _lr_of_step(scheduler, step: int) -> float:
+    """The LR the optimizer used at `step` (the scheduler has already moved on to step + 1)."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global L2 norm over all (sharded) gradients, clipped in place when max_norm > 0; no host sync."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
