@@ -1,0 +1,343 @@
+"""`python -m avengers.bench`: prefill time, decode tokens/s, cache bytes and largest batch vs context.
+
+For every variant: build it with random weights, run the correctness checks (check.py), then for
+every context length L:
+  1. real prefill of L - room tokens at batch 1 (timed; `room` leaves space for the decode steps),
+  2. cache bytes per sequence from the allocated tensors (InferenceCache.nbytes, cache sized to L),
+  3. for every batch size (and the largest that fits): copy the batch-1 state into every row
+     (`InferenceCache.broadcast_from`, so large batches need no large prefill), capture the decode
+     step in a CUDA graph (eager on CPU), warm up, and time `steps` decode steps.
+Decode steps run at positions L - room .. L - 1 of a cache sized to L: attention reads keys
+written by the real prefill; the few positions between the prefill and the step are masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from avengers.inference.bench_report import markdown_table, plot, targets_summary
+from avengers.inference.cache import InferenceCache
+from avengers.inference.check import CheckResult, check_cached_decode, check_graph_decode
+from avengers.inference.graphs import DecodeStep
+from avengers.models.registry import get_model_spec, list_variants
+
+log = logging.getLogger(__name__)
+
+H200_BANDWIDTH_GBS = 4800.0
+GPU_DEFAULT_VARIANTS = ("llama3_1.8b", "mamba2_1.3b", "mamba_1.5b", "tele128_llama3_1.8b")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BenchConfig:
+    variants: list[str]
+    contexts: list[int]
+    batch_sizes: list[int]
+    device: str
+    dtype: str = "bf16"
+    steps: int = 20  # timed decode steps per measurement
+    warmup: int = 3
+    find_max_batch: bool = True
+    max_batch_cap: int = 4096
+    memory_fraction: float = 0.9  # of the free GPU memory the largest batch may use
+    bandwidth_gbs: float | None = None  # None: H200's 4.8 TB/s on CUDA, no roofline on CPU
+    prefill_chunk: int = 8192
+    cuda_graph: bool = True
+    deadline_s: float = 450.0  # stop starting new measurements after this many seconds
+    out: str = "bench_out"
+    seed: int = 0
+    check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
+
+    def validate(self) -> None:
+        known = list_variants()
+        bad = [v for v in self.variants if v not in known]
+        if bad:
+            raise ValueError(f"unknown variants {bad}; known: {', '.join(known)}")
+        if not self.variants:
+            raise ValueError("no variants to benchmark")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if any(c < self.room + 2 for c in self.contexts):
+            raise ValueError(f"every context must be >= {self.room + 2} (steps + warm-up room), got {self.contexts}")
+        if any(b < 1 for b in self.batch_sizes) or self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"batch sizes and steps must be >= 1, got {self.batch_sizes}, steps={self.steps}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+
+    @property
+    def room(self) -> int:
+        """Positions kept free at the end of the cache for the decode steps."""
+        return max(self.steps, self.warmup) + 1
+
+
+def parse_size(text: str) -> int:
+    """'4k' -> 4096, '128K' -> 131072, '100' -> 100."""
+    t = text.strip().lower()
+    try:
+        return int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512, 4k, 128k)") from None
+
+
+def weight_bytes_per_step(model: nn.Module) -> int:
+    """Parameter bytes a decode step reads: all but embedding tables that are only looked up."""
+    lookup = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    lookup -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in lookup)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, cache: InferenceCache, ids: torch.Tensor, chunk: int) -> None:
+    """Consume ids in chunks of `chunk` tokens (one call when chunk <= 0), keeping no logits."""
+    step = ids.shape[1] if chunk <= 0 else chunk
+    for s in range(0, ids.shape[1], step):
+        model(ids[:, s:s + step], cache=cache)
+
+
+@torch.no_grad()
+def time_decode(model: nn.Module, cache: InferenceCache, start: int, cfg: BenchConfig, vocab: int) -> float:
+    """Seconds per decode step at positions start.., warm-up excluded."""
+    device = cache.position.device
+    use_graph = cfg.cuda_graph and device.type == "cuda"
+    cache.set_seq_len(start)
+    step = DecodeStep(model, cache, cuda_graph=use_graph, preserve_state=False)
+    tokens = torch.randint(0, vocab, (cache.batch_size, 1), device=device)
+    for _ in range(cfg.warmup):
+        step(tokens)
+    cache.set_seq_len(start)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step(tokens)
+    _sync(device)
+    return (time.perf_counter() - t0) / cfg.steps
+
+
+def _largest_batch(cache_per_seq: float, device: torch.device, cfg: BenchConfig) -> int | None:
+    """Analytic guess from free GPU memory (verified by running it, see _measure_batch); None on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(cfg.max_batch_cap, int(free * cfg.memory_fraction // cache_per_seq)))
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    family: str
+    params: int
+    weight_bytes: int
+    check: dict | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], t_start: float) -> VariantResult:
+    spec = get_model_spec(name)
+    device = torch.device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    torch.manual_seed(cfg.seed)
+    model = spec.build(device)
+    model.init_weights()
+    model.eval()
+    res = VariantResult(name, spec.family, sum(p.numel() for p in model.parameters()), 0)
+    check = _run_checks(model, spec.vocab_size, device, dtype, cfg)
+    res.check = asdict(check)
+    res.weight_bytes = weight_bytes_per_step(model)
+    bandwidth = cfg.bandwidth_gbs or (H200_BANDWIDTH_GBS if device.type == "cuda" else None)
+    chunk = cfg.prefill_chunk if check.chunked_prefill else 0
+    for ctx in cfg.contexts:
+        if time.monotonic() - t_start > cfg.deadline_s:
+            res.errors.append(f"context {ctx}: skipped, deadline of {cfg.deadline_s:.0f}s reached")
+            continue
+        try:
+            _bench_context(model, spec, ctx, chunk, bandwidth, res, cfg, rows, t_start)
+        except torch.cuda.OutOfMemoryError as e:
+            res.errors.append(f"context {ctx}: out of memory at batch 1 ({str(e).splitlines()[0]})")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del model
+    return res
+
+
+def _run_checks(model: nn.Module, vocab: int, device: torch.device, dtype: torch.dtype, cfg: BenchConfig) -> CheckResult:
+    on_cuda = device.type == "cuda"
+    tol = cfg.check_tol or (1e-2 if on_cuda else 1e-4)
+    model.float()
+    check = check_cached_decode(model, vocab, device, tol=tol, seed=cfg.seed)
+    model.to(dtype)
+    if on_cuda and cfg.cuda_graph:
+        check.graph_rel_err = check_graph_decode(model, vocab, device, seed=cfg.seed + 1)
+    return check
+
+
+def _bench_context(model, spec, ctx: int, chunk: int, bandwidth: float | None, res: VariantResult,
+                   cfg: BenchConfig, rows: list[dict], t_start: float) -> None:
+    device = torch.device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    fill = ctx - cfg.room
+    cache1 = model.allocate_cache(1, ctx, device, dtype)
+    ids = torch.randint(0, spec.vocab_size, (1, fill), device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    prefill(model, cache1, ids, chunk)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    per_seq = cache1.nbytes_per_sequence()
+    largest = _largest_batch(per_seq, device, cfg) if cfg.find_max_batch else None
+    batches = sorted({b for b in cfg.batch_sizes if largest is None or b <= largest} | ({largest} if largest else set()))
+    common = dict(variant=res.variant, family=res.family, context=ctx, prefill_tokens=fill, prefill_s=prefill_s,
+                  prefill_tok_s=fill / prefill_s, cache_bytes_per_seq=per_seq)
+    ctx_rows, fits = [], None
+    for b in batches:
+        if time.monotonic() - t_start > cfg.deadline_s:
+            res.errors.append(f"context {ctx} batch {b}: skipped, deadline reached")
+            break
+        row = _measure_batch(model, spec, cache1, fill, b, b == largest, bandwidth, res, cfg)
+        if row is None:
+            continue
+        fits = row.pop("_fits") or fits
+        ctx_rows.append({**common, **row})
+        log.info("%s ctx=%d batch=%d: %.3f ms/step, %.0f tok/s", res.variant, ctx, row["batch"],
+                 row["decode_step_ms"], row["decode_tok_s"])
+    for row in ctx_rows:  # the largest batch verified by a run at this context (None: not searched)
+        row["max_batch"] = fits
+    rows.extend(ctx_rows)
+    del cache1
+
+
+def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, is_largest: bool,
+                   bandwidth: float | None, res: VariantResult, cfg: BenchConfig) -> dict | None:
+    device = torch.device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    for attempt in range(5):  # the largest batch is verified by running it; shrink on OOM
+        cache = None
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            if batch == 1:
+                cache = cache1
+            else:
+                cache = model.allocate_cache(batch, cache1.max_seq_len, device, dtype)
+                cache1.set_seq_len(fill)
+                cache.broadcast_from(cache1)
+            step_s = time_decode(model, cache, fill, cfg, spec.vocab_size)
+            nbytes = cache.nbytes()
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            moved = res.weight_bytes + nbytes
+            roof_s = moved / (bandwidth * 1e9) if bandwidth else None
+            return dict(batch=batch, decode_step_ms=step_s * 1e3, decode_tok_s=batch / step_s,
+                        cache_bytes=nbytes, peak_mem_gib=peak, bytes_per_step=moved,
+                        roofline_ms=roof_s * 1e3 if roof_s else None,
+                        roofline_ratio=step_s / roof_s if roof_s else None,
+                        decode_mode="cuda_graph" if cfg.cuda_graph and device.type == "cuda" else "eager",
+                        _fits=batch if is_largest else None)
+        except torch.cuda.OutOfMemoryError:
+            if not is_largest or batch == 1:
+                res.errors.append(f"context {cache1.max_seq_len} batch {batch}: out of memory")
+                return None
+            batch = max(1, int(batch * 0.8))
+        finally:
+            if cache is not None and cache is not cache1:
+                del cache
+    return None
+
+
+def _default_variants(device: str) -> list[str]:
+    known = list_variants()
+    if device.startswith("cuda"):
+        return [v for v in GPU_DEFAULT_VARIANTS if v in known]
+    return [v for v in known if "tiny" in v]
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    p = argparse.ArgumentParser(prog="python -m avengers.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--variants", help="comma-separated registry variants (default: *tiny* on CPU, the 1.3-2B set on CUDA)")
+    p.add_argument("--contexts", default=None, help="comma-separated, e.g. 1k,4k,16k,32k,64k,128k (CPU default 128,256,512)")
+    p.add_argument("--batch_sizes", default=None, help="comma-separated (CUDA default 1,8,64; CPU 1,2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no_max_batch", action="store_true", help="skip the largest-batch search")
+    p.add_argument("--max_batch_cap", type=int, default=4096)
+    p.add_argument("--memory_fraction", type=float, default=0.9)
+    p.add_argument("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the roofline (CUDA default 4800)")
+    p.add_argument("--prefill_chunk", type=int, default=8192)
+    p.add_argument("--no_cuda_graph", action="store_true")
+    p.add_argument("--deadline_s", type=float, default=450.0)
+    p.add_argument("--check_tol", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
+    a = p.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    split = lambda s: [x for x in s.split(",") if x.strip()]  # noqa: E731
+    cfg = BenchConfig(
+        variants=split(a.variants) if a.variants else _default_variants(a.device),
+        contexts=[parse_size(c) for c in split(a.contexts or ("1k,4k,16k,32k,64k,128k" if cuda else "128,256,512"))],
+        batch_sizes=[int(b) for b in split(a.batch_sizes or ("1,8,64" if cuda else "1,2"))],
+        device=a.device, dtype=a.dtype or ("bf16" if cuda else "fp32"), steps=a.steps, warmup=a.warmup,
+        find_max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, memory_fraction=a.memory_fraction,
+        bandwidth_gbs=a.bandwidth_gbs, prefill_chunk=a.prefill_chunk, cuda_graph=not a.no_cuda_graph,
+        deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol,
+    )
+    cfg.validate()
+    return cfg
+
+
+def run(cfg: BenchConfig) -> dict:
+    """Benchmark every variant; returns (and writes to cfg.out) the JSON report."""
+    cfg.validate()
+    t_start = time.monotonic()
+    rows: list[dict] = []
+    variants = {}
+    for name in cfg.variants:
+        try:
+            variants[name] = asdict(bench_variant(name, cfg, rows, t_start))
+        except Exception as e:  # one family's failure must not hide the others' numbers
+            log.exception("variant %s failed", name)
+            variants[name] = {"variant": name, "errors": [f"{type(e).__name__}: {e}"], "failed": True}
+    device = torch.device(cfg.device)
+    report = {
+        "config": asdict(cfg),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_s": time.monotonic() - t_start,
+        "variants": variants,
+        "rows": rows,
+    }
+    report["targets"] = targets_summary(rows)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inference_bench.json").write_text(json.dumps(report, indent=1, default=str))
+    md = markdown_table(report)
+    (out / "inference_bench.md").write_text(md)
+    plot(rows, out)
+    print(md)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    report = run(parse_args(argv))
+    failed = [n for n, v in report["variants"].items() if v.get("failed")]
+    if failed:
+        print(f"FAILED variants: {', '.join(failed)} (see errors in inference_bench.json)")
+        return 1
+    return 0

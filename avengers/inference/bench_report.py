@@ -1,0 +1,112 @@
+"""The inference benchmark's outputs: markdown table, target summary and plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+TARGET_CONTEXT = 32768
+
+
+def _fmt(x, spec: str = ".3g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _best_per_context(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    best: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        key = (r["variant"], r["context"])
+        if key not in best or r["decode_tok_s"] > best[key]["decode_tok_s"]:
+            best[key] = r
+    return best
+
+
+def targets_summary(rows: list[dict]) -> dict:
+    """The issue's targets, computed from the rows (None where the data is missing)."""
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_variant[r["variant"]].append(r)
+    flat = {}
+    for v, rs in by_variant.items():
+        sizes = [r["cache_bytes_per_seq"] for r in rs]
+        flat[v] = {"family": rs[0]["family"], "cache_growth": max(sizes) / min(sizes) - 1,
+                   "contexts": sorted({r["context"] for r in rs})}
+    best = _best_per_context(rows)
+    at = {v: r for (v, c), r in best.items() if c == TARGET_CONTEXT}
+    llama_best = max((r["decode_tok_s"] for r in at.values() if r["family"] == "llama"), default=None)
+    speedup = {v: (r["decode_tok_s"] / llama_best if llama_best else None, r["batch"]) for v, r in at.items()}
+    roofline_b1 = {f"{r['variant']}@{r['context']}": r["roofline_ratio"]
+                   for r in rows if r["family"] == "llama" and r["batch"] == 1}
+    return {"cache_growth_vs_context": flat, "speedup_vs_llama_at_32k_best_batch": speedup,
+            "llama_batch1_measured_over_roofline": roofline_b1}
+
+
+def markdown_table(report: dict) -> str:
+    lines = [f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
+             f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s", ""]
+    for name, v in report["variants"].items():
+        chk = v.get("check") or {}
+        lines.append(f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "
+                     f"graph vs eager {_fmt(chk.get('graph_rel_err'))}, chunked prefill {chk.get('chunked_prefill')}"
+                     + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
+                     + ("".join(f"; {e}" for e in v.get("errors", []))))
+    lines += ["", "| variant | context | batch | prefill s (b=1) | decode ms/step | decode tok/s | cache MiB/seq "
+              "| peak GiB | max batch | roofline ms | measured/roofline |", "|" + "---|" * 11]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['context']} | {r['batch']} | {r['prefill_s']:.3f} | {r['decode_step_ms']:.3f} "
+            f"| {r['decode_tok_s']:.0f} | {r['cache_bytes_per_seq'] / 2**20:.3f} | {_fmt(r['peak_mem_gib'], '.1f')} "
+            f"| {_fmt(r['max_batch'], 'd')} | {_fmt(r['roofline_ms'], '.3f')} | {_fmt(r['roofline_ratio'], '.2f')} |")
+    t = report["targets"]
+    lines += ["", "Targets:"]
+    for v, f in t["cache_growth_vs_context"].items():
+        lines.append(f"- cache bytes/seq growth {f['contexts'][0]}..{f['contexts'][-1]}: {v} ({f['family']}) "
+                     f"{100 * f['cache_growth']:.2f}%")
+    for v, (s, b) in t["speedup_vs_llama_at_32k_best_batch"].items():
+        lines.append(f"- decode tok/s vs Llama at 32k, best batch: {v} x{_fmt(s, '.2f')} (batch {b})")
+    for k, ratio in t["llama_batch1_measured_over_roofline"].items():
+        lines.append(f"- Llama batch 1 measured/roofline: {k} {_fmt(ratio, '.2f')}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """decode tok/s vs context (best batch solid, batch 1 dashed) and cache MiB/seq vs context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = _best_per_context(rows)
+    variants = sorted({r["variant"] for r in rows})
+    label = {r["variant"]: f"{r['variant']} ({r['family']})" for r in rows}
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, v in enumerate(variants):
+        color = f"C{i}"
+        pts = sorted((c, r["decode_tok_s"]) for (vv, c), r in best.items() if vv == v)
+        ax.plot(*zip(*pts), "o-", color=color, label=f"{label[v]}, best batch")
+        b1 = sorted((r["context"], r["decode_tok_s"]) for r in rows if r["variant"] == v and r["batch"] == 1)
+        if b1:
+            ax.plot(*zip(*b1), "x--", color=color, label=f"{label[v]}, batch 1")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s",
+           title="Decode throughput vs context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "decode_tok_s_vs_context.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, v in enumerate(variants):
+        pts = sorted({(r["context"], r["cache_bytes_per_seq"] / 2**20) for r in rows if r["variant"] == v})
+        ax.plot(*zip(*pts), "o-", color=f"C{i}", label=label[v])
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="cache MiB per sequence",
+           title="Inference cache size vs context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "cache_mib_vs_context.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

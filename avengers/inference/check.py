@@ -1,0 +1,87 @@
+"""Correctness checks the benchmark runs before timing anything: cached decode == full forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from avengers.inference.graphs import DecodeStep
+
+
+class DecodeMismatch(AssertionError):
+    """Cached/graph decode disagrees with the reference computation."""
+
+
+@dataclass
+class CheckResult:
+    max_rel_err: float  # one-shot prefill + decode vs full forward, max |diff| / max |full|
+    chunked_prefill: bool  # whether a two-chunk prefill also matches (else the bench prefills in one call)
+    chunked_note: str = ""
+    graph_rel_err: float | None = None  # graph replay vs eager decode, in the bench dtype
+    notes: list[str] = field(default_factory=list)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def _cached_logits(model: nn.Module, ids: torch.Tensor, prefill_splits: list[int]) -> torch.Tensor:
+    B, L = ids.shape
+    cache = model.allocate_cache(B, L, ids.device, next(model.parameters()).dtype)
+    out, pos = [], 0
+    for n in prefill_splits:
+        out.append(model(ids[:, pos:pos + n], cache=cache))
+        pos += n
+    for i in range(pos, L):
+        out.append(model(ids[:, i:i + 1], cache=cache))
+    if cache.seq_len != L or int(cache.position) != L:
+        raise DecodeMismatch(f"cache position {cache.seq_len} (device {int(cache.position)}) after {L} tokens")
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def check_cached_decode(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
+                        prefill: int = 32, batch: int = 2, tol: float = 1e-4, seed: int = 0) -> CheckResult:
+    """Full forward vs one-shot prefill + decode (must match within tol, relative to max |logit|),
+    then vs a two-chunk prefill + decode (sets `chunked_prefill`)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, length), generator=g).to(device)
+    full = model(ids)
+    err = _rel(_cached_logits(model, ids, [prefill]), full)
+    if not err <= tol:
+        raise DecodeMismatch(
+            f"cached decode differs from the full forward: max relative error {err:.3g} > tol {tol:g}"
+        )
+    result = CheckResult(max_rel_err=err, chunked_prefill=True)
+    try:
+        err2 = _rel(_cached_logits(model, ids, [prefill // 2, prefill - prefill // 2]), full)
+        if not err2 <= tol:
+            result.chunked_prefill, result.chunked_note = False, f"two-chunk prefill error {err2:.3g} > tol {tol:g}"
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        result.chunked_prefill, result.chunked_note = False, f"two-chunk prefill raised {type(e).__name__}: {e}"
+    return result
+
+
+@torch.no_grad()
+def check_graph_decode(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
+                       prefill: int = 32, batch: int = 2, tol: float = 2e-2, seed: int = 1) -> float:
+    """CUDA-graph replay vs eager decode on the same tokens; returns the max relative error."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, length), generator=g).to(device)
+    dtype = next(model.parameters()).dtype
+    runs = []
+    for use_graph in (False, True):
+        cache = model.allocate_cache(batch, length, device, dtype)
+        model(ids[:, :prefill], cache=cache)
+        step = DecodeStep(model, cache, cuda_graph=use_graph)
+        runs.append(torch.stack([step(ids[:, i:i + 1]).clone() for i in range(prefill, length)], 1))
+    err = _rel(runs[1], runs[0])
+    if not err <= tol:
+        raise DecodeMismatch(
+            f"CUDA-graph decode differs from eager decode: max relative error {err:.3g} > tol {tol:g} "
+            "(does the model read its decode position from cache.position?)"
+        )
+    return err
