@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -257,6 +258,8 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
     model = get_model_spec(cfg.model_variant).build(device)
     model.init_weights()
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=step_dir)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load({"model": sd}, checkpoint_id=step_dir)
     model.load_state_dict(sd)
     return model.eval(), cfg

@@ -1,0 +1,55 @@
+"""2-process gloo FSDP2 runs: an interrupted and resumed run reproduces an uninterrupted one bit for bit."""
+
+import os
+
+import pytest
+import torch
+
+from avengers.train.checkpoint import complete_checkpoints, load_model_from_checkpoint
+from train_helpers import read_metrics, run_training
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref")
+    assert run_training(ckpt_save_path=str(run), num_steps=STEPS, checkpoint_interval=2) == [0, 0]
+    return run
+
+
+def test_uninterrupted_run_learns_and_checkpoints(reference):
+    m = read_metrics(reference)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    assert m[STEPS]["loss"] < m[1]["loss"]
+    assert m[STEPS]["tokens_seen"] == STEPS * 2 * 2 * 16
+    steps = [s for s, _ in complete_checkpoints(str(reference))]
+    assert steps == [2, 4, 6]  # ckpt_keep_last=3
+
+
+def test_killed_then_resumed_is_bit_identical(reference, tmp_path):
+    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2,
+                         env={"AVENGERS_FAULT_AT_STEP": "3"})
+    assert codes == [19, 19]  # died after step 3, one step after the step-2 checkpoint
+    assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [2]
+    assert run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2) == [0, 0]
+    ref, got = read_metrics(reference), read_metrics(tmp_path)
+    for step in range(3, STEPS + 1):
+        for key in ("loss", "grad_norm", "lr", "tokens_seen"):
+            assert got[step][key] == ref[step][key], (step, key)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(reference, tmp_path):
+    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2,
+                         env={"AVENGERS_FAULT_IN_SAVE": "4"})
+    assert codes == [17, 17]
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["step_2_ckp", "step_4_ckp.tmp"]  # the half-written save is not a checkpoint
+    model, cfg = load_model_from_checkpoint(str(tmp_path))
+    ref_model, _ = load_model_from_checkpoint(str(reference / "checkpoints" / "step_2_ckp"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Resuming restarts from step 2 and still reproduces the reference.
+    assert run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2) == [0, 0]
+    assert read_metrics(tmp_path)[STEPS]["loss"] == read_metrics(reference)[STEPS]["loss"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2_ckp", "step_4_ckp", "step_6_ckp"]
