@@ -71,6 +71,8 @@ def markdown_table(report: dict) -> str:
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """decode tok/s vs context (best batch solid, batch 1 dashed) and cache MiB/seq vs context."""
+    if not rows:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")

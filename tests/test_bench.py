@@ -1,0 +1,63 @@
+"""CPU smoke test of the inference benchmark with every registered tiny variant."""
+
+import json
+
+import pytest
+import torch
+
+from avengers.inference import bench, kv_cache
+from avengers.inference.bench import BenchConfig, parse_args, parse_size, run
+from avengers.inference.check import DecodeMismatch, check_cached_decode
+from avengers.models.registry import get_model_spec, list_variants
+
+
+def test_smoke_every_tiny_variant(tmp_path):
+    variants = [v for v in list_variants() if "tiny" in v]
+    assert "llama3_tiny" in variants
+    cfg = parse_args(["--device", "cpu", "--contexts", "128,256", "--batch_sizes", "1,2", "--steps", "2",
+                      "--warmup", "1", "--bandwidth_gbs", "20", "--out", str(tmp_path)])
+    assert cfg.variants == variants
+    report = run(cfg)
+    assert not any(v.get("failed") for v in report["variants"].values()), report["variants"]
+    rows = report["rows"]
+    assert {(r["variant"], r["context"], r["batch"]) for r in rows} == {
+        (v, c, b) for v in variants for c in (128, 256) for b in (1, 2)}
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["prefill_s"] > 0 and r["roofline_ratio"] > 0
+        assert r["cache_bytes"] == pytest.approx(r["batch"] * r["cache_bytes_per_seq"])
+    llama = {r["context"]: r["cache_bytes_per_seq"] for r in rows if r["variant"] == "llama3_tiny"}
+    assert llama[256] == 2 * llama[128]  # KV cache grows linearly
+    for name in variants:
+        assert report["variants"][name]["check"]["max_rel_err"] < 1e-4
+    saved = json.loads((tmp_path / "inference_bench.json").read_text())
+    assert len(saved["rows"]) == len(rows)
+    assert "| llama3_tiny | 256 | 2 |" in (tmp_path / "inference_bench.md").read_text()
+    for png in ("decode_tok_s_vs_context.png", "cache_mib_vs_context.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_check_catches_a_wrong_cached_forward(monkeypatch):
+    spec = get_model_spec("llama3_tiny")
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cos, sin: x)  # positions ignored
+    with pytest.raises(DecodeMismatch, match="differs from the full forward"):
+        check_cached_decode(model, spec.vocab_size, torch.device("cpu"))
+
+
+def test_failed_variant_is_reported_and_exit_code_nonzero(monkeypatch, tmp_path):
+    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cos, sin: x)
+    rc = bench.main(["--device", "cpu", "--variants", "llama3_tiny", "--contexts", "128", "--steps", "1",
+                     "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "inference_bench.json").read_text())
+    assert rc == 1 and report["variants"]["llama3_tiny"]["failed"] and report["rows"] == []
+
+
+def test_config_errors():
+    assert [parse_size(s) for s in ("4k", "128K", "100")] == [4096, 131072, 100]
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("4m")
+    with pytest.raises(ValueError, match="unknown variants"):
+        BenchConfig(variants=["nope"], contexts=[128], batch_sizes=[1], device="cpu").validate()
+    with pytest.raises(ValueError, match="every context must be"):
+        BenchConfig(variants=["llama3_tiny"], contexts=[8], batch_sizes=[1], device="cpu").validate()

@@ -1,0 +1,86 @@
+"""Cached Llama forward (prefill + decode) == full forward; decode attention == SDPA reference."""
+
+import pytest
+import torch
+
+from avengers.inference.cache import InferenceCache
+from avengers.inference.kv_cache import (
+    KV_CHUNK, KVState, apply_rope, decode_attention, decode_attention_reference, rope_tables,
+)
+from avengers.models.registry import get_model_spec
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    spec = get_model_spec("llama3_tiny")
+    model = spec.build()
+    model.init_weights()
+    return spec, model.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("splits", [[40], [24, 16], [1, 39], [17, 3, 20]])
+def test_prefill_then_decode_matches_full_forward(tiny, splits):
+    spec, model = tiny
+    ids = torch.randint(0, spec.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    cache = model.allocate_cache(2, 48)
+    out, pos = [], 0
+    for n in splits:
+        out.append(model(ids[:, pos:pos + n], cache=cache))
+        pos += n
+    out += [model(ids[:, i:i + 1], cache=cache) for i in range(pos, 48)]
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
+    assert cache.seq_len == 48 and int(cache.position) == 48
+
+
+@torch.no_grad()
+def test_cache_overflow_and_bad_batch_raise(tiny):
+    spec, model = tiny
+    cache = model.allocate_cache(1, 8)
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="batch=1"):
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+
+
+def test_cache_bytes_measured_from_tensors(tiny):
+    spec, model = tiny
+    cfg = spec.config
+    cache = model.allocate_cache(3, 2 * KV_CHUNK, dtype=torch.bfloat16)
+    per_token = cfg.nlayers * 2 * cfg.kvheads * (cfg.emb_dim // cfg.nheads) * 2
+    assert cache.nbytes() == 3 * 2 * KV_CHUNK * per_token
+    assert cache.nbytes_per_sequence() == 2 * KV_CHUNK * per_token
+
+
+@pytest.mark.parametrize("length", [1, 77, 256])
+def test_decode_attention_matches_sdpa(length):
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(3, 8, 16, generator=g)
+    k, v = torch.randn(2, 3, 2, 256, 16, generator=g)
+    got = decode_attention(q, k, v, torch.tensor(length))
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, length), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_matches_fms(tiny):
+    _, model = tiny
+    rot = model.base_model.rot_emb
+    q, k = torch.randn(2, 2, 5, 4, 32)
+    pos = torch.arange(3, 8).repeat(2, 1)
+    ref_q, ref_k = rot.adjusted_qk(q, k, pos)
+    cos, sin = rope_tables(32, model.config.rope_theta, 8)
+    torch.testing.assert_close(apply_rope(q, cos[3:8], sin[3:8]), ref_q)
+    torch.testing.assert_close(apply_rope(k, cos[3:8], sin[3:8]), ref_k)
+
+
+def test_broadcast_from_copies_state_and_position():
+    src = InferenceCache([KVState(1, 2, 4, 3)], 1, 4)
+    src.layers[0].k.normal_()
+    src.advance(3)
+    dst = InferenceCache([KVState(5, 2, 4, 3)], 5, 4)
+    dst.broadcast_from(src)
+    assert torch.equal(dst.layers[0].k, src.layers[0].k.expand(5, -1, -1, -1))
+    assert dst.seq_len == 3 and int(dst.position) == 3
+    with pytest.raises(ValueError, match="cannot broadcast"):
+        InferenceCache([KVState(5, 2, 8, 3)], 5, 8).broadcast_from(src)
