@@ -110,8 +110,10 @@ def parallelize(model: nn.Module, block_types: tuple[type[nn.Module], ...], mesh
     blocks = find_blocks(model, block_types)
     pattern = selective_ac_pattern(len(blocks), selective) if activation_checkpointing else [False] * len(blocks)
     if compile_blocks:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8)
-        torch._dynamo.config.accumulated_cache_size_limit = compile_cache_size_limit
+        dyn = torch._dynamo.config  # identical blocks share one graph; big models need a larger total
+        name = "accumulated_recompile_limit" if hasattr(dyn, "accumulated_recompile_limit") else \
+            "accumulated_cache_size_limit"
+        setattr(dyn, name, max(getattr(dyn, name), compile_cache_size_limit))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mesh": mesh} if mesh is not None else {}
     if mp is not None:

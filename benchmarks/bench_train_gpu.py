@@ -1,0 +1,162 @@
+"""Training throughput on one GPU: a bare FSDP2 + compile loop vs the real trainer, same model, same run.
+
+    python benchmarks/bench_train_gpu.py --out bench_out          # llama3_1.8b_4k, batch 4, seq 4096
+    python benchmarks/bench_train_gpu.py --smoke                  # tiny CPU check of the script itself
+
+(a) bare: fully_shard per block + root (bf16 params, fp32 reduce, fp32 master weights), block.compile(),
+    fused AdamW, random tokens, nothing else. (b) trainer: avengers.train.train() with
+    use_dummy_dataset and the same shapes (its loader, clipping, schedule, metrics). Both report
+    tokens/s/GPU over the timed steps after the warm-up steps, and MFU against the device's peak.
+Writes <out>/bench_train_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from avengers.config import make_config  # noqa: E402
+from avengers.models import get_model_spec  # noqa: E402
+from avengers.train.metrics import mfu, peak_flops  # noqa: E402
+from avengers.train.parallel import build_mesh, find_blocks, init_distributed  # noqa: E402
+
+
+def bare_loop(spec, device, batch: int, seq: int, warmup: int, steps: int, compile_blocks: bool, mixed: bool) -> float:
+    """Tokens/s of the timed steps of a minimal FSDP2 training loop."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    mesh = build_mesh("fsdp", 1, device.type, None)
+    model = spec.build("meta")
+    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if mixed else {}
+    blocks = find_blocks(model, spec.block_types)
+    for i, (_, block) in enumerate(blocks):
+        if compile_blocks:
+            block.compile()
+        fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1, **mp)
+    fully_shard(model, mesh=mesh, **mp)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda" or None)
+    x = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
+    inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def step() -> None:
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    del model, opt, x, inputs, labels
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return batch * seq * steps / elapsed
+
+
+def trainer_run(variant: str, batch: int, seq: int, warmup: int, steps: int, compile_blocks: bool,
+                device: str) -> tuple[float, dict]:
+    """Tokens/s/GPU of the trainer over the reports after the warm-up window."""
+    from avengers.train.trainer import train
+
+    run = tempfile.mkdtemp(prefix="bench_train_")
+    cfg = make_config(model_variant=variant, use_dummy_dataset=True, batch_size=batch, seq_length=seq,
+                      num_steps=warmup + steps, report_interval=warmup if steps % warmup == 0 else steps,
+                      checkpoint_interval=10**9, save_final_checkpoint=False, use_torch_compile=compile_blocks,
+                      sharding_strategy="fsdp", ckpt_save_path=run, device=device, learning_rate=3e-4,
+                      num_workers=0, low_cpu_fsdp=True)
+    if steps % warmup != 0:
+        raise SystemExit(f"--steps={steps} must be a multiple of --warmup={warmup} (the trainer's report window)")
+    train(cfg)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    timed = [r for r in records if r["step"] > warmup]
+    total_time = sum(r["step_time_s"] * warmup for r in timed)
+    return batch * seq * steps / total_time, records[-1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--variant", default="llama3_1.8b_4k")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--seq_length", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="llama3_tiny, tiny shapes, no compile (CPU check)")
+    args = p.parse_args()
+    if args.smoke:
+        args.variant, args.batch_size, args.seq_length, args.warmup, args.steps = "llama3_tiny", 2, 32, 2, 4
+        args.no_compile = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    info = init_distributed("auto")
+    device = info.device
+    spec = get_model_spec(args.variant)
+    compile_blocks = not args.no_compile
+    mixed = device.type == "cuda"
+    flops = spec.flops_per_token(args.seq_length)
+    peak = peak_flops(device)
+
+    t0 = time.perf_counter()
+    bare = bare_loop(spec, device, args.batch_size, args.seq_length, args.warmup, args.steps, compile_blocks, mixed)
+    t_bare = time.perf_counter() - t0
+    print(f"bare loop: {bare:,.0f} tokens/s/GPU, MFU {_pct(mfu(flops, bare, peak))} ({t_bare:.0f} s)", flush=True)
+    t0 = time.perf_counter()
+    trainer, last = trainer_run(args.variant, args.batch_size, args.seq_length, args.warmup, args.steps,
+                                compile_blocks, "cuda" if device.type == "cuda" else "cpu")
+    t_trainer = time.perf_counter() - t0
+    print(f"trainer:   {trainer:,.0f} tokens/s/GPU, MFU {_pct(mfu(flops, trainer, peak))} ({t_trainer:.0f} s)")
+    print(f"trainer / bare = {trainer / bare:.3f}")
+    result = {
+        "variant": args.variant, "batch_size": args.batch_size, "seq_length": args.seq_length,
+        "warmup_steps": args.warmup, "timed_steps": args.steps, "compile": compile_blocks,
+        "mixed_precision_bf16": mixed, "device": torch.cuda.get_device_name(device) if mixed else "cpu",
+        "torch": torch.__version__, "flops_per_token": flops, "peak_flops": peak,
+        "bare": {"tokens_per_s_per_gpu": bare, "mfu": mfu(flops, bare, peak), "wall_s": t_bare},
+        "trainer": {"tokens_per_s_per_gpu": trainer, "mfu": mfu(flops, trainer, peak), "wall_s": t_trainer,
+                    "last_report": last},
+        "trainer_over_bare": trainer / bare,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_train_gpu.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+if __name__ == "__main__":
+    main()
