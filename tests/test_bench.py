@@ -40,13 +40,13 @@ def test_check_catches_a_wrong_cached_forward(monkeypatch):
     spec = get_model_spec("llama3_tiny")
     torch.manual_seed(0)
     model = spec.build().eval()
-    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cos, sin: x)  # positions ignored
+    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x)  # positions ignored
     with pytest.raises(DecodeMismatch, match="differs from the full forward"):
         check_cached_decode(model, spec.vocab_size, torch.device("cpu"))
 
 
 def test_failed_variant_is_reported_and_exit_code_nonzero(monkeypatch, tmp_path):
-    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cos, sin: x)
+    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x)
     rc = bench.main(["--device", "cpu", "--variants", "llama3_tiny", "--contexts", "128", "--steps", "1",
                      "--out", str(tmp_path)])
     report = json.loads((tmp_path / "inference_bench.json").read_text())

@@ -5,7 +5,7 @@ import torch
 
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import (
-    KV_CHUNK, KVState, apply_rope, decode_attention, decode_attention_reference, rope_tables,
+    KV_CHUNK, KVState, apply_rope, decode_attention, decode_attention_reference, invalid_positions, rope_table,
 )
 from avengers.models.registry import get_model_spec
 
@@ -59,7 +59,9 @@ def test_decode_attention_matches_sdpa(length):
     g = torch.Generator().manual_seed(length)
     q = torch.randn(3, 8, 16, generator=g)
     k, v = torch.randn(2, 3, 2, 256, 16, generator=g)
-    got = decode_attention(q, k, v, torch.tensor(length))
+    got = decode_attention(q, k, v, invalid_positions(256, torch.tensor(length)), scale=0.3)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v, length, scale=0.3), atol=1e-5, rtol=1e-5)
+    got = decode_attention(q, k, v, torch.tensor(length))  # length form, default scale 1/sqrt(d)
     torch.testing.assert_close(got, decode_attention_reference(q, k, v, length), atol=1e-5, rtol=1e-5)
 
 
@@ -69,9 +71,9 @@ def test_rope_matches_fms(tiny):
     q, k = torch.randn(2, 2, 5, 4, 32)
     pos = torch.arange(3, 8).repeat(2, 1)
     ref_q, ref_k = rot.adjusted_qk(q, k, pos)
-    cos, sin = rope_tables(32, model.config.rope_theta, 8)
-    torch.testing.assert_close(apply_rope(q, cos[3:8], sin[3:8]), ref_q)
-    torch.testing.assert_close(apply_rope(k, cos[3:8], sin[3:8]), ref_k)
+    cis = rope_table(32, model.config.rope_theta, 8)[3:8, None, :]
+    torch.testing.assert_close(apply_rope(q, cis), ref_q)
+    torch.testing.assert_close(apply_rope(k, cis), ref_k)
 
 
 def test_broadcast_from_copies_state_and_position():

@@ -35,72 +35,78 @@ class KVState:
         self.v.index_copy_(2, index, v_new)
 
 
+
 KV_CHUNK = 128  # decode attention splits the key axis into chunks of this many positions
 
 
 def padded_len(max_seq_len: int) -> int:
-    """Buffer length: max_seq_len rounded up to KV_CHUNK so decode can view the keys as chunks."""
+    """Buffer length: max_seq_len rounded up to KV_CHUNK so decode can view the values as chunks."""
     return -(-max_seq_len // KV_CHUNK) * KV_CHUNK
 
 
-def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """One query token per sequence over a static key/value buffer, keys [0, length) valid.
+def invalid_positions(buffer_len: int, length: torch.Tensor) -> torch.Tensor:
+    """Bool [buffer_len]: True at positions >= length (a 0-dim device tensor); shared by all layers of a step."""
+    return torch.arange(buffer_len, device=length.device) >= length
 
-    q [B, H, d]; k_buf, v_buf [B, H_kv, S, d] with S a multiple of KV_CHUNK; length a 0-dim long
-    tensor (read on the device, so the call can be captured in a CUDA graph). The key axis is viewed
-    as S/KV_CHUNK chunks so both matmuls are batched over (B, H_kv, chunk) and spread over the
-    whole GPU at batch 1 (split-K), and the H/H_kv query heads of a group share one read of their
-    key/value head (GQA without copying the cache). Reference: `decode_attention_reference`.
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, valid: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One query token per sequence over a static key/value buffer; graph-capturable.
+
+    q [B, H, d]; k_buf, v_buf [B, H_kv, S, d] with S a multiple of KV_CHUNK; `valid` is either the
+    number of valid keys as a 0-dim long device tensor or a bool [S] mask that is True at invalid
+    positions (invalid_positions, computed once per step for all layers). scale defaults to
+    1/sqrt(d) as in SDPA. The H/H_kv query heads of a group share one read of their key/value head
+    (GQA without copying the cache). Scores are one batched matmul over all S keys; the value
+    matmul reduces over S, so it is split into S/KV_CHUNK chunks (split-K) to keep the whole GPU
+    busy at batch 1, and the partial sums are added. Reference: `decode_attention_reference`.
     """
     B, H, d = q.shape
     _, Hkv, S, _ = k_buf.shape
     if S % KV_CHUNK:
         raise ValueError(f"key buffer length {S} is not a multiple of KV_CHUNK={KV_CHUNK}")
     G, n = H // Hkv, S // KV_CHUNK
-    qg = (q * d**-0.5).view(B, Hkv, 1, G, d)
-    kc = k_buf.view(B, Hkv, n, KV_CHUNK, d)
-    scores = torch.matmul(qg, kc.transpose(-1, -2)).float()  # [B, Hkv, n, G, C]
-    invalid = torch.arange(S, device=q.device).view(n, 1, KV_CHUNK) >= length
-    scores = scores.masked_fill(invalid, float("-inf"))
-    m = scores.amax(dim=(2, 4), keepdim=True)
-    p = torch.exp(scores - m)
-    denom = p.sum(dim=(2, 4))  # [B, Hkv, G]
-    out = torch.matmul(p.to(v_buf.dtype), v_buf.view(B, Hkv, n, KV_CHUNK, d))  # [B, Hkv, n, G, d]
-    out = out.float().sum(2) / denom.unsqueeze(-1)
-    return out.reshape(B, H, d).to(q.dtype)
+    invalid = valid if valid.dtype == torch.bool else invalid_positions(S, valid)
+    if scale != 1.0:
+        q = q * (d**-0.5 if scale is None else scale)
+    scores = torch.matmul(q.view(B, Hkv, G, d), k_buf.transpose(-1, -2))  # [B, Hkv, G, S]
+    p = torch.softmax(scores.masked_fill(invalid, float("-inf")), dim=-1, dtype=torch.float32).to(v_buf.dtype)
+    pc = p.view(B, Hkv, G, n, KV_CHUNK).transpose(2, 3)  # [B, Hkv, n, G, C]
+    out = torch.matmul(pc, v_buf.view(B, Hkv, n, KV_CHUNK, d)).sum(2)  # [B, Hkv, G, d]
+    return out.reshape(B, H, d)
 
 
-def decode_attention_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int) -> torch.Tensor:
+def decode_attention_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int,
+                               scale: float | None = None) -> torch.Tensor:
     """SDPA over the first `length` keys, GQA by repeating key/value heads."""
-    B, H, d = q.shape
-    G = H // k_buf.shape[1]
+    G = q.shape[1] // k_buf.shape[1]
     k = k_buf[:, :, :length].repeat_interleave(G, dim=1)
     v = v_buf[:, :, :length].repeat_interleave(G, dim=1)
-    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v).squeeze(2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale).squeeze(2)
 
 
-def rope_tables(head_dim: int, theta: float, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [length, head_dim/2] in fp32, the same angles ibm-fms's RotaryEmbedding computes."""
+def rope_table(head_dim: int, theta: float, length: int, device=None) -> torch.Tensor:
+    """complex64 [length, head_dim/2]: e^(i * position * freq), the angles ibm-fms's RotaryEmbedding uses."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, d] with adjacent-pair rotation (ibm-fms layout); cos/sin [T, d/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, d], adjacent channel pairs rotated (ibm-fms layout) by cis [T, H or 1, d/2]; x's dtype."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
 
 
 class KVCache(InferenceCache):
-    """Per-layer KVState plus the RoPE tables for every position the cache can hold."""
+    """Per-layer KVState plus the RoPE table for every position the cache can hold."""
 
-    def __init__(self, layers: list[KVState], batch_size: int, max_seq_len: int,
-                 rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+    def __init__(self, layers: list[KVState], batch_size: int, max_seq_len: int, rope: torch.Tensor,
+                 head_scale: torch.Tensor):
         super().__init__(layers, batch_size, max_seq_len)
-        self.rope_cos, self.rope_sin = rope_cos, rope_sin  # outside `layers`: not part of nbytes()
+        # Outside `layers`, so not counted by nbytes(). head_scale [H + H_kv, 1] folds the softmax
+        # scale 1/sqrt(d) into the query rotation: q and k are rotated by one multiply.
+        self.rope, self.head_scale = rope, head_scale
 
     @classmethod
     def for_llama(cls, model: nn.Module, batch_size: int, max_seq_len: int, device=None, dtype=None) -> "KVCache":
@@ -118,53 +124,75 @@ class KVCache(InferenceCache):
         length = padded_len(max_seq_len)
         layers = [KVState(batch_size, kv_heads, length, head_dim, device=device, dtype=dtype)
                   for _ in range(cfg.nlayers)]
-        cos, sin = rope_tables(head_dim, cfg.rope_theta, length, device=device)
-        return cls(layers, batch_size, max_seq_len, cos, sin)
+        scale = torch.ones(cfg.nheads + kv_heads, 1, device=device)
+        scale[: cfg.nheads] = head_dim**-0.5
+        return cls(layers, batch_size, max_seq_len, rope_table(head_dim, cfg.rope_theta, length, device), scale)
 
 
-def _attention(attn: nn.Module, y: torch.Tensor, state: KVState, cache: KVCache) -> torch.Tensor:
+def _rms_norm(ln: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if ln.use_mean or ln.elementwise_shift or not ln.elementwise_scale:
+        return ln(x)
+    return F.rms_norm(x, (x.shape[-1],), ln.weight, ln.eps)
+
+
+def _qkv(attn: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q and k as one [B, T, H + H_kv, d] tensor, v [B, T, H_kv, d])."""
     B, T, _ = y.shape
-    q, k, v = attn.in_proj(y, None, None)
-    q = q.view(B, T, attn.nheads, attn.emb_kq_per_head)
-    k = k.view(B, T, attn.kvheads, attn.emb_kq_per_head)
-    v = v.view(B, T, attn.kvheads, attn.emb_v_per_head)
-    if T == 1:  # decode: position read from the device so the step can be graph-captured
-        index = cache.position.view(1)
-        cos, sin = cache.rope_cos.index_select(0, index), cache.rope_sin.index_select(0, index)
+    H, Hkv, d = attn.nheads, attn.kvheads, attn.emb_kq_per_head
+    if hasattr(attn.in_proj, "qkv_fused"):  # ibm-fms FusedQKV: q, k, v from one matmul
+        qkv = attn.in_proj.qkv_fused(y)
+        qk, v = qkv[..., : (H + Hkv) * d], qkv[..., (H + Hkv) * d:]
+    else:
+        q, k, v = attn.in_proj(y, None, None)
+        qk = torch.cat([q, k], dim=-1)
+    return qk.unflatten(-1, (H + Hkv, d)), v.unflatten(-1, (Hkv, attn.emb_v_per_head))
+
+
+def _attention(attn: nn.Module, y: torch.Tensor, state: KVState, cache: KVCache, cis: torch.Tensor,
+               invalid: torch.Tensor | None) -> torch.Tensor:
+    B, T, _ = y.shape
+    H, Hkv = attn.nheads, attn.kvheads
+    qk, v = _qkv(attn, y)
+    qk = apply_rope(qk, cis)  # queries come out scaled by 1/sqrt(d)
+    q, k = qk[:, :, :H], qk[:, :, H:]
+    if invalid is not None:  # decode: one token at the position held on the device
+        state.write_at(k.transpose(1, 2), v.transpose(1, 2), cache.position)
+        out = decode_attention(q.reshape(B, H, -1), state.k, state.v, invalid, scale=1.0)
     else:
         start = cache.seq_len
-        cos, sin = cache.rope_cos[start:start + T], cache.rope_sin[start:start + T]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
-    if T == 1:
-        state.write_at(k, v, cache.position)
-        out = decode_attention(q.squeeze(2), state.k, state.v, cache.position + 1).unsqueeze(1)
-    else:
-        start = cache.seq_len
-        keys, values = state.update(k, v, start)
-        group = attn.nheads // attn.kvheads
-        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        keys, values = state.update(k.transpose(1, 2), v.transpose(1, 2), start)
+        keys, values = keys.repeat_interleave(H // Hkv, dim=1), values.repeat_interleave(H // Hkv, dim=1)
+        q = q.transpose(1, 2)
         if start == 0:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0)
         else:  # query i sits at position start + i and sees keys 0..start+i
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, start + T))
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, start + T), scale=1.0)
         out = out.transpose(1, 2)
-    return attn.dense(out.reshape(B, T, attn.nheads * attn.emb_v_per_head))
+    return attn.dense(out.reshape(B, T, -1))
 
 
 def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Consume x [B, T] at positions cache.seq_len.. and return logits [B, T, V] (prefill or decode)."""
+    """Consume x [B, T] at positions cache.seq_len.. and return logits [B, T, V] (prefill or decode).
+
+    Decode (T == 1) reads its position from cache.position only, so it can be captured in a CUDA
+    graph; prefill (T > 1) uses the host-side cache.seq_len.
+    """
     if x.dim() != 2 or x.shape[0] != cache.batch_size:
         raise ValueError(f"input_ids must be [batch={cache.batch_size}, T], got {tuple(x.shape)}")
-    if cache.seq_len + x.shape[1] > cache.max_seq_len:
-        raise ValueError(
-            f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, {x.shape[1]} more given"
-        )
+    T = x.shape[1]
+    if cache.seq_len + T > cache.max_seq_len:
+        raise ValueError(f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, {T} more given")
+    if T == 1:
+        cis = cache.rope.index_select(0, cache.position.view(1))
+        invalid = invalid_positions(cache.layers[0].k.shape[2], cache.position + 1)
+    else:
+        cis, invalid = cache.rope[cache.seq_len:cache.seq_len + T], None
+    cis = cis[:, None, :] * cache.head_scale  # [T, H + H_kv, d/2]
     base = model.base_model
     h = base.embedding(x)
     for layer, state in zip(base.layers, cache.layers):
-        h = h + _attention(layer.attn, layer.ln(h), state, cache)
-        h = h + layer.ff_sub_layer(layer.ff_ln(h))
-    logits = model.head(base.dec_norm(h))
-    cache.advance(x.shape[1])
+        h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, invalid)
+        h = h + layer.ff_sub_layer(_rms_norm(layer.ff_ln, h))
+    logits = model.head(_rms_norm(base.dec_norm, h))
+    cache.advance(T)
     return logits
