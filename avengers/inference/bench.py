@@ -14,6 +14,7 @@ written by the real prefill; the few positions between the prefill and the step 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -146,7 +147,8 @@ class VariantResult:
     errors: list[str] = field(default_factory=list)
 
 
-def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], t_start: float) -> VariantResult:
+def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float) -> VariantResult:
+    """Checks, then every context; measurements that would start after `deadline` (monotonic) are skipped."""
     spec = get_model_spec(name)
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -161,11 +163,11 @@ def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], t_start: float)
     bandwidth = cfg.bandwidth_gbs or (H200_BANDWIDTH_GBS if device.type == "cuda" else None)
     chunk = cfg.prefill_chunk if check.chunked_prefill else 0
     for ctx in cfg.contexts:
-        if time.monotonic() - t_start > cfg.deadline_s:
-            res.errors.append(f"context {ctx}: skipped, deadline of {cfg.deadline_s:.0f}s reached")
+        if time.monotonic() > deadline:
+            res.errors.append(f"context {ctx}: skipped, this variant's share of --deadline_s was used up")
             continue
         try:
-            _bench_context(model, spec, ctx, chunk, bandwidth, res, cfg, rows, t_start)
+            _bench_context(model, spec, ctx, chunk, bandwidth, res, cfg, rows, deadline)
         except torch.cuda.OutOfMemoryError as e:
             res.errors.append(f"context {ctx}: out of memory at batch 1 ({str(e).splitlines()[0]})")
         if device.type == "cuda":
@@ -186,7 +188,7 @@ def _run_checks(model: nn.Module, vocab: int, device: torch.device, dtype: torch
 
 
 def _bench_context(model, spec, ctx: int, chunk: int, bandwidth: float | None, res: VariantResult,
-                   cfg: BenchConfig, rows: list[dict], t_start: float) -> None:
+                   cfg: BenchConfig, rows: list[dict], deadline: float) -> None:
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     fill = ctx - cfg.room
@@ -204,7 +206,7 @@ def _bench_context(model, spec, ctx: int, chunk: int, bandwidth: float | None, r
                   prefill_tok_s=fill / prefill_s, cache_bytes_per_seq=per_seq)
     ctx_rows, fits = [], None
     for b in batches:
-        if time.monotonic() - t_start > cfg.deadline_s:
+        if time.monotonic() > deadline:
             res.errors.append(f"context {ctx} batch {b}: skipped, deadline reached")
             break
         row = _measure_batch(model, spec, cache1, fill, b, b == largest, bandwidth, res, cfg)
@@ -261,6 +263,9 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
 def _default_variants(device: str) -> list[str]:
     known = list_variants()
     if device.startswith("cuda"):
+        missing = [v for v in GPU_DEFAULT_VARIANTS if v not in known]
+        if missing:
+            log.warning("default GPU variants not registered (skipped): %s", ", ".join(missing))
         return [v for v in GPU_DEFAULT_VARIANTS if v in known]
     return [v for v in known if "tiny" in v]
 
@@ -306,12 +311,16 @@ def run(cfg: BenchConfig) -> dict:
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}
-    for name in cfg.variants:
+    share = cfg.deadline_s / len(cfg.variants)  # time left over by one variant passes to the next
+    for i, name in enumerate(cfg.variants):
         try:
-            variants[name] = asdict(bench_variant(name, cfg, rows, t_start))
+            variants[name] = asdict(bench_variant(name, cfg, rows, t_start + share * (i + 1)))
         except Exception as e:  # one family's failure must not hide the others' numbers
             log.exception("variant %s failed", name)
             variants[name] = {"variant": name, "errors": [f"{type(e).__name__}: {e}"], "failed": True}
+        gc.collect()  # drop the model and any captured graphs before the next variant
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     device = torch.device(cfg.device)
     report = {
         "config": asdict(cfg),

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Inference benchmark on one H200 (< 8 min): Llama-3 1.8B, Mamba-2 1.3B, the 1.5B Mamba-2/attention
+# hybrid and the telescoping-cache Llama 1.8B; contexts 1k..128k; batches 1, 8, 64 and the largest
+# that fits. Prints the table and writes inference_bench.{json,md} and two PNGs into --out ($OUT).
+#
+# From the project root, after `bash ../shared/device/stage.sh` has filled .device/ (ibm-fms,
+# mamba-ssm wheels and the selective_scan_cuda stub):
+#   bash benchmarks/inference_h200.sh [--out DIR] [extra python -m avengers.bench flags]
+# --smoke runs the same command on CPU with the tiny variants (seconds), to check the wiring.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ "${1:-}" == "--smoke" ]]; then
+  shift
+  exec python3 -m avengers.bench --device cpu --contexts 128,256 --batch_sizes 1,2 --steps 2 --warmup 1 \
+    --bandwidth_gbs 20 --out "${OUT:-bench_out}" "$@"
+fi
+if [[ -d .device/wheels ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
+  export PYTHONPATH=$PWD/.device/stub:/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
+python3 -m avengers.bench --device cuda --dtype bf16 \
+  --variants llama3_1.8b,mamba2_1.3b,mamba_1.5b,tele128_llama3_1.8b \
+  --contexts 1k,4k,16k,32k,64k,128k --batch_sizes 1,8,64 --steps 20 --warmup 3 \
+  --deadline_s 400 --out "${OUT:-bench_out}" "$@"
