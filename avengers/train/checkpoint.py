@@ -192,19 +192,10 @@ class Checkpointer:
         return int(train_state["step"]), int(train_state["tokens_seen"])
 
     def _load_loader(self, path: str, loader) -> None:
-        own = os.path.join(path, f"loader_state_{self.rank}.pt")
-        saved = sorted(f for f in os.listdir(path) if f.startswith("loader_state_"))
-        if len(saved) == self.world_size and os.path.exists(own):
-            loader.load_state_dict(torch.load(own, weights_only=False))
-        elif hasattr(loader, "load_rescaled_state_dicts"):
-            states = [torch.load(os.path.join(path, f"loader_state_{r}.pt"), weights_only=False)
-                      for r in range(len(saved))]
-            loader.load_rescaled_state_dicts(states)
-        elif os.path.exists(own):
-            loader.load_state_dict(torch.load(own, weights_only=False))
-        else:
-            raise RuntimeError(f"{path} holds loader states of {len(saved)} ranks and this loader cannot "
-                               f"rescale them to world size {self.world_size}")
+        """Every rank reads all saved ranks' states (the loader rescales when the world changed)."""
+        n = len([f for f in os.listdir(path) if f.startswith("loader_state_")])
+        states = [torch.load(os.path.join(path, f"loader_state_{r}.pt"), weights_only=False) for r in range(n)]
+        loader.load_state_dict(states)
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -31,7 +31,10 @@ class DummyLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"lines_read": self.lines_read, "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """This rank's state, or the list of all saved ranks' states (they read in lock-step)."""
+        if isinstance(state, list):
+            state = state[0]
         self.lines_read = state["lines_read"] * state["world_size"] // self.world_size
 
 
@@ -57,4 +60,9 @@ def validate_data(cfg, world_size: int, vocab_size: int) -> None:
         if e.name != "avengers.data.loader":
             raise
         return
-    validate_data_config(cfg, world_size, vocab_size)
+    from avengers.config import ConfigError
+
+    try:
+        validate_data_config(cfg, world_size, vocab_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
