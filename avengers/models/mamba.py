@@ -382,8 +382,9 @@ class MambaBlock(nn.Module):
             self.mlp = None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, state=None,
-                cache: InferenceCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        k = select_kernels(hidden.device, self.cfg.kernels)
+                cache: InferenceCache | None = None, kernels: Kernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # The model passes `kernels` in, so a compiled block never traces the selection itself.
+        k = kernels or select_kernels(hidden.device, self.cfg.kernels)
         add_norm = k.add_rmsnorm if self.cfg.fused_add_norm else REFERENCE.add_rmsnorm
         fp32 = self.cfg.residual_in_fp32
         hidden, residual = add_norm(hidden, residual, self.norm.weight, self.norm.eps, fp32)
@@ -442,10 +443,10 @@ class MambaLM(nn.Module):
                 raise ValueError(f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, "
                                  f"{input_ids.shape[1]} more given")
         hidden = self.backbone.embedding(input_ids)
+        k = select_kernels(hidden.device, self.config.kernels)
         residual = None
         for i, layer in enumerate(self.backbone.layers):
-            hidden, residual = layer(hidden, residual, None if cache is None else cache.layers[i], cache)
-        k = select_kernels(hidden.device, self.config.kernels)
+            hidden, residual = layer(hidden, residual, None if cache is None else cache.layers[i], cache, k)
         add_norm = k.add_rmsnorm if self.config.fused_add_norm else REFERENCE.add_rmsnorm
         norm_f = self.backbone.norm_f
         hidden, _ = add_norm(hidden, residual, norm_f.weight, norm_f.eps, self.config.residual_in_fp32)

@@ -88,6 +88,8 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
         return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
 
     def add_norm(x, residual, weight, eps, residual_in_fp32):
+        if residual is not None and residual_in_fp32 and residual.dtype != torch.float32:
+            residual = residual.float()  # e.g. FSDP2's MixedPrecisionPolicy cast the block's inputs to bf16
         return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True,
                            residual_in_fp32=residual_in_fp32)
 
@@ -117,10 +119,18 @@ class Kernels:
 REFERENCE = Kernels("reference", ref_ssd, ref_ssd_step, ref_gated_rmsnorm, ref_add_rmsnorm, ref_causal_conv)
 
 
+# torch.compile sees each mamba_ssm op as one opaque call (a graph break) instead of tracing into
+# its autograd.Function and Triton launches; benchmarks/gpu_mamba.py measures both settings.
+COMPILE_OPAQUE = True
+
+
 @functools.cache
-def _mamba_ssm_kernels() -> Kernels | None:
+def _mamba_ssm_kernels(opaque: bool) -> Kernels | None:
     try:
-        return Kernels("mamba_ssm", **_mamba_ssm_ops())
+        ops = _mamba_ssm_ops()
+        if opaque:
+            ops = {k: f if f is ref_causal_conv else torch.compiler.disable(f) for k, f in ops.items()}
+        return Kernels("mamba_ssm", **ops)
     except ImportError as e:
         warnings.warn(f"mamba_ssm is not importable ({e}); Mamba-2 layers run the pure-torch reference on "
                       "CUDA, which is slow and memory-hungry. pip install -r requirements-gpu.txt", stacklevel=3)
@@ -135,7 +145,7 @@ def select_kernels(device: torch.device, mode: str = "auto") -> Kernels:
         return REFERENCE
     if device.type != "cuda":
         raise ValueError(f"kernels='mamba_ssm' needs CUDA tensors, got device {device}; use 'auto' or 'reference'")
-    kernels = _mamba_ssm_kernels()
+    kernels = _mamba_ssm_kernels(COMPILE_OPAQUE)
     if kernels is None:
         if mode == "mamba_ssm":
             raise RuntimeError("kernels='mamba_ssm' but mamba_ssm cannot be imported; see the warning above")
