@@ -53,3 +53,24 @@ def test_crash_during_save_keeps_previous_checkpoint(reference, tmp_path):
     assert run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2) == [0, 0]
     assert read_metrics(tmp_path)[STEPS]["loss"] == read_metrics(reference)[STEPS]["loss"]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2_ckp", "step_4_ckp", "step_6_ckp"]
+
+
+def test_continuation_modes_from_another_run(reference, tmp_path):
+    """ckpt_load_path: a file = model only; a run folder = model + optimizer (+ data with resuming_dataset).
+    Loaded on 1 process from a 2-process checkpoint (DCP reshards)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model_file = tmp_path / "model.pt"
+    dcp_to_torch_save(str(reference / "checkpoints" / f"step_{STEPS}_ckp"), str(model_file))
+    losses = {}
+    for mode, extra in (("file", dict(ckpt_load_path=str(model_file))),
+                        ("dir", dict(ckpt_load_path=str(reference))),
+                        ("data", dict(ckpt_load_path=str(reference), resuming_dataset=True))):
+        run = tmp_path / mode
+        assert run_training(world=1, ckpt_save_path=str(run), num_steps=2, checkpoint_interval=100, **extra) == [0]
+        m = read_metrics(run)
+        assert sorted(m) == [1, 2]  # the step count restarts
+        losses[mode] = m[1]["loss"]
+    fresh = read_metrics(reference)[1]["loss"]
+    assert losses["file"] == losses["dir"] < fresh  # same weights, same (restarted) data
+    assert losses["data"] != losses["dir"]  # the data position came along
