@@ -29,6 +29,7 @@ from avengers.inference.bench_report import markdown_table, plot, targets_summar
 from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
+from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class BenchConfig:
     out: str = "bench_out"
     seed: int = 0
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
+    decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
 
     def validate(self) -> None:
         known = list_variants()
@@ -65,6 +67,8 @@ class BenchConfig:
             raise ValueError(f"unknown variants {bad}; known: {', '.join(known)}")
         if not self.variants:
             raise ValueError("no variants to benchmark")
+        if self.decode_attn not in DECODE_BACKENDS:
+            raise ValueError(f"decode_attn must be one of {DECODE_BACKENDS}, got {self.decode_attn!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if any(c < self.room + 2 for c in self.contexts):
@@ -287,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--no_cuda_graph", action="store_true")
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
+    p.add_argument("--decode_attn", default="auto", choices=DECODE_BACKENDS,
+                   help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or torch ops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     a = p.parse_args(argv)
@@ -299,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         device=a.device, dtype=a.dtype or ("bf16" if cuda else "fp32"), steps=a.steps, warmup=a.warmup,
         find_max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, memory_fraction=a.memory_fraction,
         bandwidth_gbs=a.bandwidth_gbs, prefill_chunk=a.prefill_chunk, cuda_graph=not a.no_cuda_graph,
-        deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol,
+        deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol, decode_attn=a.decode_attn,
     )
     cfg.validate()
     return cfg
@@ -308,6 +314,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 def run(cfg: BenchConfig) -> dict:
     """Benchmark every variant; returns (and writes to cfg.out) the JSON report."""
     cfg.validate()
+    set_decode_backend(cfg.decode_attn)
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}
@@ -329,6 +336,7 @@ def run(cfg: BenchConfig) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_s": time.monotonic() - t_start,
         "variants": variants,
+        "decode_attention_backends_used": decode_backends_used(),
         "rows": rows,
     }
     report["targets"] = targets_summary(rows)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.cache import InferenceCache
+
+log = logging.getLogger(__name__)
 
 
 class KVState:
@@ -49,17 +54,89 @@ def invalid_positions(buffer_len: int, length: torch.Tensor) -> torch.Tensor:
     return torch.arange(buffer_len, device=length.device) >= length
 
 
-def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, valid: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+DECODE_BACKENDS = ("auto", "triton", "torch")
+_backend = {"name": os.environ.get("AVENGERS_DECODE_ATTN", "auto"), "verified": {}, "used": set()}
+
+
+def set_decode_backend(name: str) -> None:
+    """auto: the Triton kernel on CUDA when it passes a self-test on first use, else torch."""
+    if name not in DECODE_BACKENDS:
+        raise ValueError(f"decode attention backend must be one of {DECODE_BACKENDS}, got {name!r}")
+    _backend["name"] = name
+
+
+def decode_backends_used() -> list[str]:
+    return sorted(_backend["used"])
+
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: torch.Tensor,
+                     scale: float | None = None, invalid: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence over a static key/value buffer; graph-capturable.
 
-    q [B, H, d]; k_buf, v_buf [B, H_kv, S, d] with S a multiple of KV_CHUNK; `valid` is either the
-    number of valid keys as a 0-dim long device tensor or a bool [S] mask that is True at invalid
-    positions (invalid_positions, computed once per step for all layers). scale defaults to
-    1/sqrt(d) as in SDPA. The H/H_kv query heads of a group share one read of their key/value head
-    (GQA without copying the cache). Scores are one batched matmul over all S keys; the value
-    matmul reduces over S, so it is split into S/KV_CHUNK chunks (split-K) to keep the whole GPU
-    busy at batch 1, and the partial sums are added. Reference: `decode_attention_reference`.
+    q [B, H, d]; k_buf, v_buf [B, H_kv, S, d] with S a multiple of KV_CHUNK; keys [0, length) are
+    valid, length a 0-dim long device tensor; scale defaults to 1/sqrt(d) as in SDPA; `invalid`
+    (invalid_positions, optional) saves the torch path recomputing the mask in every layer.
+    Chooses the Triton kernel (triton_decode.py) or decode_attention_torch; both are tested
+    against decode_attention_reference.
+    """
+    if _use_triton(q, k_buf):
+        from avengers.inference.triton_decode import decode_attention_triton
+
+        _backend["used"].add("triton")
+        return decode_attention_triton(q, k_buf, v_buf, length, scale)
+    _backend["used"].add("torch")
+    return decode_attention_torch(q, k_buf, v_buf, length if invalid is None else invalid, scale)
+
+
+def _use_triton(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
+    name = _backend["name"]
+    if name == "torch" or not q.is_cuda:
+        return False
+    try:
+        from avengers.inference.triton_decode import supported
+    except ImportError:
+        if name == "triton":
+            raise
+        return False
+    if not supported(q, k_buf):
+        if name == "triton":
+            raise ValueError(f"Triton decode attention does not support q {tuple(q.shape)} {q.dtype}")
+        return False
+    key = (q.device, q.dtype, q.shape[-1], q.shape[1] // k_buf.shape[1])
+    if key not in _backend["verified"]:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # a self-test cannot run inside a graph capture
+        _backend["verified"][key] = _self_test(*key) if name == "auto" else True
+    return _backend["verified"][key]
+
+
+def _self_test(device: torch.device, dtype: torch.dtype, d: int, group: int) -> bool:
+    """The Triton kernel against the torch path on random data; False (with a warning) on any failure."""
+    from avengers.inference.triton_decode import decode_attention_triton
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(2, 2 * group, d, device=device, dtype=dtype, generator=g)
+    k, v = torch.randn(2, 2, 2, 3 * KV_CHUNK, d, device=device, dtype=dtype, generator=g)
+    length = torch.tensor(3 * KV_CHUNK - 37, device=device)
+    try:
+        got = decode_attention_triton(q, k, v, length)
+        err = float((got.float() - decode_attention_torch(q.float(), k.float(), v.float(), length).float()).abs().max())
+    except Exception as e:  # noqa: BLE001 - any compile/launch failure means: use the torch path
+        log.warning("Triton decode attention unavailable (%s: %s); using the torch path", type(e).__name__, e)
+        return False
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        log.warning("Triton decode attention self-test error %.3g > %.g; using the torch path", err, tol)
+        return False
+    return True
+
+
+def decode_attention_torch(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, valid: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """The torch-ops path: `valid` is the valid length (0-dim long tensor) or an invalid_positions mask.
+
+    Scores are one batched matmul over all S keys; the value matmul reduces over S, so it is split
+    into S/KV_CHUNK chunks (split-K) to keep the GPU busy at batch 1, and the partial sums are added.
     """
     B, H, d = q.shape
     _, Hkv, S, _ = k_buf.shape
@@ -149,15 +226,15 @@ def _qkv(attn: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _attention(attn: nn.Module, y: torch.Tensor, state: KVState, cache: KVCache, cis: torch.Tensor,
-               invalid: torch.Tensor | None) -> torch.Tensor:
+               decode: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     B, T, _ = y.shape
     H, Hkv = attn.nheads, attn.kvheads
     qk, v = _qkv(attn, y)
     qk = apply_rope(qk, cis)  # queries come out scaled by 1/sqrt(d)
     q, k = qk[:, :, :H], qk[:, :, H:]
-    if invalid is not None:  # decode: one token at the position held on the device
+    if decode is not None:  # one token at the position held on the device; (valid length, invalid mask)
         state.write_at(k.transpose(1, 2), v.transpose(1, 2), cache.position)
-        out = decode_attention(q.reshape(B, H, -1), state.k, state.v, invalid, scale=1.0)
+        out = decode_attention(q.reshape(B, H, -1), state.k, state.v, decode[0], scale=1.0, invalid=decode[1])
     else:
         start = cache.seq_len
         keys, values = state.update(k.transpose(1, 2), v.transpose(1, 2), start)
@@ -184,14 +261,15 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
         raise ValueError(f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, {T} more given")
     if T == 1:
         cis = cache.rope.index_select(0, cache.position.view(1))
-        invalid = invalid_positions(cache.layers[0].k.shape[2], cache.position + 1)
+        length = cache.position + 1
+        decode = (length, invalid_positions(cache.layers[0].k.shape[2], length))
     else:
-        cis, invalid = cache.rope[cache.seq_len:cache.seq_len + T], None
+        cis, decode = cache.rope[cache.seq_len:cache.seq_len + T], None
     cis = cis[:, None, :] * cache.head_scale  # [T, H + H_kv, d/2]
     base = model.base_model
     h = base.embedding(x)
     for layer, state in zip(base.layers, cache.layers):
-        h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, invalid)
+        h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, decode)
         h = h + layer.ff_sub_layer(_rms_norm(layer.ff_ln, h))
     logits = model.head(_rms_norm(base.dec_norm, h))
     cache.advance(T)
