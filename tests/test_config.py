@@ -113,3 +113,12 @@ def test_cli_reports_errors_before_building_anything():
 def test_parse_args_forms():
     cfg_file, over = parse_args(["--config=x.yaml", "--fms.batch_size", "2", "--low-cpu-fsdp"])
     assert cfg_file == "x.yaml" and over == {"batch_size": "2", "low_cpu_fsdp": True}
+
+
+def test_missing_ckpt_load_path_fails_before_training(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "avengers.train", "--model_variant=llama3_tiny", "--device=cpu",
+                          "--use_dummy_dataset", f"--ckpt_save_path={tmp_path}/run",
+                          f"--ckpt_load_path={tmp_path}/nothing"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 2
+    assert "ckpt_load_path=" in out.stderr and "neither a model file" in out.stderr

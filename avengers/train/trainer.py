@@ -21,7 +21,7 @@ from torch import nn
 from avengers.config import ConfigError, TrainConfig, validate
 from avengers.models import get_model_spec
 from avengers.train import data as train_data
-from avengers.train.checkpoint import Checkpointer
+from avengers.train.checkpoint import Checkpointer, resolve_checkpoint
 from avengers.train.metrics import MetricsLogger, build_profiler, mfu, peak_flops, peak_memory_gib
 from avengers.train.parallel import build_mesh, init_distributed, parallelize
 from avengers.train.schedule import build_scheduler
@@ -78,6 +78,17 @@ def _check_tracker(cfg: TrainConfig) -> None:
         raise ConfigError("tracker='tensorboard' but tensorboard is not installed; pip install tensorboard")
 
 
+def _check_load_path(cfg: TrainConfig) -> None:
+    src = cfg.ckpt_load_path
+    if not src or resolve_checkpoint(cfg.ckpt_save_path) is not None or os.path.isfile(src):
+        return
+    if os.path.realpath(src) == os.path.realpath(cfg.ckpt_save_path):
+        return
+    if not os.path.isdir(src) or resolve_checkpoint(src) is None:
+        raise ConfigError(f"ckpt_load_path={src!r} is neither a model file nor a run/step folder with a complete "
+                          f"checkpoint (checkpoints/step_N_ckp/COMPLETE); use None to start from scratch")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the last reported metrics."""
     info = init_distributed(cfg.device)
@@ -87,6 +98,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     _check_tracker(cfg)
     spec = get_model_spec(cfg.model_variant)
     train_data.validate_data(cfg, info.world_size, spec.vocab_size)
+    _check_load_path(cfg)
     if cfg.seq_length > spec.max_seq_len:
         log.warning("seq_length %d exceeds %s's max_seq_len %d", cfg.seq_length, spec.name, spec.max_seq_len)
 
