@@ -1,0 +1,470 @@
+"""Mamba-2 on one GPU: kernel-path correctness, training throughput vs mamba_ssm, profile, compile.
+
+    python benchmarks/gpu_mamba.py --out DIR [--parts check,train,compile] [--budget_s 330]
+    python benchmarks/gpu_mamba.py --smoke --out /tmp/m   # CPU, tiny shapes: checks the wiring only
+
+Parts (each time-boxed; whatever does not fit in --budget_s is skipped and says so):
+  check    small hybrid, same weights: reference path vs mamba_ssm-kernel path (fp32 and bf16 autocast
+           logits, loss, gradients), kernel-path prefill + decode vs full forward, and our model vs
+           mamba_ssm's own MambaLMHeadModel (rotary off: its MHA needs flash-attn for RoPE).
+  train    1.5B pure Mamba-2 shape (mamba2_1.3b: d 2048, 48 layers, vocab 128256), batch 4 x 4096:
+           tokens/s + peak memory for our model and mamba_ssm's MambaLMHeadModel (use_mem_eff_path=False)
+           with fp32 params + bf16 autocast, all-bf16, and bf16 params + fp32 master weights in the
+           optimizer; one profiled step of each (top kernels, time by kernel class, the kernels whose
+           time differs most between fp32+autocast and all-bf16).
+  compile  torch.compile per block (bf16): break reasons from torch._dynamo.explain, then tokens/s of
+           eager vs compiled with mamba_ssm ops opaque to dynamo vs traced into, and mamba_ssm's blocks.
+Writes results.json, log.txt, profile_<config>.{txt,json} and gap_<model>.txt under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avengers.models import get_model_spec  # noqa: E402
+from avengers.models import mamba_kernels  # noqa: E402
+from avengers.models.mamba import MambaConfig  # noqa: E402
+
+OUT: Path = Path(".")
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+    with open(OUT / "log.txt", "a") as f:
+        f.write(msg + "\n")
+
+
+def save() -> None:
+    (OUT / "results.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def mamba_ssm_available() -> bool:
+    try:
+        import mamba_ssm  # noqa: F401
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def ssm_model(cfg: MambaConfig, device, dtype=None):
+    """mamba_ssm's own MambaLMHeadModel for our config (use_mem_eff_path=False: causal-conv1d is absent)."""
+    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    d = cfg.to_mamba_ssm()
+    d["ssm_cfg"] = {**d["ssm_cfg"], "use_mem_eff_path": False}
+    return MambaLMHeadModel(SsmConfig(**d), device=device, dtype=dtype)
+
+
+def logits_of(model, ids):
+    out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def build_ours(spec, device, dtype=None):
+    model = spec.build("meta")
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.to(dtype) if dtype is not None else model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+# ---- part 1: kernel path vs reference path -------------------------------------------------
+
+def part_check(device, smoke: bool) -> dict:
+    torch.manual_seed(0)
+    base = get_model_spec("hybrid_tiny")
+    if not smoke:
+        base = base.replace(d_model=512, n_layer=6, attn_layer_idx=(2, 5), attn_num_heads=8, attn_num_heads_kv=4,
+                            attn_head_dim=64, attn_rotary_emb_dim=32, d_intermediate=1024, d_state=64, headdim=64,
+                            chunk_size=256)
+    fast_mode = "mamba_ssm" if mamba_ssm_available() else "reference"
+    B, S = (2, 1024) if not smoke else (2, 40)
+    ref = build_ours(base.replace(kernels="reference"), device)
+    fast = build_ours(base.replace(kernels=fast_mode), device)
+    fast.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, base.vocab_size, (B, S + 1), device=device)
+    x, y = ids[:, :-1], ids[:, 1:]
+    res = {"kernels": fast_mode, "config": str(base.config), "batch": B, "seq": S}
+    with torch.no_grad():
+        res["fp32_logits_rel_err"] = rel(fast(x), ref(x))
+    losses, grads = {}, {}
+    for name, m in (("ref", ref), ("fast", fast)):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = m(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        losses[name] = (loss.item(), logits.detach())
+        grads[name] = {k: p.grad.detach().clone() for k, p in m.named_parameters()}
+    res["bf16_loss_ref"], res["bf16_loss_fast"] = losses["ref"][0], losses["fast"][0]
+    res["bf16_loss_abs_diff"] = abs(losses["ref"][0] - losses["fast"][0])
+    res["bf16_logits_rel_err"] = rel(losses["fast"][1], losses["ref"][1])
+    grad_err = {k: float((grads["fast"][k] - g).norm() / g.norm().clamp_min(1e-12)) for k, g in grads["ref"].items()}
+    worst = sorted(grad_err.items(), key=lambda kv: -kv[1])[:5]
+    res["bf16_grad_rel_err_worst"] = worst
+    # kernel path: prefill (initial/final states) + selective_state_update decode vs full forward, fp32
+    with torch.no_grad():
+        full = fast(x[:, :S // 2 + 16])
+        cache = fast.allocate_cache(B, S // 2 + 16)
+        parts = [fast(x[:, :S // 2], cache=cache)] + [fast(x[:, t:t + 1], cache=cache) for t in range(S // 2, S // 2 + 16)]
+        res["decode_vs_full_rel_err"] = rel(torch.cat(parts, 1), full)
+    # our model vs mamba_ssm's MambaLMHeadModel on the same weights (RoPE off on both sides)
+    if fast_mode == "mamba_ssm":
+        norope = base.replace(attn_rotary_emb_dim=0, kernels="mamba_ssm")
+        ours = build_ours(norope, device)
+        theirs = ssm_model(norope.config, device)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        with torch.no_grad():
+            res["vs_mamba_ssm_fp32_logits_rel_err"] = rel(ours(x), logits_of(theirs, x))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                lo, lt = ours(x), logits_of(theirs, x)
+            res["vs_mamba_ssm_bf16_logits_rel_err"] = rel(lo, lt)
+            res["vs_mamba_ssm_bf16_loss_abs_diff"] = abs(
+                F.cross_entropy(lo.float().flatten(0, 1), y.flatten()).item()
+                - F.cross_entropy(lt.float().flatten(0, 1), y.flatten()).item())
+        del ours, theirs
+    res["pass"] = bool(res["fp32_logits_rel_err"] < 1e-3 and res["bf16_logits_rel_err"] < 2e-2
+                       and res["bf16_loss_abs_diff"] < 1e-2 and res["decode_vs_full_rel_err"] < 1e-3)
+    del ref, fast, grads
+    free()
+    return res
+
+
+# ---- part 2: training throughput and profiles ----------------------------------------------
+
+KERNEL_CLASSES = [  # first match wins
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("ssd (triton)", r"chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|ssd|selective"),
+    ("norm (triton)", r"layer_norm|layernorm|rms|_norm_"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|matmul|cublas|sm90_|sm80_"),
+    ("conv", r"conv|cudnn|depthwise|winograd|implicit"),
+    ("softmax / loss", r"softmax|cross_entropy|nll"),
+    ("embedding", r"embedding|index_select|indexing|scatter|gather"),
+    ("cast / copy", r"copy|cast|convert|to_copy|fill"),
+    ("reduce", r"reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|triton_"),
+]
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, pattern in KERNEL_CLASSES:
+        if re.search(pattern, low):
+            return cls
+    return "other"
+
+
+def kernel_table(prof, device) -> list[dict]:
+    rows = []
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        else:
+            t = e.self_cpu_time_total
+        if t > 0:
+            rows.append({"name": e.key, "class": classify(e.key), "ms": t / 1e3, "calls": e.count})
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def profile_step(step, device, tag: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    wall = (time.perf_counter() - t0) * 1e3
+    rows = kernel_table(prof, device)
+    by_class: dict[str, float] = {}
+    for r in rows:
+        by_class[r["class"]] = by_class.get(r["class"], 0.0) + r["ms"]
+    total = sum(r["ms"] for r in rows)
+    summary = {"profiled_step_wall_ms": round(wall, 1), "kernel_ms": round(total, 1),
+               "kernel_launches": sum(r["calls"] for r in rows),
+               "by_class_ms": {k: round(v, 1) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])}}
+    (OUT / f"profile_{tag}.json").write_text(json.dumps({"summary": summary, "kernels": rows[:60]}, indent=1))
+    lines = [f"{tag}: profiled step {wall:.1f} ms wall, {total:.1f} ms in kernels, "
+             f"{summary['kernel_launches']} launches", "time by class (ms): " + json.dumps(summary["by_class_ms"]), ""]
+    lines += [f"{r['ms']:9.2f} ms {r['calls']:6d}x  [{r['class']}] {r['name'][:150]}" for r in rows[:30]]
+    (OUT / f"profile_{tag}.txt").write_text("\n".join(lines) + "\n")
+    summary["_rows"] = rows
+    return summary
+
+
+def gap_report(tag: str, slow: dict, fast: dict) -> dict:
+    """Kernels whose total time differs most between two profiles of the same model."""
+    a = {r["name"]: r for r in slow.pop("_rows")}
+    b = {r["name"]: r for r in fast.pop("_rows")}
+    names = set(a) | set(b)
+    diffs = sorted(((a.get(n, {}).get("ms", 0.0) - b.get(n, {}).get("ms", 0.0), n) for n in names), reverse=True)
+    cls = {k: round(slow["by_class_ms"].get(k, 0) - fast["by_class_ms"].get(k, 0), 1)
+           for k in set(slow["by_class_ms"]) | set(fast["by_class_ms"])}
+    lines = [f"{tag}: fp32 params + autocast minus all-bf16, one training step",
+             f"wall {slow['profiled_step_wall_ms'] - fast['profiled_step_wall_ms']:+.1f} ms, "
+             f"kernels {slow['kernel_ms'] - fast['kernel_ms']:+.1f} ms",
+             "by class (ms): " + json.dumps(dict(sorted(cls.items(), key=lambda kv: -abs(kv[1])))), "",
+             "largest per-kernel differences (ms, calls slow/fast):"]
+    for d, n in diffs[:15] + diffs[-5:]:
+        lines.append(f"{d:+9.2f}  {a.get(n, {}).get('calls', 0):5d}/{b.get(n, {}).get('calls', 0):<5d} {n[:140]}")
+    (OUT / f"gap_{tag}.txt").write_text("\n".join(lines) + "\n")
+    return {"by_class_delta_ms": cls, "top_kernel_deltas_ms": [(round(d, 2), n[:140]) for d, n in diffs[:10]]}
+
+
+def make_step(model, mode: str, device, vocab: int, B: int, S: int):
+    """One optimizer step of a plain loop. mode: fp32_autocast | bf16 | bf16_fp32_master | fsdp2_mp.
+
+    bf16_fp32_master: the model (forward/backward) in bf16, fp32 copies of the weights in the
+    optimizer; grads are upcast before and weights copied back after each step.
+    fsdp2_mp: the model already wrapped by avengers.train.parallel (FSDP2 bf16 compute, fp32 master).
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch = torch.randint(0, vocab, (B, S + 1), device=device, generator=gen)
+    x, y = batch[:, :-1], batch[:, 1:]
+    fused = True if device.type == "cuda" else None
+    params = [p for p in model.parameters()]
+    if mode == "bf16_fp32_master":
+        masters = [p.detach().float().requires_grad_(True) for p in params]
+        opt = torch.optim.AdamW(masters, lr=1e-4, fused=fused)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "fp32_autocast"):
+            logits = logits_of(model, x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        if mode == "bf16_fp32_master":
+            for m, p in zip(masters, params):
+                m.grad = p.grad.float()
+                p.grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_copy_(params, masters)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def fsdp2_wrap(model, device):
+    """The trainer's wrapping on a 1-process group: fully_shard per block + root, bf16 compute, fp32 reduce."""
+    from avengers.models.mamba import MambaBlock
+    from avengers.train.parallel import build_mesh, init_distributed, parallelize
+
+    info = init_distributed(device.type)
+    mesh = build_mesh("fsdp", info.world_size, device.type, None)
+    return parallelize(model, (MambaBlock,), mesh, mixed_precision=device.type == "cuda")
+
+
+def time_steps(step, device, warmup: int, steps: int, tokens_per_step: int) -> dict:
+    t0 = time.perf_counter()
+    first = None
+    for i in range(warmup):
+        loss = step()
+        sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync(device)
+    dt = (time.perf_counter() - t1) / steps
+    out = {"tokens_per_s": round(tokens_per_step / dt), "step_ms": round(dt * 1e3, 1),
+           "first_step_s": round(first or 0.0, 1), "loss": round(float(loss.detach()), 4)}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return out
+
+
+def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dict:
+    spec = get_model_spec("mamba2_tiny" if smoke else "mamba2_1.3b")
+    B, S = (2, 64) if smoke else (4, 4096)
+    warmup, steps = (1, 2) if smoke else (3, 6)
+    res: dict = {"variant": spec.name, "params": spec.num_params(), "batch": B, "seq": S,
+                 "flops_per_token": spec.flops_per_token(S)}
+    configs = [("ours", "fp32_autocast"), ("mamba_ssm", "fp32_autocast"), ("ours", "bf16"), ("mamba_ssm", "bf16"),
+               ("ours", "bf16_fp32_master"), ("ours", "fsdp2_mp")]
+    profiles: dict = {}
+    for impl, mode in configs:
+        tag = f"{impl}_{mode}"
+        if impl == "mamba_ssm" and not mamba_ssm_available():
+            res[tag] = "skipped: mamba_ssm not importable on this device"
+            continue
+        if budget.left() < (5 if smoke else 45):
+            res[tag] = "skipped: out of time budget"
+            continue
+        try:
+            torch.manual_seed(0)
+            dtype = torch.bfloat16 if mode in ("bf16", "bf16_fp32_master") else None
+            model = build_ours(spec, device, dtype) if impl == "ours" else ssm_model(spec.config, device, dtype)
+            if mode == "fsdp2_mp":
+                model = fsdp2_wrap(model, device)
+            step = make_step(model, mode, device, spec.vocab_size, B, S)
+            res[tag] = time_steps(step, device, warmup, steps, B * S)
+            if profile and mode in ("fp32_autocast", "bf16"):
+                profiles[tag] = profile_step(step, device, tag)
+                res[tag]["profile"] = {k: v for k, v in profiles[tag].items() if k != "_rows"}
+            log(f"train {tag}: {res[tag] if not isinstance(res[tag], dict) else {k: v for k, v in res[tag].items() if k != 'profile'}}")
+        except Exception as e:  # one failing configuration must not hide the others' numbers
+            res[tag] = f"failed: {type(e).__name__}: {e}"
+            log(traceback.format_exc())
+        finally:
+            model = step = None
+            free()
+        save()
+    for impl in ("ours", "mamba_ssm"):
+        slow, fast = profiles.get(f"{impl}_fp32_autocast"), profiles.get(f"{impl}_bf16")
+        if slow and fast:
+            res[f"gap_{impl}"] = gap_report(impl, slow, fast)
+    a, b = res.get("ours_fp32_autocast"), res.get("mamba_ssm_fp32_autocast")
+    if isinstance(a, dict) and isinstance(b, dict):
+        res["ours_vs_mamba_ssm_fp32_autocast"] = round(a["tokens_per_s"] / b["tokens_per_s"], 3)
+    return res
+
+
+# ---- part 3: torch.compile per block ---------------------------------------------------------
+
+def explain_block(block, d_model: int, device, dtype, ours: bool) -> dict:
+    torch._dynamo.reset()
+    h = torch.randn(1, 256, d_model, device=device, dtype=dtype)
+    # ours: pass the kernels in, as MambaLM.forward does, so the trace sees what training runs
+    args = (h, None, None, None, mamba_kernels.select_kernels(device)) if ours else (h, None)
+    ex = torch._dynamo.explain(block)(*args)
+    reasons = []
+    for r in ex.break_reasons[:6]:
+        where = r.user_stack[-1] if getattr(r, "user_stack", None) else None
+        reasons.append(f"{r.reason} @ {where.filename.split('/')[-1]}:{where.lineno}" if where else str(r.reason))
+    return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count, "ops": ex.op_count,
+            "first_break_reasons": reasons}
+
+
+def part_compile(device, smoke: bool, budget: Budget) -> dict:
+    spec = get_model_spec("mamba2_tiny" if smoke else "mamba2_1.3b")
+    B, S = (2, 64) if smoke else (4, 4096)
+    warmup, steps = (2, 2) if smoke else (2, 5)
+    backend = "eager" if smoke else "inductor"  # CPU smoke: dynamo wiring only, no C++ compile
+    res: dict = {"backend": backend, "mode": "bf16 params, no autocast", "batch": B, "seq": S}
+    have_ssm = mamba_ssm_available()
+    configs = [("ours", "eager", True), ("ours", "compiled", True), ("ours", "compiled", False)]
+    if have_ssm:
+        configs += [("mamba_ssm", "eager", None), ("mamba_ssm", "compiled", None)]
+    for impl, how, opaque in configs:
+        tag = f"{impl}_{how}" + ("" if opaque is None or how == "eager" else ("_opaque" if opaque else "_traced"))
+        if budget.left() < (5 if smoke else 60):
+            res[tag] = "skipped: out of time budget"
+            continue
+        try:
+            torch._dynamo.reset()
+            mamba_kernels.COMPILE_OPAQUE = True if opaque is None else opaque
+            torch.manual_seed(0)
+            model = (build_ours(spec, device, torch.bfloat16) if impl == "ours"
+                     else ssm_model(spec.config, device, torch.bfloat16))
+            if how == "compiled":
+                res[f"{tag}_explain"] = explain_block(model.backbone.layers[0], spec.config.d_model, device,
+                                                      torch.bfloat16, impl == "ours")
+                torch._dynamo.reset()
+                for block in model.backbone.layers:
+                    block.compile(backend=backend)
+            step = make_step(model, "bf16", device, spec.vocab_size, B, S)
+            res[tag] = time_steps(step, device, warmup, steps, B * S)
+            log(f"compile {tag}: {res[tag]} {res.get(f'{tag}_explain', '')}")
+        except Exception as e:
+            res[tag] = f"failed: {type(e).__name__}: {e}"
+            log(traceback.format_exc())
+        finally:
+            model = step = None
+            mamba_kernels.COMPILE_OPAQUE = True
+            free()
+        save()
+    return res
+
+
+def main() -> None:
+    global OUT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--parts", default="check,train,compile")
+    p.add_argument("--budget_s", type=float, default=330.0, help="skip what would not fit (default 5.5 min)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: exercise every code path quickly")
+    p.add_argument("--no_profile", action="store_true")
+    args = p.parse_args()
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"check", "train", "compile"}
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from check,train,compile")
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --smoke on CPU")
+    OUT = Path(args.out)
+    OUT.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    budget = Budget(args.budget_s)
+    RESULTS.update(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   mamba_ssm=mamba_ssm_available(), smoke=args.smoke, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if mamba_ssm_available():
+        import mamba_ssm
+
+        RESULTS["mamba_ssm_version"] = mamba_ssm.__version__
+    for part, fn in (("check", lambda: part_check(device, args.smoke)),
+                     ("train", lambda: part_train(device, args.smoke, budget, not args.no_profile)),
+                     ("compile", lambda: part_compile(device, args.smoke, budget))):
+        if part not in parts:
+            continue
+        t0 = time.perf_counter()
+        try:
+            RESULTS[part] = fn()
+        except Exception as e:
+            RESULTS[part] = f"failed: {type(e).__name__}: {e}"
+            log(traceback.format_exc())
+        log(f"== {part} ({time.perf_counter() - t0:.0f} s): {json.dumps(RESULTS[part], default=str)[:3000]}")
+        save()
+    log(f"done in {time.perf_counter() - budget.t0:.0f} s; results in {OUT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
