@@ -27,7 +27,7 @@ from torch import nn
 
 from avengers.inference.bench_report import markdown_table, plot, targets_summary
 from avengers.inference.cache import InferenceCache
-from avengers.inference.check import CheckResult, check_cached_decode, check_graph_decode
+from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
 from avengers.models.registry import get_model_spec, list_variants
@@ -52,7 +52,7 @@ class BenchConfig:
     max_batch_cap: int = 4096
     memory_fraction: float = 0.9  # of the free GPU memory the largest batch may use
     bandwidth_gbs: float | None = None  # None: H200's 4.8 TB/s on CUDA, no roofline on CPU
-    prefill_chunk: int = 8192
+    prefill_chunk: int = 0  # >0: prefill in chunks of this many tokens (families whose chunked prefill checks out)
     cuda_graph: bool = True
     deadline_s: float = 450.0  # stop starting new measurements after this many seconds
     out: str = "bench_out"
@@ -114,10 +114,10 @@ def prefill(model: nn.Module, cache: InferenceCache, ids: torch.Tensor, chunk: i
 
 
 @torch.no_grad()
-def time_decode(model: nn.Module, cache: InferenceCache, start: int, cfg: BenchConfig, vocab: int) -> float:
+def time_decode(model: nn.Module, cache: InferenceCache, start: int, cfg: BenchConfig, vocab: int,
+                use_graph: bool) -> float:
     """Seconds per decode step at positions start.., warm-up excluded."""
     device = cache.position.device
-    use_graph = cfg.cuda_graph and device.type == "cuda"
     cache.set_seq_len(start)
     step = DecodeStep(model, cache, cuda_graph=use_graph, preserve_state=False)
     tokens = torch.randint(0, vocab, (cache.batch_size, 1), device=device)
@@ -148,6 +148,7 @@ class VariantResult:
     params: int
     weight_bytes: int
     check: dict | None = None
+    decode_mode: str = "eager"
     errors: list[str] = field(default_factory=list)
 
 
@@ -166,6 +167,7 @@ def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float
     res.weight_bytes = weight_bytes_per_step(model)
     bandwidth = cfg.bandwidth_gbs or (H200_BANDWIDTH_GBS if device.type == "cuda" else None)
     chunk = cfg.prefill_chunk if check.chunked_prefill else 0
+    res.decode_mode = check.decode_mode
     for ctx in cfg.contexts:
         if time.monotonic() > deadline:
             res.errors.append(f"context {ctx}: skipped, this variant's share of --deadline_s was used up")
@@ -187,7 +189,13 @@ def _run_checks(model: nn.Module, vocab: int, device: torch.device, dtype: torch
     check = check_cached_decode(model, vocab, device, tol=tol, seed=cfg.seed)
     model.to(dtype)
     if on_cuda and cfg.cuda_graph:
-        check.graph_rel_err = check_graph_decode(model, vocab, device, seed=cfg.seed + 1)
+        try:
+            check.graph_rel_err = check_graph_decode(model, vocab, device, seed=cfg.seed + 1)
+            check.decode_mode = "cuda_graph"
+        except (DecodeMismatch, RuntimeError) as e:  # e.g. a decode position taken from a Python int
+            log.warning("%s: CUDA-graph decode unusable, timing eager decode: %s", type(model).__name__, e)
+            check.notes.append(f"CUDA-graph decode unusable ({type(e).__name__}: {e}); decode timed eagerly")
+            check.decode_mode = "eager (graph check failed)"
     return check
 
 
@@ -242,7 +250,7 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
                 cache = model.allocate_cache(batch, cache1.max_seq_len, device, dtype)
                 cache1.set_seq_len(fill)
                 cache.broadcast_from(cache1)
-            step_s = time_decode(model, cache, fill, cfg, spec.vocab_size)
+            step_s = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
             nbytes = cache.nbytes()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             moved = res.weight_bytes + nbytes
@@ -251,7 +259,7 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
                         cache_bytes=nbytes, peak_mem_gib=peak, bytes_per_step=moved,
                         roofline_ms=roof_s * 1e3 if roof_s else None,
                         roofline_ratio=step_s / roof_s if roof_s else None,
-                        decode_mode="cuda_graph" if cfg.cuda_graph and device.type == "cuda" else "eager",
+                        decode_mode=res.decode_mode,
                         _fits=batch if is_largest else None)
         except torch.cuda.OutOfMemoryError:
             if not is_largest or batch == 1:
@@ -287,7 +295,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--max_batch_cap", type=int, default=4096)
     p.add_argument("--memory_fraction", type=float, default=0.9)
     p.add_argument("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the roofline (CUDA default 4800)")
-    p.add_argument("--prefill_chunk", type=int, default=8192)
+    p.add_argument("--prefill_chunk", type=int, default=0,
+                   help="prefill in chunks of N tokens where the family's chunked prefill checks out (0: one call)")
     p.add_argument("--no_cuda_graph", action="store_true")
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)

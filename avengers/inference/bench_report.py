@@ -50,6 +50,8 @@ def markdown_table(report: dict) -> str:
         lines.append(f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "
                      f"graph vs eager {_fmt(chk.get('graph_rel_err'))}, chunked prefill {chk.get('chunked_prefill')}"
                      + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
+                     + f", decode timed {v.get('decode_mode', 'n/a')}"
+                     + "".join(f"; {n}" for n in chk.get("notes", []))
                      + ("".join(f"; {e}" for e in v.get("errors", []))))
     lines += ["", "| variant | context | batch | prefill s (b=1) | decode ms/step | decode tok/s | cache MiB/seq "
               "| peak GiB | max batch | roofline ms | measured/roofline |", "|" + "---|" * 11]

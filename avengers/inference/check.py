@@ -20,6 +20,7 @@ class CheckResult:
     chunked_prefill: bool  # whether a two-chunk prefill also matches (else the bench prefills in one call)
     chunked_note: str = ""
     graph_rel_err: float | None = None  # graph replay vs eager decode, in the bench dtype
+    decode_mode: str = "eager"  # how the bench times decode: "cuda_graph" once the graph check passed
     notes: list[str] = field(default_factory=list)
 
 
