@@ -356,3 +356,17 @@ def test_merge_is_pairwise_not_prefix_differences():
         if j and sched.first[j] >= 10:
             assert K[0, j].abs().max() == 0  # exact means of the zero tokens
     assert not math.isnan(K.sum().item())
+
+
+def test_chunked_gather_equals_single_pass():
+    from avengers.models.telescoping import gather_attention
+
+    n, d = 90, 8
+    q, k, v, w = _random_inputs(2, n, 4, 2, d, torch.float64, seed=19)
+    plan = get_plan(n, 8, C8, "cpu")
+    opts = TeleOptions(8, C8, mask_empty=True)
+    K, V, _ = node_values(k, v, w, plan)
+    whole = gather_attention(q, K, V, plan, opts)
+    with torch.no_grad():
+        chunked = gather_attention(q, K, V, plan, opts, chunk_elems=7 * 2 * 8 * 2 * d)  # 7 queries a chunk
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)

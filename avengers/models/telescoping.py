@@ -321,19 +321,32 @@ def _softcap(s: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def gather_attention(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, plan: TelePlan,
-                     opts: TeleOptions) -> torch.Tensor:
+                     opts: TeleOptions, chunk_elems: int = 2**26) -> torch.Tensor:
     """Reference read-out: query t attends to the C nodes table[t]. q [B,n,H,d] -> [B,n,H,d].
 
-    Materialises [B, n, C, Hkv, d]; the GPU training path is telescoping_flex.flex_attention_nodes.
+    Materialises [B, n, C, Hkv, d] (in query chunks of at most `chunk_elems` elements when no
+    gradient is needed); the GPU training path is telescoping_flex.flex_attention_nodes.
     """
     B, n, H, d = q.shape
+    Hkv, C = k_hat.shape[2], plan.table.shape[1]
+    per_query = B * C * Hkv * d
+    if torch.is_grad_enabled() or n * per_query <= chunk_elems:
+        return _gather_chunk(q, k_hat, v_hat, plan.table, opts)
+    step = max(1, chunk_elems // per_query)
+    return torch.cat([_gather_chunk(q[:, i:i + step], k_hat, v_hat, plan.table[i:i + step], opts)
+                      for i in range(0, n, step)], 1)
+
+
+def _gather_chunk(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, table: torch.Tensor,
+                  opts: TeleOptions) -> torch.Tensor:
+    B, n, H, d = q.shape
     Hkv = k_hat.shape[2]
-    kg, vg = k_hat[:, plan.table], v_hat[:, plan.table]  # [B, n, C, Hkv, d]
+    kg, vg = k_hat[:, table], v_hat[:, table]  # [B, n, C, Hkv, d]
     qg = q.view(B, n, Hkv, H // Hkv, d)
     s = torch.einsum("bthed,btchd->bthec", qg, kg) * d**-0.5
     s = _softcap(s.to(compute_dtype(s.dtype)), opts.softcap)
     if opts.mask_empty:
-        s = s.masked_fill((plan.table == 0)[None, :, None, None, :], float("-inf"))
+        s = s.masked_fill((table == 0)[None, :, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).to(vg.dtype)
     return torch.einsum("bthec,btchd->bthed", p, vg).reshape(B, n, H, d)
 
@@ -473,8 +486,10 @@ class TelescopingAttention(MultiHeadAttention):
                 norm.reset_parameters()
 
     def resolve_impl(self, device: torch.device) -> str:
+        """auto: flex for CUDA training; the (chunked) gather otherwise, which needs no compile
+        per sequence length (eval, prefill) and holds no activations without autograd."""
         if self.impl == "auto":
-            return "flex" if device.type == "cuda" else "gather"
+            return "flex" if device.type == "cuda" and torch.is_grad_enabled() else "gather"
         return self.impl
 
     def plan(self, n: int, device: torch.device) -> TelePlan:
@@ -557,7 +572,7 @@ class TeleLlamaConfig(LLaMAConfig):
     tele_softcap: float | None = None
     tele_kv_norm: bool = True
     tele_full_attn_layers: Any = field(default_factory=tuple)  # layer indices or a HYBRID_PRESETS name
-    tele_impl: str = "auto"  # "auto" (flex on CUDA, gather elsewhere) | "gather" | "flex"
+    tele_impl: str = "auto"  # "auto" (flex for CUDA training, gather otherwise) | "gather" | "flex"
 
     def tele_options(self) -> TeleOptions:
         return TeleOptions(self.tele_cache_size, resolve_fmap(self.tele_fmap, self.tele_cache_size),

@@ -75,8 +75,11 @@ def flex_attention_nodes(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tens
     qf = q.transpose(1, 2)
     kf = k_hat.to(q.dtype).transpose(1, 2)
     vf = v_hat.to(q.dtype).transpose(1, 2)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        out = _flex(q.device)(qf, kf, vf, score_mod=score_mod, block_mask=plan.block_mask,
-                              scale=d**-0.5, enable_gqa=H != kf.shape[1])
+    kwargs = dict(score_mod=score_mod, block_mask=plan.block_mask, scale=d**-0.5, enable_gqa=H != kf.shape[1])
+    if torch.compiler.is_compiling():
+        out = flex_attention(qf, kf, vf, **kwargs)
+    else:
+        with warnings.catch_warnings():  # eager CPU flex warns that it is the unfused reference
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = _flex(q.device)(qf, kf, vf, **kwargs)
     return out.transpose(1, 2)

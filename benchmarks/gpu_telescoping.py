@@ -1,0 +1,285 @@
+"""Telescoping cache on one GPU: flex path == gather reference, training cost vs Llama, decode cache size.
+
+    python benchmarks/gpu_telescoping.py --out bench_out/telescoping      # one H200, ~4-5 minutes
+    python benchmarks/gpu_telescoping.py --smoke                          # CPU, tiny shapes, ~1 minute
+
+1. equivalence: the flex_attention block-mask path against the gather reference on random inputs
+   (fp32 forward + gradients; bf16 forward against an fp64 reference), and whole-model logits of
+   a 2-layer Tele@128 1.8B-shape model with each path, n beyond the first eviction.
+2. training: tele128_llama3_1.8b vs llama3_1.8b_4k, seq 4096, batch 4, fp32 parameters,
+   bf16 autocast, fused AdamW, every block compiled (as the trainer does), same process:
+   step time and peak memory (targets: <= 1.25x time, <= 1.1x memory).
+3. decode: cache bytes per sequence at several context lengths (measured from allocated
+   tensors), prefill + decode == full forward, and decode step latency.
+
+Writes <out>/telescoping.json and prints every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avengers.models import get_model_spec  # noqa: E402
+from avengers.models.telescoping import (  # noqa: E402
+    FMAP_PRESETS, TeleOptions, get_plan, rope, telescoping_parallel, window,
+)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random(B, n, H, Hkv, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, h, d, generator=g, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    w = 2 * torch.randn(B, n, Hkv, generator=g, dtype=torch.float64)
+    pos = torch.arange(n)
+    return rope(q, pos, 5e5), rope(k, pos, 5e5), v, w
+
+
+def equivalence(device: torch.device, smoke: bool) -> dict:
+    """Flex vs gather on random tensors, then whole-model logits with each path."""
+    results = {}
+    cases = [("c8", 8, 150, 16)] if smoke else [("c64", 64, 700, 64), ("c128", 128, 2100, 64)]
+    for name, C, n, d in cases:
+        fmap = FMAP_PRESETS[name]
+        q, k, v, w = _random(2, n, 4, 2, d, seed=C)
+        gains = (1 + 0.2 * torch.randn(d, dtype=torch.float64), 1 + 0.2 * torch.randn(d, dtype=torch.float64))
+        for mask_empty in (False, True):
+            opts = TeleOptions(C, fmap, mask_empty=mask_empty)
+            ref_plan = get_plan(n, C, fmap, device)
+            flex_plan = get_plan(n, C, fmap, device, flex=True, mask_empty=mask_empty)
+            # fp64 reference (gather)
+            ref64, _ = telescoping_parallel(*(x.to(device) for x in (q, k, v, w)), ref_plan, opts,
+                                            *(g.to(device) for g in gains), impl="gather")
+            row = {}
+            for dtype in (torch.float32, torch.bfloat16):
+                grad = dtype == torch.float32 and device.type == "cuda"  # no flex backward on CPU
+                ins_g = [x.to(device, torch.float32).requires_grad_(grad) for x in (q, k, v, w)]
+                ins_f = [x.to(device, torch.float32).requires_grad_(grad) for x in (q, k, v, w)]
+                gs = [g.to(device, torch.float32) for g in gains]
+                # q (and hence attention) in `dtype`; merges stay fp32 as in the model
+                out_g, _ = telescoping_parallel(ins_g[0].to(dtype), *ins_g[1:], ref_plan, opts, *gs, impl="gather")
+                out_f, _ = telescoping_parallel(ins_f[0].to(dtype), *ins_f[1:], flex_plan, opts, *gs, impl="flex")
+                err = (out_f.double() - ref64).abs()
+                entry = {"flex_vs_fp64_max": err.max().item(), "flex_vs_fp64_mean": err.mean().item(),
+                         "flex_vs_gather_max": (out_f.double() - out_g.double()).abs().max().item()}
+                if grad:
+                    go = torch.randn_like(out_g)
+                    (out_g * go).sum().backward()
+                    (out_f * go).sum().backward()
+                    entry["grad_max_rel_err"] = max(
+                        ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30)).item()
+                        for a, b in zip(ins_g, ins_f))
+                if dtype == torch.float32:
+                    entry["ok"] = entry["flex_vs_gather_max"] < 1e-3 and entry.get("grad_max_rel_err", 0) < 1e-3
+                else:
+                    entry["ok"] = entry["flex_vs_fp64_max"] < 5e-2 or entry["flex_vs_fp64_mean"] < 2e-3
+                row[str(dtype).split(".")[-1]] = entry
+            key = f"{name}_n{n}_{'masked' if mask_empty else 'unmasked'}"
+            results[key] = row
+            log(f"[equiv] {key}: {json.dumps(row)}")
+    # whole model: 2 layers of the Tele@128 1.8B shape (fp32), logits with each path
+    spec = get_model_spec("tele_tiny" if smoke else "tele128_llama3_1.8b_4k").replace(nlayers=2)
+    n = 300 if smoke else 2100
+    torch.manual_seed(0)
+    model = spec.build(device)
+    model.init_weights()
+    model.eval()
+    x = torch.randint(0, spec.vocab_size, (1, n), device=device)
+    logits = {}
+    with torch.no_grad():
+        for impl in ("gather", "flex"):
+            for layer in model.base_model.layers:
+                layer.attn.impl = impl
+            logits[impl] = model(x).double()
+    diff = (logits["flex"] - logits["gather"]).abs().max().item()
+    results["model_logits_flex_vs_gather_max"] = diff
+    results["model_logits_ok"] = diff < 1e-3 * max(1.0, logits["gather"].abs().max().item())
+    log(f"[equiv] 2-layer {spec.name} n={n} fp32 logits flex vs gather: max |diff| {diff:.3g}")
+    del model, logits
+    return results
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()
+
+
+def train_cost(name: str, device: torch.device, seq: int, batch: int, steps: int, warmup: int,
+               compile_blocks: bool) -> dict:
+    spec = get_model_spec(name)
+    _free(device)
+    torch.manual_seed(0)
+    model = spec.build(device)
+    model.init_weights()
+    model.train()
+    if compile_blocks:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8)
+        for block in model.modules():
+            if isinstance(block, spec.block_types):
+                block.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
+    inputs, labels = x[:, :-1], x[:, 1:]
+
+    def step() -> float:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t = time.perf_counter()
+        loss = step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    out = {"variant": name, "params": sum(p.numel() for p in model.parameters()), "seq": seq, "batch": batch,
+           "compile": compile_blocks, "warmup_s": warm_s, "step_s_median": median, "step_s_all": times,
+           "tokens_per_s": batch * seq / median, "peak_mem_gib": peak / 2**30, "loss": loss,
+           "flops_per_token": spec.flops_per_token(seq)}
+    log(f"[train] {name}: {median * 1e3:.1f} ms/step, {out['tokens_per_s'] / 1e3:.1f}k tok/s, "
+        f"peak {out['peak_mem_gib']:.1f} GiB, warmup {warm_s:.0f} s, loss {loss:.3f}")
+    del model, opt
+    _free(device)
+    return out
+
+
+def decode(device: torch.device, smoke: bool) -> dict:
+    tele_name, llama_name = ("tele_tiny", "llama3_tiny") if smoke else ("tele128_llama3_1.8b", "llama3_1.8b")
+    results: dict = {"cache_bytes_per_sequence": {}}
+    contexts = [256, 1024, 4096] if smoke else [1024, 4096, 16384, 65536]
+    for name in (tele_name, llama_name):
+        spec = get_model_spec(name)
+        model = spec.build("meta")  # allocate_cache only needs the config and a parameter dtype
+        sizes = {}
+        for L in contexts:
+            cache = model.allocate_cache(1, L, device=device, dtype=torch.bfloat16)
+            sizes[L] = cache.nbytes_per_sequence()
+            del cache
+        results["cache_bytes_per_sequence"][name] = sizes
+        log(f"[decode] {name} bf16 cache bytes/sequence: " + ", ".join(f"{L}: {b / 2**20:.2f} MiB" for L, b in sizes.items()))
+    # prefill + decode == full forward, then decode latency (bf16 weights)
+    spec = get_model_spec(tele_name)
+    if smoke:
+        spec = spec.replace(nlayers=2)
+    torch.manual_seed(0)
+    model = spec.build(device)
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    C = spec.config.tele_cache_size
+    prompt, extra = (60, 20) if smoke else (2000, 32)  # beyond the first eviction (t = 1920 for C=128)
+    x = torch.randint(0, spec.vocab_size, (1, prompt + extra), device=device)
+    with torch.no_grad():
+        full = model(x).float()
+        cache = model.allocate_cache(1, prompt + extra, device=device, dtype=torch.bfloat16)
+        parts = [model(x[:, :prompt], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(prompt, prompt + extra)]
+        stepped = torch.cat(parts, 1).float()
+        err = (stepped - full).abs()
+        agree = (stepped.argmax(-1) == full.argmax(-1)).float().mean().item()
+        results["decode_check"] = {"prompt": prompt, "steps": extra, "max_abs": err.max().item(),
+                                   "mean_abs": err.mean().item(), "argmax_agreement": agree,
+                                   "window": window(C, spec.config.tele_options().fmap)}
+        log(f"[decode] prefill {prompt} + {extra} steps vs full forward (bf16): max {err.max():.3g}, "
+            f"mean {err.mean():.3g}, argmax agreement {agree:.3f}")
+        latency = {}
+        for batch in ((1, 4) if smoke else (1, 16)):
+            cache = model.allocate_cache(batch, prompt + 64, device=device, dtype=torch.bfloat16)
+            model(x[:1, :prompt].expand(batch, -1), cache=cache)
+            tok = x[:1, prompt:prompt + 1].expand(batch, -1)
+            for _ in range(3):
+                model(tok, cache=cache)
+            _sync(device)
+            t = time.perf_counter()
+            n_steps = 8 if smoke else 48
+            for _ in range(n_steps):
+                model(tok, cache=cache)
+            _sync(device)
+            latency[batch] = (time.perf_counter() - t) / n_steps
+            log(f"[decode] {spec.name} batch {batch}: {latency[batch] * 1e3:.2f} ms/step (eager, bf16)")
+        results["step_latency_s"] = latency
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script, not the numbers)")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: equiv,train,decode")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke for the CPU check")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv[1:]}
+    log(f"[info] {json.dumps(info)}")
+    result: dict = {"info": info}
+    t0 = time.perf_counter()
+    if "equiv" not in skip:
+        result["equivalence"] = equivalence(device, args.smoke)
+    if "train" not in skip:
+        if args.smoke:
+            pairs, seq, batch, comp = ("llama3_tiny", "tele_tiny"), 256, 2, False
+        else:
+            pairs, seq, batch, comp = ("llama3_1.8b_4k", "tele128_llama3_1.8b"), args.seq, args.batch, args.compile
+        runs = [train_cost(n, device, seq, batch, args.steps if not args.smoke else 2,
+                           args.warmup if not args.smoke else 1, comp) for n in pairs]
+        base, tele = runs
+        ratio = {"step_time": tele["step_s_median"] / base["step_s_median"],
+                 "peak_mem": tele["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] else None}
+        ratio["meets_targets"] = ratio["step_time"] <= 1.25 and (ratio["peak_mem"] or 0) <= 1.1
+        result["train"] = {"llama": base, "tele": tele, "ratio": ratio}
+        log(f"[train] tele / llama: step time {ratio['step_time']:.3f}x (target <= 1.25), peak memory "
+            f"{ratio['peak_mem'] if ratio['peak_mem'] is None else round(ratio['peak_mem'], 3)}x (target <= 1.1)")
+    if "decode" not in skip:
+        result["decode"] = decode(device, args.smoke)
+    result["total_s"] = time.perf_counter() - t0
+    path = out_dir / "telescoping.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    log(f"[done] {result['total_s']:.0f} s, wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
