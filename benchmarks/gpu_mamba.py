@@ -147,6 +147,13 @@ def part_check(device, smoke: bool) -> dict:
         cache = fast.allocate_cache(B, S // 2 + 16)
         parts = [fast(x[:, :S // 2], cache=cache)] + [fast(x[:, t:t + 1], cache=cache) for t in range(S // 2, S // 2 + 16)]
         res["decode_vs_full_rel_err"] = rel(torch.cat(parts, 1), full)
+    if device.type == "cuda":  # the decode step replayed from a CUDA graph (state updated in place)
+        from avengers.inference.check import check_graph_decode
+
+        try:
+            res["cuda_graph_decode_rel_err"] = check_graph_decode(fast.eval(), base.vocab_size, device)
+        except Exception as e:
+            res["cuda_graph_decode_rel_err"] = f"failed: {type(e).__name__}: {e}"
     # our model vs mamba_ssm's MambaLMHeadModel on the same weights (RoPE off on both sides)
     if fast_mode == "mamba_ssm":
         norope = base.replace(attn_rotary_emb_dim=0, kernels="mamba_ssm")
