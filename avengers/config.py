@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Union
-
-import yaml
 
 SHARDING_STRATEGIES = ("fsdp", "hsdp", "ddp")
 TRAINING_STAGES = ("initial", "cosine", "annealing", "constant")
@@ -102,7 +101,12 @@ class TrainConfig:
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+            try:
+                import yaml
+            except ModuleNotFoundError:  # JSON is valid YAML; keeps minimal GPU images working
+                json.dump(self.to_dict(), f, indent=1)
+            else:
+                yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
 class ConfigError(ValueError):
@@ -213,7 +217,12 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path!r}: no such file")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            data = json.load(f)
+        else:
+            data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path!r}: expected a mapping of field: value, got {type(data).__name__}")
     return data
