@@ -51,6 +51,13 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy through pinned memory so the host never waits for the GPU to drain (keeps launches ahead)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def build_model(cfg: TrainConfig, spec, device: torch.device, mesh, mixed_precision: bool) -> nn.Module:
     """Full init on CPU then shard; with low_cpu_fsdp, shard on meta, materialise shards, then init."""
     if cfg.low_cpu_fsdp:
@@ -134,14 +141,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     gnorm_sum = torch.zeros((), device=device)
     window_steps, window_start, summary = 0, time.perf_counter(), {}
     fault_step = int(os.environ.get(_FAULT_ENV, "0"))
+    # A compiled loss fuses the fp32 upcast into the log-softmax instead of materialising fp32 logits.
+    compute_loss = torch.compile(loss_fn) if cfg.use_torch_compile and on_gpu else loss_fn
     model.train()
     while step < last_step:
         for micro in range(cfg.grad_accum_steps):
-            inputs, labels = next(batches)
-            inputs = inputs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            inputs, labels = (to_device(t, device) for t in next(batches))
             model.set_requires_gradient_sync(micro == cfg.grad_accum_steps - 1)
-            loss = loss_fn(model(inputs), labels) / cfg.grad_accum_steps
+            loss = compute_loss(model(inputs), labels) / cfg.grad_accum_steps
             loss.backward()
             loss_sum += loss.detach()
         gnorm = clip_grad_norm(model, cfg.grad_clip_thresh)
