@@ -86,3 +86,25 @@ def test_broadcast_from_copies_state_and_position():
     assert dst.seq_len == 3 and int(dst.position) == 3
     with pytest.raises(ValueError, match="cannot broadcast"):
         InferenceCache([KVState(5, 2, 8, 3)], 5, 8).broadcast_from(src)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fused_decode_functions_match_full_forward(tiny, compile, monkeypatch):
+    from avengers.inference import kv_cache
+    from avengers.inference.llama_compiled import set_compiled_decode
+
+    calls = []
+    real = kv_cache.decode_block
+    monkeypatch.setattr(kv_cache, "decode_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec, model = tiny
+    ids = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    full = model(ids)
+    set_compiled_decode(True, compile=compile)
+    try:
+        cache = model.allocate_cache(2, 24)
+        out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 24)]
+    finally:
+        set_compiled_decode(False)
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 8 * spec.config.nlayers

@@ -29,6 +29,7 @@ from avengers.inference.bench_report import markdown_table, plot, targets_summar
 from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
+from avengers.inference.llama_compiled import set_compiled_decode
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
 from avengers.models.registry import get_model_spec, list_variants
 
@@ -58,6 +59,7 @@ class BenchConfig:
     out: str = "bench_out"
     seed: int = 0
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
+    compile: bool = False  # torch.compile the element-wise parts of Llama-block decode (llama_compiled.py)
     decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
 
     def validate(self) -> None:
@@ -300,6 +302,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--no_cuda_graph", action="store_true")
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the element-wise work of Llama-block decode steps (adds compile time)")
     p.add_argument("--decode_attn", default="auto", choices=DECODE_BACKENDS,
                    help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or torch ops")
     p.add_argument("--seed", type=int, default=0)
@@ -315,6 +319,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         find_max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, memory_fraction=a.memory_fraction,
         bandwidth_gbs=a.bandwidth_gbs, prefill_chunk=a.prefill_chunk, cuda_graph=not a.no_cuda_graph,
         deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol, decode_attn=a.decode_attn,
+        compile=a.compile,
     )
     cfg.validate()
     return cfg
@@ -324,6 +329,7 @@ def run(cfg: BenchConfig) -> dict:
     """Benchmark every variant; returns (and writes to cfg.out) the JSON report."""
     cfg.validate()
     set_decode_backend(cfg.decode_attn)
+    set_compiled_decode(cfg.compile)
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}
@@ -356,6 +362,7 @@ def run(cfg: BenchConfig) -> dict:
     (out / "inference_bench.md").write_text(md)
     plot(rows, out)
     print(md)
+    set_compiled_decode(False)
     return report
 
 

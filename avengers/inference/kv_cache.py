@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.cache import InferenceCache
+from avengers.inference.llama_compiled import compiled_decode_enabled, decode_block, eligible
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,14 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     cis = cis[:, None, :] * cache.head_scale  # [T, H + H_kv, d/2]
     base = model.base_model
     h = base.embedding(x)
+    fused = decode is not None and compiled_decode_enabled()
+    if fused:
+        cos, sin = torch.view_as_real(cis[0]).unbind(-1)
     for layer, state in zip(base.layers, cache.layers):
+        if fused and eligible(layer):
+            h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(
+                q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]))
+            continue
         h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, decode)
         h = h + layer.ff_sub_layer(_rms_norm(layer.ff_ln, h))
     logits = model.head(_rms_norm(base.dec_norm, h))

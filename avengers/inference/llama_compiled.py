@@ -1,0 +1,78 @@
+"""Optional torch.compile of Llama's decode step: the element-wise work around the matmuls fused.
+
+A decode step at batch 1 is a chain of small kernels (norms, RoPE, SiLU, residual adds) between
+the weight matmuls; on a 1-2B model their launch and tail time is comparable to the time spent
+reading the weights. Two pure functions per block (before and after attention) take the weights
+as arguments, so one compiled graph serves every layer; the key/value write and the attention
+kernel stay outside (an in-place write inside a compiled function could be turned into a copy of
+the whole cache). Enabled with `set_compiled_decode(True)` (`bench --compile`); the eager path in
+kv_cache.py is the reference and tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_state: dict = {"enabled": False, "compile": True, "pre": None, "post": None}
+
+
+def set_compiled_decode(enabled: bool, compile: bool = True) -> None:
+    """Route eligible decode blocks through decode_pre/decode_post, torch.compile'd unless compile=False."""
+    _state["enabled"], _state["compile"] = enabled, compile
+
+
+def compiled_decode_enabled() -> bool:
+    return _state["enabled"]
+
+
+def decode_pre(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, H: int, Hkv: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [B, 1, D] -> q [B, H, d] (rotated, pre-scaled), k, v [B, H_kv, 1, d]; cos/sin [H + H_kv, d/2]."""
+    B = h.shape[0]
+    qkv = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps), qkv_w).reshape(B, -1)
+    qk = qkv[:, : (H + Hkv) * d].reshape(B, H + Hkv, d // 2, 2).float()
+    x0, x1 = qk[..., 0], qk[..., 1]
+    rot = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(h.dtype)
+    return rot[:, :H], rot[:, H:].unsqueeze(2), qkv[:, (H + Hkv) * d:].reshape(B, Hkv, 1, d)
+
+
+def decode_post(h: torch.Tensor, attn: torch.Tensor, dense_w: torch.Tensor, ln_w: torch.Tensor, eps: float,
+                wg1_w: torch.Tensor, w2_w: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Residual + attention output projection, then the gated MLP block (ibm-fms order: wg, then w1)."""
+    h = h + F.linear(attn, dense_w)
+    wg, w1 = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps), wg1_w).split(hidden, dim=-1)
+    return h + F.linear(F.silu(wg) * w1, w2_w)
+
+
+def eligible(layer: nn.Module) -> bool:
+    """The block has the layout the pure functions assume (fused weights, no biases, SiLU, RMSNorm)."""
+    attn, ff = layer.attn, layer.ff_sub_layer
+    norms_ok = all(not n.use_mean and n.elementwise_scale and not n.elementwise_shift for n in (layer.ln, layer.ff_ln))
+    return (norms_ok and hasattr(attn.in_proj, "qkv_fused") and getattr(ff, "wg1_fused", None) is not None
+            and isinstance(ff.a, nn.SiLU) and attn.in_proj.qkv_fused.bias is None and attn.dense.bias is None
+            and ff.wg1_fused.bias is None and ff.w2.bias is None and not getattr(ff, "p_dropout", 0))
+
+
+def functions(compiled: bool):
+    """(pre, post): the torch.compile'd versions (built once, dynamic shapes) or the plain ones."""
+    if not compiled:
+        return decode_pre, decode_post
+    if _state["pre"] is None:
+        _state["pre"] = torch.compile(decode_pre, dynamic=True, fullgraph=True)
+        _state["post"] = torch.compile(decode_post, dynamic=True, fullgraph=True)
+    return _state["pre"], _state["post"]
+
+
+def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, attention) -> torch.Tensor:
+    """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache."""
+    attn, ff = layer.attn, layer.ff_sub_layer
+    pre, post = functions(_state["compile"])
+    q, k, v = pre(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
+                  attn.nheads, attn.kvheads, attn.emb_kq_per_head)
+    state.write_at(k, v, position)
+    out = attention(q).reshape(h.shape[0], 1, -1)
+    return post(h, out, attn.dense.weight, layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight,
+                ff.w2.weight, ff.hidden_dim)
