@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Inference benchmark on one H200 (< 8 min): Llama-3 1.8B, Mamba-2 1.3B, the 1.5B Mamba-2/attention
 # hybrid and the telescoping-cache Llama 1.8B; contexts 1k..128k; batches 1, 8, 64 and the largest
-# that fits. Prints the table and writes inference_bench.{json,md} and two PNGs into --out ($OUT).
+# that fits. Prints the table and writes inference_bench.{json,md} and two PNGs into $OUT (default
+# bench_out). A second, shorter pass (skip with COMPILE_PASS=0) times Llama at batch 1 with the
+# element-wise decode work torch.compile'd, into $OUT/compiled/.
 #
 # From the project root, after `bash ../shared/device/stage.sh` has filled .device/ (ibm-fms,
 # mamba-ssm wheels and the selective_scan_cuda stub):
-#   bash benchmarks/inference_h200.sh [--out DIR] [extra python -m avengers.bench flags]
+#   OUT=DIR bash benchmarks/inference_h200.sh [extra python -m avengers.bench flags for the main pass]
 # --smoke runs the same command on CPU with the tiny variants (seconds), to check the wiring.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,4 +25,9 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || tr
 python3 -m avengers.bench --device cuda --dtype bf16 \
   --variants llama3_1.8b,mamba2_1.3b,mamba_1.5b,tele128_llama3_1.8b \
   --contexts 1k,4k,16k,32k,64k,128k --batch_sizes 1,8,64 --steps 20 --warmup 3 \
-  --deadline_s 400 --out "${OUT:-bench_out}" "$@"
+  --deadline_s 300 --out "${OUT:-bench_out}" "$@"
+if [[ "${COMPILE_PASS:-1}" == "1" ]]; then
+  python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
+    --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --compile --deadline_s 120 \
+    --out "${OUT:-bench_out}/compiled"
+fi

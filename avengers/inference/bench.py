@@ -29,8 +29,8 @@ from avengers.inference.bench_report import markdown_table, plot, targets_summar
 from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
-from avengers.inference.llama_compiled import set_compiled_decode
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
+from avengers.inference.llama_compiled import set_compiled_decode
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
