@@ -177,9 +177,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             gnorm_sum.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if step % cfg.checkpoint_interval == 0 or (step == last_step and cfg.save_final_checkpoint):
+            t_save = time.perf_counter()
             path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader)
             metrics.event(f"[avengers.train] checkpoint step {step} -> {path}")
-            window_start = time.perf_counter()  # the save is not training time
+            window_start += time.perf_counter() - t_save  # the save is not training time
         if step == fault_step:
             os._exit(19)
     if profiler is not None:
