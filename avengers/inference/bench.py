@@ -263,7 +263,10 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
                         roofline_ratio=step_s / roof_s if roof_s else None,
                         decode_mode=res.decode_mode,
                         _fits=batch if is_largest else None)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            # an allocation failing inside a graph capture surfaces as a RuntimeError
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                raise
             if not is_largest or batch == 1:
                 res.errors.append(f"context {cache1.max_seq_len} batch {batch}: out of memory")
                 return None
