@@ -1,11 +1,13 @@
 """The chunked SSD reference against the plain sequential recurrence (float64), and partial RoPE."""
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from avengers.models import mamba_kernels
 from avengers.models.mamba_kernels import REFERENCE, select_kernels
 from avengers.models.rope import apply_rotary, rotary_cos_sin
 from avengers.models.ssd import segsum, ssd_chunked, ssd_sequential
@@ -92,6 +94,23 @@ def test_kernel_selection():
         select_kernels(torch.device("cpu"), "mamba_ssm")
     with pytest.raises(ValueError, match="expected one of"):
         select_kernels(torch.device("cpu"), "triton")
+
+
+def test_missing_mamba_ssm_on_cuda_warns_once_and_falls_back():
+    try:
+        import mamba_ssm  # noqa: F401
+        pytest.skip("mamba_ssm is importable here")
+    except ImportError:
+        pass
+    mamba_kernels._mamba_ssm_kernels.cache_clear()
+    cuda = torch.device("cuda")  # selection only: no CUDA call is made
+    with pytest.warns(UserWarning, match="mamba_ssm is not importable"):
+        assert select_kernels(cuda).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_kernels(cuda).name == "reference"  # no second warning
+    with pytest.raises(RuntimeError, match="cannot be imported"):
+        select_kernels(cuda, "mamba_ssm")
 
 
 def test_partial_rotary_matches_complex_rotation():
