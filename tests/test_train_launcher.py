@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from test_config import SEED_LLAMA_FLAGS
+from train_helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +19,7 @@ def test_train_llama_sh_runs_the_seed_flags(tmp_path):
         f"--ckpt_save_path={run}", f"--ckpt_load_path={run}", "--device=cpu",
     ]
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": ROOT, "NPROC_PER_NODE": "1",
-           "MASTER_PORT": "29517", "OMP_NUM_THREADS": "1"}
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(["bash", os.path.join(ROOT, "train_llama.sh"), *flags], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
