@@ -194,7 +194,7 @@ def _run_checks(model: nn.Module, vocab: int, device: torch.device, dtype: torch
         try:
             check.graph_rel_err = check_graph_decode(model, vocab, device, seed=cfg.seed + 1)
             check.decode_mode = "cuda_graph"
-        except (DecodeMismatch, RuntimeError) as e:  # e.g. a decode position taken from a Python int
+        except (DecodeMismatch, ValueError, RuntimeError) as e:  # e.g. a decode position from a Python int
             log.warning("%s: CUDA-graph decode unusable, timing eager decode: %s", type(model).__name__, e)
             check.notes.append(f"CUDA-graph decode unusable ({type(e).__name__}: {e}); decode timed eagerly")
             check.decode_mode = "eager (graph check failed)"

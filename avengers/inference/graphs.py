@@ -21,9 +21,10 @@ class DecodeStep:
     and every step copies the tokens into a static input and replays the graph. The model must
     read the decode position from `cache.position` (a device tensor), not from `cache.seq_len`;
     the benchmark's correctness check replays the graph against eager decoding to catch models
-    that do not. Warm-up and capture run the model on the live cache, so with `preserve_state`
-    the state tensors are saved before and restored after (set it False when memory is tight and
-    the state content does not matter, as in timing runs).
+    that do not, and with `preserve_state` the capture itself checks two replayed steps against
+    eager ones (and raises). Warm-up, capture and that check run the model on the live cache, so
+    with `preserve_state` the state tensors are saved before and restored after (set it False when
+    memory is tight and the state content does not matter, as in timing runs).
     """
 
     def __init__(self, model: nn.Module, cache: InferenceCache, cuda_graph: bool = False,
@@ -55,8 +56,29 @@ class DecodeStep:
             self.logits = self.model(self.tokens, cache=cache)
         cache.set_seq_len(start)
         if saved is not None:
-            for t, s in zip(_state_tensors(cache), saved):
-                t.copy_(s)
+            self._restore(saved, start)
+            self._verify(saved, start)
+
+    def _restore(self, saved: list[torch.Tensor], start: int) -> None:
+        for t, s in zip(_state_tensors(self.cache), saved):
+            t.copy_(s)
+        self.cache.set_seq_len(start)
+
+    def _verify(self, saved: list[torch.Tensor], start: int, steps: int = 2) -> None:
+        """Replay vs eager for `steps` positions from the saved state: a model whose decode reads its
+        position from a Python int replays the captured position and is caught here."""
+        steps = min(steps, self.cache.max_seq_len - start)
+        tokens = torch.zeros_like(self.tokens)
+        eager = [self.model(tokens, cache=self.cache)[:, -1].float() for _ in range(steps)]
+        self._restore(saved, start)
+        for i in range(steps):
+            self.tokens.copy_(tokens)
+            self.graph.replay()
+            err = float((self.logits[:, -1].float() - eager[i]).abs().max() / eager[i].abs().max().clamp_min(1e-12))
+            if not err <= 2e-2:
+                raise ValueError(f"{type(self.model).__name__}'s decode step cannot be replayed from a CUDA graph "
+                                 f"(relative error {err:.3g} at step {i}); use cuda_graph=False")
+        self._restore(saved, start)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

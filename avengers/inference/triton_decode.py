@@ -9,6 +9,7 @@ Pass 2: program (b, query head) merges the splits. Splits past the valid length 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -90,9 +91,14 @@ def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BL
     tl.store(Out + b * sob + hq * soh + offs_d, out.to(Out.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def num_splits(batch: int, kv_heads: int, buffer_len: int, device: torch.device) -> tuple[int, int]:
     """(split length, number of splits): about 4 programs per SM, whole BLOCK_N tiles per split."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device)
     want = max(1, min(MAX_SPLITS, -(-4 * sms // (batch * kv_heads))))
     split = -(-buffer_len // want)
     split = -(-split // BLOCK_N) * BLOCK_N
