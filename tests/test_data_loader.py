@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+from pathlib import Path
 import types
 
 import numpy as np
@@ -206,3 +207,24 @@ def test_truncated_arrow_file_is_named(tmp_path):
 def test_dummy_dataset():
     x, y = next(iter(DummyDataset(2, 5, 7)))
     assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, 0, 1, 2]] and torch.equal(x, y)
+
+
+def test_hf_parquet_tokenized_on_the_fly_matches_arrow(tmp_path):
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample"
+    (tmp_path / "fw").mkdir()
+    table = pq.read_table(sample / "fineweb-edu-sample.parquet").slice(0, 12)
+    pq.write_table(table, tmp_path / "fw" / "x.parquet", row_group_size=5)
+    cfg = config(tmp_path, datasets="fw", weights=None, file_type="hf_parquet", col_name="text", logical_shards=2,
+                 tokenizer_path=str(sample / "tokenizer"), seq_length=64, eos_token=1)
+    validate_data_config(cfg, 1, 4096)
+    got = torch.cat(lines_of(list(build_dataloader(cfg, 0, 1, epochs=1)))).flatten()
+    tok = Tokenizer.from_file(str(sample / "tokenizer" / "tokenizer.json"))
+    ids = [e.ids for e in tok.encode_batch(table.column("text").to_pylist(), add_special_tokens=False)]
+    got = got[got >= 0]
+    assert int((got == 1).sum()) == 12
+    assert sorted(got.tolist()) == sorted(sum(ids, []) + [1] * 12)
+    with pytest.raises(ValueError, match="more than vocab_size=1000"):
+        validate_data_config(cfg, 1, 1000)

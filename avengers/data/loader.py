@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -59,6 +60,7 @@ STATE_VERSION = 1
 FILE_TYPES = ("arrow", "hf_parquet", "auto")
 _M64 = (1 << 64) - 1
 _COLS = 6  # shard row: shard, epoch, lcg_state, visited, current_doc (-1 = none), offset
+BLOCK_TOKENS = 1 << 16  # tokens per worker -> main-process message
 VOCAB_SAMPLE_DOCS = 8  # documents checked per file when meta/token_stats.csv has no max id
 
 
@@ -423,8 +425,8 @@ class _Stream:
         if self.cur is not None:
             d, r, _, off = self.cur
             self.tables[d][r, 5] = off
-        return {"gid": self.gid, "tables": [torch.from_numpy(t.copy()) for t in self.tables],
-                "seen": torch.from_numpy(self.seen.copy()), "draws": self.draws,
+        return {"gid": self.gid, "tables": [t.copy() for t in self.tables], "seen": self.seen.copy(),
+                "draws": self.draws,
                 "generation": self.gen}
 
     def _doc_tokens(self, d: int, g: int) -> np.ndarray | None:
@@ -559,7 +561,9 @@ class _WorkerSet(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         j = 0 if info is None else info.id
-        return _Stream(self.plan, self.states[j]).blocks(self.k)
+        for lines, state in _Stream(self.plan, self.states[j]).blocks(self.k):
+            # pickled: the DataLoader would otherwise move every small array through its own shared memory
+            yield lines, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # ---------------------------------------------------------------- the loader
@@ -633,11 +637,17 @@ class TokenLoader:
     def _blocks(self) -> Iterator[tuple[torch.Tensor, dict]]:
         states = [self.workers[g] for g in self.order]
         if self.spec.num_workers == 0:
-            yield from _Stream(self.plan, states[0]).blocks(self.spec.batch_size)
+            yield from _Stream(self.plan, states[0]).blocks(self._block_lines())
             return
-        dl = torch.utils.data.DataLoader(_WorkerSet(self.plan, states, self.spec.batch_size), batch_size=None,
+        dl = torch.utils.data.DataLoader(_WorkerSet(self.plan, states, self._block_lines()), batch_size=None,
                                          num_workers=self.nw, prefetch_factor=4, persistent_workers=False)
-        yield from dl
+        for lines, state in dl:
+            yield lines, pickle.loads(state)
+
+    def _block_lines(self) -> int:
+        """Lines per worker message: up to 16 lines and at most BLOCK_TOKENS tokens, so that
+        per-message overhead stays small without making workers run far ahead."""
+        return max(1, min(16, BLOCK_TOKENS // (self.spec.seq_length + 1)))
 
     def _incoming(self, gen: int) -> Iterator[np.ndarray]:
         while self.pending:
@@ -696,8 +706,12 @@ def _split(lines: np.ndarray, finite: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _clone(w: dict) -> dict:
-    return {k: ([t.clone() for t in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v)
-            for k, v in w.items()}
+    """A worker state with fresh torch tensors (workers send numpy arrays)."""
+
+    def t(x):
+        return torch.as_tensor(x).clone() if isinstance(x, (np.ndarray, torch.Tensor)) else x
+
+    return {k: ([t(a) for a in v] if isinstance(v, list) else t(v)) for k, v in w.items()}
 
 
 def rescale(states: Sequence[dict], plan: Plan, rank: int, world_size: int) -> dict:

@@ -306,7 +306,8 @@ def prepare(args: argparse.Namespace) -> dict[str, dict]:
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
             args.workers, initializer=_init_worker, initargs=(tok.to_str(),))
     else:
-        _init_worker(tok.to_str())
+        global _TOK
+        _TOK = tok
     pending: collections.deque = collections.deque()
     try:
         empty = True
