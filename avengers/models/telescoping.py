@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from fms.models.llama import LLaMABlock, LLaMAConfig
 from fms.modules.attention import MultiHeadAttention
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.cache import InferenceCache
-from avengers.inference.kv_cache import KVState
+from avengers.inference.kv_cache import KVState, decode_attention, padded_len
 from avengers.models.llama import TINY_VOCAB, Llama, llama_param_counts
 from avengers.models.registry import ModelSpec, get_model_spec, register
 
@@ -215,6 +214,7 @@ class TelePlan:
         self.death = long(sched.death)
         self.num_empty = long(sched.num_empty)
         self.block_mask = None
+        self.score_mods: dict = {}  # flex score_mods for eager callers (telescoping_flex)
         if flex:
             from avengers.models.telescoping_flex import build_block_mask
 
@@ -420,6 +420,65 @@ class TelescopingState:
             x.copy_(torch.cat([n, rest], 2))
 
 
+class StepTables:
+    """Device tables that make one decode step branch-free (CUDA-graph safe).
+
+    Step t reads an extended slot array ext = [new token, old slot 0, ..., old slot C-1].
+    Its action a = min(ctz(t), L) (a = L at t = 0) picks row a: new slot c takes ext[src_a[a, c]],
+    fused with ext[src_b[a, c]] where merge[a, c] (only c = m_{a+1}); a = L is the drop step.
+    """
+
+    def __init__(self, cache_size: int, fmap: tuple[int, ...], device: torch.device):
+        L, C = len(fmap), cache_size
+        src_a = np.tile(np.arange(C), (L + 1, 1))  # drop: new slot c <- ext[c]
+        src_b = src_a.copy()
+        merge = np.zeros((L + 1, C), dtype=bool)
+        for a, m in enumerate(fmap):
+            row = np.arange(C)
+            row[m + 1:] += 1  # slots above m stay where they were: old c = ext[c + 1]
+            src_a[a], src_b[a] = row, row
+            src_b[a, m] = m + 1
+            merge[a, m] = True
+        self.src_a = torch.as_tensor(src_a, device=device)
+        self.src_b = torch.as_tensor(src_b, device=device)
+        self.merge = torch.as_tensor(merge, device=device)
+        self.pow2 = torch.as_tensor([2**k for k in range(1, L + 1)], device=device)
+
+    def action(self, position: torch.Tensor) -> torch.Tensor:
+        """min(ctz(t), L) for a 0-dim long position t (L for t = 0), on the device."""
+        return (position.view(1) % self.pow2 == 0).sum().view(1)
+
+
+_STEP_TABLES: dict[tuple, StepTables] = {}
+
+
+def step_tables(cache_size: int, fmap: tuple[int, ...], device: torch.device) -> StepTables:
+    key = (cache_size, fmap, str(device))
+    if key not in _STEP_TABLES:
+        _STEP_TABLES[key] = StepTables(cache_size, fmap, device)
+    return _STEP_TABLES[key]
+
+
+def push_at(state: TelescopingState, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+            position: torch.Tensor, tables: StepTables) -> None:
+    """TelescopingState.push for the step at a device-side position (no host sync, graph-safe)."""
+    a = tables.action(position)
+    src_a, src_b = tables.src_a.index_select(0, a)[0], tables.src_b.index_select(0, a)[0]
+    merge = tables.merge.index_select(0, a)[0]
+    W = state.log_mass
+    dt = W.dtype
+    ext_w = torch.cat([w.to(dt).unsqueeze(2), W], 2)
+    wa, wb = ext_w.index_select(2, src_a), ext_w.index_select(2, src_b)
+    wn = torch.logaddexp(wa, wb)
+    pa = torch.where(merge, torch.exp(wa - wn), 1.0).unsqueeze(-1)
+    pb = torch.where(merge, torch.exp(wb - wn), 0.0).unsqueeze(-1)
+    fused_w = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+    for x, new in ((state.k, k), (state.v, v)):
+        ext = torch.cat([new.to(x.dtype).unsqueeze(2), x], 2).to(dt)
+        x.copy_(pa * ext.index_select(2, src_a) + pb * ext.index_select(2, src_b))
+    W.copy_(torch.where(merge, fused_w, wa))
+
+
 def slot_attention(q: torch.Tensor, state: TelescopingState, opts: TeleOptions,
                    k_gain: torch.Tensor | None = None, v_gain: torch.Tensor | None = None) -> torch.Tensor:
     """Recurrent read-out for one query per sequence: q [B, H, d] over the C slots -> [B, H, d]."""
@@ -540,11 +599,15 @@ class TelescopingAttention(MultiHeadAttention):
         state.load_nodes(nodes, plan.table[-1])
         return out
 
-    def step(self, x: torch.Tensor, state: TelescopingState, t: int) -> torch.Tensor:
-        """Recurrent form for one token at position t: x [B, 1, d_model] -> [B, 1, d_model]."""
+    def step(self, x: torch.Tensor, state: TelescopingState, position: torch.Tensor) -> torch.Tensor:
+        """Recurrent form for one token: x [B, 1, d_model] at the 0-dim long device `position`.
+
+        No host synchronisation, so the step can be captured in a CUDA graph.
+        """
         B = x.shape[0]
-        q, k, v, w = self._project(x, torch.full((1,), t, device=x.device))
-        state.push(k[:, 0], v[:, 0], w[:, 0], merge_slot(t, self.opts.fmap))
+        q, k, v, w = self._project(x, position.view(1))
+        tables = step_tables(self.opts.cache_size, self.opts.fmap, x.device)
+        push_at(state, k[:, 0], v[:, 0], w[:, 0], position, tables)
         out = slot_attention(q[:, 0].to(v.dtype), state, self.opts, *self._gains())
         return self.dense(out.reshape(B, 1, self.nheads * self.emb_v_per_head))
 
@@ -642,7 +705,7 @@ class TelescopingLlama(Llama):
         device = torch.device(device) if device is not None else param.device
         dtype = dtype or param.dtype
         kv, d = cfg.kvheads or cfg.nheads, cfg.emb_dim // cfg.nheads
-        layers = [KVState(batch_size, kv, max_seq_len, d, device=device, dtype=dtype) if i in self.full_layers
+        layers = [KVState(batch_size, kv, padded_len(max_seq_len), d, device=device, dtype=dtype) if i in self.full_layers
                   else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype)
                   for i in range(cfg.nlayers)]
         return InferenceCache(layers, batch_size, max_seq_len)
@@ -654,45 +717,47 @@ class TelescopingLlama(Llama):
         if start + T > cache.max_seq_len:
             raise ValueError(f"cache holds max_seq_len={cache.max_seq_len} tokens; {start} used, {T} more given")
         if start == 0:  # empty cache: prefill through the parallel form
-            logits = self._cached_chunk(x, cache, 0)
-        else:  # existing state: one recurrent step per token
-            logits = torch.cat([self._cached_chunk(x[:, i:i + 1], cache, start + i) for i in range(T)], 1)
+            logits = self._cached_chunk(x, cache, None)
+        else:  # existing state: one recurrent step per token, position read on the device
+            logits = torch.cat([self._cached_chunk(x[:, i:i + 1], cache, cache.position + i) for i in range(T)], 1)
         cache.advance(T)
         return logits
 
-    def _cached_chunk(self, x: torch.Tensor, cache: InferenceCache, start: int) -> torch.Tensor:
+    def _cached_chunk(self, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor | None) -> torch.Tensor:
+        """Prefill (position None: tokens 0..T-1) or one decode step at a device position."""
         base = self.base_model
         h = base.embedding(x)
         for layer, state in zip(base.layers, cache.layers):
             y = layer.ln(h)
             if isinstance(state, KVState):
-                a = full_attention_cached(layer.attn, y, state, start, self.config.rope_theta)
-            elif start == 0:
+                a = full_attention_cached(layer.attn, y, state, position, self.config.rope_theta)
+            elif position is None:
                 a = layer.attn.prefill(y, state)
             else:
-                a = layer.attn.step(y, state, start)
+                a = layer.attn.step(y, state, position)
             h = h + a
             h = h + layer.ff_sub_layer(layer.ff_ln(h))
         return self.head(base.dec_norm(h))
 
 
-def full_attention_cached(attn: MultiHeadAttention, y: torch.Tensor, state: KVState, start: int,
-                          theta: float) -> torch.Tensor:
-    """A hybrid model's full-attention layer over a KVState, tokens at positions start.."""
+def full_attention_cached(attn: MultiHeadAttention, y: torch.Tensor, state: KVState,
+                          position: torch.Tensor | None, theta: float) -> torch.Tensor:
+    """A hybrid model's full-attention layer over a KVState: prefill (position None) or one step."""
     B, T, _ = y.shape
     q, k, v = attn.in_proj(y, None, None)
-    pos = torch.arange(start, start + T, device=y.device)
+    pos = torch.arange(T, device=y.device) if position is None else position.view(1)
     q = rope(q.view(B, T, attn.nheads, attn.emb_kq_per_head), pos, theta).to(v.dtype).transpose(1, 2)
     k = rope(k.view(B, T, attn.kvheads, attn.emb_kq_per_head), pos, theta).to(state.k.dtype).transpose(1, 2)
     v = v.view(B, T, attn.kvheads, attn.emb_v_per_head).to(state.v.dtype).transpose(1, 2)
-    keys, values = state.update(k, v, start)
-    group = attn.nheads // attn.kvheads
-    keys, values = keys.repeat_interleave(group, 1).to(q.dtype), values.repeat_interleave(group, 1).to(q.dtype)
-    if start == 0:
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+    if position is None:
+        keys, values = state.update(k, v, 0)
+        group = attn.nheads // attn.kvheads
+        keys, values = keys.repeat_interleave(group, 1).to(q.dtype), values.repeat_interleave(group, 1).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True).transpose(1, 2)
     else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, start + T))
-    return attn.dense(out.transpose(1, 2).reshape(B, T, attn.nheads * attn.emb_v_per_head))
+        state.write_at(k, v, position)
+        out = decode_attention(q[:, :, 0], state.k, state.v, position + 1).to(q.dtype).unsqueeze(1)
+    return attn.dense(out.reshape(B, T, attn.nheads * attn.emb_v_per_head))
 
 
 def tele_flops_per_token(cfg: TeleLlamaConfig, seq_len: int) -> float:
