@@ -257,6 +257,9 @@ def test_load_mamba_ssm_style_folder(tmp_path):
     torch.save(MambaLM(mcfg).state_dict(), tmp_path / "pytorch_model.bin")
     model = from_pretrained(str(tmp_path))
     assert model.backbone.layers[1].mixer.in_proj.bias.shape == (16 * 12,)
+    minimal = MambaConfig.from_mamba_ssm({"d_model": 768, "n_layer": 24, "ssm_cfg": {"layer": "Mamba2"}})
+    assert (minimal.vocab_size, minimal.padded_vocab, minimal.tie_embeddings) == (50277, 50280, True)  # its defaults
+    assert (minimal.d_state, minimal.headdim, minimal.chunk_size, minimal.attn_layer_idx) == (128, 64, 256, ())
     bad = dict(cfg, ssm_cfg={"layer": "Mamba1"})
     with pytest.raises(ValueError, match="Mamba2"):
         MambaConfig.from_mamba_ssm(bad)

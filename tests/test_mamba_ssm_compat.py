@@ -66,6 +66,12 @@ def cpu_refs(monkeypatch):
     monkeypatch.setattr(ssm_ssu, "selective_state_update", ssm_ssu.selective_state_update_ref)
 
 
+def test_missing_keys_take_mamba_ssm_defaults():
+    import dataclasses
+
+    assert dataclasses.asdict(SsmConfig()) == mamba_mod._SSM_TOP_DEFAULTS
+
+
 @pytest.mark.parametrize("name", ["mamba2_tiny", "hybrid_tiny", "mamba_9.8b", "mamba_1.5b"])
 def test_layout_equals_mamba_lm_head_model(name):
     spec = get_model_spec(name).replace(attn_rotary_emb_dim=0)

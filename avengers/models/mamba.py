@@ -152,39 +152,47 @@ class MambaConfig:
 
     @classmethod
     def from_mamba_ssm(cls, d: dict, **overrides) -> "MambaConfig":
-        """Inverse of to_mamba_ssm; rejects settings this implementation does not run."""
-        d = dict(d)
-        ssm, attn = dict(d.pop("ssm_cfg", {}) or {}), dict(d.pop("attn_cfg", {}) or {})
+        """Inverse of to_mamba_ssm. Missing keys take mamba_ssm's defaults (MambaConfig, Mamba2, MHA);
+        settings this implementation does not run are refused by name."""
+        d = {**_SSM_TOP_DEFAULTS, **d}
+        ssm, attn = dict(d.pop("ssm_cfg") or {}), dict(d.pop("attn_cfg") or {})
         if ssm.pop("layer", "Mamba1") != "Mamba2":
-            raise ValueError(f"ssm_cfg.layer must be 'Mamba2' (Mamba-1 is not supported), got config {ssm}")
-        if not d.pop("rms_norm", True):
+            raise ValueError(f"ssm_cfg.layer must be 'Mamba2' (Mamba-1 is not supported), got ssm_cfg {ssm}")
+        if not d.pop("rms_norm"):
             raise ValueError("rms_norm=False (LayerNorm blocks) is not supported")
-        unsupported = {k: ssm[k] for k in ("rmsnorm", "norm_before_gate", "D_has_hdim", "bias", "conv_bias", "d_ssm",
-                                           "dt_limit", "conv_init") if k in ssm}
-        defaults = dict(rmsnorm=True, norm_before_gate=False, D_has_hdim=False, bias=False, conv_bias=True, d_ssm=None,
-                        dt_limit=[0.0, float("inf")], conv_init=None)
-        odd = {k: v for k, v in unsupported.items() if (list(v) if isinstance(v, tuple) else v) != defaults[k]}
+        ssm.pop("use_mem_eff_path", None)  # a kernel choice, not part of the model
+        odd = {k: ssm[k] for k in _MAMBA2_FIXED if k in ssm and _as_list(ssm[k]) != _as_list(_MAMBA2_FIXED[k])}
+        odd.update({k: attn[k] for k in _MHA_FIXED if k in attn and attn[k] != _MHA_FIXED[k]})
         if odd:
-            raise ValueError(f"ssm_cfg settings {odd} are not supported (only mamba_ssm's Mamba2 defaults)")
-        for k in ("rmsnorm", "norm_before_gate", "D_has_hdim", "bias", "conv_bias", "d_ssm", "dt_limit", "conv_init",
-                  "use_mem_eff_path"):
-            ssm.pop(k, None)
-        if attn and (not attn.pop("causal", True) or attn.pop("mlp_dim", 0) or attn.pop("rotary_emb_interleaved", False)):
-            raise ValueError(f"attn_cfg {attn}: only causal attention without mlp_dim or interleaved rotary is supported")
-        renamed = {"num_heads": "attn_num_heads", "num_heads_kv": "attn_num_heads_kv", "head_dim": "attn_head_dim",
-                   "rotary_emb_dim": "attn_rotary_emb_dim", "rotary_emb_base": "attn_rotary_emb_base",
-                   "d_conv": "attn_d_conv", "qkv_proj_bias": "attn_qkv_bias", "out_proj_bias": "attn_out_bias"}
-        unknown = set(attn) - set(renamed)
+            raise ValueError(f"settings {odd} are not supported; supported: Mamba2 {_MAMBA2_FIXED}, MHA {_MHA_FIXED}")
+        ssm = {k: v for k, v in ssm.items() if k not in _MAMBA2_FIXED}
+        attn = {k: v for k, v in attn.items() if k not in _MHA_FIXED}
+        unknown = set(attn) - set(_MHA_RENAMED)
         if unknown:
-            raise ValueError(f"attn_cfg keys {sorted(unknown)} are not supported; known: {sorted(renamed)}")
-        # mamba_ssm's MHA defaults differ from this dataclass's (biases on): make them explicit.
-        attn = {"qkv_proj_bias": True, "out_proj_bias": True, **attn}
-        kwargs = {**d, **ssm, **{renamed[k]: v for k, v in attn.items()}}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(kwargs) - known
+            raise ValueError(f"attn_cfg keys {sorted(unknown)} are not supported; known: {sorted(_MHA_RENAMED)}")
+        if attn:  # mamba_ssm's MHA has biases on by default, this dataclass off
+            attn = {"qkv_proj_bias": True, "out_proj_bias": True, **attn}
+        kwargs = {**d, **ssm, **{_MHA_RENAMED[k]: v for k, v in attn.items()}}
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"config keys {sorted(unknown)} are not MambaConfig fields")
         return cls(**{**kwargs, **overrides})
+
+
+# mamba_ssm 2.3 MambaConfig defaults, and the Mamba2 / MHA settings this implementation fixes.
+_SSM_TOP_DEFAULTS = dict(d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg={}, attn_layer_idx=[],
+                         attn_cfg={}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                         pad_vocab_size_multiple=8, tie_embeddings=True)
+_MAMBA2_FIXED = dict(rmsnorm=True, norm_before_gate=False, D_has_hdim=False, bias=False, conv_bias=True, d_ssm=None,
+                     dt_limit=(0.0, float("inf")), conv_init=None)
+_MHA_FIXED = dict(causal=True, mlp_dim=0, rotary_emb_interleaved=False, softmax_scale=None)
+_MHA_RENAMED = {"num_heads": "attn_num_heads", "num_heads_kv": "attn_num_heads_kv", "head_dim": "attn_head_dim",
+                "rotary_emb_dim": "attn_rotary_emb_dim", "rotary_emb_base": "attn_rotary_emb_base",
+                "d_conv": "attn_d_conv", "qkv_proj_bias": "attn_qkv_bias", "out_proj_bias": "attn_out_bias"}
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 # ---- decode state --------------------------------------------------------------------------
