@@ -43,7 +43,7 @@ def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, sv
                     DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // H_KV
+    b = (bh // H_KV).to(tl.int64)  # 64-bit offsets: a large batch's buffer can pass 2^31 elements
     h = bh % H_KV
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
@@ -65,7 +65,7 @@ def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, sv
         for off in range(0, STATIC_SPAN, BLOCK):
             m_i, l_i, acc = _tile(q, k_base, v_base, start + off + offs_n, end, offs_d, skn, svn, scale,
                                   m_i, l_i, acc, PRECISION)
-    row = (bh * NSPLIT + split) * G + offs_g
+    row = (bh.to(tl.int64) * NSPLIT + split) * G + offs_g
     tl.store(Acc + row[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
     tl.store(M + row, m_i, mask=g_mask)
     tl.store(L + row, l_i, mask=g_mask)
@@ -75,14 +75,14 @@ def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, sv
 def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)  # b * H + query head
     H = H_KV * G
-    b = pid // H
+    b = (pid // H).to(tl.int64)
     hq = pid % H
     bh = b * H_KV + hq // G
     g = hq % G
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
     s_mask = offs_s < NSPLIT
-    row = (bh * NSPLIT + offs_s) * G + g
+    row = (bh.to(tl.int64) * NSPLIT + offs_s) * G + g
     m = tl.load(M + row, mask=s_mask, other=float("-inf"))
     l = tl.load(L + row, mask=s_mask, other=0.0)
     w = tl.exp(m - tl.max(m, 0))  # empty splits have m = -inf: weight 0
