@@ -42,3 +42,17 @@ def test_meta_init_and_activation_checkpointing(tmp_path):
                         fsdp_activation_checkpointing=True, selective_checkpointing="1/2", **MAMBA) == [0, 0]
     m = read_metrics(tmp_path)
     assert m[2]["loss"] < m[1]["loss"] + 0.5 and abs(m[1]["loss"] - 8.3) < 0.5  # ~ln(4096) at init
+
+
+def test_export_trained_run_to_mamba_ssm_folder(reference, tmp_path):
+    import torch
+
+    from avengers.export import export_checkpoint
+    from avengers.models.mamba import from_pretrained
+
+    out = export_checkpoint(str(reference), str(tmp_path / "export"), dtype="float32")
+    model, _ = load_model_from_checkpoint(str(reference))
+    loaded = from_pretrained(out)
+    ids = torch.randint(0, 4096, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
