@@ -56,45 +56,50 @@ def _random(B, n, H, Hkv, d, seed):
 def equivalence(device: torch.device, smoke: bool) -> dict:
     """Flex vs gather on random tensors, then whole-model logits with each path."""
     results = {}
-    cases = [("c8", 8, 150, 16)] if smoke else [("c64", 64, 700, 64), ("c128", 128, 2100, 64)]
-    for name, C, n, d in cases:
+    # (preset, C, n, d, mask_empty, dtypes): fp32 checks forward + gradients against the gather
+    # path, bf16 checks the forward against an fp64 reference; every case compiles a flex kernel
+    if smoke:
+        cases = [("c8", 8, 150, 16, False, (torch.float32, torch.bfloat16)), ("c8", 8, 150, 16, True, (torch.float32,))]
+    else:
+        cases = [("c64", 64, 700, 64, False, (torch.float32,)), ("c64", 64, 700, 64, True, (torch.bfloat16,)),
+                 ("c128", 128, 2100, 64, False, (torch.bfloat16,))]
+    for name, C, n, d, mask_empty, dtypes in cases:
+        t0 = time.perf_counter()
         fmap = FMAP_PRESETS[name]
         q, k, v, w = _random(2, n, 4, 2, d, seed=C)
         gains = (1 + 0.2 * torch.randn(d, dtype=torch.float64), 1 + 0.2 * torch.randn(d, dtype=torch.float64))
-        for mask_empty in (False, True):
-            opts = TeleOptions(C, fmap, mask_empty=mask_empty)
-            ref_plan = get_plan(n, C, fmap, device)
-            flex_plan = get_plan(n, C, fmap, device, flex=True, mask_empty=mask_empty)
-            # fp64 reference (gather)
-            ref64, _ = telescoping_parallel(*(x.to(device) for x in (q, k, v, w)), ref_plan, opts,
-                                            *(g.to(device) for g in gains), impl="gather")
-            row = {}
-            for dtype in (torch.float32, torch.bfloat16):
-                grad = dtype == torch.float32 and device.type == "cuda"  # no flex backward on CPU
-                ins_g = [x.to(device, torch.float32).requires_grad_(grad) for x in (q, k, v, w)]
-                ins_f = [x.to(device, torch.float32).requires_grad_(grad) for x in (q, k, v, w)]
-                gs = [g.to(device, torch.float32) for g in gains]
-                # q (and hence attention) in `dtype`; merges stay fp32 as in the model
-                out_g, _ = telescoping_parallel(ins_g[0].to(dtype), *ins_g[1:], ref_plan, opts, *gs, impl="gather")
-                out_f, _ = telescoping_parallel(ins_f[0].to(dtype), *ins_f[1:], flex_plan, opts, *gs, impl="flex")
-                err = (out_f.double() - ref64).abs()
-                entry = {"flex_vs_fp64_max": err.max().item(), "flex_vs_fp64_mean": err.mean().item(),
-                         "flex_vs_gather_max": (out_f.double() - out_g.double()).abs().max().item()}
-                if grad:
-                    go = torch.randn_like(out_g)
-                    (out_g * go).sum().backward()
-                    (out_f * go).sum().backward()
-                    entry["grad_max_rel_err"] = max(
-                        ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30)).item()
-                        for a, b in zip(ins_g, ins_f))
-                if dtype == torch.float32:
-                    entry["ok"] = entry["flex_vs_gather_max"] < 1e-3 and entry.get("grad_max_rel_err", 0) < 1e-3
-                else:
-                    entry["ok"] = entry["flex_vs_fp64_max"] < 5e-2 or entry["flex_vs_fp64_mean"] < 2e-3
-                row[str(dtype).split(".")[-1]] = entry
-            key = f"{name}_n{n}_{'masked' if mask_empty else 'unmasked'}"
-            results[key] = row
-            log(f"[equiv] {key}: {json.dumps(row)}")
+        opts = TeleOptions(C, fmap, mask_empty=mask_empty)
+        ref_plan = get_plan(n, C, fmap, device)
+        flex_plan = get_plan(n, C, fmap, device, flex=True, mask_empty=mask_empty)
+        ref64, _ = telescoping_parallel(*(x.to(device) for x in (q, k, v, w)), ref_plan, opts,
+                                        *(g.to(device) for g in gains), impl="gather")
+        row = {}
+        for dtype in dtypes:
+            grad = dtype == torch.float32 and device.type == "cuda"  # no flex backward on CPU
+            ins_g = [x.to(device, torch.float32).requires_grad_(grad) for x in (q, k, v, w)]
+            ins_f = [x.to(device, torch.float32).requires_grad_(grad) for x in (q, k, v, w)]
+            gs = [g.to(device, torch.float32) for g in gains]
+            # q (and hence the attention) in `dtype`; merges stay fp32 as in the model
+            out_g, _ = telescoping_parallel(ins_g[0].to(dtype), *ins_g[1:], ref_plan, opts, *gs, impl="gather")
+            out_f, _ = telescoping_parallel(ins_f[0].to(dtype), *ins_f[1:], flex_plan, opts, *gs, impl="flex")
+            err = (out_f.double() - ref64).abs()
+            entry = {"flex_vs_fp64_max": err.max().item(), "flex_vs_fp64_mean": err.mean().item(),
+                     "flex_vs_gather_max": (out_f.double() - out_g.double()).abs().max().item()}
+            if grad:
+                go = torch.randn_like(out_g)
+                (out_g * go).sum().backward()
+                (out_f * go).sum().backward()
+                entry["grad_max_rel_err"] = max(
+                    ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30)).item()
+                    for a, b in zip(ins_g, ins_f))
+            if dtype == torch.float32:
+                entry["ok"] = entry["flex_vs_gather_max"] < 1e-3 and entry.get("grad_max_rel_err", 0) < 1e-3
+            else:
+                entry["ok"] = entry["flex_vs_fp64_max"] < 5e-2 or entry["flex_vs_fp64_mean"] < 2e-3
+            row[str(dtype).split(".")[-1]] = entry
+        key = f"{name}_n{n}_{'masked' if mask_empty else 'unmasked'}"
+        results[key] = row
+        log(f"[equiv] {key} ({time.perf_counter() - t0:.0f} s): {json.dumps(row)}")
     # whole model: 2 layers of the Tele@128 1.8B shape (fp32), logits with each path
     spec = get_model_spec("tele_tiny" if smoke else "tele128_llama3_1.8b_4k").replace(nlayers=2)
     n = 300 if smoke else 2100
@@ -112,6 +117,8 @@ def equivalence(device: torch.device, smoke: bool) -> dict:
     diff = (logits["flex"] - logits["gather"]).abs().max().item()
     results["model_logits_flex_vs_gather_max"] = diff
     results["model_logits_ok"] = diff < 1e-3 * max(1.0, logits["gather"].abs().max().item())
+    results["all_ok"] = results["model_logits_ok"] and all(
+        e["ok"] for r in results.values() if isinstance(r, dict) for e in r.values())
     log(f"[equiv] 2-layer {spec.name} n={n} fp32 logits flex vs gather: max |diff| {diff:.3g}")
     del model, logits
     return results
@@ -134,7 +141,6 @@ def train_cost(name: str, device: torch.device, seq: int, batch: int, steps: int
     model.init_weights()
     model.train()
     if compile_blocks:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8)
         for block in model.modules():
             if isinstance(block, spec.block_types):
                 block.compile()
@@ -232,6 +238,31 @@ def decode(device: torch.device, smoke: bool) -> dict:
             latency[batch] = (time.perf_counter() - t) / n_steps
             log(f"[decode] {spec.name} batch {batch}: {latency[batch] * 1e3:.2f} ms/step (eager, bf16)")
         results["step_latency_s"] = latency
+        if device.type == "cuda":  # the same step replayed from a CUDA graph
+            from avengers.inference.graphs import DecodeStep
+
+            graph = {}
+            for batch in (1, 16):
+                caches = []
+                for use_graph in (False, True):
+                    cache = model.allocate_cache(batch, prompt + 64, device=device, dtype=torch.bfloat16)
+                    model(x[:1, :prompt].expand(batch, -1), cache=cache)
+                    caches.append((DecodeStep(model, cache, cuda_graph=use_graph), cache))
+                toks = [x[:1, prompt + i:prompt + i + 1].expand(batch, -1) for i in range(16)]
+                eager = torch.stack([caches[0][0](t).float() for t in toks])
+                replay = torch.stack([caches[1][0](t).float() for t in toks])
+                rel = ((replay - eager).abs().max() / eager.abs().max()).item()
+                step = caches[1][0]
+                _sync(device)
+                t = time.perf_counter()
+                for _ in range(32):
+                    step(toks[0])
+                _sync(device)
+                graph[batch] = {"graph_vs_eager_rel_err": rel, "step_s": (time.perf_counter() - t) / 32}
+                log(f"[decode] {spec.name} batch {batch} CUDA graph: {graph[batch]['step_s'] * 1e3:.2f} ms/step, "
+                    f"graph vs eager rel err {rel:.2g}")
+                del caches
+            results["cuda_graph"] = graph
     return results
 
 
@@ -256,12 +287,16 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv[1:]}
     log(f"[info] {json.dumps(info)}")
     result: dict = {"info": info}
+    # each flex shape/dtype compiles once; keep dynamo from falling back to the dense eager path
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
     t0 = time.perf_counter()
     if "equiv" not in skip:
         result["equivalence"] = equivalence(device, args.smoke)
     if "train" not in skip:
         if args.smoke:
-            pairs, seq, batch, comp = ("llama3_tiny", "tele_tiny"), 256, 2, False
+            pairs, seq, batch, comp = ("llama3_tiny", "tele_tiny"), 128, 2, False
         else:
             pairs, seq, batch, comp = ("llama3_1.8b_4k", "tele128_llama3_1.8b"), args.seq, args.batch, args.compile
         runs = [train_cost(n, device, seq, batch, args.steps if not args.smoke else 2,
@@ -274,7 +309,9 @@ def main() -> None:
         log(f"[train] tele / llama: step time {ratio['step_time']:.3f}x (target <= 1.25), peak memory "
             f"{ratio['peak_mem'] if ratio['peak_mem'] is None else round(ratio['peak_mem'], 3)}x (target <= 1.1)")
     if "decode" not in skip:
+        t1 = time.perf_counter()
         result["decode"] = decode(device, args.smoke)
+        log(f"[decode] part took {time.perf_counter() - t1:.0f} s")
     result["total_s"] = time.perf_counter() - t0
     path = out_dir / "telescoping.json"
     path.write_text(json.dumps(result, indent=1, default=str))
