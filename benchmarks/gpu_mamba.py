@@ -455,7 +455,11 @@ def main() -> None:
     p.add_argument("--budget_s", type=float, default=330.0, help="skip what would not fit (default 5.5 min)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: exercise every code path quickly")
     p.add_argument("--no_profile", action="store_true")
+    p.add_argument("--expandable_segments", action="store_true",
+                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (compare alloc_retries with and without)")
     args = p.parse_args()
+    if args.expandable_segments:  # read when the CUDA allocator starts, i.e. at the first CUDA call below
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     parts = args.parts.split(",")
     unknown = set(parts) - {"check", "train", "compile"}
     if unknown:
@@ -467,7 +471,8 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     budget = Budget(args.budget_s)
     RESULTS.update(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   mamba_ssm=mamba_ssm_available(), smoke=args.smoke, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                   mamba_ssm=mamba_ssm_available(), smoke=args.smoke,
+                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if mamba_ssm_available():
         import mamba_ssm
 
