@@ -200,11 +200,11 @@ class TokenLoader:
             if S == 0:
                 yield x
             elif len(self.buffer) < S:
-                self.buffer.append(x)
+                self.buffer.append(x.copy())  # a view would keep its whole worker block alive
             else:
                 i = mix(self.spec.seed, self.rank, self.draws, 0x5B) % S
                 self.draws += 1
-                out, self.buffer[i] = self.buffer[i], x
+                out, self.buffer[i] = self.buffer[i], x.copy()
                 yield out
         while self.buffer:  # finite mode only: drain in random order
             i = mix(self.spec.seed, self.rank, self.draws, 0x5B) % len(self.buffer)

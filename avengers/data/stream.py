@@ -156,7 +156,7 @@ class Stream:
         remaining = sizes[t[:, 0]] - t[:, 3]
         tot = int(remaining.sum())
         if tot == 0:  # every owned shard of d is done: next epoch (or stop in finite mode)
-            if self.plan.epochs is not None and t[0, 1] + 1 >= self.plan.epochs:
+            if self.plan.epochs is not None and int(t[:, 1].max()) + 1 >= self.plan.epochs:
                 self.active[d] = False
                 return None
             for r in range(len(t)):
