@@ -20,12 +20,11 @@ def mix(*xs: int) -> int:
     """splitmix64 over a tuple of ints: deterministic, stateless random numbers."""
     h = 0x9E3779B97F4A7C15
     for x in xs:
-        h = (h ^ (x & _M64)) + 0x9E3779B97F4A7C15 & _M64
+        h = ((h ^ (x & _M64)) + 0x9E3779B97F4A7C15) & _M64
         h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
         h ^= h >> 31
     return h
-
 
 
 class Documents:
