@@ -44,7 +44,8 @@ def targets_summary(rows: list[dict]) -> dict:
 def markdown_table(report: dict) -> str:
     lines = [f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
              f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s, decode attention "
-             f"{'+'.join(report.get('decode_attention_backends_used', [])) or 'n/a'}", ""]
+             f"{'+'.join(report.get('decode_attention_backends_used', [])) or 'n/a'}"
+             f"{', Llama decode element-wise work torch.compiled' if report['config'].get('compile') else ''}", ""]
     for name, v in report["variants"].items():
         chk = v.get("check") or {}
         lines.append(f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "
