@@ -19,5 +19,5 @@ def test_gpu_mamba_smoke(tmp_path):
     assert res["check"]["pass"] is True
     for tag in ("ours_fp32_autocast", "ours_bf16", "ours_bf16_fp32_master", "ours_fsdp2_mp"):
         assert res["train"][tag]["tokens_per_s"] > 0, tag
-    assert res["compile"]["ours_compiled_opaque_explain"]["graph_breaks"] == 0
-    assert res["compile"]["ours_compiled_opaque"]["loss"] == res["compile"]["ours_eager"]["loss"]
+    assert res["compile"]["ours_compiled_custom_op_explain"]["graph_breaks"] == 0
+    assert res["compile"]["ours_compiled_custom_op"]["loss"] == res["compile"]["ours_eager"]["loss"]

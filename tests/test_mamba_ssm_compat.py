@@ -123,3 +123,18 @@ def test_our_mamba_ssm_call_conventions(name, cpu_refs, monkeypatch):
         got = torch.cat([model(ids[:, :20], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(20, 32)], 1)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert isinstance(model, MambaLM)
+
+
+def test_custom_op_over_mamba_ssm_makes_one_graph_per_block():
+    """The compile-friendly kernels over mamba_ssm's real SSD entry points, traced on the meta device."""
+    from avengers.models import mamba_kernels
+
+    kernels = mamba_kernels._mamba_ssm_kernels("custom_op")
+    assert kernels.for_compile is not None
+    block = get_model_spec("mamba2_tiny").build("meta").backbone.layers[0]
+    h = torch.empty(2, 40, 64, device="meta", requires_grad=True)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(block)(h, None, None, None, kernels)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    ops = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("avengers.mamba2_ssd" in o for o in ops), ops

@@ -393,6 +393,8 @@ class MambaBlock(nn.Module):
                 cache: InferenceCache | None = None, kernels: Kernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # The model passes `kernels` in, so a compiled block never traces the selection itself.
         k = kernels or select_kernels(hidden.device, self.cfg.kernels)
+        if k.for_compile is not None and torch.compiler.is_compiling():
+            k = k.for_compile
         add_norm = k.add_rmsnorm if self.cfg.fused_add_norm else REFERENCE.add_rmsnorm
         fp32 = self.cfg.residual_in_fp32
         hidden, residual = add_norm(hidden, residual, self.norm.weight, self.norm.eps, fp32)

@@ -114,27 +114,42 @@ class Kernels:
     gated_rmsnorm: Callable
     add_rmsnorm: Callable
     causal_conv: Callable
+    for_compile: "Kernels | None" = None  # what a block uses while torch.compile traces it (None: the same)
 
 
 REFERENCE = Kernels("reference", ref_ssd, ref_ssd_step, ref_gated_rmsnorm, ref_add_rmsnorm, ref_causal_conv)
 
 
-# torch.compile sees each mamba_ssm op as one opaque call (a graph break) instead of tracing into
-# its autograd.Function and Triton launches; benchmarks/gpu_mamba.py measures both settings.
-COMPILE_OPAQUE = True
+# What torch.compile'd Mamba blocks see of mamba_ssm (benchmarks/gpu_mamba.py compares them):
+#   "opaque"    each mamba_ssm op behind torch.compiler.disable (graph breaks around every op)
+#   "traced"    dynamo traces into mamba_ssm's autograd.Functions and Triton launches
+#   "custom_op" the SSD scan as a torch.library custom op and norms/conv in torch, so the block is
+#               one graph and inductor fuses everything but the scan (avengers.models.mamba_compile)
+# Eager execution is the same in all three.
+COMPILE_MODES = ("opaque", "traced", "custom_op")
+COMPILE_MODE = "opaque"
 
 
 @functools.cache
-def _mamba_ssm_kernels(opaque: bool) -> Kernels | None:
+def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"COMPILE_MODE={compile_mode!r}: expected one of {COMPILE_MODES}")
     try:
         ops = _mamba_ssm_ops()
-        if opaque:
-            ops = {k: f if f is ref_causal_conv else torch.compiler.disable(f) for k, f in ops.items()}
-        return Kernels("mamba_ssm", **ops)
     except ImportError as e:
         warnings.warn(f"mamba_ssm is not importable ({e}); Mamba-2 layers run the pure-torch reference on "
                       "CUDA, which is slow and memory-hungry. pip install -r requirements-gpu.txt", stacklevel=3)
         return None
+    if compile_mode == "traced":
+        return Kernels("mamba_ssm", **ops)
+    ops = {k: f if f is ref_causal_conv else torch.compiler.disable(f) for k, f in ops.items()}
+    for_compile = None
+    if compile_mode == "custom_op":
+        from avengers.models.mamba_compile import mamba_ssm_ssd_op, ssd_training
+
+        for_compile = Kernels("mamba_ssm_compile", ssd_training(mamba_ssm_ssd_op(), ops["ssd"]), ops["ssd_step"],
+                              ref_gated_rmsnorm, ref_add_rmsnorm, ref_causal_conv)
+    return Kernels("mamba_ssm", **ops, for_compile=for_compile)
 
 
 def select_kernels(device: torch.device, mode: str = "auto") -> Kernels:
@@ -145,7 +160,7 @@ def select_kernels(device: torch.device, mode: str = "auto") -> Kernels:
         return REFERENCE
     if device.type != "cuda":
         raise ValueError(f"kernels='mamba_ssm' needs CUDA tensors, got device {device}; use 'auto' or 'reference'")
-    kernels = _mamba_ssm_kernels(COMPILE_OPAQUE)
+    kernels = _mamba_ssm_kernels(COMPILE_MODE)
     if kernels is None:
         if mode == "mamba_ssm":
             raise RuntimeError("kernels='mamba_ssm' but mamba_ssm cannot be imported; see the warning above")
