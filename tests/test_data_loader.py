@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from avengers.data import shards
-from avengers.data.loader import DummyDataset, build_dataloader, validate_data_config
+from avengers.data.loader import build_dataloader, validate_data_config
 
 FIRST_ID = 10  # ids below are free for bos/eos/bol/eol
 
@@ -202,11 +202,6 @@ def test_truncated_arrow_file_is_named(tmp_path):
     bad.write_bytes(bad.read_bytes()[:-40])
     with pytest.raises(ValueError, match="part-001.arrow"):
         validate_data_config(config(tmp_path, datasets="a", weights=None, logical_shards=2), 1, 100_000)
-
-
-def test_dummy_dataset():
-    x, y = next(iter(DummyDataset(2, 5, 7)))
-    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, 0, 1, 2]] and torch.equal(x, y)
 
 
 def test_hf_parquet_tokenized_on_the_fly_matches_arrow(tmp_path):

@@ -288,18 +288,3 @@ def build_dataloader(cfg: Any, rank: int, world_size: int, epochs: int | None = 
                          f" = {loaders}; use a multiple of {loaders}")
     check_coverage(plan, world_size)
     return TokenLoader(plan, rank, world_size)
-
-
-class DummyDataset(torch.utils.data.IterableDataset):
-    """fms-fsdp's dummy data: consecutive integers mod vocab_size; inputs == labels, [batch, seq]."""
-
-    def __init__(self, batch_size: int, seq_length: int, vocab_size: int):
-        self.shape, self.vocab = (batch_size, seq_length), vocab_size
-
-    def __iter__(self):
-        n = self.shape[0] * self.shape[1]
-        start = 0
-        while True:
-            x = (torch.arange(start, start + n) % self.vocab).view(self.shape)
-            start = (start + n) % self.vocab
-            yield x, x.clone()
