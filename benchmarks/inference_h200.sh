@@ -30,10 +30,10 @@ fi
 python3 -m avengers.bench --device cuda --dtype bf16 \
   --variants llama3_1.8b,mamba2_1.3b,mamba_1.5b,tele128_llama3_1.8b \
   --contexts 1k,4k,16k,32k,64k,128k --batch_sizes 1,8,64 --steps 20 --warmup 3 \
-  --deadline_s 300 --out "${OUT:-bench_out}" "$@" || rc=$?
+  --deadline_s 270 --out "${OUT:-bench_out}" "$@" || rc=$?
 if [[ "${COMPILE_PASS:-1}" == "1" ]]; then
   python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
-    --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --compile --deadline_s 90 \
+    --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --compile --deadline_s 150 \
     --out "${OUT:-bench_out}/compiled" || rc=$?
 fi
 exit $rc

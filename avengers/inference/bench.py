@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from avengers.inference.bench_report import markdown_table, plot, targets_summary
+from avengers.inference.bench_report import TARGET_CONTEXT, markdown_table, plot, targets_summary
 from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
@@ -102,6 +102,14 @@ def weight_bytes_per_step(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in lookup)
 
 
+def measure_order(contexts: list[int]) -> list[int]:
+    """The contexts the targets need first (32k, then the shortest and longest), so that a run cut
+    short by --deadline_s still has them; the report is sorted by context afterwards."""
+    first = [c for c in (TARGET_CONTEXT, min(contexts), max(contexts)) if c in contexts]
+    first = list(dict.fromkeys(first))
+    return first + sorted(c for c in contexts if c not in first)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,7 +178,7 @@ def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float
     bandwidth = cfg.bandwidth_gbs or (H200_BANDWIDTH_GBS if device.type == "cuda" else None)
     chunk = cfg.prefill_chunk if check.chunked_prefill else 0
     res.decode_mode = check.decode_mode
-    for ctx in cfg.contexts:
+    for ctx in measure_order(cfg.contexts):
         if time.monotonic() > deadline:
             res.errors.append(f"context {ctx}: skipped, this variant's share of --deadline_s was used up")
             continue
@@ -357,6 +365,7 @@ def run(cfg: BenchConfig) -> dict:
         "decode_attention_backends_used": decode_backends_used(),
         "rows": rows,
     }
+    rows.sort(key=lambda r: (cfg.variants.index(r["variant"]), r["context"], r["batch"]))
     report["targets"] = targets_summary(rows)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
