@@ -118,8 +118,9 @@ class TokenLoader:
     def state_dict(self) -> dict:
         L = self.spec.seq_length + 1
 
-        def stack(lines):
-            return torch.from_numpy(np.stack(list(lines))) if lines else torch.zeros((0, L), dtype=torch.int64)
+        def stack(lines):  # int32 halves the checkpoint; ids < 2**31 (shards are uint32, vocabularies smaller)
+            return torch.from_numpy(np.stack(list(lines)).astype(np.int32)) if lines else \
+                torch.zeros((0, L), dtype=torch.int32)
 
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.spec.num_workers, "logical_shards": self.spec.logical_shards,
@@ -160,8 +161,8 @@ class TokenLoader:
     def _restore(self, s: dict) -> None:
         self.workers = {int(w["gid"]): _clone(w) for w in s["workers"]}
         self.order = [int(g) for g in s["worker_order"]]
-        self.buffer = [r for r in s["buffer"].numpy().copy()]
-        self.pending = collections.deque(r for r in s["pending"].numpy().copy())
+        self.buffer = list(s["buffer"].numpy().astype(np.int64))
+        self.pending = collections.deque(s["pending"].numpy().astype(np.int64))
         self.draws = int(s["draws"])
 
     # -- iteration
@@ -271,8 +272,8 @@ def rescale(states: Sequence[dict], plan: Plan, rank: int, world_size: int) -> d
                         "seen": seen.clone(), "draws": 0, "generation": generation})
     my_lines = [x for i, x in enumerate(lines) if i % world_size == rank]
     L = spec.seq_length + 1
-    return {"workers": workers, "worker_order": [w["gid"] for w in workers], "buffer": torch.zeros((0, L), dtype=torch.int64),
-            "pending": torch.stack(my_lines) if my_lines else torch.zeros((0, L), dtype=torch.int64), "draws": 0}
+    return {"workers": workers, "worker_order": [w["gid"] for w in workers], "buffer": torch.zeros((0, L), dtype=torch.int32),
+            "pending": torch.stack(my_lines) if my_lines else torch.zeros((0, L), dtype=torch.int32), "draws": 0}
 
 
 def build_dataloader(cfg: Any, rank: int, world_size: int, epochs: int | None = None) -> TokenLoader:
