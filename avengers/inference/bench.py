@@ -380,7 +380,11 @@ def run(cfg: BenchConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    report = run(parse_args(argv))
+    try:
+        cfg = parse_args(argv)
+    except ValueError as e:  # bad flags: say which, before any model is built
+        raise SystemExit(f"python -m avengers.bench: {e}") from None
+    report = run(cfg)
     failed = [n for n, v in report["variants"].items() if v.get("failed")]
     if failed:
         print(f"FAILED variants: {', '.join(failed)} (see errors in inference_bench.json)")
