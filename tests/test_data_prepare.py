@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +89,7 @@ def test_prepare_sample_parquet_and_jsongz_counts_and_resume(tmp_path):
                      "--docs_per_shard", "50"))
 
 
-def test_clear_errors(tmp_path, monkeypatch, capsys):
+def test_clear_errors(tmp_path, capsys):
     assert main(["--source", "wikipedia", "--output", str(tmp_path)]) == 2
     assert "--source 'wikipedia': expected one of fineweb-edu, dolma, local" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
@@ -95,8 +98,19 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
         prepare(args(tmp_path / "o", "--source", "local", "--input", str(empty), "--dataset", "e"))
     with pytest.raises(PrepareError, match="no such file"):
         prepare(args(tmp_path / "o", "--source", "local", "--input", str(tmp_path / "missing.parquet")))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    a = args(tmp_path / "o", "--source", "local", "--input", str(DOLMA), "--dataset", "d")
-    a.tokenizer = "meta-llama/Meta-Llama-3-8B"
-    with pytest.raises(PrepareError, match="could not be loaded from the Hugging Face Hub or its cache"):
-        prepare(a)
+
+
+@pytest.mark.parametrize("source, flags, message", [
+    ("local", ["--input", str(DOLMA), "--tokenizer", "meta-llama/Meta-Llama-3-8B"],
+     "could not be loaded from the Hugging Face Hub or its cache"),
+    ("fineweb-edu", ["--config", "sample-10BT", "--tokenizer", str(TOKENIZER)],
+     "cannot stream HuggingFaceFW/fineweb-edu config 'sample-10BT'"),
+    ("dolma", ["--dolma_sources", "wiki", "--tokenizer", str(TOKENIZER)], "cannot stream allenai/dolma"),
+])
+def test_hub_unreachable_errors(tmp_path, source, flags, message):
+    # a fresh process, so HF_HUB_OFFLINE is read by huggingface_hub at import (no network retries)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "avengers.data.prepare", "--source", source, "--output",
+                        str(tmp_path), *flags], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
