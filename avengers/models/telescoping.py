@@ -213,6 +213,9 @@ class TelePlan:
         self.birth = long(sched.birth)
         self.death = long(sched.death)
         self.num_empty = long(sched.num_empty)
+        # flex score bias log(#EMPTY) per query (0 where none), precomputed outside compiled code
+        log_empty = np.log(np.maximum(sched.num_empty, 1))
+        self.log_empty = {dt: torch.as_tensor(log_empty, dtype=dt, device=device) for dt in (torch.float32, torch.float64)}
         self.block_mask = None
         self.score_mods: dict = {}  # flex score_mods for eager callers (telescoping_flex)
         if flex:
@@ -296,23 +299,23 @@ def wisq_gate(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def node_values(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, plan: TelePlan
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Un-normed node means K̄, V̄ [B, N, Hkv, d] and log-masses Ŵ [B, N, Hkv].
+    """Un-normed node means K̄, V̄ [B, Hkv, N, d] and log-masses Ŵ [B, Hkv, N] (heads first).
 
     k (RoPE'd), v [B, n, Hkv, d]; w [B, n, Hkv]. One pairwise merge pass per depth: the new
     node is p_a*a + p_b*b with p = softmax(Ŵ_a, Ŵ_b), Ŵ = logsumexp (never prefix-sum differences).
     """
     dt = compute_dtype(k.dtype)
     B, _, Hkv, d = k.shape
-    K = torch.cat([k.new_zeros(B, 1, Hkv, d, dtype=dt), k.to(dt)], 1)
-    V = torch.cat([v.new_zeros(B, 1, Hkv, d, dtype=dt), v.to(dt)], 1)
-    W = torch.cat([w.new_full((B, 1, Hkv), EMPTY_LOG_MASS, dtype=dt), w.to(dt)], 1)
+    K = torch.cat([k.new_zeros(B, Hkv, 1, d, dtype=dt), k.to(dt).transpose(1, 2)], 2)
+    V = torch.cat([v.new_zeros(B, Hkv, 1, d, dtype=dt), v.to(dt).transpose(1, 2)], 2)
+    W = torch.cat([w.new_full((B, Hkv, 1), EMPTY_LOG_MASS, dtype=dt), w.to(dt).transpose(1, 2)], 2)
     for a, b in plan.passes:
-        wa, wb = W[:, a], W[:, b]
+        wa, wb = W[:, :, a], W[:, :, b]
         wn = torch.logaddexp(wa, wb)
         pa, pb = torch.exp(wa - wn).unsqueeze(-1), torch.exp(wb - wn).unsqueeze(-1)
-        K = torch.cat([K, pa * K[:, a] + pb * K[:, b]], 1)
-        V = torch.cat([V, pa * V[:, a] + pb * V[:, b]], 1)
-        W = torch.cat([W, wn], 1)
+        K = torch.cat([K, pa * K[:, :, a] + pb * K[:, :, b]], 2)
+        V = torch.cat([V, pa * V[:, :, a] + pb * V[:, :, b]], 2)
+        W = torch.cat([W, wn], 2)
     return K, V, W
 
 
@@ -324,11 +327,12 @@ def gather_attention(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, 
                      opts: TeleOptions, chunk_elems: int = 2**26) -> torch.Tensor:
     """Reference read-out: query t attends to the C nodes table[t]. q [B,n,H,d] -> [B,n,H,d].
 
-    Materialises [B, n, C, Hkv, d] (in query chunks of at most `chunk_elems` elements when no
-    gradient is needed); the GPU training path is telescoping_flex.flex_attention_nodes.
+    k_hat, v_hat [B, Hkv, N, d]. Materialises [B, Hkv, n, C, d] (in query chunks of at most
+    `chunk_elems` elements when no gradient is needed); the GPU training path is
+    telescoping_flex.flex_attention_nodes.
     """
     B, n, H, d = q.shape
-    Hkv, C = k_hat.shape[2], plan.table.shape[1]
+    Hkv, C = k_hat.shape[1], plan.table.shape[1]
     per_query = B * C * Hkv * d
     if torch.is_grad_enabled() or n * per_query <= chunk_elems:
         return _gather_chunk(q, k_hat, v_hat, plan.table, opts)
@@ -340,15 +344,15 @@ def gather_attention(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, 
 def _gather_chunk(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, table: torch.Tensor,
                   opts: TeleOptions) -> torch.Tensor:
     B, n, H, d = q.shape
-    Hkv = k_hat.shape[2]
-    kg, vg = k_hat[:, table], v_hat[:, table]  # [B, n, C, Hkv, d]
+    Hkv = k_hat.shape[1]
+    kg, vg = k_hat[:, :, table], v_hat[:, :, table]  # [B, Hkv, n, C, d]
     qg = q.view(B, n, Hkv, H // Hkv, d)
-    s = torch.einsum("bthed,btchd->bthec", qg, kg) * d**-0.5
+    s = torch.einsum("bthed,bhtcd->bthec", qg, kg) * d**-0.5
     s = _softcap(s.to(compute_dtype(s.dtype)), opts.softcap)
     if opts.mask_empty:
         s = s.masked_fill((table == 0)[None, :, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).to(vg.dtype)
-    return torch.einsum("bthec,btchd->bthed", p, vg).reshape(B, n, H, d)
+    return torch.einsum("bthec,bhtcd->bthed", p, vg).reshape(B, n, H, d)
 
 
 def telescoping_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
@@ -392,9 +396,9 @@ class TelescopingState:
     def load_nodes(self, nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor) -> None:
         """Set the slots to the nodes `ids` [C] of a parallel pass (its last table row)."""
         K, V, W = nodes
-        self.k.copy_(K[:, ids].transpose(1, 2))
-        self.v.copy_(V[:, ids].transpose(1, 2))
-        self.log_mass.copy_(W[:, ids].transpose(1, 2))
+        self.k.copy_(K[:, :, ids])
+        self.v.copy_(V[:, :, ids])
+        self.log_mass.copy_(W[:, :, ids])
 
     def push(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, slot: int | None) -> None:
         """One step: merge slots slot-1, slot into slot (or drop the oldest), shift, insert (k, v, w).

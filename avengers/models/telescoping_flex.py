@@ -56,30 +56,38 @@ def _flex(device: torch.device):
     return flex_attention
 
 
-def flex_attention_nodes(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, plan: TelePlan,
-                         opts: TeleOptions) -> torch.Tensor:
-    """q [B, n, H, d] over the node array k_hat, v_hat [B, N, Hkv, d] (normed) -> [B, n, H, d]."""
-    if plan.block_mask is None:
-        raise ValueError("this TelePlan was built without a block mask; get it with flex=True")
-    B, n, H, d = q.shape
-    log_empty = plan.num_empty.clamp_min(1).to(compute_dtype(q.dtype)).log()
-    softcap, mask_empty = opts.softcap, opts.mask_empty
-
+def _score_mod(log_empty: torch.Tensor, softcap: float | None, mask_empty: bool):
     def score_mod(score, b, h, q_idx, kv_idx):
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
-        if not mask_empty:
+        if not mask_empty:  # node 0 stands for all EMPTY slots of the query: bias log(#EMPTY)
             score = score + torch.where(kv_idx == 0, log_empty[q_idx], 0.0).to(score.dtype)
         return score
 
-    qf = q.transpose(1, 2)
-    kf = k_hat.to(q.dtype).transpose(1, 2)
-    vf = v_hat.to(q.dtype).transpose(1, 2)
-    kwargs = dict(score_mod=score_mod, block_mask=plan.block_mask, scale=d**-0.5, enable_gqa=H != kf.shape[1])
-    if torch.compiler.is_compiling():
-        out = flex_attention(qf, kf, vf, **kwargs)
+    return score_mod
+
+
+def flex_attention_nodes(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, plan: TelePlan,
+                         opts: TeleOptions) -> torch.Tensor:
+    """q [B, n, H, d] over the node array k_hat, v_hat [B, Hkv, N, d] (normed) -> [B, n, H, d]."""
+    if plan.block_mask is None:
+        raise ValueError("this TelePlan was built without a block mask; get it with flex=True")
+    B, n, H, d = q.shape
+    dt = compute_dtype(q.dtype)
+    # plain [B, heads, len, d] buffers: inductor's CPU flex template reads the input layouts
+    qf = q.transpose(1, 2).contiguous()
+    kf, vf = k_hat.to(q.dtype), v_hat.to(q.dtype)
+    kwargs = dict(block_mask=plan.block_mask, scale=d**-0.5, enable_gqa=H != kf.shape[1])
+    log_empty = plan.log_empty[dt]
+    if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
+        out = flex_attention(qf, kf, vf, score_mod=_score_mod(log_empty, opts.softcap, opts.mask_empty), **kwargs)
     else:
+        # eager caller: reuse one score_mod per (plan, options) so the compiled kernel is not
+        # recompiled for every new closure object
+        key = (opts.softcap, opts.mask_empty, dt)
+        if key not in plan.score_mods:
+            plan.score_mods[key] = _score_mod(log_empty, opts.softcap, opts.mask_empty)
         with warnings.catch_warnings():  # eager CPU flex warns that it is the unfused reference
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            out = _flex(q.device)(qf, kf, vf, **kwargs)
+            out = _flex(q.device)(qf, kf, vf, score_mod=plan.score_mods[key], **kwargs)
     return out.transpose(1, 2)
