@@ -304,7 +304,8 @@ def main() -> None:
         base, tele = runs
         ratio = {"step_time": tele["step_s_median"] / base["step_s_median"],
                  "peak_mem": tele["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] else None}
-        ratio["meets_targets"] = ratio["step_time"] <= 1.25 and (ratio["peak_mem"] or 0) <= 1.1
+        ratio["meets_targets"] = (None if ratio["peak_mem"] is None
+                                  else ratio["step_time"] <= 1.25 and ratio["peak_mem"] <= 1.1)
         result["train"] = {"llama": base, "tele": tele, "ratio": ratio}
         log(f"[train] tele / llama: step time {ratio['step_time']:.3f}x (target <= 1.25), peak memory "
             f"{ratio['peak_mem'] if ratio['peak_mem'] is None else round(ratio['peak_mem'], 3)}x (target <= 1.1)")
@@ -315,7 +316,56 @@ def main() -> None:
     result["total_s"] = time.perf_counter() - t0
     path = out_dir / "telescoping.json"
     path.write_text(json.dumps(result, indent=1, default=str))
-    log(f"[done] {result['total_s']:.0f} s, wrote {path}")
+    (out_dir / "telescoping.md").write_text(markdown(result))
+    log(markdown(result))
+    log(f"[done] {result['total_s']:.0f} s, wrote {path} and telescoping.md")
+
+
+def markdown(result: dict) -> str:
+    """The result as a docs/benchmarks.md section body."""
+    info = result["info"]
+    lines = [f"{info['device']}, torch {info['torch']}, {info['date']}, `{' '.join(info['argv']) or '(defaults)'}`", ""]
+    eq = result.get("equivalence")
+    if eq:
+        lines += ["| flex vs reference | dtype | max abs err | mean abs err vs fp64 | grad max rel err | ok |",
+                  "|---|---|---|---|---|---|"]
+        for key, row in eq.items():
+            if isinstance(row, dict):
+                for dt, e in row.items():
+                    err = e["flex_vs_gather_max"] if dt == "float32" else e["flex_vs_fp64_max"]
+                    lines.append(f"| {key} | {dt} | {err:.2e} | {e['flex_vs_fp64_mean']:.2e} | "
+                                 f"{e.get('grad_max_rel_err', float('nan')):.2e} | {e['ok']} |")
+        lines += [f"| 2-layer model logits, flex vs gather | float32 | {eq['model_logits_flex_vs_gather_max']:.2e} "
+                  f"| | | {eq['model_logits_ok']} |", ""]
+    tr = result.get("train")
+    if tr:
+        lines += ["| training step | params | ms/step (median) | tokens/s | peak GiB | warm-up s |", "|---|---|---|---|---|---|"]
+        for run in (tr["llama"], tr["tele"]):
+            lines.append(f"| {run['variant']} (seq {run['seq']}, batch {run['batch']}, compile {run['compile']}) | "
+                         f"{run['params'] / 1e9:.3f}B | {run['step_s_median'] * 1e3:.1f} | {run['tokens_per_s']:.0f} | "
+                         f"{run['peak_mem_gib']:.1f} | {run['warmup_s']:.0f} |")
+        r = tr["ratio"]
+        mem = "n/a" if r["peak_mem"] is None else f"{r['peak_mem']:.3f}x"
+        lines += ["", f"Telescoping / Llama: step time {r['step_time']:.3f}x (target <= 1.25), peak memory {mem} "
+                      f"(target <= 1.1); targets met: {r['meets_targets']}.", ""]
+    dec = result.get("decode")
+    if dec:
+        sizes = dec["cache_bytes_per_sequence"]
+        contexts = list(next(iter(sizes.values())))
+        lines += ["| bf16 cache MiB per sequence | " + " | ".join(f"{c} tokens" for c in contexts) + " |",
+                  "|---" * (len(contexts) + 1) + "|"]
+        for name, row in sizes.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[c] / 2**20:.2f}" for c in contexts) + " |")
+        chk = dec["decode_check"]
+        lines += ["", f"Prefill {chk['prompt']} + {chk['steps']} decode steps vs full forward (bf16, window "
+                      f"{chk['window']}): max abs {chk['max_abs']:.3g}, mean abs {chk['mean_abs']:.3g}, argmax "
+                      f"agreement {chk['argmax_agreement']:.3f}. Eager decode: " + ", ".join(
+                          f"batch {b} {s * 1e3:.2f} ms/step" for b, s in dec["step_latency_s"].items()) + "."]
+        if "cuda_graph" in dec:
+            lines.append("CUDA-graph decode: " + ", ".join(
+                f"batch {b} {g['step_s'] * 1e3:.2f} ms/step (rel err vs eager {g['graph_vs_eager_rel_err']:.1e})"
+                for b, g in dec["cuda_graph"].items()) + ".")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
