@@ -387,3 +387,21 @@ def test_table_driven_step_equals_reference_push(C, fmap):
         push_at(fast, k[:, t], v[:, t], w[:, t], torch.tensor(t), tables)
         for a, b in ((ref.k, fast.k), (ref.v, fast.v), (ref.log_mass, fast.log_mass)):
             torch.testing.assert_close(b, a, atol=1e-12, rtol=0)  # SIMD vs scalar exp: ulps differ
+
+
+@pytest.mark.parametrize("P", [50, 77])  # n/3 (not a power of two) and just past the first eviction
+def test_prefill_state_then_recurrent_equals_parallel_fp64(P):
+    n, d = 150, 8
+    q, k, v, w = _random_inputs(2, n, 4, 2, d, torch.float64, seed=29)
+    opts = TeleOptions(8, C8)
+    gains = _gains(d, torch.float64, True)
+    full, _ = telescoping_parallel(q, k, v, w, get_plan(n, 8, C8, "cpu"), opts, *gains)
+    plan = get_plan(P, 8, C8, "cpu")
+    head, nodes = telescoping_parallel(q[:, :P], k[:, :P], v[:, :P], w[:, :P], plan, opts, *gains)
+    state = TelescopingState(2, 2, 8, d, dtype=torch.float64)
+    state.load_nodes(nodes, plan.table[-1])
+    tail = []
+    for t in range(P, n):
+        state.push(k[:, t], v[:, t], w[:, t], merge_slot(t, C8))
+        tail.append(slot_attention(q[:, t], state, opts, *gains))
+    torch.testing.assert_close(torch.cat([head, torch.stack(tail, 1)], 1), full, atol=1e-10, rtol=0)
