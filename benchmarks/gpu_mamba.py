@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avengers.models import get_model_spec  # noqa: E402
 from avengers.models import mamba_kernels  # noqa: E402
 from avengers.models.mamba import MambaConfig  # noqa: E402
+from benchmarks.profiling import profile_step  # noqa: E402
 
 OUT: Path = Path(".")
 RESULTS: dict = {}
@@ -184,69 +184,6 @@ def part_check(device, smoke: bool) -> dict:
 
 # ---- part 2: training throughput and profiles ----------------------------------------------
 
-KERNEL_CLASSES = [  # first match wins
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("ssd (triton)", r"chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|ssd|selective"),
-    ("norm (triton)", r"layer_norm|layernorm|rms|_norm_"),
-    ("gemm", r"gemm|cutlass|xmma|nvjet|matmul|cublas|sm90_|sm80_"),
-    ("conv", r"conv|cudnn|depthwise|winograd|implicit"),
-    ("softmax / loss", r"softmax|cross_entropy|nll"),
-    ("embedding", r"embedding|index_select|indexing|scatter|gather"),
-    ("cast / copy", r"copy|cast|convert|to_copy|fill"),
-    ("reduce", r"reduce"),
-    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|triton_"),
-]
-
-
-def classify(name: str) -> str:
-    low = name.lower()
-    for cls, pattern in KERNEL_CLASSES:
-        if re.search(pattern, low):
-            return cls
-    return "other"
-
-
-def kernel_table(prof, device) -> list[dict]:
-    rows = []
-    for e in prof.key_averages():
-        if device.type == "cuda":
-            if e.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        else:
-            t = e.self_cpu_time_total
-        if t > 0:
-            rows.append({"name": e.key, "class": classify(e.key), "ms": t / 1e3, "calls": e.count})
-    return sorted(rows, key=lambda r: -r["ms"])
-
-
-def profile_step(step, device, tag: str) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        step()
-        sync(device)
-    wall = (time.perf_counter() - t0) * 1e3
-    rows = kernel_table(prof, device)
-    by_class: dict[str, float] = {}
-    for r in rows:
-        by_class[r["class"]] = by_class.get(r["class"], 0.0) + r["ms"]
-    total = sum(r["ms"] for r in rows)
-    summary = {"profiled_step_wall_ms": round(wall, 1), "kernel_ms": round(total, 1),
-               "kernel_launches": sum(r["calls"] for r in rows),
-               "by_class_ms": {k: round(v, 1) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])}}
-    (OUT / f"profile_{tag}.json").write_text(json.dumps({"summary": summary, "kernels": rows[:60]}, indent=1))
-    lines = [f"{tag}: profiled step {wall:.1f} ms wall, {total:.1f} ms in kernels, "
-             f"{summary['kernel_launches']} launches", "time by class (ms): " + json.dumps(summary["by_class_ms"]), ""]
-    lines += [f"{r['ms']:9.2f} ms {r['calls']:6d}x  [{r['class']}] {r['name'][:150]}" for r in rows[:30]]
-    (OUT / f"profile_{tag}.txt").write_text("\n".join(lines) + "\n")
-    summary["_rows"] = rows
-    return summary
-
-
 def gap_report(tag: str, slow: dict, fast: dict) -> dict:
     """Kernels whose total time differs most between two profiles of the same model."""
     a = {r["name"]: r for r in slow["_rows"]}
@@ -364,7 +301,7 @@ def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dic
             step = make_step(model, mode, device, spec.vocab_size, B, S)
             res[tag] = time_steps(step, device, warmup, steps, B * S)
             if profile:
-                profiles[tag] = profile_step(step, device, tag)
+                profiles[tag] = profile_step(step, device, OUT, tag)
                 res[tag]["profile"] = {k: v for k, v in profiles[tag].items() if k != "_rows"}
             log(f"train {tag}: {res[tag] if not isinstance(res[tag], dict) else {k: v for k, v in res[tag].items() if k != 'profile'}}")
         except Exception as e:  # one failing configuration must not hide the others' numbers

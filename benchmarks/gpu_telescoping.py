@@ -18,6 +18,7 @@ Writes <out>/telescoping.json and prints every number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +36,7 @@ from avengers.models import get_model_spec  # noqa: E402
 from avengers.models.telescoping import (  # noqa: E402
     FMAP_PRESETS, TeleOptions, get_plan, rope, telescoping_parallel, window,
 )
+from benchmarks.profiling import profile_step  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -132,9 +135,24 @@ def _free(device: torch.device) -> None:
     torch._dynamo.reset()
 
 
-def train_cost(name: str, device: torch.device, seq: int, batch: int, steps: int, warmup: int,
-               compile_blocks: bool) -> dict:
+def variant_spec(entry: str):
+    """'name' or 'name:field=value,...' (config overrides, e.g. tele128_llama3_1.8b:tele_impl=gather)."""
+    name, _, overrides = entry.partition(":")
     spec = get_model_spec(name)
+    if not overrides:
+        return spec
+    changes = {}
+    for item in overrides.split(";"):
+        key, _, value = item.partition("=")
+        if not hasattr(spec.config, key):
+            raise SystemExit(f"{name} has no config field {key!r} (in --train_variants entry {entry!r})")
+        changes[key] = yaml.safe_load(value)
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, **changes))
+
+
+def train_cost(name: str, device: torch.device, seq: int, batch: int, steps: int, warmup: int,
+               compile_blocks: bool, profile_dir: Path | None = None) -> dict:
+    spec = variant_spec(name)
     _free(device)
     torch.manual_seed(0)
     model = spec.build(device)
@@ -174,10 +192,14 @@ def train_cost(name: str, device: torch.device, seq: int, batch: int, steps: int
     times.sort()
     median = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    prof = None
+    if profile_dir is not None:
+        prof = profile_step(step, device, profile_dir, name.replace(":", "_").replace("=", "-").replace(";", "_"))
+        prof.pop("_rows")
     out = {"variant": name, "params": sum(p.numel() for p in model.parameters()), "seq": seq, "batch": batch,
            "compile": compile_blocks, "warmup_s": warm_s, "step_s_median": median, "step_s_all": times,
            "tokens_per_s": batch * seq / median, "peak_mem_gib": peak / 2**30, "loss": loss,
-           "flops_per_token": spec.flops_per_token(seq)}
+           "flops_per_token": spec.flops_per_token(seq), "profile": prof}
     log(f"[train] {name}: {median * 1e3:.1f} ms/step, {out['tokens_per_s'] / 1e3:.1f}k tok/s, "
         f"peak {out['peak_mem_gib']:.1f} GiB, warmup {warm_s:.0f} s, loss {loss:.3f}")
     del model, opt
@@ -276,6 +298,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: equiv,train,decode")
+    ap.add_argument("--train_variants", default="llama3_1.8b_4k,tele128_llama3_1.8b",
+                    help="baseline first, then telescoping variants; 'name:field=value;field=value' overrides config")
+    ap.add_argument("--profile", action="store_true", help="profile one training step of each variant")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -298,15 +323,19 @@ def main() -> None:
         if args.smoke:
             pairs, seq, batch, comp = ("llama3_tiny", "tele_tiny"), 128, 2, False
         else:
-            pairs, seq, batch, comp = ("llama3_1.8b_4k", "tele128_llama3_1.8b"), args.seq, args.batch, args.compile
+            pairs, seq, batch, comp = args.train_variants.split(","), args.seq, args.batch, args.compile
         runs = [train_cost(n, device, seq, batch, args.steps if not args.smoke else 2,
-                           args.warmup if not args.smoke else 1, comp) for n in pairs]
-        base, tele = runs
+                           args.warmup if not args.smoke else 1, comp, out_dir if args.profile else None)
+                for n in pairs]
+        base, tele = runs[:2]
+        for extra in runs[2:]:
+            log(f"[train] {extra['variant']} / {base['variant']}: step time "
+                f"{extra['step_s_median'] / base['step_s_median']:.3f}x")
         ratio = {"step_time": tele["step_s_median"] / base["step_s_median"],
                  "peak_mem": tele["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] else None}
         ratio["meets_targets"] = (None if ratio["peak_mem"] is None
                                   else ratio["step_time"] <= 1.25 and ratio["peak_mem"] <= 1.1)
-        result["train"] = {"llama": base, "tele": tele, "ratio": ratio}
+        result["train"] = {"llama": base, "tele": tele, "ratio": ratio, "more": runs[2:]}
         log(f"[train] tele / llama: step time {ratio['step_time']:.3f}x (target <= 1.25), peak memory "
             f"{ratio['peak_mem'] if ratio['peak_mem'] is None else round(ratio['peak_mem'], 3)}x (target <= 1.1)")
     if "decode" not in skip:
@@ -340,7 +369,7 @@ def markdown(result: dict) -> str:
     tr = result.get("train")
     if tr:
         lines += ["| training step | params | ms/step (median) | tokens/s | peak GiB | warm-up s |", "|---|---|---|---|---|---|"]
-        for run in (tr["llama"], tr["tele"]):
+        for run in (tr["llama"], tr["tele"], *tr.get("more", [])):
             lines.append(f"| {run['variant']} (seq {run['seq']}, batch {run['batch']}, compile {run['compile']}) | "
                          f"{run['params'] / 1e9:.3f}B | {run['step_s_median'] * 1e3:.1f} | {run['tokens_per_s']:.0f} | "
                          f"{run['peak_mem_gib']:.1f} | {run['warmup_s']:.0f} |")
