@@ -292,17 +292,19 @@ def test_parallel_equals_recurrent_c128_beyond_eviction():
     torch.testing.assert_close(par, rec, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("mask_empty,softcap", [(False, None), (True, None), (False, 20.0)])
-def test_flex_equals_gather(mask_empty, softcap):
-    # CPU: eager flex_attention (forward only; torch has no flex backward on CPU)
-    n, d = 70, 8
+@pytest.mark.parametrize("mask_empty,softcap,block_q", [(False, None, None), (True, None, None), (False, 20.0, None),
+                                                       (False, None, 128), (True, None, 128)])
+def test_flex_equals_gather(mask_empty, softcap, block_q):
+    # CPU: eager flex_attention (forward only; torch has no flex backward on CPU). block_q=128 with
+    # n=300: three column runs, the last one for a partial query block
+    n, d = (70 if block_q is None else 300), 8
     q, k, v, w = _random_inputs(2, n, 4, 2, d, torch.float64, seed=11)
     q = q * 4
     opts = TeleOptions(8, C8, mask_empty=mask_empty, softcap=softcap)
     gains = _gains(d, torch.float64, True)
     ref, _ = telescoping_parallel(q, k, v, w, get_plan(n, 8, C8, "cpu"), opts, *gains, impl="gather")
-    plan = get_plan(n, 8, C8, "cpu", flex=True, mask_empty=mask_empty)
-    assert plan.block_mask is not None
+    plan = get_plan(n, 8, C8, "cpu", flex=True, mask_empty=mask_empty, flex_block_q=block_q)
+    assert plan.block_mask is not None and (plan.layout.ids is None) == (block_q is None)
     out, _ = telescoping_parallel(q, k, v, w, plan, opts, *gains, impl="flex")
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
 

@@ -204,7 +204,8 @@ class TelePlan:
     Plain class on purpose: FSDP2 leaves it alone when it is passed into blocks as a kwarg.
     """
 
-    def __init__(self, sched: Schedule, device: torch.device, flex: bool, mask_empty: bool):
+    def __init__(self, sched: Schedule, device: torch.device, flex: bool, mask_empty: bool,
+                 flex_block_q: int | None = None):
         long = functools.partial(torch.as_tensor, dtype=torch.long, device=device)
         self.n = sched.n
         self.num_nodes = sched.num_nodes
@@ -216,27 +217,31 @@ class TelePlan:
         # flex score bias log(#EMPTY) per query (0 where none), precomputed outside compiled code
         log_empty = np.log(np.maximum(sched.num_empty, 1))
         self.log_empty = {dt: torch.as_tensor(log_empty, dtype=dt, device=device) for dt in (torch.float32, torch.float64)}
-        self.block_mask = None
+        self.block_mask = self.layout = None
         self.score_mods: dict = {}  # flex score_mods for eager callers (telescoping_flex)
         if flex:
-            from avengers.models.telescoping_flex import build_block_mask
+            from avengers.models.telescoping_flex import build_block_mask, node_layout
 
-            self.block_mask = build_block_mask(self, mask_empty)
+            self.layout = node_layout(sched, flex_block_q, device)
+            self.block_mask = build_block_mask(self, self.layout, mask_empty)
 
 
 _PLANS: dict[tuple, TelePlan] = {}
 
 
+FLEX_BLOCK_Q = 128  # flex column runs per 128 queries (telescoping_flex.node_layout); None: node array
+
+
 @torch.compiler.disable
 def get_plan(n: int, cache_size: int, fmap: tuple[int, ...], device: torch.device | str,
-             flex: bool = False, mask_empty: bool = False) -> TelePlan:
+             flex: bool = False, mask_empty: bool = False, flex_block_q: int | None = FLEX_BLOCK_Q) -> TelePlan:
     """Cached TelePlan for (n, C, fmap, device, path); built on CPU once, then copied over."""
     device = torch.device(device)
-    key = (n, cache_size, fmap, str(device), flex, mask_empty and flex)
+    key = (n, cache_size, fmap, str(device), flex, mask_empty and flex, flex_block_q if flex else None)
     if key not in _PLANS:
         if len(_PLANS) >= 64:
             _PLANS.clear()
-        _PLANS[key] = TelePlan(build_schedule(n, cache_size, fmap), device, flex, mask_empty)
+        _PLANS[key] = TelePlan(build_schedule(n, cache_size, fmap), device, flex, mask_empty, flex_block_q)
     return _PLANS[key]
 
 

@@ -1,47 +1,90 @@
-"""Memory-efficient telescoping read-out: flex_attention over the node array with a block mask.
+"""Memory-efficient telescoping read-out: flex_attention with a block mask over node columns.
 
 Instead of gathering the C nodes of every query ([B, n, C, Hkv, d], the reference in
-telescoping.gather_attention), every query attends to the whole node array [B, Hkv, N, d] under
-a mask that is True exactly where node j sits in one of query t's slots. A node occupies a slot
-for one contiguous run of steps, birth_j <= t < death_j, so the mask is two comparisons against
-O(N) integers and never exists as an [n, N] tensor. Nodes are laid out by depth and, within a
-depth, by creation time, so the live nodes of each depth form a narrow diagonal band and the
-128x128 block mask is sparse (a few blocks per depth per query block).
+telescoping.gather_attention), queries attend to a set of node columns under a mask that is True
+exactly where the column's node sits in one of query t's slots. A node occupies a slot for one
+contiguous run of steps, birth <= t < death, so the mask is a few comparisons against O(columns)
+integers and never exists as an [n, columns] tensor.
+
+Column layout (NodeLayout). With `block_q=None` the columns are the node array itself (EMPTY, the
+tokens, then merged nodes by depth); each depth's live nodes form a narrow diagonal band, but a
+block of 128 queries still touches ~11 column blocks of 128 for Tele@128 at n=4096, mostly empty.
+With `block_q=Q` every block of Q queries gets its own run of U columns holding just the nodes
+any of its queries reads (EMPTY first, padding after), gathered from the node array: the block
+mask is block-diagonal with U/128 blocks per query block (~4 for Tele@128), and the gathered
+copy is [B, Hkv, n/Q * U, d], about 4x the token count, not C x.
 
 EMPTY slots. The documented version does not mask them: each EMPTY slot adds a logit 0 with a
 value 0. All EMPTY slots are the same node (index 0, K̂ = V̂ = 0), so the k EMPTY slots of query
-t are reproduced exactly by attending once to node 0 with the score bias log(k): exp(0 + log k)
-= k * exp(0). Node 0 is masked out where k = 0 and always with mask_empty.
+t are reproduced exactly by attending once to an EMPTY column with the score bias log(k):
+exp(0 + log k) = k * exp(0). That column is masked out where k = 0 and always with mask_empty.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from avengers.models.telescoping import TeleOptions, TelePlan, compute_dtype
+from avengers.models.telescoping import Schedule, TeleOptions, TelePlan, compute_dtype
+
+BLOCK = 128  # flex_attention's block-mask granularity
 
 
-def _mask_mod(plan: TelePlan, mask_empty: bool):
-    birth, death, num_empty = plan.birth, plan.death, plan.num_empty
+@dataclass
+class NodeLayout:
+    """Which node each flex column holds and when it is alive. Columns come in runs of `width`;
+    run i serves queries [i * block_q, (i + 1) * block_q)."""
+
+    block_q: int
+    width: int
+    ids: torch.Tensor | None  # [runs * width] node ids, or None: the columns are the node array
+    birth: torch.Tensor  # [columns] int32 (EMPTY and padding: never alive)
+    death: torch.Tensor  # [columns] int32
+
+
+def node_layout(sched: Schedule, block_q: int | None, device: torch.device) -> NodeLayout:
+    n = sched.n
+    i32 = functools.partial(torch.as_tensor, dtype=torch.int32, device=device)
+    if block_q is None or block_q >= n:
+        return NodeLayout(n, sched.num_nodes, None, i32(sched.birth), i32(sched.death))
+    if block_q % BLOCK:
+        raise ValueError(f"block_q must be a multiple of {BLOCK}, got {block_q}")
+    runs = []
+    for start in range(0, n, block_q):  # nodes alive for some query of this block; EMPTY first
+        live = np.nonzero((sched.birth < start + block_q) & (sched.death > start))[0]
+        runs.append(np.concatenate([[0], live[live != 0]]))
+    width = -(-max(len(r) for r in runs) // BLOCK) * BLOCK
+    ids = np.zeros((len(runs), width), dtype=np.int64)
+    for i, r in enumerate(runs):
+        ids[i, : len(r)] = r
+    birth = np.where(ids == 0, n, sched.birth[ids])  # padding and EMPTY columns: never alive
+    death = np.where(ids == 0, 0, sched.death[ids])
+    return NodeLayout(block_q, width, torch.as_tensor(ids.ravel(), device=device), i32(birth.ravel()),
+                      i32(death.ravel()))
+
+
+def _mask_mod(layout: NodeLayout, num_empty: torch.Tensor, mask_empty: bool):
+    birth, death, width, block_q = layout.birth, layout.death, layout.width, layout.block_q
 
     def mask_mod(b, h, q_idx, kv_idx):
-        alive = (birth[kv_idx] <= q_idx) & (q_idx < death[kv_idx])
+        same_run = kv_idx // width == q_idx // block_q
+        alive = same_run & (birth[kv_idx] <= q_idx) & (q_idx < death[kv_idx])
         if mask_empty:
             return alive
-        return alive | ((kv_idx == 0) & (num_empty[q_idx] > 0))
+        return alive | (same_run & (kv_idx % width == 0) & (num_empty[q_idx] > 0))
 
     return mask_mod
 
 
-def build_block_mask(plan: TelePlan, mask_empty: bool) -> BlockMask:
-    """Block mask [n queries, N nodes] (shared by batch and heads), built on the plan's device."""
-    device = plan.table.device
-    return create_block_mask(_mask_mod(plan, mask_empty), None, None, plan.n, plan.num_nodes,
-                             device=str(device))
+def build_block_mask(plan: TelePlan, layout: NodeLayout, mask_empty: bool) -> BlockMask:
+    """Block mask [n queries, columns] (shared by batch and heads), built on the plan's device."""
+    mask_mod = _mask_mod(layout, plan.num_empty, mask_empty)
+    return create_block_mask(mask_mod, None, None, plan.n, len(layout.birth), device=str(plan.table.device))
 
 
 @functools.cache
@@ -56,12 +99,12 @@ def _flex(device: torch.device):
     return flex_attention
 
 
-def _score_mod(log_empty: torch.Tensor, softcap: float | None, mask_empty: bool):
+def _score_mod(log_empty: torch.Tensor, width: int, softcap: float | None, mask_empty: bool):
     def score_mod(score, b, h, q_idx, kv_idx):
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
-        if not mask_empty:  # node 0 stands for all EMPTY slots of the query: bias log(#EMPTY)
-            score = score + torch.where(kv_idx == 0, log_empty[q_idx], 0.0).to(score.dtype)
+        if not mask_empty:  # the EMPTY column stands for all EMPTY slots of the query: bias log(#EMPTY)
+            score = score + torch.where(kv_idx % width == 0, log_empty[q_idx], 0.0).to(score.dtype)
         return score
 
     return score_mod
@@ -73,20 +116,24 @@ def flex_attention_nodes(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tens
     if plan.block_mask is None:
         raise ValueError("this TelePlan was built without a block mask; get it with flex=True")
     B, n, H, d = q.shape
+    layout = plan.layout
     dt = compute_dtype(q.dtype)
     # plain [B, heads, len, d] buffers: inductor's CPU flex template reads the input layouts
     qf = q.transpose(1, 2).contiguous()
     kf, vf = k_hat.to(q.dtype), v_hat.to(q.dtype)
+    if layout.ids is not None:
+        kf, vf = kf.index_select(2, layout.ids), vf.index_select(2, layout.ids)
     kwargs = dict(block_mask=plan.block_mask, scale=d**-0.5, enable_gqa=H != kf.shape[1])
     log_empty = plan.log_empty[dt]
     if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
-        out = flex_attention(qf, kf, vf, score_mod=_score_mod(log_empty, opts.softcap, opts.mask_empty), **kwargs)
+        score_mod = _score_mod(log_empty, layout.width, opts.softcap, opts.mask_empty)
+        out = flex_attention(qf, kf, vf, score_mod=score_mod, **kwargs)
     else:
         # eager caller: reuse one score_mod per (plan, options) so the compiled kernel is not
         # recompiled for every new closure object
         key = (opts.softcap, opts.mask_empty, dt)
         if key not in plan.score_mods:
-            plan.score_mods[key] = _score_mod(log_empty, opts.softcap, opts.mask_empty)
+            plan.score_mods[key] = _score_mod(log_empty, layout.width, opts.softcap, opts.mask_empty)
         with warnings.catch_warnings():  # eager CPU flex warns that it is the unfused reference
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out = _flex(q.device)(qf, kf, vf, score_mod=plan.score_mods[key], **kwargs)
