@@ -87,7 +87,7 @@ def main() -> None:
     for block_q in (None, 128, 256):
         for mask_empty in (False, True):
             o = TeleOptions(C, FMAP_PRESETS[fmap], mask_empty=mask_empty)
-            plan = get_plan(n, C, opts.fmap, device, flex=True, mask_empty=mask_empty, flex_block_q=block_q)
+            plan = get_plan(n, C, opts.fmap, device, flex=True, flex_block_q=block_q)
             q, k, v = rand(B, n, H, d), rand(B, Hkv, plan.num_nodes, d), rand(B, Hkv, plan.num_nodes, d)
             fn = (lambda q, k, v, plan=plan, o=o: flex_attention_nodes(q, k, v, plan, o))
             if device.type == "cuda":

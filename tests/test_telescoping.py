@@ -303,7 +303,7 @@ def test_flex_equals_gather(mask_empty, softcap, block_q):
     opts = TeleOptions(8, C8, mask_empty=mask_empty, softcap=softcap)
     gains = _gains(d, torch.float64, True)
     ref, _ = telescoping_parallel(q, k, v, w, get_plan(n, 8, C8, "cpu"), opts, *gains, impl="gather")
-    plan = get_plan(n, 8, C8, "cpu", flex=True, mask_empty=mask_empty, flex_block_q=block_q)
+    plan = get_plan(n, 8, C8, "cpu", flex=True, flex_block_q=block_q)
     assert plan.block_mask is not None and (plan.layout.ids is None) == (block_q is None)
     out, _ = telescoping_parallel(q, k, v, w, plan, opts, *gains, impl="flex")
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
@@ -321,7 +321,7 @@ def test_flex_equals_gather_cuda_with_grads(mask_empty):
     ref_in = [x.clone().requires_grad_() for x in (q, k, v, w)]
     flex_in = [x.clone().requires_grad_() for x in (q, k, v, w)]
     ref, _ = telescoping_parallel(*ref_in, get_plan(n, C, fmap, "cuda"), opts, *gains, impl="gather")
-    plan = get_plan(n, C, fmap, "cuda", flex=True, mask_empty=mask_empty)
+    plan = get_plan(n, C, fmap, "cuda", flex=True)
     out, _ = telescoping_parallel(*flex_in, plan, opts, *gains, impl="flex")
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     grad = torch.randn_like(ref)

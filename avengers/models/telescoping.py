@@ -204,8 +204,7 @@ class TelePlan:
     Plain class on purpose: FSDP2 leaves it alone when it is passed into blocks as a kwarg.
     """
 
-    def __init__(self, sched: Schedule, device: torch.device, flex: bool, mask_empty: bool,
-                 flex_block_q: int | None = None):
+    def __init__(self, sched: Schedule, device: torch.device, flex: bool, flex_block_q: int | None = None):
         long = functools.partial(torch.as_tensor, dtype=torch.long, device=device)
         self.n = sched.n
         self.num_nodes = sched.num_nodes
@@ -214,16 +213,16 @@ class TelePlan:
         self.birth = long(sched.birth)
         self.death = long(sched.death)
         self.num_empty = long(sched.num_empty)
-        # flex score bias log(#EMPTY) per query (0 where none), precomputed outside compiled code
-        log_empty = np.log(np.maximum(sched.num_empty, 1))
-        self.log_empty = {dt: torch.as_tensor(log_empty, dtype=dt, device=device) for dt in (torch.float32, torch.float64)}
+        # log(#EMPTY slots) per query (-inf where none) for the flex path's sink correction
+        log_k = np.where(sched.num_empty > 0, np.log(np.maximum(sched.num_empty, 1)), -np.inf)
+        self.log_num_empty = {dt: torch.as_tensor(log_k, dtype=dt, device=device) for dt in (torch.float32, torch.float64)}
         self.block_mask = self.layout = None
         self.score_mods: dict = {}  # flex score_mods for eager callers (telescoping_flex)
         if flex:
             from avengers.models.telescoping_flex import build_block_mask, node_layout
 
             self.layout = node_layout(sched, flex_block_q, device)
-            self.block_mask = build_block_mask(self, self.layout, mask_empty)
+            self.block_mask = build_block_mask(self, self.layout)
 
 
 _PLANS: dict[tuple, TelePlan] = {}
@@ -234,14 +233,14 @@ FLEX_BLOCK_Q = 128  # flex column runs per 128 queries (telescoping_flex.node_la
 
 @torch.compiler.disable
 def get_plan(n: int, cache_size: int, fmap: tuple[int, ...], device: torch.device | str,
-             flex: bool = False, mask_empty: bool = False, flex_block_q: int | None = FLEX_BLOCK_Q) -> TelePlan:
+             flex: bool = False, flex_block_q: int | None = FLEX_BLOCK_Q) -> TelePlan:
     """Cached TelePlan for (n, C, fmap, device, path); built on CPU once, then copied over."""
     device = torch.device(device)
-    key = (n, cache_size, fmap, str(device), flex, mask_empty and flex, flex_block_q if flex else None)
+    key = (n, cache_size, fmap, str(device), flex, flex_block_q if flex else None)
     if key not in _PLANS:
         if len(_PLANS) >= 64:
             _PLANS.clear()
-        _PLANS[key] = TelePlan(build_schedule(n, cache_size, fmap), device, flex, mask_empty, flex_block_q)
+        _PLANS[key] = TelePlan(build_schedule(n, cache_size, fmap), device, flex, flex_block_q)
     return _PLANS[key]
 
 
@@ -562,7 +561,7 @@ class TelescopingAttention(MultiHeadAttention):
 
     def plan(self, n: int, device: torch.device) -> TelePlan:
         flex = self.resolve_impl(device) == "flex"
-        return get_plan(n, self.opts.cache_size, self.opts.fmap, device, flex, self.opts.mask_empty)
+        return get_plan(n, self.opts.cache_size, self.opts.fmap, device, flex)
 
     def _gains(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.k_norm is None:

@@ -15,9 +15,11 @@ mask is block-diagonal with U/128 blocks per query block (~4 for Tele@128), and 
 copy is [B, Hkv, n/Q * U, d], about 4x the token count, not C x.
 
 EMPTY slots. The documented version does not mask them: each EMPTY slot adds a logit 0 with a
-value 0. All EMPTY slots are the same node (index 0, K̂ = V̂ = 0), so the k EMPTY slots of query
-t are reproduced exactly by attending once to an EMPTY column with the score bias log(k):
-exp(0 + log k) = k * exp(0). That column is masked out where k = 0 and always with mask_empty.
+value 0, so with k of them query t's output is the output over its live slots scaled by
+Z / (Z + k), Z the live slots' softmax normaliser. flex returns log Z (return_lse, differentiable),
+so the scale is sigmoid(lse - log k), applied outside the kernel: the mask holds live nodes only
+and the kernel needs no per-query score bias (a bias read from a per-query table made the kernel
+several times slower on an H200, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -55,36 +57,32 @@ def node_layout(sched: Schedule, block_q: int | None, device: torch.device) -> N
     if block_q % BLOCK:
         raise ValueError(f"block_q must be a multiple of {BLOCK}, got {block_q}")
     runs = []
-    for start in range(0, n, block_q):  # nodes alive for some query of this block; EMPTY first
+    for start in range(0, n, block_q):  # nodes alive for some query of this block (EMPTY never is)
         live = np.nonzero((sched.birth < start + block_q) & (sched.death > start))[0]
-        runs.append(np.concatenate([[0], live[live != 0]]))
+        runs.append(live[live != 0])
     width = -(-max(len(r) for r in runs) // BLOCK) * BLOCK
     ids = np.zeros((len(runs), width), dtype=np.int64)
     for i, r in enumerate(runs):
         ids[i, : len(r)] = r
-    birth = np.where(ids == 0, n, sched.birth[ids])  # padding and EMPTY columns: never alive
+    birth = np.where(ids == 0, n, sched.birth[ids])  # padding columns (id 0): never alive
     death = np.where(ids == 0, 0, sched.death[ids])
     return NodeLayout(block_q, width, torch.as_tensor(ids.ravel(), device=device), i32(birth.ravel()),
                       i32(death.ravel()))
 
 
-def _mask_mod(layout: NodeLayout, num_empty: torch.Tensor, mask_empty: bool):
+def _mask_mod(layout: NodeLayout):
     birth, death, width, block_q = layout.birth, layout.death, layout.width, layout.block_q
 
     def mask_mod(b, h, q_idx, kv_idx):
         same_run = kv_idx // width == q_idx // block_q
-        alive = same_run & (birth[kv_idx] <= q_idx) & (q_idx < death[kv_idx])
-        if mask_empty:
-            return alive
-        return alive | (same_run & (kv_idx % width == 0) & (num_empty[q_idx] > 0))
+        return same_run & (birth[kv_idx] <= q_idx) & (q_idx < death[kv_idx])
 
     return mask_mod
 
 
-def build_block_mask(plan: TelePlan, layout: NodeLayout, mask_empty: bool) -> BlockMask:
+def build_block_mask(plan: TelePlan, layout: NodeLayout) -> BlockMask:
     """Block mask [n queries, columns] (shared by batch and heads), built on the plan's device."""
-    mask_mod = _mask_mod(layout, plan.num_empty, mask_empty)
-    return create_block_mask(mask_mod, None, None, plan.n, len(layout.birth), device=str(plan.table.device))
+    return create_block_mask(_mask_mod(layout), None, None, plan.n, len(layout.birth), device=str(plan.table.device))
 
 
 @functools.cache
@@ -99,15 +97,21 @@ def _flex(device: torch.device):
     return flex_attention
 
 
-def _score_mod(log_empty: torch.Tensor, width: int, softcap: float | None, mask_empty: bool):
+def _softcap_mod(softcap: float):
     def score_mod(score, b, h, q_idx, kv_idx):
-        if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
-        if not mask_empty:  # the EMPTY column stands for all EMPTY slots of the query: bias log(#EMPTY)
-            score = score + torch.where(kv_idx % width == 0, log_empty[q_idx], 0.0).to(score.dtype)
-        return score
+        return softcap * torch.tanh(score / softcap)
 
     return score_mod
+
+
+@torch.compiler.disable  # inductor's CPU flex has no return_lse: compiled CPU callers run it eagerly
+def _flex_outside_graph(qf, kf, vf, plan: TelePlan, softcap: float | None, kwargs: dict):
+    # one score_mod per soft cap, so the compiled kernel is not recompiled for every new closure
+    if softcap is not None and softcap not in plan.score_mods:
+        plan.score_mods[softcap] = _softcap_mod(softcap)
+    with warnings.catch_warnings():  # eager CPU flex warns that it is the unfused reference
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return _flex(qf.device)(qf, kf, vf, score_mod=plan.score_mods.get(softcap), **kwargs)
 
 
 def flex_attention_nodes(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, plan: TelePlan,
@@ -117,24 +121,18 @@ def flex_attention_nodes(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tens
         raise ValueError("this TelePlan was built without a block mask; get it with flex=True")
     B, n, H, d = q.shape
     layout = plan.layout
-    dt = compute_dtype(q.dtype)
-    # plain [B, heads, len, d] buffers: inductor's CPU flex template reads the input layouts
+    # [B, heads, n, d] as flex expects
     qf = q.transpose(1, 2).contiguous()
     kf, vf = k_hat.to(q.dtype), v_hat.to(q.dtype)
     if layout.ids is not None:
         kf, vf = kf.index_select(2, layout.ids), vf.index_select(2, layout.ids)
-    kwargs = dict(block_mask=plan.block_mask, scale=d**-0.5, enable_gqa=H != kf.shape[1])
-    log_empty = plan.log_empty[dt]
-    if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
-        score_mod = _score_mod(log_empty, layout.width, opts.softcap, opts.mask_empty)
-        out = flex_attention(qf, kf, vf, score_mod=score_mod, **kwargs)
+    kwargs = dict(block_mask=plan.block_mask, scale=d**-0.5, enable_gqa=H != kf.shape[1], return_lse=True)
+    if torch.compiler.is_compiling() and q.device.type == "cuda":  # traced into the compiled block's graph
+        score_mod = None if opts.softcap is None else _softcap_mod(opts.softcap)
+        out, lse = flex_attention(qf, kf, vf, score_mod=score_mod, **kwargs)
     else:
-        # eager caller: reuse one score_mod per (plan, options) so the compiled kernel is not
-        # recompiled for every new closure object
-        key = (opts.softcap, opts.mask_empty, dt)
-        if key not in plan.score_mods:
-            plan.score_mods[key] = _score_mod(log_empty, layout.width, opts.softcap, opts.mask_empty)
-        with warnings.catch_warnings():  # eager CPU flex warns that it is the unfused reference
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            out = _flex(q.device)(qf, kf, vf, score_mod=plan.score_mods[key], **kwargs)
+        out, lse = _flex_outside_graph(qf, kf, vf, plan, opts.softcap, kwargs)
+    if not opts.mask_empty:  # k EMPTY sinks of logit 0: scale by Z / (Z + k) = sigmoid(lse - log k)
+        log_k = plan.log_num_empty[compute_dtype(q.dtype)]
+        out = (out.to(lse.dtype) * torch.sigmoid(lse - log_k).unsqueeze(-1)).to(out.dtype)
     return out.transpose(1, 2)
