@@ -35,6 +35,23 @@ def test_smoke_every_tiny_variant(tmp_path):
     for png in ("decode_tok_s_vs_context.png", "cache_mib_vs_context.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
+    # --merge: a rerun of one variant replaces that variant's rows; the targets are recomputed
+    rerun = {**saved, "variants": {"llama3_tiny": saved["variants"]["llama3_tiny"]},
+             "rows": [{**r, "decode_tok_s": 2 * r["decode_tok_s"]} for r in saved["rows"] if r["variant"] == "llama3_tiny"]}
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    merged_dir = tmp_path / "merged"
+    assert bench.main(["--merge", str(tmp_path / "inference_bench.json"), str(tmp_path / "rerun.json"),
+                       "--out", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "inference_bench.json").read_text())
+    assert len(merged["rows"]) == len(rows) and set(merged["variants"]) == set(variants)
+    by_key = {(r["variant"], r["context"], r["batch"]): r["decode_tok_s"] for r in merged["rows"]}
+    for r in rows:
+        factor = 2 if r["variant"] == "llama3_tiny" else 1
+        assert by_key[(r["variant"], r["context"], r["batch"])] == pytest.approx(factor * r["decode_tok_s"])
+    assert (merged_dir / "cache_mib_vs_context.png").exists()
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.main(["--merge", str(tmp_path / "missing.json")])
+
 
 def test_check_catches_a_wrong_cached_forward(monkeypatch):
     spec = get_model_spec("llama3_tiny")

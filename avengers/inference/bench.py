@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from avengers.inference.bench_report import TARGET_CONTEXT, markdown_table, plot, targets_summary
+from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
 from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
@@ -367,19 +368,29 @@ def run(cfg: BenchConfig) -> dict:
     }
     rows.sort(key=lambda r: (cfg.variants.index(r["variant"]), r["context"], r["batch"]))
     report["targets"] = targets_summary(rows)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inference_bench.json").write_text(json.dumps(report, indent=1, default=str))
-    md = markdown_table(report)
-    (out / "inference_bench.md").write_text(md)
-    plot(rows, out)
-    print(md)
+    print(write_report(report, Path(cfg.out)))
     set_compiled_decode(False)
     return report
 
 
+def merge_main(argv: list[str]) -> int:
+    """`python -m avengers.bench --merge A.json B.json ... [--out DIR]`: one table and plots from several runs."""
+    p = argparse.ArgumentParser(prog="python -m avengers.bench --merge")
+    p.add_argument("--merge", nargs="+", required=True, metavar="JSON", help="inference_bench.json files, later wins")
+    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
+    a = p.parse_args(argv)
+    missing = [f for f in a.merge if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"python -m avengers.bench --merge: no such file(s): {', '.join(missing)}")
+    print(write_report(merge_reports([json.loads(Path(f).read_text()) for f in a.merge]), Path(a.out)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--merge" in argv:
+        return merge_main(argv)
     try:
         cfg = parse_args(argv)
     except ValueError as e:  # bad flags: say which, before any model is built

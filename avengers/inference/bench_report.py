@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -124,3 +125,34 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def write_report(report: dict, out: Path) -> str:
+    """inference_bench.{json,md} and the two PNGs under out; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inference_bench.json").write_text(json.dumps(report, indent=1, default=str))
+    md = markdown_table(report)
+    (out / "inference_bench.md").write_text(md)
+    plot(report["rows"], out)
+    return md
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several runs (e.g. a variant rerun alone): each variant's rows and checks come
+    from the last report that has it; the targets are recomputed over the merged rows."""
+    if not reports:
+        raise ValueError("merge needs at least one report")
+    variants: dict[str, dict] = {}
+    source: dict[str, int] = {}
+    for i, rep in enumerate(reports):
+        for name, v in rep["variants"].items():
+            variants[name], source[name] = v, i
+    rows = [r for i, rep in enumerate(reports) for r in rep["rows"] if source.get(r["variant"]) == i]
+    order = list(variants)
+    rows.sort(key=lambda r: (order.index(r["variant"]), r["context"], r["batch"]))
+    last = reports[-1]
+    backends = sorted({b for rep in reports for b in rep.get("decode_attention_backends_used", [])})
+    return {**last, "variants": variants, "rows": rows, "decode_attention_backends_used": backends,
+            "date": " + ".join(dict.fromkeys(rep["date"] for rep in reports)),
+            "wall_s": sum(rep["wall_s"] for rep in reports), "merged_from": len(reports),
+            "targets": targets_summary(rows)}
