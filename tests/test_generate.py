@@ -7,18 +7,8 @@ import torch
 
 from avengers.generate import main as generate_main
 from avengers.inference.generate import generate, sample_next
-from avengers.models.registry import get_model_spec
 
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "data", "sample", "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    spec = get_model_spec("llama3_tiny")
-    model = spec.build()
-    model.init_weights()
-    return spec, model.eval()
 
 
 @torch.no_grad()

@@ -7,16 +7,6 @@ from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import (
     KV_CHUNK, KVState, apply_rope, decode_attention, decode_attention_reference, invalid_positions, rope_table,
 )
-from avengers.models.registry import get_model_spec
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    spec = get_model_spec("llama3_tiny")
-    model = spec.build()
-    model.init_weights()
-    return spec, model.eval()
 
 
 @torch.no_grad()

@@ -81,6 +81,16 @@ def _context_axis(ax, rows: list[dict]) -> None:
     ax.minorticks_off()
 
 
+def _save(fig, ax, rows: list[dict], ylabel: str, title: str, path: Path) -> Path:
+    ax.set(yscale="log", xlabel="context (tokens)", ylabel=ylabel, title=title)
+    _context_axis(ax, rows)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """decode tok/s vs context (best batch solid, batch 1 dashed) and cache MiB/seq vs context."""
     if not rows:
@@ -93,37 +103,23 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     best = _best_per_context(rows)
     variants = sorted({r["variant"] for r in rows})
     label = {r["variant"]: f"{r['variant']} ({r['family']})" for r in rows}
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig_tok, ax_tok = plt.subplots(figsize=(7, 4.5))
+    fig_mib, ax_mib = plt.subplots(figsize=(7, 4.5))
     for i, v in enumerate(variants):
         color = f"C{i}"
         pts = sorted((c, r["decode_tok_s"]) for (vv, c), r in best.items() if vv == v)
-        ax.plot(*zip(*pts), "o-", color=color, label=f"{label[v]}, best batch")
+        ax_tok.plot(*zip(*pts), "o-", color=color, label=f"{label[v]}, best batch")
         b1 = sorted((r["context"], r["decode_tok_s"]) for r in rows if r["variant"] == v and r["batch"] == 1)
         if b1:
-            ax.plot(*zip(*b1), "x--", color=color, label=f"{label[v]}, batch 1")
-    ax.set(yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s", title="Decode throughput vs context")
-    _context_axis(ax, rows)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "decode_tok_s_vs_context.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, v in enumerate(variants):
-        pts = sorted({(r["context"], r["cache_bytes_per_seq"] / 2**20) for r in rows if r["variant"] == v})
-        ax.plot(*zip(*pts), "o-", color=f"C{i}", label=label[v])
-    ax.set(yscale="log", xlabel="context (tokens)", ylabel="cache MiB per sequence",
-           title="Inference cache size vs context")
-    _context_axis(ax, rows)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "cache_mib_vs_context.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+            ax_tok.plot(*zip(*b1), "x--", color=color, label=f"{label[v]}, batch 1")
+        mib = sorted({(r["context"], r["cache_bytes_per_seq"] / 2**20) for r in rows if r["variant"] == v})
+        ax_mib.plot(*zip(*mib), "o-", color=color, label=label[v])
+    paths = [_save(fig_tok, ax_tok, rows, "decode tokens/s", "Decode throughput vs context",
+                   out / "decode_tok_s_vs_context.png"),
+             _save(fig_mib, ax_mib, rows, "cache MiB per sequence", "Inference cache size vs context",
+                   out / "cache_mib_vs_context.png")]
+    plt.close(fig_tok)
+    plt.close(fig_mib)
     return paths
 
 
