@@ -93,17 +93,15 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
         return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True,
                            residual_in_fp32=residual_in_fp32)
 
-    ops = dict(ssd=ssd, ssd_step=step, gated_rmsnorm=gated, add_rmsnorm=add_norm, causal_conv=ref_causal_conv)
     try:
         from causal_conv1d import causal_conv1d_fn
 
         def conv(x, weight, bias, silu):
             return causal_conv1d_fn(x, weight.squeeze(1), bias, activation="silu" if silu else None)
+    except ImportError:  # our Triton kernel on the same channel-last layout (cuDNN's depthwise is slow)
+        from avengers.models.causal_conv_triton import triton_causal_conv as conv
 
-        ops["causal_conv"] = conv
-    except ImportError:
-        pass
-    return ops
+    return dict(ssd=ssd, ssd_step=step, gated_rmsnorm=gated, add_rmsnorm=add_norm, causal_conv=conv)
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,7 @@ def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
         return None
     if compile_mode == "traced":
         return Kernels("mamba_ssm", **ops)
-    ops = {k: f if f is ref_causal_conv else torch.compiler.disable(f) for k, f in ops.items()}
+    ops = {k: torch.compiler.disable(f) for k, f in ops.items()}
     for_compile = None
     if compile_mode == "custom_op":
         from avengers.models.mamba_compile import mamba_ssm_ssd_op, ssd_training
