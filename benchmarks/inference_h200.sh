@@ -2,9 +2,10 @@
 # Inference benchmark on one H200 (< 8 min): Llama-3 1.8B, Mamba-2 1.3B, the 1.5B Mamba-2/attention
 # hybrid and the telescoping-cache Llama 1.8B; contexts 1k..128k; batches 1, 8, 64 and the largest
 # that fits. Prints the table and writes inference_bench.{json,md} and two PNGs into $OUT (default
-# bench_out). Before it, the CUDA tests of the decode kernels (skip with RUN_TESTS=0); after it, a
-# shorter pass (skip with COMPILE_PASS=0) times Llama at batch 1 with the element-wise decode work
-# torch.compile'd, into $OUT/compiled/.
+# bench_out). Before it, the CUDA tests of the decode kernels (skip with RUN_TESTS=0); after it, two
+# shorter passes time Llama at batch 1 with its decode blocks fused: the element-wise work
+# torch.compile'd (skip with COMPILE_PASS=0, into $OUT/compiled/) and the Triton GEMV kernels with
+# norms/SwiGLU/residuals fused in (skip with TRITON_PASS=0, into $OUT/triton/).
 #
 # From the project root, after `bash ../shared/device/stage.sh` has filled .device/ (ibm-fms,
 # mamba-ssm wheels and the selective_scan_cuda stub):
@@ -25,7 +26,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
 rc=0
 if [[ "${RUN_TESTS:-1}" == "1" ]]; then  # the kernel and graph tests first (about half a minute)
-  python3 -m pytest -q -p no:cacheprovider tests/test_inference_triton.py tests/test_inference_gpu.py || rc=$?
+  python3 -m pytest -q -p no:cacheprovider tests/test_inference_triton.py tests/test_inference_gpu.py \
+    tests/test_triton_gemv.py || rc=$?
 fi
 python3 -m avengers.bench --device cuda --dtype bf16 \
   --variants llama3_1.8b,mamba2_1.3b,mamba_1.5b,tele128_llama3_1.8b \
@@ -35,5 +37,10 @@ if [[ "${COMPILE_PASS:-1}" == "1" ]]; then
   python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
     --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --compile --deadline_s 150 \
     --out "${OUT:-bench_out}/compiled" || rc=$?
+fi
+if [[ "${TRITON_PASS:-1}" == "1" ]]; then
+  python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
+    --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --fused_decode triton --deadline_s 150 \
+    --out "${OUT:-bench_out}/triton" || rc=$?
 fi
 exit $rc

@@ -31,7 +31,7 @@ from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
-from avengers.inference.llama_compiled import set_compiled_decode
+from avengers.inference.llama_compiled import FUSED_DECODE_BACKENDS, set_compiled_decode
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class BenchConfig:
     out: str = "bench_out"
     seed: int = 0
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
-    compile: bool = False  # torch.compile the element-wise parts of Llama-block decode (llama_compiled.py)
+    fused_decode: str = "off"  # Llama-block decode via llama_compiled: off | eager | inductor | triton
     decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
 
     def validate(self) -> None:
@@ -70,6 +70,8 @@ class BenchConfig:
             raise ValueError(f"unknown variants {bad}; known: {', '.join(known)}")
         if not self.variants:
             raise ValueError("no variants to benchmark")
+        if self.fused_decode not in ("off",) + FUSED_DECODE_BACKENDS:
+            raise ValueError(f"fused_decode must be one of {('off',) + FUSED_DECODE_BACKENDS}, got {self.fused_decode!r}")
         if self.decode_attn not in DECODE_BACKENDS:
             raise ValueError(f"decode_attn must be one of {DECODE_BACKENDS}, got {self.decode_attn!r}")
         if self.dtype not in DTYPES:
@@ -314,8 +316,10 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--no_cuda_graph", action="store_true")
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the element-wise work of Llama-block decode steps (adds compile time)")
+    p.add_argument("--fused_decode", default=None, choices=("off",) + FUSED_DECODE_BACKENDS,
+                   help="Llama-block decode steps through fused functions: torch.compile'd (inductor) or Triton "
+                        "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8)")
+    p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
     p.add_argument("--decode_attn", default="auto", choices=DECODE_BACKENDS,
                    help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or torch ops")
     p.add_argument("--seed", type=int, default=0)
@@ -331,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         find_max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, memory_fraction=a.memory_fraction,
         bandwidth_gbs=a.bandwidth_gbs, prefill_chunk=a.prefill_chunk, cuda_graph=not a.no_cuda_graph,
         deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol, decode_attn=a.decode_attn,
-        compile=a.compile,
+        fused_decode=a.fused_decode or ("inductor" if a.compile else "off"),
     )
     cfg.validate()
     return cfg
@@ -341,7 +345,7 @@ def run(cfg: BenchConfig) -> dict:
     """Benchmark every variant; returns (and writes to cfg.out) the JSON report."""
     cfg.validate()
     set_decode_backend(cfg.decode_attn)
-    set_compiled_decode(cfg.compile)
+    set_compiled_decode(cfg.fused_decode != "off", cfg.fused_decode if cfg.fused_decode != "off" else "inductor")
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}

@@ -42,11 +42,18 @@ def targets_summary(rows: list[dict]) -> dict:
             "llama_batch1_measured_over_roofline": roofline_b1}
 
 
+def _fused_note(config: dict) -> str:
+    mode = config.get("fused_decode") or ("inductor" if config.get("compile") else "off")  # "compile": older reports
+    return {"off": "", "eager": ", Llama decode blocks as fused functions (eager)",
+            "inductor": ", Llama decode element-wise work torch.compiled",
+            "triton": ", Llama decode blocks as fused Triton GEMV kernels"}.get(mode, f", fused decode {mode}")
+
+
 def markdown_table(report: dict) -> str:
     lines = [f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
              f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s, decode attention "
              f"{'+'.join(report.get('decode_attention_backends_used', [])) or 'n/a'}"
-             f"{', Llama decode element-wise work torch.compiled' if report['config'].get('compile') else ''}", ""]
+             f"{_fused_note(report['config'])}", ""]
     for name, v in report["variants"].items():
         chk = v.get("check") or {}
         lines.append(f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "

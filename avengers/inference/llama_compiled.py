@@ -5,8 +5,9 @@ the weight matmuls; on a 1-2B model their launch and tail time is comparable to 
 reading the weights. Two pure functions per block (before and after attention) take the weights
 as arguments, so one compiled graph serves every layer; the key/value write and the attention
 kernel stay outside (an in-place write inside a compiled function could be turned into a copy of
-the whole cache). Enabled with `set_compiled_decode(True)` (`bench --compile`); the eager path in
-kv_cache.py is the reference and tests compare the two.
+the whole cache). Enabled with `set_compiled_decode(True)` (`bench --compile`), or with the Triton
+kernels of triton_gemv.py, which also fuse the norms, SwiGLU and residual adds into the matmuls
+(`bench --fused_decode triton`); the eager path in kv_cache.py is the reference and tests compare them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_state: dict = {"enabled": False, "compile": True, "pre": None, "post": None}
+FUSED_DECODE_BACKENDS = ("eager", "inductor", "triton")
+_state: dict = {"enabled": False, "backend": "inductor", "pre": None, "post": None}
 
 
-def set_compiled_decode(enabled: bool, compile: bool = True) -> None:
-    """Route eligible decode blocks through decode_pre/decode_post, torch.compile'd unless compile=False."""
-    _state["enabled"], _state["compile"] = enabled, compile
+def set_compiled_decode(enabled: bool, backend: str = "inductor") -> None:
+    """Route eligible decode blocks through decode_pre/decode_post: as written here ("eager"),
+    torch.compile'd ("inductor"), or as the fused Triton GEMV kernels of triton_gemv.py ("triton",
+    CUDA or Triton's interpreter; batches above triton_gemv.MAX_BATCH take the inductor functions)."""
+    if backend not in FUSED_DECODE_BACKENDS:
+        raise ValueError(f"decode backend must be one of {FUSED_DECODE_BACKENDS}, got {backend!r}")
+    _state["enabled"], _state["backend"] = enabled, backend
 
 
 def compiled_decode_enabled() -> bool:
@@ -55,10 +61,16 @@ def eligible(layer: nn.Module) -> bool:
             and ff.wg1_fused.bias is None and ff.w2.bias is None and not getattr(ff, "p_dropout", 0))
 
 
-def functions(compiled: bool):
-    """(pre, post): the torch.compile'd versions (built once, dynamic shapes) or the plain ones."""
-    if not compiled:
+def functions(backend: str, batch_size: int):
+    """(pre, post) for the backend: the plain functions, their torch.compile'd versions (built once,
+    dynamic shapes), or the Triton ones (small batches only)."""
+    if backend == "eager":
         return decode_pre, decode_post
+    if backend == "triton":
+        from avengers.inference import triton_gemv
+
+        if batch_size <= triton_gemv.MAX_BATCH:
+            return triton_gemv.decode_pre, triton_gemv.decode_post
     if _state["pre"] is None:
         _state["pre"] = torch.compile(decode_pre, dynamic=True, fullgraph=True)
         _state["post"] = torch.compile(decode_post, dynamic=True, fullgraph=True)
@@ -69,7 +81,7 @@ def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tenso
                  sin: torch.Tensor, attention) -> torch.Tensor:
     """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache."""
     attn, ff = layer.attn, layer.ff_sub_layer
-    pre, post = functions(_state["compile"])
+    pre, post = functions(_state["backend"], h.shape[0])
     q, k, v = pre(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
                   attn.nheads, attn.kvheads, attn.emb_kq_per_head)
     state.write_at(k, v, position)

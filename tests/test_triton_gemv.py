@@ -1,0 +1,92 @@
+"""The fused Triton decode kernels (triton_gemv.py) against torch: GEMV fusions, RoPE, whole blocks.
+
+Runs on CUDA (marked gpu), or on CPU through Triton's interpreter when triton is installed and
+TRITON_INTERPRET=1 is set (`make test-triton`; fp32 only there).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not torch.cuda.is_available() and not INTERPRET:
+    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 for Triton's CPU interpreter", allow_module_level=True)
+
+from avengers.inference import llama_compiled, triton_gemv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    return (scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).to(DEVICE)
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("fusion", ["plain", "norm", "norm_swiglu", "residual"])
+def test_gemv_fusions_match_torch(B, fusion):
+    K, N = 200, 37  # neither a multiple of the block sizes
+    x, g = _rand(B, K, seed=1), _rand(K, seed=2) + 1
+    w = _rand(2 * N if fusion == "norm_swiglu" else N, K, seed=3, scale=K**-0.5)
+    res = _rand(B, N, seed=4)
+    xin = F.rms_norm(x, (K,), g, 1e-5) if fusion.startswith("norm") else x
+    ref = F.linear(xin, w)
+    if fusion == "norm_swiglu":
+        gate, up = ref.split(N, -1)
+        ref = F.silu(gate) * up
+    if fusion == "residual":
+        ref = ref + res
+    out = triton_gemv.gemv(x, w, norm_weight=g if fusion.startswith("norm") else None, eps=1e-5,
+                           residual=res if fusion == "residual" else None, swiglu=fusion == "norm_swiglu")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gemv_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="B <= 8"):
+        triton_gemv.gemv(_rand(9, 16), _rand(4, 16))
+    with pytest.raises(ValueError, match="residual must be"):
+        triton_gemv.gemv(_rand(2, 16), _rand(4, 16), residual=_rand(2, 5))
+
+
+def test_decode_pre_post_match_the_torch_functions():
+    B, D, H, Hkv, d, hidden = 2, 256, 8, 4, 32, 96
+    h = _rand(B, 1, D, seed=5)
+    ln, ff_ln = _rand(D, seed=6) + 1, _rand(D, seed=7) + 1
+    qkv_w = _rand((H + 2 * Hkv) * d, D, seed=8, scale=D**-0.5)
+    angles = _rand(H + Hkv, d // 2, seed=9)
+    cos, sin = angles.cos(), angles.sin()
+    for got, want in zip(triton_gemv.decode_pre(h, ln, 1e-5, qkv_w, cos, sin, H, Hkv, d),
+                         llama_compiled.decode_pre(h, ln, 1e-5, qkv_w, cos, sin, H, Hkv, d)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    attn = _rand(B, 1, H * d, seed=10)
+    dense, wg1, w2 = _rand(D, H * d, seed=11, scale=0.05), _rand(2 * hidden, D, seed=12, scale=0.06), _rand(D, hidden, seed=13, scale=0.1)
+    torch.testing.assert_close(triton_gemv.decode_post(h, attn, dense, ff_ln, 1e-5, wg1, w2, hidden),
+                               llama_compiled.decode_post(h, attn, dense, ff_ln, 1e-5, wg1, w2, hidden),
+                               atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch):
+    from avengers.models.registry import get_model_spec
+
+    calls = []
+    real = triton_gemv.decode_post
+    monkeypatch.setattr(triton_gemv, "decode_post", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    spec = get_model_spec("llama3_tiny")
+    model = spec.build(DEVICE)
+    model.init_weights()
+    model.eval()
+    ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    full = model(ids)
+    llama_compiled.set_compiled_decode(True, "triton")
+    try:
+        cache = model.allocate_cache(2, 20)
+        out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 20)]
+    finally:
+        llama_compiled.set_compiled_decode(False)
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 4 * spec.config.nlayers  # every decode block went through the Triton kernels
