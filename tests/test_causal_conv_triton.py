@@ -91,3 +91,11 @@ def test_hybrid_model_with_triton_conv_matches_reference(monkeypatch):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_self_test_passes_and_catches_a_broken_kernel(monkeypatch):
+    from avengers.models import causal_conv_triton
+
+    assert causal_conv_triton.self_test(DEVICE)
+    monkeypatch.setattr(causal_conv_triton, "triton_causal_conv", lambda x, w, b, silu: ref_causal_conv(x, w, b, silu) * 1.1)
+    assert not causal_conv_triton.self_test(DEVICE)

@@ -99,7 +99,9 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
         def conv(x, weight, bias, silu):
             return causal_conv1d_fn(x, weight.squeeze(1), bias, activation="silu" if silu else None)
     except ImportError:  # our Triton kernel on the same channel-last layout (cuDNN's depthwise is slow)
-        from avengers.models.causal_conv_triton import triton_causal_conv as conv
+        from avengers.models.causal_conv_triton import self_test, triton_causal_conv
+
+        conv = triton_causal_conv if self_test() else ref_causal_conv
 
     return dict(ssd=ssd, ssd_step=step, gated_rmsnorm=gated, add_rmsnorm=add_norm, causal_conv=conv)
 
