@@ -4,20 +4,16 @@ Runs on CUDA (marked gpu), or on CPU through Triton's interpreter when triton is
 TRITON_INTERPRET=1 is set (fp32 only there).
 """
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 for Triton's CPU interpreter", allow_module_level=True)
+from triton_helpers import triton_device
+
+DEVICE = triton_device()
 
 from avengers.models.causal_conv_triton import CausalConvChannelLast, triton_causal_conv  # noqa: E402
 from avengers.models.mamba_kernels import ref_causal_conv  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
 
 

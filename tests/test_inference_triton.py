@@ -4,20 +4,16 @@ Runs on CUDA (marked gpu), or on CPU through Triton's interpreter when triton is
 TRITON_INTERPRET=1 is set (fp32/fp16 only: the interpreter mishandles bf16).
 """
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 for Triton's CPU interpreter", allow_module_level=True)
+from triton_helpers import triton_device
+
+DEVICE = triton_device()
 
 from avengers.inference.kv_cache import decode_attention_reference, decode_attention_torch  # noqa: E402
 from avengers.inference.triton_decode import decode_attention_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SHAPES = [  # B, H, H_kv, S, d, valid length
     (1, 4, 2, 256, 16, 200), (2, 8, 2, 384, 32, 1), (3, 6, 3, 128, 64, 128), (2, 16, 8, 1024, 128, 1000),
