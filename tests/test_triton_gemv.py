@@ -13,6 +13,7 @@ from triton_helpers import triton_device
 DEVICE = triton_device()
 
 from avengers.inference import llama_compiled, triton_gemv  # noqa: E402
+from avengers.inference.kv_cache import KVState  # noqa: E402
 
 pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
 
@@ -54,9 +55,15 @@ def test_decode_pre_post_match_the_torch_functions():
     qkv_w = _rand((H + 2 * Hkv) * d, D, seed=8, scale=D**-0.5)
     angles = _rand(H + Hkv, d // 2, seed=9)
     cos, sin = angles.cos(), angles.sin()
-    for got, want in zip(triton_gemv.decode_pre(h, ln, 1e-5, qkv_w, cos, sin, H, Hkv, d),
-                         llama_compiled.decode_pre(h, ln, 1e-5, qkv_w, cos, sin, H, Hkv, d)):
+    states = [KVState(B, Hkv, 16, d, device=DEVICE) for _ in range(2)]
+    position = torch.tensor(5, device=DEVICE)
+    q = triton_gemv.decode_pre_write(h, ln, 1e-5, qkv_w, cos, sin, H, Hkv, d, states[0], position)
+    q_ref, k_ref, v_ref = llama_compiled.decode_pre(h, ln, 1e-5, qkv_w, cos, sin, H, Hkv, d)
+    states[1].write_at(k_ref, v_ref, position)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    for got, want in ((states[0].k, states[1].k), (states[0].v, states[1].v)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert states[0].k[:, :, 5].abs().sum() > 0 and states[0].k[:, :, :5].abs().sum() == 0
     attn = _rand(B, 1, H * d, seed=10)
     dense, wg1, w2 = _rand(D, H * d, seed=11, scale=0.05), _rand(2 * hidden, D, seed=12, scale=0.06), _rand(D, hidden, seed=13, scale=0.1)
     torch.testing.assert_close(triton_gemv.decode_post(h, attn, dense, ff_ln, 1e-5, wg1, w2, hidden),

@@ -62,29 +62,38 @@ def eligible(layer: nn.Module) -> bool:
 
 
 def functions(backend: str, batch_size: int):
-    """(pre, post) for the backend: the plain functions, their torch.compile'd versions (built once,
-    dynamic shapes), or the Triton ones (small batches only)."""
-    if backend == "eager":
-        return decode_pre, decode_post
+    """(pre_write, post) for the backend: pre_write(h, ln_w, eps, qkv_w, cos, sin, H, H_kv, d, state,
+    position) -> q also writes the token's key/value into the cache. The plain functions, their
+    torch.compile'd versions (built once, dynamic shapes; the cache write stays outside the graph),
+    or the Triton kernels (small batches only)."""
     if backend == "triton":
         from avengers.inference import triton_gemv
 
         if batch_size <= triton_gemv.MAX_BATCH:
-            return triton_gemv.decode_pre, triton_gemv.decode_post
-    if _state["pre"] is None:
-        _state["pre"] = torch.compile(decode_pre, dynamic=True, fullgraph=True)
-        _state["post"] = torch.compile(decode_post, dynamic=True, fullgraph=True)
-    return _state["pre"], _state["post"]
+            return triton_gemv.decode_pre_write, triton_gemv.decode_post
+    if backend == "eager":
+        pre, post = decode_pre, decode_post
+    else:
+        if _state["pre"] is None:
+            _state["pre"] = torch.compile(decode_pre, dynamic=True, fullgraph=True)
+            _state["post"] = torch.compile(decode_post, dynamic=True, fullgraph=True)
+        pre, post = _state["pre"], _state["post"]
+
+    def pre_write(*args, state, position):
+        q, k, v = pre(*args)
+        state.write_at(k, v, position)
+        return q
+
+    return pre_write, post
 
 
 def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, attention) -> torch.Tensor:
     """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache."""
     attn, ff = layer.attn, layer.ff_sub_layer
-    pre, post = functions(_state["backend"], h.shape[0])
-    q, k, v = pre(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
-                  attn.nheads, attn.kvheads, attn.emb_kq_per_head)
-    state.write_at(k, v, position)
+    pre_write, post = functions(_state["backend"], h.shape[0])
+    q = pre_write(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
+                  attn.nheads, attn.kvheads, attn.emb_kq_per_head, state=state, position=position)
     out = attention(q).reshape(h.shape[0], 1, -1)
     return post(h, out, attn.dense.weight, layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight,
                 ff.w2.weight, ff.hidden_dim)

@@ -7,8 +7,9 @@ weight matmuls are four kernels that also do the work around them:
 
     rmsnorm(h) @ Wqkv^T          h + attn @ Wo^T          silu(g) * u, [g; u] = rmsnorm(h) @ Wg1^T          h + a @ W2^T
 
-plus one kernel for the query/key rotation. References: llama_compiled.decode_pre/decode_post
-(the same maths in torch); tests compare the two. Each program owns BLOCK_N output rows and
+plus one kernel that rotates the query and key and writes key and value into the cache. References:
+llama_compiled.decode_pre (+ KVState.write_at) and decode_post, the same maths in torch; tests
+compare them. Each program owns BLOCK_N output rows and
 streams its weight rows once for every sequence of the (small) batch.
 """
 
@@ -86,41 +87,57 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
 
 
 @triton.jit
-def _rope_kernel(QKV, Cos, Sin, Out, sqb, H_ROT, HALF: tl.constexpr, BH: tl.constexpr):
-    """Rotate adjacent pairs of the first H_ROT heads of one sequence's qkv row: out [B, H_ROT, 2*HALF]."""
+def _rope_write_kernel(QKV, Cos, Sin, Q, K, V, Pos, sqb, skb, skh, skn, svb, svh, svn, H, HKV,
+                       HALF: tl.constexpr, BH: tl.constexpr):
+    """Program (b, head) of one token's qkv row: query heads are rotated into Q [B, H, d], key heads
+    rotated and value heads copied into the caches K, V [B, H_kv, S, d] at the position in Pos."""
     b, h = tl.program_id(0), tl.program_id(1)
     i = tl.arange(0, BH)
     ok = i < HALF
     base = QKV + b * sqb + h * 2 * HALF
     x0 = tl.load(base + 2 * i, mask=ok, other=0.0).to(tl.float32)
     x1 = tl.load(base + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
-    c = tl.load(Cos + h * HALF + i, mask=ok, other=0.0)
-    s = tl.load(Sin + h * HALF + i, mask=ok, other=0.0)
-    o = Out + (b * H_ROT + h) * 2 * HALF
-    tl.store(o + 2 * i, (x0 * c - x1 * s).to(Out.dtype.element_ty), mask=ok)
-    tl.store(o + 2 * i + 1, (x0 * s + x1 * c).to(Out.dtype.element_ty), mask=ok)
+    pos = tl.load(Pos)
+    if h < H + HKV:  # rotate (cos/sin carry the query's 1/sqrt(d) scale)
+        c = tl.load(Cos + h * HALF + i, mask=ok, other=0.0)
+        s = tl.load(Sin + h * HALF + i, mask=ok, other=0.0)
+        y0, y1 = x0 * c - x1 * s, x0 * s + x1 * c
+        if h < H:
+            o = Q + (b * H + h) * 2 * HALF
+        else:
+            o = K + b * skb + (h - H) * skh + pos * skn
+    else:
+        y0, y1 = x0, x1
+        o = V + b * svb + (h - H - HKV) * svh + pos * svn
+    tl.store(o + 2 * i, y0.to(Q.dtype.element_ty), mask=ok)
+    tl.store(o + 2 * i + 1, y1.to(Q.dtype.element_ty), mask=ok)
 
 
-def rope_pairs(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """qkv [B, >= heads * d] (unit last stride): its first `heads` heads rotated by cos/sin [heads, d/2]
-    (fp32, adjacent pairs, ibm-fms layout) -> [B, heads, d] in qkv's dtype."""
-    half = cos.shape[-1]
-    if cos.shape != (heads, half) or sin.shape != cos.shape or qkv.stride(-1) != 1:
-        raise ValueError(f"cos/sin must be [{heads}, d/2] and qkv unit-stride; got {tuple(cos.shape)}, {tuple(sin.shape)}")
+def rope_and_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, Hkv: int,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """qkv [B, (H + 2 H_kv) d]: rotate q and k (adjacent pairs, cos/sin [H + H_kv, d/2]), write k and v
+    into the caches [B, H_kv, S, d] at the 0-dim device `position`; return q [B, H, d]."""
     B = qkv.shape[0]
-    out = torch.empty(B, heads, 2 * half, device=qkv.device, dtype=qkv.dtype)
-    _rope_kernel[(B, heads)](qkv, cos.float().contiguous(), sin.float().contiguous(), out, qkv.stride(0), heads,
-                             half, triton.next_power_of_2(half))
-    return out
+    half = cos.shape[-1]
+    d = 2 * half
+    if (cos.shape != (H + Hkv, half) or sin.shape != cos.shape or qkv.shape[1] != (H + 2 * Hkv) * d
+            or qkv.stride(-1) != 1 or k_cache.shape != v_cache.shape or k_cache.shape[-1] != d
+            or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
+        raise ValueError(f"rope_and_write: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, caches "
+                         f"{tuple(k_cache.shape)} do not fit H={H}, H_kv={Hkv}")
+    q = torch.empty(B, H, d, device=qkv.device, dtype=k_cache.dtype)
+    _rope_write_kernel[(B, H + 2 * Hkv)](
+        qkv, cos.float().contiguous(), sin.float().contiguous(), q, k_cache, v_cache, position,
+        qkv.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], H, Hkv, half, triton.next_power_of_2(half))
+    return q
 
 
-def decode_pre(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, H: int, Hkv: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """llama_compiled.decode_pre in two kernels: norm + QKV GEMV, then the q/k rotation."""
-    B = h.shape[0]
-    qkv = gemv(h.reshape(B, -1), qkv_w, norm_weight=ln_w, eps=eps)
-    rot = rope_pairs(qkv, cos, sin, H + Hkv)
-    return rot[:, :H], rot[:, H:].unsqueeze(2), qkv[:, (H + Hkv) * d:].reshape(B, Hkv, 1, d)
+def decode_pre_write(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, H: int, Hkv: int, d: int, state, position: torch.Tensor) -> torch.Tensor:
+    """llama_compiled.decode_pre + KVState.write_at in two kernels: norm + QKV GEMV, then the
+    rotation with the key/value write. Returns q [B, H, d] (rotated, pre-scaled)."""
+    qkv = gemv(h.reshape(h.shape[0], -1), qkv_w, norm_weight=ln_w, eps=eps)
+    return rope_and_write(qkv, cos, sin, H, Hkv, state.k, state.v, position)
 
 
 def decode_post(h: torch.Tensor, attn: torch.Tensor, dense_w: torch.Tensor, ln_w: torch.Tensor, eps: float,
