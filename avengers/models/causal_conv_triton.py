@@ -26,10 +26,10 @@ BLOCK_C = 128
 
 
 @triton.jit
-def _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr):
-    """bias + sum_i w[:, i] * x[rows - (WIDTH-1) + i] in fp32, [BLOCK_T, BLOCK_C]."""
+def _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """bias + sum_i w[:, i] * x[rows - (WIDTH-1) + i] in fp32, [BT, BC]."""
     c_ok = cols < C
-    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32) + bias[None, :]
+    acc = tl.zeros((BT, BC), dtype=tl.float32) + bias[None, :]
     for i in tl.static_range(WIDTH):
         r = rows - (WIDTH - 1) + i
         m = ((r >= 0) & (r < L))[:, None] & c_ok[None, :]
@@ -40,14 +40,23 @@ def _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _load_bias(Bias, cols, c_ok, HAS_BIAS: tl.constexpr, BC: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(Bias + cols, mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BC,), tl.float32)
+    return bias
+
+
+@triton.jit
 def _fwd_kernel(X, Wt, Bias, Out, sxb, sxt, L, C, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     b, tb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tb * BT + tl.arange(0, BT)
     cols = cb * BC + tl.arange(0, BC)
     c_ok = cols < C
-    bias = tl.load(Bias + cols, mask=c_ok, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BC,), tl.float32)
-    y = _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH)
+    bias = _load_bias(Bias, cols, c_ok, HAS_BIAS, BC)
+    y = _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, BT, BC)
     if SILU:
         y = y * tl.sigmoid(y)
     m = (rows < L)[:, None] & c_ok[None, :]
@@ -55,12 +64,13 @@ def _fwd_kernel(X, Wt, Bias, Out, sxb, sxt, L, C, WIDTH: tl.constexpr, HAS_BIAS:
 
 
 @triton.jit
-def _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr, SILU: tl.constexpr):
+def _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr, SILU: tl.constexpr,
+              BT: tl.constexpr, BC: tl.constexpr):
     """d loss / d pre-activation at rows (0 outside [0, L)), fp32."""
     m = (rows < L)[:, None] & (cols < C)[None, :]
     g = tl.load(G + (b * L + rows[:, None]) * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
     if SILU:
-        y = _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH)
+        y = _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, BT, BC)
         s = tl.sigmoid(y)
         g = g * s * (1.0 + y * (1.0 - s))
     return g
@@ -73,17 +83,17 @@ def _bwd_kernel(X, Wt, Bias, G, DX, DWp, DBp, sxb, sxt, L, C, n_tb, WIDTH: tl.co
     rows = tb * BT + tl.arange(0, BT)
     cols = cb * BC + tl.arange(0, BC)
     c_ok = cols < C
-    bias = tl.load(Bias + cols, mask=c_ok, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BC,), tl.float32)
+    bias = _load_bias(Bias, cols, c_ok, HAS_BIAS, BC)
     # dx[t] = sum_i w[i] * gp[t + (WIDTH-1) - i]
     dx = tl.zeros((BT, BC), dtype=tl.float32)
     for i in tl.static_range(WIDTH):
-        gp = _grad_pre(X, Wt, G, bias, b, rows + (WIDTH - 1) - i, cols, sxb, sxt, L, C, WIDTH, SILU)
+        gp = _grad_pre(X, Wt, G, bias, b, rows + (WIDTH - 1) - i, cols, sxb, sxt, L, C, WIDTH, SILU, BT, BC)
         w = tl.load(Wt + cols * WIDTH + i, mask=c_ok, other=0.0).to(tl.float32)
         dx += gp * w[None, :]
     m = (rows < L)[:, None] & c_ok[None, :]
     tl.store(DX + (b * L + rows[:, None]) * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
     # this program's share of dw[c, i] = sum_t gp[t] * x[t - (WIDTH-1) + i] and db[c] = sum_t gp[t]
-    gp = _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, SILU)
+    gp = _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, SILU, BT, BC)
     part = b * n_tb + tb
     for i in tl.static_range(WIDTH):
         r = rows - (WIDTH - 1) + i
