@@ -78,3 +78,8 @@ def test_config_errors():
         BenchConfig(variants=["nope"], contexts=[128], batch_sizes=[1], device="cpu").validate()
     with pytest.raises(ValueError, match="every context must be"):
         BenchConfig(variants=["llama3_tiny"], contexts=[8], batch_sizes=[1], device="cpu").validate()
+    with pytest.raises(ValueError, match="fused_decode must be one of"):
+        BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", fused_decode="tvm").validate()
+    assert parse_args(["--device", "cpu", "--compile"]).fused_decode == "inductor"
+    assert parse_args(["--device", "cpu", "--fused_decode", "triton"]).fused_decode == "triton"
+    assert parse_args(["--device", "cpu"]).fused_decode == "off"
