@@ -8,11 +8,11 @@ integers and never exists as an [n, columns] tensor.
 
 Column layout (NodeLayout). With `block_q=None` the columns are the node array itself (EMPTY, the
 tokens, then merged nodes by depth); each depth's live nodes form a narrow diagonal band, but a
-block of 128 queries still touches ~11 column blocks of 128 for Tele@128 at n=4096, mostly empty.
+block of 128 queries still touches ~10 column blocks of 128 for Tele@128 at n=4096, mostly empty.
 With `block_q=Q` every block of Q queries gets its own run of U columns holding just the nodes
-any of its queries reads (EMPTY first, padding after), gathered from the node array: the block
-mask is block-diagonal with U/128 blocks per query block (~4 for Tele@128), and the gathered
-copy is [B, Hkv, n/Q * U, d], about 4x the token count, not C x.
+any of its queries reads (padded with never-alive columns), gathered from the node array: the
+block mask is block-diagonal with U/128 blocks per query block (3 for Tele@128: U = 384), and
+the gathered copy is [B, Hkv, n/Q * U, d], about 3x the token count, not C x.
 
 EMPTY slots. The documented version does not mask them: each EMPTY slot adds a logit 0 with a
 value 0, so with k of them query t's output is the output over its live slots scaled by
