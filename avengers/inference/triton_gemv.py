@@ -1,7 +1,7 @@
 """Small-batch GEMV with fused RMSNorm prologue, SwiGLU or residual epilogue, and RoPE, in Triton.
 
 A Llama decode step at batch 1 is bandwidth-bound on the weights, but torch runs each block as
-~13 kernels (norm, matmul, RoPE, residual add, SiLU-multiply, ...), and at 1-2B parameters their
+~15 kernels (norm, matmul, RoPE, cache write, residual add, SiLU-multiply, ...), and at 1-2B parameters their
 fixed per-kernel cost is as large as the weight reads (docs/benchmarks.md). Here a block's four
 weight matmuls are four kernels that also do the work around them:
 
@@ -9,8 +9,8 @@ weight matmuls are four kernels that also do the work around them:
 
 plus one kernel that rotates the query and key and writes key and value into the cache. References:
 llama_compiled.decode_pre (+ KVState.write_at) and decode_post, the same maths in torch; tests
-compare them. Each program owns BLOCK_N output rows and
-streams its weight rows once for every sequence of the (small) batch.
+compare them. Each GEMV program owns BLOCK_N output rows and streams those weight rows once for
+every sequence of the (small) batch.
 """
 
 from __future__ import annotations
