@@ -75,9 +75,12 @@ def test_decode_pre_post_match_the_torch_functions():
 def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch):
     from avengers.models.registry import get_model_spec
 
-    calls = []
-    real = triton_gemv.decode_post
+    from avengers.inference import kv_cache
+
+    calls, heads = [], []
+    real, real_head = triton_gemv.decode_post, kv_cache.decode_head
     monkeypatch.setattr(triton_gemv, "decode_post", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kv_cache, "decode_head", lambda *a: heads.append(real_head(*a)) or heads[-1])
     torch.manual_seed(0)
     spec = get_model_spec("llama3_tiny")
     model = spec.build(DEVICE)
@@ -93,3 +96,4 @@ def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch):
         llama_compiled.set_compiled_decode(False)
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
     assert len(calls) == 4 * spec.config.nlayers  # every decode block went through the Triton kernels
+    assert len(heads) == 4 and all(h is not None for h in heads)  # and every step's norm + LM head

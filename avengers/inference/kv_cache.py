@@ -17,7 +17,7 @@ from avengers.inference.attention import (  # noqa: F401 - re-exported for the m
     decode_backends_used, invalid_positions, padded_len, set_decode_backend,
 )
 from avengers.inference.cache import InferenceCache
-from avengers.inference.llama_compiled import compiled_decode_enabled, decode_block, eligible
+from avengers.inference.llama_compiled import compiled_decode_enabled, decode_block, decode_head, eligible
 
 
 class KVState:
@@ -161,6 +161,8 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
             continue
         h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, decode)
         h = h + layer.ff_sub_layer(_rms_norm(layer.ff_ln, h))
-    logits = model.head(_rms_norm(base.dec_norm, h))
+    logits = decode_head(base.dec_norm, model.head, h) if fused else None
+    if logits is None:
+        logits = model.head(_rms_norm(base.dec_norm, h))
     cache.advance(T)
     return logits

@@ -97,3 +97,16 @@ def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tenso
     out = attention(q).reshape(h.shape[0], 1, -1)
     return post(h, out, attn.dense.weight, layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight,
                 ff.w2.weight, ff.hidden_dim)
+
+
+def decode_head(norm: nn.Module, head: nn.Linear, h: torch.Tensor) -> torch.Tensor | None:
+    """Final RMSNorm + LM head of a decode step as one Triton GEMV ("triton" backend, small batch,
+    plain RMSNorm and bias-free head); None where the caller's own path applies."""
+    if not (_state["enabled"] and _state["backend"] == "triton") or head.bias is not None:
+        return None
+    from avengers.inference import triton_gemv
+
+    if norm.use_mean or not norm.elementwise_scale or norm.elementwise_shift or h.shape[0] > triton_gemv.MAX_BATCH:
+        return None
+    B = h.shape[0]
+    return triton_gemv.gemv(h.reshape(B, -1), head.weight, norm_weight=norm.weight, eps=norm.eps).view(B, 1, -1)
