@@ -79,10 +79,10 @@ def test_broadcast_from_copies_state_and_position():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_fused_decode_functions_match_full_forward(tiny, backend, monkeypatch):
+@pytest.mark.parametrize("mode", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_fused_decode_functions_match_full_forward(tiny, mode, monkeypatch):
     from avengers.inference import kv_cache
-    from avengers.inference.llama_compiled import set_compiled_decode
+    from avengers.inference.llama_compiled import set_fused_decode
 
     calls = []
     real = kv_cache.decode_block
@@ -90,11 +90,11 @@ def test_fused_decode_functions_match_full_forward(tiny, backend, monkeypatch):
     spec, model = tiny
     ids = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     full = model(ids)
-    set_compiled_decode(True, backend)
+    set_fused_decode(mode)
     try:
         cache = model.allocate_cache(2, 24)
         out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 24)]
     finally:
-        set_compiled_decode(False)
+        set_fused_decode("off")
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
     assert len(calls) == 8 * spec.config.nlayers

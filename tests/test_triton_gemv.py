@@ -88,12 +88,12 @@ def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch):
     model.eval()
     ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     full = model(ids)
-    llama_compiled.set_compiled_decode(True, "triton")
+    llama_compiled.set_fused_decode("triton")
     try:
         cache = model.allocate_cache(2, 20)
         out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 20)]
     finally:
-        llama_compiled.set_compiled_decode(False)
+        llama_compiled.set_fused_decode("off")
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
     assert len(calls) == 4 * spec.config.nlayers  # every decode block went through the Triton kernels
     assert len(heads) == 4 and all(h is not None for h in heads)  # and every step's norm + LM head

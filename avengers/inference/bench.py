@@ -31,7 +31,7 @@ from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
 from avengers.inference.graphs import DecodeStep
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
-from avengers.inference.llama_compiled import FUSED_DECODE_BACKENDS, set_compiled_decode
+from avengers.inference.llama_compiled import FUSED_DECODE_MODES, set_fused_decode
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ class BenchConfig:
             raise ValueError(f"unknown variants {bad}; known: {', '.join(known)}")
         if not self.variants:
             raise ValueError("no variants to benchmark")
-        if self.fused_decode not in ("off",) + FUSED_DECODE_BACKENDS:
-            raise ValueError(f"fused_decode must be one of {('off',) + FUSED_DECODE_BACKENDS}, got {self.fused_decode!r}")
+        if self.fused_decode not in FUSED_DECODE_MODES:
+            raise ValueError(f"fused_decode must be one of {FUSED_DECODE_MODES}, got {self.fused_decode!r}")
         if self.decode_attn not in DECODE_BACKENDS:
             raise ValueError(f"decode_attn must be one of {DECODE_BACKENDS}, got {self.decode_attn!r}")
         if self.dtype not in DTYPES:
@@ -316,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--no_cuda_graph", action="store_true")
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
-    p.add_argument("--fused_decode", default=None, choices=("off",) + FUSED_DECODE_BACKENDS,
+    p.add_argument("--fused_decode", default=None, choices=FUSED_DECODE_MODES,
                    help="Llama-block decode steps through fused functions: torch.compile'd (inductor) or Triton "
                         "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8)")
     p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
@@ -345,7 +345,7 @@ def run(cfg: BenchConfig) -> dict:
     """Benchmark every variant; returns (and writes to cfg.out) the JSON report."""
     cfg.validate()
     set_decode_backend(cfg.decode_attn)
-    set_compiled_decode(cfg.fused_decode != "off", cfg.fused_decode if cfg.fused_decode != "off" else "inductor")
+    set_fused_decode(cfg.fused_decode)
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}
@@ -373,7 +373,7 @@ def run(cfg: BenchConfig) -> dict:
     rows.sort(key=lambda r: (cfg.variants.index(r["variant"]), r["context"], r["batch"]))
     report["targets"] = targets_summary(rows)
     print(write_report(report, Path(cfg.out)))
-    set_compiled_decode(False)
+    set_fused_decode("off")
     return report
 
 

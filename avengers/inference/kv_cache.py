@@ -17,7 +17,7 @@ from avengers.inference.attention import (  # noqa: F401 - re-exported for the m
     decode_backends_used, invalid_positions, padded_len, set_decode_backend,
 )
 from avengers.inference.cache import InferenceCache
-from avengers.inference.llama_compiled import compiled_decode_enabled, decode_block, decode_head, eligible
+from avengers.inference.llama_compiled import decode_block, decode_head, eligible, fused_decode_mode, is_plain_rms_norm
 
 
 class KVState:
@@ -90,7 +90,7 @@ class KVCache(InferenceCache):
 
 
 def _rms_norm(ln: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if ln.use_mean or ln.elementwise_shift or not ln.elementwise_scale:
+    if not is_plain_rms_norm(ln):
         return ln(x)
     return F.rms_norm(x, (x.shape[-1],), ln.weight, ln.eps)
 
@@ -151,9 +151,9 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     cis = cis[:, None, :] * cache.head_scale  # [T, H + H_kv, d/2]
     base = model.base_model
     h = base.embedding(x)
-    fused = decode is not None and compiled_decode_enabled()
-    if fused:
-        cos, sin = torch.view_as_real(cis[0]).unbind(-1)
+    fused = decode is not None and fused_decode_mode() != "off"
+    if fused:  # once per step, not per layer
+        cos, sin = (t.contiguous() for t in torch.view_as_real(cis[0]).unbind(-1))
     for layer, state in zip(base.layers, cache.layers):
         if fused and eligible(layer):
             h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(

@@ -5,32 +5,40 @@ the weight matmuls; on a 1-2B model their launch and tail time is comparable to 
 reading the weights. Two pure functions per block (before and after attention) take the weights
 as arguments, so one compiled graph serves every layer; the key/value write and the attention
 kernel stay outside (an in-place write inside a compiled function could be turned into a copy of
-the whole cache). Enabled with `set_compiled_decode(True)` (`bench --compile`), or with the Triton
+the whole cache). Enabled with `set_fused_decode("inductor")` (`bench --compile`), or with the Triton
 kernels of triton_gemv.py, which also fuse the norms, SwiGLU and residual adds into the matmuls
 (`bench --fused_decode triton`); the eager path in kv_cache.py is the reference and tests compare them.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_DECODE_BACKENDS = ("eager", "inductor", "triton")
-_state: dict = {"enabled": False, "backend": "inductor", "pre": None, "post": None}
+FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton")
+_state: dict = {"mode": "off"}
 
 
-def set_compiled_decode(enabled: bool, backend: str = "inductor") -> None:
-    """Route eligible decode blocks through decode_pre/decode_post: as written here ("eager"),
-    torch.compile'd ("inductor"), or as the fused Triton GEMV kernels of triton_gemv.py ("triton",
-    CUDA or Triton's interpreter; batches above triton_gemv.MAX_BATCH take the inductor functions)."""
-    if backend not in FUSED_DECODE_BACKENDS:
-        raise ValueError(f"decode backend must be one of {FUSED_DECODE_BACKENDS}, got {backend!r}")
-    _state["enabled"], _state["backend"] = enabled, backend
+def set_fused_decode(mode: str) -> None:
+    """Route eligible decode blocks through decode_pre/decode_post as written here ("eager"),
+    torch.compile'd ("inductor"), or as the fused Triton kernels of triton_gemv.py ("triton", CUDA or
+    Triton's interpreter; batches above triton_gemv.MAX_BATCH take the inductor functions); "off":
+    the per-module path in kv_cache.py."""
+    if mode not in FUSED_DECODE_MODES:
+        raise ValueError(f"fused decode mode must be one of {FUSED_DECODE_MODES}, got {mode!r}")
+    _state["mode"] = mode
 
 
-def compiled_decode_enabled() -> bool:
-    return _state["enabled"]
+def fused_decode_mode() -> str:
+    return _state["mode"]
+
+
+def is_plain_rms_norm(norm: nn.Module) -> bool:
+    """An ibm-fms LayerNormParameterized that is RMSNorm with a gain and no shift."""
+    return not norm.use_mean and norm.elementwise_scale and not norm.elementwise_shift
 
 
 def decode_pre(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
@@ -55,29 +63,20 @@ def decode_post(h: torch.Tensor, attn: torch.Tensor, dense_w: torch.Tensor, ln_w
 def eligible(layer: nn.Module) -> bool:
     """The block has the layout the pure functions assume (fused weights, no biases, SiLU, RMSNorm)."""
     attn, ff = layer.attn, layer.ff_sub_layer
-    norms_ok = all(not n.use_mean and n.elementwise_scale and not n.elementwise_shift for n in (layer.ln, layer.ff_ln))
+    norms_ok = is_plain_rms_norm(layer.ln) and is_plain_rms_norm(layer.ff_ln)
     return (norms_ok and hasattr(attn.in_proj, "qkv_fused") and getattr(ff, "wg1_fused", None) is not None
             and isinstance(ff.a, nn.SiLU) and attn.in_proj.qkv_fused.bias is None and attn.dense.bias is None
             and ff.wg1_fused.bias is None and ff.w2.bias is None and not getattr(ff, "p_dropout", 0))
 
 
-def functions(backend: str, batch_size: int):
-    """(pre_write, post) for the backend: pre_write(h, ln_w, eps, qkv_w, cos, sin, H, H_kv, d, state,
-    position) -> q also writes the token's key/value into the cache. The plain functions, their
-    torch.compile'd versions (built once, dynamic shapes; the cache write stays outside the graph),
-    or the Triton kernels (small batches only)."""
-    if backend == "triton":
-        from avengers.inference import triton_gemv
-
-        if batch_size <= triton_gemv.MAX_BATCH:
-            return triton_gemv.decode_pre_write, triton_gemv.decode_post
-    if backend == "eager":
-        pre, post = decode_pre, decode_post
-    else:
-        if _state["pre"] is None:
-            _state["pre"] = torch.compile(decode_pre, dynamic=True, fullgraph=True)
-            _state["post"] = torch.compile(decode_post, dynamic=True, fullgraph=True)
-        pre, post = _state["pre"], _state["post"]
+@functools.cache
+def _torch_functions(mode: str):
+    """(pre_write, post) from the torch functions, plain or torch.compile'd (built once, dynamic
+    shapes); the cache write stays outside the compiled graph."""
+    pre, post = decode_pre, decode_post
+    if mode == "inductor":
+        pre = torch.compile(decode_pre, dynamic=True, fullgraph=True)
+        post = torch.compile(decode_post, dynamic=True, fullgraph=True)
 
     def pre_write(*args, state, position):
         q, k, v = pre(*args)
@@ -87,11 +86,24 @@ def functions(backend: str, batch_size: int):
     return pre_write, post
 
 
+def functions(mode: str, batch_size: int):
+    """(pre_write, post) for the mode: pre_write(h, ln_w, eps, qkv_w, cos, sin, H, H_kv, d, state,
+    position) -> q also writes the token's key/value into the cache."""
+    if mode == "triton":
+        from avengers.inference import triton_gemv
+
+        if batch_size <= triton_gemv.MAX_BATCH:
+            return triton_gemv.decode_pre_write, triton_gemv.decode_post
+        mode = "inductor"
+    return _torch_functions(mode)
+
+
 def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, attention) -> torch.Tensor:
-    """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache."""
+    """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache.
+    cos/sin [H + H_kv, d/2], fp32 and contiguous."""
     attn, ff = layer.attn, layer.ff_sub_layer
-    pre_write, post = functions(_state["backend"], h.shape[0])
+    pre_write, post = functions(_state["mode"], h.shape[0])
     q = pre_write(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
                   attn.nheads, attn.kvheads, attn.emb_kq_per_head, state=state, position=position)
     out = attention(q).reshape(h.shape[0], 1, -1)
@@ -100,13 +112,13 @@ def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tenso
 
 
 def decode_head(norm: nn.Module, head: nn.Linear, h: torch.Tensor) -> torch.Tensor | None:
-    """Final RMSNorm + LM head of a decode step as one Triton GEMV ("triton" backend, small batch,
+    """Final RMSNorm + LM head of a decode step as one Triton GEMV ("triton" mode, small batch,
     plain RMSNorm and bias-free head); None where the caller's own path applies."""
-    if not (_state["enabled"] and _state["backend"] == "triton") or head.bias is not None:
+    if _state["mode"] != "triton" or head.bias is not None or not is_plain_rms_norm(norm):
         return None
     from avengers.inference import triton_gemv
 
-    if norm.use_mean or not norm.elementwise_scale or norm.elementwise_shift or h.shape[0] > triton_gemv.MAX_BATCH:
-        return None
     B = h.shape[0]
+    if B > triton_gemv.MAX_BATCH:
+        return None
     return triton_gemv.gemv(h.reshape(B, -1), head.weight, norm_weight=norm.weight, eps=norm.eps).view(B, 1, -1)

@@ -115,19 +115,20 @@ def _rope_write_kernel(QKV, Cos, Sin, Q, K, V, Pos, sqb, skb, skh, skn, svb, svh
 
 def rope_and_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, Hkv: int,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """qkv [B, (H + 2 H_kv) d]: rotate q and k (adjacent pairs, cos/sin [H + H_kv, d/2]), write k and v
+    """qkv [B, (H + 2 H_kv) d]: rotate q and k (adjacent pairs, cos/sin [H + H_kv, d/2] fp32), write k and v
     into the caches [B, H_kv, S, d] at the 0-dim device `position`; return q [B, H, d]."""
     B = qkv.shape[0]
     half = cos.shape[-1]
     d = 2 * half
-    if (cos.shape != (H + Hkv, half) or sin.shape != cos.shape or qkv.shape[1] != (H + 2 * Hkv) * d
+    if (cos.shape != (H + Hkv, half) or sin.shape != cos.shape or not cos.is_contiguous() or not sin.is_contiguous()
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32 or qkv.shape[1] != (H + 2 * Hkv) * d
             or qkv.stride(-1) != 1 or k_cache.shape != v_cache.shape or k_cache.shape[-1] != d
             or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
-        raise ValueError(f"rope_and_write: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, caches "
-                         f"{tuple(k_cache.shape)} do not fit H={H}, H_kv={Hkv}")
+        raise ValueError(f"rope_and_write: qkv {tuple(qkv.shape)}, cos/sin {tuple(cos.shape)} (fp32, contiguous), "
+                         f"caches {tuple(k_cache.shape)} do not fit H={H}, H_kv={Hkv}")
     q = torch.empty(B, H, d, device=qkv.device, dtype=k_cache.dtype)
     _rope_write_kernel[(B, H + 2 * Hkv)](
-        qkv, cos.float().contiguous(), sin.float().contiguous(), q, k_cache, v_cache, position,
+        qkv, cos, sin, q, k_cache, v_cache, position,
         qkv.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], H, Hkv, half, triton.next_power_of_2(half))
     return q
 
