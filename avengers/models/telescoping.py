@@ -210,9 +210,6 @@ class TelePlan:
         self.num_nodes = sched.num_nodes
         self.table = long(sched.table)
         self.passes = tuple((long(a), long(b)) for a, b in sched.passes)
-        self.birth = long(sched.birth)
-        self.death = long(sched.death)
-        self.num_empty = long(sched.num_empty)
         # log(#EMPTY slots) per query (-inf where none) for the flex path's sink correction
         log_k = np.where(sched.num_empty > 0, np.log(np.maximum(sched.num_empty, 1)), -np.inf)
         self.log_num_empty = {dt: torch.as_tensor(log_k, dtype=dt, device=device) for dt in (torch.float32, torch.float64)}
