@@ -12,6 +12,9 @@ Parts (each time-boxed; whatever does not fit in --budget_s is skipped and says 
            with fp32 params + bf16 autocast, all-bf16, and bf16 params + fp32 master weights in the
            optimizer; one profiled step of each (top kernels, time by kernel class, the kernels whose
            time differs most between fp32+autocast and all-bf16).
+  attn     why the hybrid holds more memory than the pure model: one attention block and one Mamba-2
+           block of mamba_1.5b alone (bf16, batch 4 x 4096), forward + backward peak memory and
+           time, the SDPA kernels that ran, and the same with each SDPA backend forced.
   compile  torch.compile per block (bf16): break reasons from torch._dynamo.explain, then tokens/s of
            eager vs compiled with our mamba_ssm ops as a custom op (one graph per block), opaque to
            dynamo (graph breaks) or traced into, and mamba_ssm's own blocks compiled.
@@ -21,6 +24,7 @@ Writes results.json, log.txt, profile_<config>.{txt,json} and gap_<model>.txt un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -322,6 +326,57 @@ def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dic
     return res
 
 
+# ---- part: one hybrid attention block vs one Mamba-2 block -------------------------------------
+
+def part_attn(device, smoke: bool) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from avengers.models.mamba import MambaBlock, Mamba2Mixer
+
+    spec = get_model_spec("hybrid_tiny" if smoke else "mamba_1.5b")
+    cfg = spec.config
+    B, S = (2, 64) if smoke else (4, 4096)
+    kernels = mamba_kernels.select_kernels(device, cfg.kernels)
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    res: dict = {"variant": spec.name, "batch": B, "seq": S}
+    idx = cfg.attn_layer_idx[0]
+    for kind, layer_idx in (("mamba", idx + 1), ("attention", idx)):
+        torch.manual_seed(0)
+        block = MambaBlock(cfg, layer_idx).to(device)
+        if isinstance(block.mixer, Mamba2Mixer):
+            block.mixer.init_ssm_parameters()
+        block.to(torch.bfloat16)
+        x = torch.randn(B, S, cfg.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+        def step():
+            hidden, residual = block(x, None, kernels=kernels)
+            (hidden.float().square().mean() + residual.float().mean()).backward()
+
+        for name, backend in backends.items() if kind == "attention" else [("default", None)]:
+            try:
+                free()
+                base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    step()
+                    sync(device)
+                    t0 = time.perf_counter()
+                    step()
+                    sync(device)
+                    ms = (time.perf_counter() - t0) * 1e3
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
+                    prof = profile_step(step, device, OUT, f"attn_{kind}_{name}")
+                attn_kernels = [r["name"][:120] for r in prof["_rows"] if r["class"] == "attention"][:4]
+                res[f"{kind}_{name}"] = {"fwd_bwd_ms": round(ms, 2), "peak_gib_above_inputs": peak,
+                                         "attention_kernels": attn_kernels}
+            except Exception as e:  # a backend that does not support the shape says so
+                res[f"{kind}_{name}"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            log(f"attn {kind}_{name}: {res[f'{kind}_{name}']}")
+        block = x = None
+        free()
+    return res
+
+
 # ---- part 3: torch.compile per block ---------------------------------------------------------
 
 def explain_block(block, d_model: int, device, dtype, ours: bool) -> dict:
@@ -401,9 +456,9 @@ def main() -> None:
     if args.expandable_segments:  # read when the CUDA allocator starts, i.e. at the first CUDA call below
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     parts = args.parts.split(",")
-    unknown = set(parts) - {"check", "train", "compile"}
+    unknown = set(parts) - {"check", "train", "attn", "compile"}
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from check,train,compile")
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from check,train,attn,compile")
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: run with --smoke on CPU")
     OUT = Path(args.out)
@@ -419,6 +474,7 @@ def main() -> None:
         RESULTS["mamba_ssm_version"] = mamba_ssm.__version__
     for part, fn in (("check", lambda: part_check(device, args.smoke)),
                      ("train", lambda: part_train(device, args.smoke, budget, not args.no_profile)),
+                     ("attn", lambda: part_attn(device, args.smoke)),
                      ("compile", lambda: part_compile(device, args.smoke, budget))):
         if part not in parts:
             continue

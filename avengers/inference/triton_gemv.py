@@ -9,20 +9,38 @@ weight matmuls are four kernels that also do the work around them:
 
 plus one kernel that rotates the query and key and writes key and value into the cache. References:
 llama_compiled.decode_pre (+ KVState.write_at) and decode_post, the same maths in torch; tests
-compare them. Each GEMV program owns BLOCK_N output rows and streams those weight rows once for
-every sequence of the (small) batch.
+compare them. Each GEMV program owns BN output rows and streams those weight rows once for
+every sequence of the (small) batch; BN, BK and the warp count are autotuned per shape on a GPU
+(one fixed config under Triton's CPU interpreter, which cannot time kernels).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_BATCH = 8  # larger batches are not weight-bound at these sizes: the torch path serves them
-BLOCK_N = 16
 
 
+def _gemv_configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BN": 16, "BK": 128})]
+    tiles = [(4, 256), (4, 512), (8, 256), (8, 512), (16, 256), (16, 512), (32, 128), (32, 256)]
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk in tiles for w in (2, 4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the [BB, BN, BK] product tile within a register budget for this batch size."""
+    bb = kwargs.get("BB", named_args.get("BB", 1))
+    kept = [c for c in configs if bb * c.kwargs["BN"] * c.kwargs["BK"] <= 16384]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL"],
+                 prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)
 @triton.jit
 def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
                  BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
@@ -77,12 +95,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
     out = torch.empty(B, N, device=x.device, dtype=x.dtype)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{B}, {N}] with unit last stride, got {tuple(residual.shape)}")
-    bb = triton.next_power_of_2(B)
-    bk = max(64, 512 // bb)
-    _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         x, norm_weight if norm_weight is not None else x, weight, residual if residual is not None else out, out,
         K, N, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        bb, B, norm_weight is not None, swiglu, residual is not None, BLOCK_N, bk)
+        BB=triton.next_power_of_2(B), B=B, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
     return out
 
 

@@ -1,0 +1,164 @@
+"""Where a batch-1 Llama decode step spends its time on one GPU (the roofline target of issue 6).
+
+    python benchmarks/gpu_decode_profile.py --out DIR [--variant llama3_1.8b] [--context 1024]
+
+1. Each weight GEMV of one block (and the LM head) alone, CUDA-graph timed so launch cost is
+   excluded: torch (norm + F.linear + epilogue as separate kernels) vs the fused Triton GEMV
+   (autotuned; the chosen config is printed), as microseconds and GB/s of weight read.
+2. The whole decode step at `--context` for every fused-decode mode: CUDA-graph step time vs the
+   weight+cache roofline, and a profile of a few graph replays: kernel time and launches per step,
+   so the gap between the kernels' sum and the step time (launch/tail cost) is visible.
+Writes results.json, log.txt and profile_<mode>.{txt,json} under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avengers.inference.bench import H200_BANDWIDTH_GBS, weight_bytes_per_step  # noqa: E402
+from avengers.inference.graphs import DecodeStep  # noqa: E402
+from avengers.inference.llama_compiled import set_fused_decode  # noqa: E402
+from avengers.models.registry import get_model_spec  # noqa: E402
+from benchmarks.profiling import profile_step  # noqa: E402
+
+OUT = Path(".")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+    with open(OUT / "log.txt", "a") as f:
+        f.write(msg + "\n")
+
+
+def graph_us(fn, reps: int = 50) -> float:
+    """Microseconds per call of fn, `reps` calls captured back to back in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (10 * reps) * 1e6
+
+
+def gemv_part(model, batch: int) -> list[dict]:
+    from avengers.inference import triton_gemv as tg
+
+    layer = model.base_model.layers[0]
+    attn, ff = layer.attn, layer.ff_sub_layer
+    D, hid = attn.dense.weight.shape[0], ff.hidden_dim
+    dev, dt = attn.dense.weight.device, attn.dense.weight.dtype
+    x = torch.randn(batch, D, device=dev, dtype=dt)
+    a = torch.randn(batch, hid, device=dev, dtype=dt)
+    o = torch.randn(batch, attn.dense.weight.shape[1], device=dev, dtype=dt)
+    ln, eps = layer.ln.weight, layer.ln.eps
+    head = model.head.weight
+    cases = {
+        "norm+qkv": (attn.in_proj.qkv_fused.weight,
+                     lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w),
+                     lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps)),
+        "wo+residual": (attn.dense.weight, lambda w: x + F.linear(o, w), lambda w: tg.gemv(o, w, residual=x)),
+        "norm+wg1+swiglu": (ff.wg1_fused.weight,
+                            lambda w: (lambda g: F.silu(g[0]) * g[1])(
+                                F.linear(F.rms_norm(x, (D,), ln, eps), w).split(hid, -1)),
+                            lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps, swiglu=True)),
+        "w2+residual": (ff.w2.weight, lambda w: x + F.linear(a, w), lambda w: tg.gemv(a, w, residual=x)),
+        "norm+lm_head": (head, lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w),
+                         lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps)),
+    }
+    rows = []
+    for name, (w, ref, fused) in cases.items():
+        err = ((fused(w).float() - ref(w).float()).abs().max() / ref(w).float().abs().max()).item()
+        gb = w.numel() * w.element_size() / 1e9
+        t_ref, t_fused = graph_us(lambda: ref(w)), graph_us(lambda: fused(w))
+        cfg = getattr(tg._gemv_kernel, "best_config", None)
+        row = {"op": name, "batch": batch, "weight_shape": list(w.shape), "torch_us": round(t_ref, 2),
+               "triton_us": round(t_fused, 2), "torch_GBs": round(gb / t_ref * 1e6), "triton_GBs": round(gb / t_fused * 1e6),
+               "roofline_us": round(gb / H200_BANDWIDTH_GBS * 1e6, 2), "max_rel_err": err, "config": f"{cfg.kwargs} warps={cfg.num_warps}" if cfg else None}
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+@torch.no_grad()
+def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[dict]:
+    dev = next(model.parameters()).device
+    rows = []
+    for mode in modes:
+        set_fused_decode(mode)
+        cache = model.allocate_cache(1, context, dev, torch.bfloat16)
+        cache.set_seq_len(context - 2 * steps - 8)
+        tokens = torch.randint(0, spec.vocab_size, (1, 1), device=dev)
+        step = DecodeStep(model, cache, cuda_graph=True, preserve_state=False)
+        for _ in range(3):
+            step(tokens)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(tokens)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / steps * 1e3
+        bytes_ = weight_bytes_per_step(model) + cache.nbytes()  # as the bench: the whole cache is read
+        roof = bytes_ / (H200_BANDWIDTH_GBS * 1e9) * 1e3
+        reps = 5
+        prof = profile_step(lambda: [step(tokens) for _ in range(reps)], dev, OUT, f"{mode}_ctx{context}")
+        row = {"mode": mode, "context": context, "step_ms": round(ms, 4), "roofline_ms": round(roof, 4),
+               "x_roofline": round(ms / roof, 3), "kernel_ms_per_step": round(prof["kernel_ms"] / reps, 4),
+               "launches_per_step": prof["kernel_launches"] // reps}
+        rows.append(row)
+        log(json.dumps(row))
+        del step, cache
+        torch.cuda.empty_cache()
+    set_fused_decode("off")
+    return rows
+
+
+def main() -> int:
+    global OUT
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="decode_profile")
+    p.add_argument("--variant", default="llama3_1.8b")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--modes", default="off,inductor,triton")
+    p.add_argument("--batches", default="1", help="batch sizes for the per-GEMV part")
+    p.add_argument("--steps", type=int, default=20)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (the Triton kernels' CPU tests are `make test-triton`)")
+    OUT = Path(a.out)
+    OUT.mkdir(parents=True, exist_ok=True)
+    spec = get_model_spec(a.variant)
+    torch.manual_seed(0)
+    model = spec.build(torch.device("cuda"))
+    model.init_weights()
+    model.to(torch.bfloat16).eval()
+    results = {"device": torch.cuda.get_device_name(), "variant": a.variant, "gemv": [], "step": []}
+    with torch.no_grad():
+        for b in (int(x) for x in a.batches.split(",")):
+            results["gemv"] += gemv_part(model, b)
+    results["step"] = step_part(model, spec, a.context, a.modes.split(","), a.steps)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
