@@ -97,3 +97,31 @@ def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch):
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
     assert len(calls) == 4 * spec.config.nlayers  # every decode block went through the Triton kernels
     assert len(heads) == 4 and all(h is not None for h in heads)  # and every step's norm + LM head
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and programmatic dependent launch need a GPU")
+@torch.no_grad()
+def test_triton_decode_in_a_cuda_graph_matches_eager_decode():
+    """The kernels launched with PDL (where the GPU supports it) and replayed from a graph keep
+    their order: every replayed step's logits equal the per-module eager path's."""
+    from avengers.inference.graphs import DecodeStep
+    from avengers.models.registry import get_model_spec
+
+    torch.manual_seed(0)
+    spec = get_model_spec("llama3_tiny")
+    model = spec.build(DEVICE)
+    model.init_weights()
+    model.eval()
+    ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    eager_cache = model.allocate_cache(1, 24)
+    model(ids[:, :16], cache=eager_cache)
+    eager = [model(ids[:, i:i + 1], cache=eager_cache) for i in range(16, 24)]
+    llama_compiled.set_fused_decode("triton")
+    try:
+        cache = model.allocate_cache(1, 24)
+        model(ids[:, :16], cache=cache)
+        step = DecodeStep(model, cache, cuda_graph=True)
+        replayed = [step(ids[:, i:i + 1]).clone() for i in range(16, 24)]
+    finally:
+        llama_compiled.set_fused_decode("off")
+    torch.testing.assert_close(torch.stack(replayed).squeeze(), torch.cat(eager, 1).squeeze(), atol=2e-4, rtol=2e-4)

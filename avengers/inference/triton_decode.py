@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from avengers.inference.triton_pdl import pdl_kwargs
+
 BLOCK_N = 64
 MAX_SPLITS = 64
 
@@ -40,7 +42,10 @@ def _tile(q, k_base, v_base, n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRE
 def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn,
                     H_KV, G, SPLIT, NSPLIT, scale,
                     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                    DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr):
+                    DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, GDC: tl.constexpr):
+    if GDC:  # launched with PDL (triton_pdl.py): everything read below may come from the previous kernel
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H_KV).to(tl.int64)  # 64-bit offsets: a large batch's buffer can pass 2^31 elements
@@ -72,7 +77,11 @@ def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, sv
 
 
 @triton.jit
-def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  GDC: tl.constexpr):
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)  # b * H + query head
     H = H_KV * G
     b = (pid // H).to(tl.int64)
@@ -129,8 +138,8 @@ def decode_attention_triton(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
         k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), Hkv, G, split, nsplit,
         D**-0.5 if scale is None else scale, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK=BLOCK_N,
         PRECISION=precision, DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0, num_warps=4,
-        num_stages=2,
+        num_stages=2, **pdl_kwargs(q.device),
     )
     _merge_kernel[(B * H,)](acc, m, l_sum, out, out.stride(0), out.stride(1), Hkv, G, nsplit, D=D,
-                            BLOCK_S=triton.next_power_of_2(nsplit), num_warps=4)
+                            BLOCK_S=triton.next_power_of_2(nsplit), num_warps=4, **pdl_kwargs(q.device))
     return out

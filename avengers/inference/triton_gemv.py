@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from avengers.inference.triton_pdl import pdl_kwargs
+
 MAX_BATCH = 8  # larger batches are not weight-bound at these sizes: the torch path serves them
-
-
 def _gemv_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BN": 16, "BK": 128})]
-    tiles = [(4, 256), (4, 512), (8, 256), (8, 512), (16, 256), (16, 512), (32, 128), (32, 256)]
+    tiles = [(2, 1024), (4, 256), (4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256)]
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk in tiles for w in (2, 4, 8)]
 
 
@@ -39,16 +39,41 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL"],
+@triton.jit
+def _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr, WDT: tl.constexpr):
+    """[BB, BK] fp32 tile of the input rows, RMS-normalised (and rounded to the weights' dtype, as
+    torch rounds rms_norm's output before the matmul) when NORM."""
+    ks = k0 + tl.arange(0, BK)
+    k_ok = ks < K
+    x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+    if NORM:
+        g = tl.load(NormW + ks, mask=k_ok, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * rstd[:, None] * g[None, :]).to(WDT)
+    return x.to(tl.float32)
+
+
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
                  prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)
 @triton.jit
 def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
                  BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                 RESIDUAL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
+    if GDC:  # programmatic dependent launch (triton_pdl.py): let the next kernel's programs start
+        tl.extra.cuda.gdc_launch_dependents()
+    # The first weight tile is loaded before waiting for the previous kernel: weights are never
+    # written during decode, while X and Res (the previous kernels' outputs) are read only after.
+    ks = tl.arange(0, BK)
+    wm = r_ok[:, None] & (ks < K)[None, :]
+    w_first = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0)
+    u_first = w_first
+    if SWIGLU:  # the up rows sit N rows below the gate rows in the fused [gate; up] weight
+        u_first = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0)
+    if GDC:
+        tl.extra.cuda.gdc_wait()
     rstd = tl.full((BB,), 1.0, tl.float32)
     if NORM:  # rms of every sequence's input row (re-read by each program; it is small)
         ss = tl.zeros((BB,), tl.float32)
@@ -58,20 +83,18 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
             x = x.to(tl.float32)
             ss += tl.sum(x * x, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
-    acc = tl.zeros((BB, BN), tl.float32)
-    acc_up = tl.zeros((BB, BN), tl.float32)
-    for k0 in range(0, K, BK):
+    x = _x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, NORM, BK, W.dtype.element_ty)
+    acc = tl.sum(x[:, None, :] * w_first.to(tl.float32)[None, :, :], 2)
+    acc_up = acc
+    if SWIGLU:
+        acc_up = tl.sum(x[:, None, :] * u_first.to(tl.float32)[None, :, :], 2)
+    for k0 in range(BK, K, BK):
         ks = k0 + tl.arange(0, BK)
-        k_ok = ks < K
-        x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-        if NORM:  # as torch rounds rms_norm's output to the weights' dtype before the matmul
-            g = tl.load(NormW + ks, mask=k_ok, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * rstd[:, None] * g[None, :]).to(W.dtype.element_ty)
-        x = x.to(tl.float32)
-        wm = r_ok[:, None] & k_ok[None, :]
+        x = _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM, BK, W.dtype.element_ty)
+        wm = r_ok[:, None] & (ks < K)[None, :]
         w = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
-        if SWIGLU:  # the up rows sit N rows below the gate rows in the fused [gate; up] weight
+        if SWIGLU:
             u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0).to(tl.float32)
             acc_up += tl.sum(x[:, None, :] * u[None, :, :], 2)
     if SWIGLU:
@@ -98,15 +121,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
     _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         x, norm_weight if norm_weight is not None else x, weight, residual if residual is not None else out, out,
         K, N, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        BB=triton.next_power_of_2(B), B=B, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
+        BB=triton.next_power_of_2(B), B=B, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        **pdl_kwargs(x.device))
     return out
 
 
 @triton.jit
 def _rope_write_kernel(QKV, Cos, Sin, Q, K, V, Pos, sqb, skb, skh, skn, svb, svh, svn, H, HKV,
-                       HALF: tl.constexpr, BH: tl.constexpr):
+                       HALF: tl.constexpr, BH: tl.constexpr, GDC: tl.constexpr):
     """Program (b, head) of one token's qkv row: query heads are rotated into Q [B, H, d], key heads
     rotated and value heads copied into the caches K, V [B, H_kv, S, d] at the position in Pos."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
     i = tl.arange(0, BH)
     ok = i < HALF
@@ -145,7 +172,8 @@ def rope_and_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: i
     q = torch.empty(B, H, d, device=qkv.device, dtype=k_cache.dtype)
     _rope_write_kernel[(B, H + 2 * Hkv)](
         qkv, cos, sin, q, k_cache, v_cache, position,
-        qkv.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], H, Hkv, half, triton.next_power_of_2(half))
+        qkv.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], H, Hkv, half, triton.next_power_of_2(half),
+        **pdl_kwargs(qkv.device))
     return q
 
 
