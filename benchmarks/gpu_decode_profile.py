@@ -6,7 +6,7 @@
    (no CPU launch cost, inter-kernel gaps included): torch (norm + F.linear + epilogue as separate
    kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) with and without
    PDL, as microseconds and GB/s of weight read.
-2. The whole decode step at `--context` for every fused-decode mode (and the Triton kernels without
+2. The whole decode step at `--context` for every fused-decode mode (and the Triton kernels with
    programmatic dependent launch, triton_pdl.py): CUDA-graph step time vs the
    weight+cache roofline, and a profile of a few graph replays: kernel time and launches per step,
    so the gap between the kernels' sum and the step time (launch/tail cost) is visible.
@@ -93,13 +93,13 @@ def gemv_part(model, batch: int) -> list[dict]:
         err = ((fused(w).float() - ref(w).float()).abs().max() / ref(w).float().abs().max()).item()
         gb = w.numel() * w.element_size() / 1e9
         t_ref = graph_us(lambda: ref(w))
-        set_pdl(False)
-        t_nopdl = graph_us(lambda: fused(w))
-        set_pdl(True)
         t_fused = graph_us(lambda: fused(w))
+        set_pdl(True)
+        t_pdl = graph_us(lambda: fused(w))
+        set_pdl(False)
         cfg = getattr(tg._gemv_kernel, "best_config", None)
         row = {"op": name, "batch": batch, "weight_shape": list(w.shape), "torch_us": round(t_ref, 2),
-               "triton_us": round(t_fused, 2), "triton_nopdl_us": round(t_nopdl, 2), "torch_GBs": round(gb / t_ref * 1e6), "triton_GBs": round(gb / t_fused * 1e6),
+               "triton_us": round(t_fused, 2), "triton_pdl_us": round(t_pdl, 2), "torch_GBs": round(gb / t_ref * 1e6), "triton_GBs": round(gb / t_fused * 1e6),
                "roofline_us": round(gb / H200_BANDWIDTH_GBS * 1e6, 2), "max_rel_err": err, "config": f"{cfg.kwargs} warps={cfg.num_warps}" if cfg else None}
         rows.append(row)
         log(json.dumps(row))
@@ -110,9 +110,9 @@ def gemv_part(model, batch: int) -> list[dict]:
 def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[dict]:
     dev = next(model.parameters()).device
     rows = []
-    for mode in modes:  # "triton_nopdl": the Triton kernels launched without PDL
-        set_pdl(mode != "triton_nopdl")
-        set_fused_decode(mode.removesuffix("_nopdl"))
+    for mode in modes:  # "triton_pdl": the Triton kernels launched with PDL
+        set_pdl(mode.endswith("_pdl"))
+        set_fused_decode(mode.removesuffix("_pdl"))
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)
         cache.set_seq_len(context - 2 * steps - 8)
         tokens = torch.randint(0, spec.vocab_size, (1, 1), device=dev)
@@ -137,7 +137,7 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
         del step, cache
         torch.cuda.empty_cache()
     set_fused_decode("off")
-    set_pdl(True)
+    set_pdl(False)
     return rows
 
 
@@ -147,7 +147,7 @@ def main() -> int:
     p.add_argument("--out", default="decode_profile")
     p.add_argument("--variant", default="llama3_1.8b")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--modes", default="off,inductor,triton_nopdl,triton")
+    p.add_argument("--modes", default="off,inductor,triton,triton_pdl")
     p.add_argument("--batches", default="1", help="batch sizes for the per-GEMV part")
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
