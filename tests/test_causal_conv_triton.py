@@ -93,5 +93,7 @@ def test_self_test_passes_and_catches_a_broken_kernel(monkeypatch):
     from avengers.models import causal_conv_triton
 
     assert causal_conv_triton.self_test(DEVICE)
+    with torch.no_grad():  # first use inside a decode or an eval must not fall back
+        assert causal_conv_triton.self_test(DEVICE)
     monkeypatch.setattr(causal_conv_triton, "triton_causal_conv", lambda x, w, b, silu: ref_causal_conv(x, w, b, silu) * 1.1)
     assert not causal_conv_triton.self_test(DEVICE)

@@ -293,3 +293,19 @@ def test_flops_per_token():
     hybrid = get_model_spec("mamba_1.5b")
     attn = 12 * 5 * 24 * 128 * 4096
     assert hybrid.flops_per_token(4096) - hybrid.flops_per_token(2048) == pytest.approx(attn / 2)
+
+
+def test_hybrid_attention_gives_sdpa_unit_stride_inputs(monkeypatch):
+    """SDPA's fused kernels need q/k/v with unit stride in head_dim; with a channel-first conv
+    output they fall back to the math kernel (a materialised score matrix per attention layer)."""
+    import torch.nn.functional as F
+
+    from avengers.models import mamba
+
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(mamba.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append([t.stride(-1) for t in (q, k, v)]) or real(q, k, v, **kw))
+    model = get_model_spec("hybrid_tiny").build("cpu")
+    model.init_weights()
+    model(torch.randint(0, 100, (2, 12)))
+    assert seen and all(s == [1, 1, 1] for s in seen)

@@ -160,16 +160,17 @@ def self_test(device: torch.device | str = "cuda") -> bool:
     from avengers.models.mamba_kernels import ref_causal_conv
 
     try:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 100, 200, generator=g).to(device).transpose(1, 2)
-        w, b = (0.5 * torch.randn(200, 1, 4, generator=g)).to(device), torch.randn(200, generator=g).to(device)
-        grads = []
-        for fn in (ref_causal_conv, triton_causal_conv):
-            ins = [t.clone().requires_grad_() for t in (x, w, b)]
-            out = fn(*ins, True)
-            out.square().sum().backward()
-            grads.append([out.detach()] + [t.grad for t in ins])
-        err = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-6)) for a, r in zip(grads[1], grads[0]))
+        with torch.enable_grad():  # the first use may come under no_grad (a decode or an eval)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 100, 200, generator=g).to(device).transpose(1, 2)
+            w, b = (0.5 * torch.randn(200, 1, 4, generator=g)).to(device), torch.randn(200, generator=g).to(device)
+            grads = []
+            for fn in (ref_causal_conv, triton_causal_conv):
+                ins = [t.clone().requires_grad_() for t in (x, w, b)]
+                out = fn(*ins, True)
+                out.square().sum().backward()
+                grads.append([out.detach()] + [t.grad for t in ins])
+            err = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-6)) for a, r in zip(grads[1], grads[0]))
     except Exception as e:  # a compile or launch failure on this machine: use the reference
         log.warning("Triton causal conv unavailable (%s: %s); using F.conv1d", type(e).__name__, e)
         return False
