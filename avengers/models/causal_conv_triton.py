@@ -164,13 +164,14 @@ def self_test(device: torch.device | str = "cuda") -> bool:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(2, 100, 200, generator=g).to(device).transpose(1, 2)
             w, b = (0.5 * torch.randn(200, 1, 4, generator=g)).to(device), torch.randn(200, generator=g).to(device)
-            grads = []
-            for fn in (ref_causal_conv, triton_causal_conv):
-                ins = [t.clone().requires_grad_() for t in (x, w, b)]
+            grads = []  # the reference in float64: cuDNN may run a float32 conv in TF32
+            for fn, dtype in ((ref_causal_conv, torch.float64), (triton_causal_conv, torch.float32)):
+                ins = [t.to(dtype).requires_grad_() for t in (x, w, b)]
                 out = fn(*ins, True)
                 out.square().sum().backward()
                 grads.append([out.detach()] + [t.grad for t in ins])
-            err = max(float((a - r).abs().max() / r.abs().max().clamp_min(1e-6)) for a, r in zip(grads[1], grads[0]))
+            err = max(float((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-6))
+                      for a, r in zip(grads[1], grads[0]))
     except Exception as e:  # a compile or launch failure on this machine: use the reference
         log.warning("Triton causal conv unavailable (%s: %s); using F.conv1d", type(e).__name__, e)
         return False
