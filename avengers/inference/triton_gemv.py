@@ -62,8 +62,6 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
-    if GDC:  # programmatic dependent launch (triton_pdl.py): let the next kernel's programs start
-        tl.extra.cuda.gdc_launch_dependents()
     # The first weight tile is loaded before waiting for the previous kernel: weights are never
     # written during decode, while X and Res (the previous kernels' outputs) are read only after.
     ks = tl.arange(0, BK)
@@ -97,6 +95,8 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
         if SWIGLU:
             u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0).to(tl.float32)
             acc_up += tl.sum(x[:, None, :] * u[None, :, :], 2)
+    if GDC:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are issued,
+        tl.extra.cuda.gdc_launch_dependents()  # so the next kernel may start loading its own
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     om = b_ok[:, None] & r_ok[None, :]

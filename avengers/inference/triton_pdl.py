@@ -2,9 +2,10 @@
 
 A batch-1 decode step is a chain of ~7 short kernels per layer; on Hopper each kernel may be
 launched with PDL so that its programs start while the previous kernel drains. Every kernel that
-takes `GDC=True` calls `gdc_launch_dependents` early and `gdc_wait` before it reads anything an
-earlier kernel wrote (only weights, which decode never writes, may be read before the wait), so
-the chain stays ordered; kernels launched without PDL wait for their predecessor as usual.
+takes `GDC=True` calls `gdc_wait` before it reads anything an earlier kernel wrote (only weights,
+which decode never writes, may be read before the wait), so the chain stays ordered, and
+`gdc_launch_dependents` once its main reads are issued (the GEMV: after its weight loop); kernels
+launched without PDL wait for their predecessor as usual.
 """
 
 from __future__ import annotations
