@@ -25,10 +25,13 @@ import triton.language as tl
 from avengers.inference.triton_pdl import pdl_kwargs
 
 MAX_BATCH = 8  # larger batches are not weight-bound at these sizes: the torch path serves them
+
+
 def _gemv_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BN": 16, "BK": 128})]
-    tiles = [(2, 1024), (4, 256), (4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256)]
+    # (rows, K block): on the H200 every shape picked BK = 1024 over 256/512 (docs/benchmarks.md)
+    tiles = [(2, 1024), (2, 2048), (4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512)]
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk in tiles for w in (2, 4, 8)]
 
 
