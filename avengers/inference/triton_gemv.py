@@ -7,7 +7,7 @@ weight matmuls are four kernels that also do the work around them:
 
     rmsnorm(h) @ Wqkv^T          h + attn @ Wo^T          silu(g) * u, [g; u] = rmsnorm(h) @ Wg1^T          h + a @ W2^T
 
-plus one kernel that rotates the query and key and writes key and value into the cache. References:
+the first of which also rotates the query and key and writes key and value into the cache. References:
 llama_compiled.decode_pre (+ KVState.write_at) and decode_post, the same maths in torch; tests
 compare them. Each GEMV program owns BN output rows and streams those weight rows once for
 every sequence of the (small) batch; BN, BK and the warp count are autotuned per shape on a GPU
@@ -35,6 +35,10 @@ def _gemv_configs() -> list[triton.Config]:
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk in tiles for w in (2, 4, 8)]
 
 
+def _quick_bench(kernel_call, quantiles):  # autotune timing: a short run per config is enough here
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 def _prune(configs, named_args, **kwargs):
     """Keep the [BB, BN, BK] product tile within a register budget for this batch size."""
     bb = kwargs.get("BB", named_args.get("BB", 1))
@@ -55,18 +59,13 @@ def _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.con
     return x.to(tl.float32)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20)
 @triton.jit
-def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
-                 BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    r_ok = rows < N
-    bs = tl.arange(0, BB)
-    b_ok = bs < B
+def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
+              NORM: tl.constexpr, SWIGLU: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
+    """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
+    up rows N below them when SWIGLU: returned second, else the first again)."""
     # The first weight tile is loaded before waiting for the previous kernel: weights are never
-    # written during decode, while X and Res (the previous kernels' outputs) are read only after.
+    # written during decode, while X (a previous kernel's output) is read only after.
     ks = tl.arange(0, BK)
     wm = r_ok[:, None] & (ks < K)[None, :]
     w_first = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0)
@@ -75,9 +74,9 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
         u_first = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0)
     if GDC:
         tl.extra.cuda.gdc_wait()
-    rstd = tl.full((BB,), 1.0, tl.float32)
+    rstd = tl.full(bs.shape, 1.0, tl.float32)
     if NORM:  # rms of every sequence's input row (re-read by each program; it is small)
-        ss = tl.zeros((BB,), tl.float32)
+        ss = tl.zeros(bs.shape, tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & (ks < K)[None, :], other=0.0)
@@ -100,12 +99,58 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
             acc_up += tl.sum(x[:, None, :] * u[None, :, :], 2)
     if GDC:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are issued,
         tl.extra.cuda.gdc_launch_dependents()  # so the next kernel may start loading its own
+    return acc, acc_up
+
+
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+@triton.jit
+def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
+                 BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r_ok = rows < N
+    bs = tl.arange(0, BB)
+    b_ok = bs < B
+    acc, acc_up = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, NORM, SWIGLU, GDC, BK)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     om = b_ok[:, None] & r_ok[None, :]
     if RESIDUAL:
         acc += tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0).to(tl.float32)
     tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
+
+
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+@triton.jit
+def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
+                     NQ, NK, HEAD_DIM, BB: tl.constexpr, B: tl.constexpr, GDC: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
+    """rmsnorm(x) @ Wqkv^T, then per output row: query rows rotated into Q [B, NQ], key rows rotated
+    and value rows copied into the caches at the position in Pos. Rotation pairs are adjacent rows
+    (2j, 2j+1), so they sit in the same program (BN even) and the pair index is row // 2."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r_ok = rows < N
+    bs = tl.arange(0, BB)
+    b_ok = bs < B
+    acc, _ = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, True, False, GDC, BK)
+    acc = acc.to(Q.dtype.element_ty).to(tl.float32)  # torch rounds the matmul output before rotating
+    x0, x1 = tl.split(tl.reshape(acc, (BB, BN // 2, 2)))
+    pair = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
+    rot = pair * 2 < NQ + NK  # value rows: cos 1, sin 0 (cos/sin carry the query's 1/sqrt(d) scale)
+    c = tl.load(Cos + pair, mask=rot, other=1.0)[None, :]
+    s = tl.load(Sin + pair, mask=rot, other=0.0)[None, :]
+    y = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (BB, BN)).to(Q.dtype.element_ty)
+    pos = tl.load(Pos)
+    om = b_ok[:, None] & r_ok[None, :]
+    tl.store(Q + bs[:, None] * NQ + rows[None, :], y, mask=om & (rows < NQ)[None, :])
+    kr = rows - NQ
+    k_at = bs[:, None] * skb + (kr // HEAD_DIM)[None, :] * skh + pos * skn + (kr % HEAD_DIM)[None, :]
+    tl.store(Kc + k_at, y, mask=om & ((kr >= 0) & (kr < NK))[None, :])
+    vr = rows - NQ - NK
+    v_at = bs[:, None] * svb + (vr // HEAD_DIM)[None, :] * svh + pos * svn + (vr % HEAD_DIM)[None, :]
+    tl.store(Vc + v_at, y, mask=om & (vr >= 0)[None, :])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
@@ -129,63 +174,29 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
     return out
 
 
-@triton.jit
-def _rope_write_kernel(QKV, Cos, Sin, Q, K, V, Pos, sqb, skb, skh, skn, svb, svh, svn, H, HKV,
-                       HALF: tl.constexpr, BH: tl.constexpr, GDC: tl.constexpr):
-    """Program (b, head) of one token's qkv row: query heads are rotated into Q [B, H, d], key heads
-    rotated and value heads copied into the caches K, V [B, H_kv, S, d] at the position in Pos."""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    b, h = tl.program_id(0), tl.program_id(1)
-    i = tl.arange(0, BH)
-    ok = i < HALF
-    base = QKV + b * sqb + h * 2 * HALF
-    x0 = tl.load(base + 2 * i, mask=ok, other=0.0).to(tl.float32)
-    x1 = tl.load(base + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
-    pos = tl.load(Pos)
-    if h < H + HKV:  # rotate (cos/sin carry the query's 1/sqrt(d) scale)
-        c = tl.load(Cos + h * HALF + i, mask=ok, other=0.0)
-        s = tl.load(Sin + h * HALF + i, mask=ok, other=0.0)
-        y0, y1 = x0 * c - x1 * s, x0 * s + x1 * c
-        if h < H:
-            o = Q + (b * H + h) * 2 * HALF
-        else:
-            o = K + b * skb + (h - H) * skh + pos * skn
-    else:
-        y0, y1 = x0, x1
-        o = V + b * svb + (h - H - HKV) * svh + pos * svn
-    tl.store(o + 2 * i, y0.to(Q.dtype.element_ty), mask=ok)
-    tl.store(o + 2 * i + 1, y1.to(Q.dtype.element_ty), mask=ok)
-
-
-def rope_and_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, H: int, Hkv: int,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """qkv [B, (H + 2 H_kv) d]: rotate q and k (adjacent pairs, cos/sin [H + H_kv, d/2] fp32), write k and v
-    into the caches [B, H_kv, S, d] at the 0-dim device `position`; return q [B, H, d]."""
-    B = qkv.shape[0]
-    half = cos.shape[-1]
-    d = 2 * half
-    if (cos.shape != (H + Hkv, half) or sin.shape != cos.shape or not cos.is_contiguous() or not sin.is_contiguous()
-            or cos.dtype != torch.float32 or sin.dtype != torch.float32 or qkv.shape[1] != (H + 2 * Hkv) * d
-            or qkv.stride(-1) != 1 or k_cache.shape != v_cache.shape or k_cache.shape[-1] != d
-            or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
-        raise ValueError(f"rope_and_write: qkv {tuple(qkv.shape)}, cos/sin {tuple(cos.shape)} (fp32, contiguous), "
-                         f"caches {tuple(k_cache.shape)} do not fit H={H}, H_kv={Hkv}")
-    q = torch.empty(B, H, d, device=qkv.device, dtype=k_cache.dtype)
-    _rope_write_kernel[(B, H + 2 * Hkv)](
-        qkv, cos, sin, q, k_cache, v_cache, position,
-        qkv.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], H, Hkv, half, triton.next_power_of_2(half),
-        **pdl_kwargs(qkv.device))
-    return q
-
-
 def decode_pre_write(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, H: int, Hkv: int, d: int, state, position: torch.Tensor) -> torch.Tensor:
-    """llama_compiled.decode_pre + KVState.write_at in two kernels: norm + QKV GEMV, then the
-    rotation with the key/value write. Returns q [B, H, d] (rotated, pre-scaled)."""
-    qkv = gemv(h.reshape(h.shape[0], -1), qkv_w, norm_weight=ln_w, eps=eps)
-    return rope_and_write(qkv, cos, sin, H, Hkv, state.k, state.v, position)
+    """llama_compiled.decode_pre + KVState.write_at as one kernel: RMSNorm + QKV GEMV, then RoPE on
+    q and k (adjacent pairs; cos/sin [H + H_kv, d/2] fp32, contiguous) with k and v written into the
+    caches [B, H_kv, S, d] at the 0-dim device `position`. Returns q [B, H, d] (rotated, pre-scaled)."""
+    B = h.shape[0]
+    x = h.reshape(B, -1)
+    k_cache, v_cache = state.k, state.v
+    if (not 1 <= B <= MAX_BATCH or x.stride(-1) != 1 or not qkv_w.is_contiguous()
+            or qkv_w.shape != ((H + 2 * Hkv) * d, x.shape[1]) or cos.shape != (H + Hkv, d // 2)
+            or sin.shape != cos.shape or not cos.is_contiguous() or not sin.is_contiguous()
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32 or k_cache.shape != v_cache.shape
+            or k_cache.shape[-1] != d or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
+        raise ValueError(f"decode_pre_write: h {tuple(h.shape)}, qkv weight {tuple(qkv_w.shape)}, cos/sin "
+                         f"{tuple(cos.shape)} (fp32, contiguous), caches {tuple(k_cache.shape)} do not fit "
+                         f"B <= {MAX_BATCH}, H={H}, H_kv={Hkv}, d={d}")
+    q = torch.empty(B, H, d, device=h.device, dtype=k_cache.dtype)
+    N = qkv_w.shape[0]
+    _qkv_rope_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
+        x, ln_w, qkv_w, cos, sin, q, k_cache, v_cache, position, x.shape[1], N, eps, x.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], H * d, Hkv * d, d,
+        BB=triton.next_power_of_2(B), B=B, **pdl_kwargs(h.device))
+    return q
 
 
 def decode_post(h: torch.Tensor, attn: torch.Tensor, dense_w: torch.Tensor, ln_w: torch.Tensor, eps: float,
