@@ -72,20 +72,14 @@ def test_decode_pre_post_match_the_torch_functions():
 
 
 @torch.no_grad()
-def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch):
-    from avengers.models.registry import get_model_spec
-
+def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch, tiny_on_device):
     from avengers.inference import kv_cache
 
     calls, heads = [], []
     real, real_head = triton_gemv.decode_post, kv_cache.decode_head
     monkeypatch.setattr(triton_gemv, "decode_post", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(kv_cache, "decode_head", lambda *a: heads.append(real_head(*a)) or heads[-1])
-    torch.manual_seed(0)
-    spec = get_model_spec("llama3_tiny")
-    model = spec.build(DEVICE)
-    model.init_weights()
-    model.eval()
+    spec, model = tiny_on_device
     ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     full = model(ids)
     llama_compiled.set_fused_decode("triton")
@@ -100,23 +94,21 @@ def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and programmatic dependent launch need a GPU")
+@pytest.mark.parametrize("pdl", [False, True])
 @torch.no_grad()
-def test_triton_decode_in_a_cuda_graph_matches_eager_decode():
-    """The kernels launched with PDL (where the GPU supports it) and replayed from a graph keep
+def test_triton_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, pdl):
+    """The Triton kernels (with and without PDL, where the GPU supports it) replayed from a graph keep
     their order: every replayed step's logits equal the per-module eager path's."""
     from avengers.inference.graphs import DecodeStep
-    from avengers.models.registry import get_model_spec
+    from avengers.inference.triton_pdl import set_pdl
 
-    torch.manual_seed(0)
-    spec = get_model_spec("llama3_tiny")
-    model = spec.build(DEVICE)
-    model.init_weights()
-    model.eval()
+    spec, model = tiny_on_device
     ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     eager_cache = model.allocate_cache(1, 24)
     model(ids[:, :16], cache=eager_cache)
     eager = [model(ids[:, i:i + 1], cache=eager_cache) for i in range(16, 24)]
     llama_compiled.set_fused_decode("triton")
+    set_pdl(pdl)
     try:
         cache = model.allocate_cache(1, 24)
         model(ids[:, :16], cache=cache)
@@ -124,4 +116,5 @@ def test_triton_decode_in_a_cuda_graph_matches_eager_decode():
         replayed = [step(ids[:, i:i + 1]).clone() for i in range(16, 24)]
     finally:
         llama_compiled.set_fused_decode("off")
+        set_pdl(False)
     torch.testing.assert_close(torch.stack(replayed).squeeze(), torch.cat(eager, 1).squeeze(), atol=2e-4, rtol=2e-4)

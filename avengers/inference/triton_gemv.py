@@ -78,9 +78,7 @@ def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
     if NORM:  # rms of every sequence's input row (re-read by each program; it is small)
         ss = tl.zeros(bs.shape, tl.float32)
         for k0 in range(0, K, BK):
-            ks = k0 + tl.arange(0, BK)
-            x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & (ks < K)[None, :], other=0.0)
-            x = x.to(tl.float32)
+            x = _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, False, BK, W.dtype.element_ty)
             ss += tl.sum(x * x, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
     x = _x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, NORM, BK, W.dtype.element_ty)

@@ -1,6 +1,6 @@
 """Programmatic dependent launch (PDL) for the decode step's Triton kernels.
 
-A batch-1 decode step is a chain of ~7 short kernels per layer; on Hopper each kernel may be
+A batch-1 decode step is a chain of ~6 short kernels per layer; on Hopper each kernel may be
 launched with PDL so that its programs start while the previous kernel drains. Every kernel that
 takes `GDC=True` calls `gdc_wait` before it reads anything an earlier kernel wrote (only weights,
 which decode never writes, may be read before the wait), so the chain stays ordered, and

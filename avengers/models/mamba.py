@@ -319,9 +319,6 @@ class Attention(nn.Module):
         if cfg.attn_d_conv > 0:
             if state is None:
                 qkv = k.causal_conv(qkv.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, False).transpose(1, 2)
-                # a channel-first conv output (F.conv1d) leaves q/k/v strided in head_dim, and SDPA's
-                # fused kernels then refuse them: the math fallback materialises the score matrix
-                qkv = qkv.contiguous()
             else:
                 qkv = _conv_with_state(qkv, state.conv, self.conv1d.weight, self.conv1d.bias, silu=False)
         hq, hk = self.heads * self.head_dim, self.kv_heads * self.head_dim
