@@ -83,4 +83,4 @@ def test_config_errors():
     assert parse_args(["--device", "cpu", "--compile"]).fused_decode == "inductor"
     assert parse_args(["--device", "cpu", "--fused_decode", "triton"]).fused_decode == "triton"
     assert parse_args(["--device", "cpu"]).fused_decode == "off"
-    assert parse_args(["--device", "cpu", "--pdl"]).pdl and not parse_args(["--device", "cpu"]).pdl
+    assert parse_args(["--device", "cpu"]).pdl and not parse_args(["--device", "cpu", "--no_pdl"]).pdl

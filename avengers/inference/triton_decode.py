@@ -3,8 +3,10 @@
 One query token per sequence against a static key/value buffer whose valid length is read from a
 device tensor, so the call can be captured in a CUDA graph. Pass 1: program (b, kv head, split)
 streams its slice of keys/values once for all H/H_kv query heads of the group (rows of one
-tl.dot, padded to 16) and writes an unnormalised partial output with its running max and sum.
-Pass 2: program (b, query head) merges the splits. Splits past the valid length do no work.
+tl.dot, padded to 16) and writes an unnormalised partial output with its running max and sum,
+then counts itself done on a per-(b, kv head) counter; the group's last program merges the
+splits and resets the counter to zero, so one kernel does the whole attention (no second launch,
+which costs more than the merge at short context). Splits past the valid length do no work.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from avengers.inference.triton_pdl import pdl_kwargs
+from avengers.inference.triton_overlap import pdl_kwargs
 
 BLOCK_N = 64
 MAX_SPLITS = 64
@@ -27,23 +29,24 @@ def _tile(q, k_base, v_base, n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRE
     """Online-softmax update of (running max, running sum, unnormalised output) with one key tile."""
     n_mask = n < end
     k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+    v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0)  # both in flight
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile must not give nan
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
-    v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
-def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn,
-                    H_KV, G, SPLIT, NSPLIT, scale,
-                    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                    DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, GDC: tl.constexpr):
-    if GDC:  # launched with PDL (triton_pdl.py): everything read below may come from the previous kernel
+def _attention_kernel(Q, K, V, Length, Acc, M, L, Count, Out, sqb, sqh, skb, skh, skn, svb, svh, svn, sob, soh,
+                      H_KV, G, SPLIT, NSPLIT, scale,
+                      D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+                      PRECISION: tl.constexpr, DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr,
+                      GDC: tl.constexpr):
+    if GDC:  # launched with PDL (triton_overlap.py): everything read below may come from the previous kernel
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
@@ -74,30 +77,39 @@ def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, sv
     tl.store(Acc + row[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
     tl.store(M + row, m_i, mask=g_mask)
     tl.store(L + row, l_i, mask=g_mask)
+    tl.debug_barrier()  # every thread's partial is stored before the counter is released
+    if tl.atomic_add(Count + bh, 1, sem="acq_rel") == NSPLIT - 1:
+        _merge(Acc, M, L, Out, bh.to(tl.int64), b, h, G, NSPLIT, sob, soh, D, BLOCK_S)
+        tl.store(Count + bh, 0)
 
 
 @triton.jit
-def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  GDC: tl.constexpr):
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    pid = tl.program_id(0)  # b * H + query head
-    H = H_KV * G
-    b = (pid // H).to(tl.int64)
-    hq = pid % H
-    bh = b * H_KV + hq // G
-    g = hq % G
+def _merge(Acc, M, L, Out, bh, b, h, G, NSPLIT, sob, soh, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Out[b, h * G + g] for the group's G query heads from the NSPLIT partials (read past L1: other
+    programs wrote them)."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
     s_mask = offs_s < NSPLIT
-    row = (bh.to(tl.int64) * NSPLIT + offs_s) * G + g
-    m = tl.load(M + row, mask=s_mask, other=float("-inf"))
-    l = tl.load(L + row, mask=s_mask, other=0.0)
-    w = tl.exp(m - tl.max(m, 0))  # empty splits have m = -inf: weight 0
-    acc = tl.load(Acc + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(Out + b * sob + hq * soh + offs_d, out.to(Out.dtype.element_ty))
+    for g in range(0, G):
+        row = (bh * NSPLIT + offs_s) * G + g
+        m = tl.load(M + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(L + row, mask=s_mask, other=0.0, cache_modifier=".cg")
+        w = tl.exp(m - tl.max(m, 0))  # empty splits have m = -inf: weight 0
+        acc = tl.load(Acc + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0, cache_modifier=".cg")
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(Out + b * sob + (h * G + g) * soh + offs_d, out.to(Out.dtype.element_ty))
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 split counters; every launch leaves them zero, so one buffer per device serves
+    every call (allocated once, before any CUDA-graph capture that reuses it)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+    return buf
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,13 +145,12 @@ def decode_attention_triton(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    _partial_kernel[(B * Hkv, nsplit)](
-        q, k_buf, v_buf, length, acc, m, l_sum, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
-        k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), Hkv, G, split, nsplit,
-        D**-0.5 if scale is None else scale, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK=BLOCK_N,
+    _attention_kernel[(B * Hkv, nsplit)](
+        q, k_buf, v_buf, length, acc, m, l_sum, _counters(q.device, B * Hkv), out, q.stride(0), q.stride(1),
+        k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
+        out.stride(0), out.stride(1), Hkv, G, split, nsplit, D**-0.5 if scale is None else scale, D=D,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK=BLOCK_N, BLOCK_S=triton.next_power_of_2(nsplit),
         PRECISION=precision, DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0, num_warps=4,
         num_stages=2, **pdl_kwargs(q.device),
     )
-    _merge_kernel[(B * H,)](acc, m, l_sum, out, out.stride(0), out.stride(1), Hkv, G, nsplit, D=D,
-                            BLOCK_S=triton.next_power_of_2(nsplit), num_warps=4, **pdl_kwargs(q.device))
     return out
