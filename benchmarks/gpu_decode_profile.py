@@ -176,7 +176,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--modes", default="off,inductor,triton,triton_pdl,triton_pdl_pf8")
     p.add_argument("--prefetch_mib", type=float, default=8.0, help="L2 prefetch for the per-GEMV part")
-    p.add_argument("--batches", default="1", help="batch sizes for the per-GEMV part")
+    p.add_argument("--batches", default="1", help="batch sizes for the per-GEMV part ('' to skip it)")
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -190,7 +190,7 @@ def main() -> int:
     model.to(torch.bfloat16).eval()
     results = {"device": torch.cuda.get_device_name(), "variant": a.variant, "gemv": [], "step": []}
     with torch.no_grad():
-        for b in (int(x) for x in a.batches.split(",")):
+        for b in (int(x) for x in a.batches.split(",") if x):
             results["gemv"] += gemv_part(model, b, a.prefetch_mib)
     results["step"] = step_part(model, spec, a.context, a.modes.split(","), a.steps)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
