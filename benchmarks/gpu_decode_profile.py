@@ -4,12 +4,10 @@
 
 1. Each weight GEMV of one block (and the LM head) alone, 50 calls back to back in one CUDA graph
    (no CPU launch cost, inter-kernel gaps included): torch (norm + F.linear + epilogue as separate
-   kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) without PDL, with
-   PDL, and with PDL + an L2 prefetch of the next call's weight (`--prefetch_mib`), as
-   microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write fused.
+   kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) without and with
+   PDL, as microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write.
 2. The whole decode step at `--context` for every mode: a fused-decode mode (off, inductor,
-   triton), `_pdl` for programmatic dependent launch (triton_overlap.py), `_pf<MiB>` for the L2
-   prefetch of the next kernel's weights (e.g. triton_pdl_pf8): CUDA-graph step time vs the
+   triton), `_pdl` for programmatic dependent launch (triton_pdl.py): CUDA-graph step time vs the
    weight+cache roofline, and a profile of a few graph replays: kernel time and launches per step,
    so the gap between the kernels' sum and the step time (launch/tail cost) is visible.
 Writes results.json, log.txt and profile_<mode>.{txt,json} under --out.
@@ -32,7 +30,7 @@ from avengers.inference.bench import H200_BANDWIDTH_GBS, weight_bytes_per_step  
 from avengers.inference.graphs import DecodeStep  # noqa: E402
 from avengers.inference.llama_compiled import set_fused_decode  # noqa: E402
 from avengers.inference.kv_cache import KVState  # noqa: E402
-from avengers.inference.triton_overlap import set_l2_prefetch, set_pdl  # noqa: E402
+from avengers.inference.triton_pdl import set_pdl  # noqa: E402
 from avengers.models.registry import get_model_spec  # noqa: E402
 from benchmarks.profiling import profile_step  # noqa: E402
 
@@ -66,7 +64,7 @@ def graph_us(fn, reps: int = 50) -> float:
     return (time.perf_counter() - t0) / (10 * reps) * 1e6
 
 
-def gemv_part(model, batch: int, prefetch_mib: float) -> list[dict]:
+def gemv_part(model, batch: int) -> list[dict]:
     from avengers.inference import triton_gemv as tg
 
     layer = model.base_model.layers[0]
@@ -89,13 +87,8 @@ def gemv_part(model, batch: int, prefetch_mib: float) -> list[dict]:
                             lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps, swiglu=True)),
         "w2+residual": (ff.w2.weight, lambda w: x + F.linear(a, w), lambda w: tg.gemv(a, w, residual=x)),
         "norm+lm_head": (head, lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w),
-                         lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps, prefetch=w)),
+                         lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps)),
     }
-    cases["norm+qkv"] = cases["norm+qkv"][:2] + (lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps, prefetch=w),)
-    cases["wo+residual"] = cases["wo+residual"][:2] + (lambda w: tg.gemv(o, w, residual=x, prefetch=w),)
-    cases["norm+wg1+swiglu"] = cases["norm+wg1+swiglu"][:2] + (
-        lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps, swiglu=True, prefetch=w, prefetch_parts=2),)
-    cases["w2+residual"] = cases["w2+residual"][:2] + (lambda w: tg.gemv(a, w, residual=x, prefetch=w),)
     # the QKV GEMV as the decode step runs it: RoPE and the key/value cache write in its epilogue
     H, Hkv, d = attn.nheads, attn.kvheads, attn.emb_kq_per_head
     state = KVState(batch, Hkv, 1024, d, device=dev, dtype=dt)
@@ -104,8 +97,8 @@ def gemv_part(model, batch: int, prefetch_mib: float) -> list[dict]:
     qkv_w = attn.in_proj.qkv_fused.weight
     cases["norm+qkv+rope+cache"] = (
         qkv_w, lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w)[:, : H * d],
-        lambda w: tg.decode_pre_write(x.view(batch, 1, D), ln, eps, w, cos, sin, H, Hkv, d, state, pos,
-                                      prefetch=w).reshape(batch, -1))
+        lambda w: tg.decode_pre_write(x.view(batch, 1, D), ln, eps, w, cos, sin, H, Hkv, d, state,
+                                      pos).reshape(batch, -1))
     rows = []
     for name, (w, ref, fused) in cases.items():
         err = ((fused(w).float() - ref(w).float()).abs().max() / ref(w).float().abs().max()).item()
@@ -115,15 +108,11 @@ def gemv_part(model, batch: int, prefetch_mib: float) -> list[dict]:
         t_fused = graph_us(lambda: fused(w))
         set_pdl(True)
         t_pdl = graph_us(lambda: fused(w))
-        set_l2_prefetch(prefetch_mib)
-        t_pf = graph_us(lambda: fused(w))
-        set_l2_prefetch(0)
         kernel = tg._qkv_rope_kernel if "rope" in name else tg._gemv_kernel
         cfg = getattr(kernel, "best_config", None)
         row = {"op": name, "batch": batch, "weight_shape": list(w.shape), "torch_us": round(t_ref, 2),
-               "triton_us": round(t_fused, 2), "triton_pdl_us": round(t_pdl, 2),
-               f"triton_pdl_pf{prefetch_mib:g}_us": round(t_pf, 2), "torch_GBs": round(gb / t_ref * 1e6),
-               "triton_GBs": round(gb / t_fused * 1e6), "best_GBs": round(gb / min(t_fused, t_pdl, t_pf) * 1e6),
+               "triton_us": round(t_fused, 2), "triton_pdl_us": round(t_pdl, 2), "torch_GBs": round(gb / t_ref * 1e6),
+               "triton_GBs": round(gb / t_fused * 1e6), "triton_pdl_GBs": round(gb / t_pdl * 1e6),
                "roofline_us": round(gb / H200_BANDWIDTH_GBS * 1e6, 2), "max_rel_err": err, "config": f"{cfg.kwargs} warps={cfg.num_warps}" if cfg else None}
         rows.append(row)
         log(json.dumps(row))
@@ -134,11 +123,9 @@ def gemv_part(model, batch: int, prefetch_mib: float) -> list[dict]:
 def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[dict]:
     dev = next(model.parameters()).device
     rows = []
-    for mode in modes:  # e.g. "triton_pdl_pf8": the Triton kernels launched with PDL, 8 MiB L2 prefetch
-        base, *flags = mode.split("_")
-        set_pdl("pdl" in flags)
-        set_l2_prefetch(next((float(f[2:]) for f in flags if f.startswith("pf")), 0))
-        set_fused_decode(base)
+    for mode in modes:  # "triton_pdl": the Triton kernels launched with PDL
+        set_pdl(mode.endswith("_pdl"))
+        set_fused_decode(mode.removesuffix("_pdl"))
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)
         cache.set_seq_len(context - 2 * steps - 8)
         tokens = torch.randint(0, spec.vocab_size, (1, 1), device=dev)
@@ -164,7 +151,6 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
         torch.cuda.empty_cache()
     set_fused_decode("off")
     set_pdl(True)
-    set_l2_prefetch(0)
     return rows
 
 
@@ -174,8 +160,7 @@ def main() -> int:
     p.add_argument("--out", default="decode_profile")
     p.add_argument("--variant", default="llama3_1.8b")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--modes", default="off,inductor,triton,triton_pdl,triton_pdl_pf8")
-    p.add_argument("--prefetch_mib", type=float, default=8.0, help="L2 prefetch for the per-GEMV part")
+    p.add_argument("--modes", default="off,inductor,triton,triton_pdl")
     p.add_argument("--batches", default="1", help="batch sizes for the per-GEMV part ('' to skip it)")
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
@@ -191,7 +176,7 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(), "variant": a.variant, "gemv": [], "step": []}
     with torch.no_grad():
         for b in (int(x) for x in a.batches.split(",") if x):
-            results["gemv"] += gemv_part(model, b, a.prefetch_mib)
+            results["gemv"] += gemv_part(model, b)
     results["step"] = step_part(model, spec, a.context, a.modes.split(","), a.steps)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     return 0

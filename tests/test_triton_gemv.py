@@ -100,7 +100,7 @@ def test_triton_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, pdl)
     """The Triton kernels (with and without PDL, where the GPU supports it) replayed from a graph keep
     their order: every replayed step's logits equal the per-module eager path's."""
     from avengers.inference.graphs import DecodeStep
-    from avengers.inference.triton_overlap import set_pdl
+    from avengers.inference.triton_pdl import set_pdl
 
     spec, model = tiny_on_device
     ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)

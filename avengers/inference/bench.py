@@ -32,7 +32,7 @@ from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_d
 from avengers.inference.graphs import DecodeStep
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
 from avengers.inference.llama_compiled import FUSED_DECODE_MODES, set_fused_decode
-from avengers.inference.triton_overlap import set_l2_prefetch, set_pdl
+from avengers.inference.triton_pdl import set_pdl
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class BenchConfig:
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
     fused_decode: str = "off"  # Llama-block decode via llama_compiled: off | eager | inductor | triton
     decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
-    pdl: bool = True  # launch the Triton decode kernels with programmatic dependent launch (triton_overlap.py)
-    l2_prefetch_mib: float = 0.0  # MiB of the next kernel's weights each Triton decode GEMV hints into the L2
+    pdl: bool = True  # launch the Triton decode kernels with programmatic dependent launch (triton_pdl.py)
 
     def validate(self) -> None:
         known = list_variants()
@@ -77,8 +76,6 @@ class BenchConfig:
             raise ValueError(f"fused_decode must be one of {FUSED_DECODE_MODES}, got {self.fused_decode!r}")
         if self.decode_attn not in DECODE_BACKENDS:
             raise ValueError(f"decode_attn must be one of {DECODE_BACKENDS}, got {self.decode_attn!r}")
-        if self.l2_prefetch_mib < 0:
-            raise ValueError(f"l2_prefetch_mib must be >= 0, got {self.l2_prefetch_mib}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if any(c < self.room + 2 for c in self.contexts):
@@ -325,8 +322,6 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="Llama-block decode steps through fused functions: torch.compile'd (inductor) or Triton "
                         "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8)")
     p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
-    p.add_argument("--l2_prefetch_mib", type=float, default=0.0,
-                   help="with --fused_decode triton: MiB of the next kernel's weights each GEMV prefetches into the L2")
     p.add_argument("--no_pdl", action="store_true",
                    help="launch the Triton decode kernels without programmatic dependent launch (on by default, Hopper+)")
     p.add_argument("--decode_attn", default="auto", choices=DECODE_BACKENDS,
@@ -344,7 +339,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         find_max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, memory_fraction=a.memory_fraction,
         bandwidth_gbs=a.bandwidth_gbs, prefill_chunk=a.prefill_chunk, cuda_graph=not a.no_cuda_graph,
         deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol, decode_attn=a.decode_attn,
-        fused_decode=a.fused_decode or ("inductor" if a.compile else "off"), pdl=not a.no_pdl, l2_prefetch_mib=a.l2_prefetch_mib,
+        fused_decode=a.fused_decode or ("inductor" if a.compile else "off"), pdl=not a.no_pdl,
     )
     cfg.validate()
     return cfg
@@ -356,7 +351,6 @@ def run(cfg: BenchConfig) -> dict:
     set_decode_backend(cfg.decode_attn)
     set_fused_decode(cfg.fused_decode)
     set_pdl(cfg.pdl)
-    set_l2_prefetch(cfg.l2_prefetch_mib)
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}
@@ -386,7 +380,6 @@ def run(cfg: BenchConfig) -> dict:
     print(write_report(report, Path(cfg.out)))
     set_fused_decode("off")
     set_pdl(True)  # the default
-    set_l2_prefetch(0)
     return report
 
 

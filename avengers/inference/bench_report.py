@@ -47,9 +47,7 @@ def _fused_note(config: dict) -> str:
     return {"off": "", "eager": ", Llama decode blocks as fused functions (eager)",
             "inductor": ", Llama decode element-wise work torch.compiled",
             "triton": ", Llama decode blocks as fused Triton GEMV kernels"}.get(mode, f", fused decode {mode}") \
-        + (", Triton kernels launched with PDL" if config.get("pdl") and mode == "triton" else "") \
-        + (f", {config['l2_prefetch_mib']:g} MiB L2 prefetch of the next weights"
-           if config.get("l2_prefetch_mib") and mode == "triton" else "")
+        + (", Triton kernels launched with PDL" if config.get("pdl") else "")
 
 
 def markdown_table(report: dict) -> str:

@@ -154,13 +154,10 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     fused = decode is not None and fused_decode_mode() != "off"
     if fused:  # once per step, not per layer
         cos, sin = (t.contiguous() for t in torch.view_as_real(cis[0]).unbind(-1))
-    for i, (layer, state) in enumerate(zip(base.layers, cache.layers)):
+    for layer, state in zip(base.layers, cache.layers):
         if fused and eligible(layer):
-            after = base.layers[i + 1] if i + 1 < len(base.layers) else None
-            next_weight = model.head.weight if after is None else (
-                after.attn.in_proj.qkv_fused.weight if eligible(after) else None)
             h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(
-                q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]), next_weight)
+                q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]))
             continue
         h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, decode)
         h = h + layer.ff_sub_layer(_rms_norm(layer.ff_ln, h))

@@ -78,15 +78,12 @@ def _torch_functions(mode: str):
         pre = torch.compile(decode_pre, dynamic=True, fullgraph=True)
         post = torch.compile(decode_post, dynamic=True, fullgraph=True)
 
-    def pre_write(*args, state, position, prefetch=None):  # prefetch: an L2 hint of the Triton kernels
+    def pre_write(*args, state, position):
         q, k, v = pre(*args)
         state.write_at(k, v, position)
         return q
 
-    def post_(*args, prefetch=None):
-        return post(*args)
-
-    return pre_write, post_
+    return pre_write, post
 
 
 def functions(mode: str, batch_size: int):
@@ -102,18 +99,16 @@ def functions(mode: str, batch_size: int):
 
 
 def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, attention, next_weight: torch.Tensor | None = None) -> torch.Tensor:
+                 sin: torch.Tensor, attention) -> torch.Tensor:
     """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache.
-    cos/sin [H + H_kv, d/2], fp32 and contiguous. `next_weight`: the first weight read after this
-    block (the next block's QKV, or the LM head), an L2-prefetch hint for the Triton kernels."""
+    cos/sin [H + H_kv, d/2], fp32 and contiguous."""
     attn, ff = layer.attn, layer.ff_sub_layer
     pre_write, post = functions(_state["mode"], h.shape[0])
     q = pre_write(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
-                  attn.nheads, attn.kvheads, attn.emb_kq_per_head, state=state, position=position,
-                  prefetch=attn.dense.weight)
+                  attn.nheads, attn.kvheads, attn.emb_kq_per_head, state=state, position=position)
     out = attention(q).reshape(h.shape[0], 1, -1)
     return post(h, out, attn.dense.weight, layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight,
-                ff.w2.weight, ff.hidden_dim, prefetch=next_weight)
+                ff.w2.weight, ff.hidden_dim)
 
 
 def decode_head(norm: nn.Module, head: nn.Linear, h: torch.Tensor) -> torch.Tensor | None:

@@ -3,10 +3,9 @@
 One query token per sequence against a static key/value buffer whose valid length is read from a
 device tensor, so the call can be captured in a CUDA graph. Pass 1: program (b, kv head, split)
 streams its slice of keys/values once for all H/H_kv query heads of the group (rows of one
-tl.dot, padded to 16) and writes an unnormalised partial output with its running max and sum,
-then counts itself done on a per-(b, kv head) counter; the group's last program merges the
-splits and resets the counter to zero, so one kernel does the whole attention (no second launch,
-which costs more than the merge at short context). Splits past the valid length do no work.
+tl.dot, padded to 16) and writes an unnormalised partial output with its running max and sum.
+Pass 2: program (b, query head) merges the splits. Splits past the valid length do no work.
+Key tile size, warps and pipeline depth of pass 1 are autotuned per split length on a GPU.
 """
 
 from __future__ import annotations
@@ -18,10 +17,26 @@ import torch
 import triton
 import triton.language as tl
 
-from avengers.inference.triton_overlap import pdl_kwargs
+from avengers.inference.triton_pdl import pdl_kwargs
 
-BLOCK_N = 64
+BLOCK_N = 64  # split lengths are whole multiples of this
 MAX_SPLITS = 64
+
+
+def _partial_configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK": BLOCK_N}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 8))]
+
+
+def _quick_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _prune(configs, named_args, **kwargs):
+    """A key tile may not straddle two splits."""
+    kept = [c for c in configs if named_args["SPLIT"] % c.kwargs["BLOCK"] == 0]
+    return kept or configs[:1]
 
 
 @triton.jit
@@ -40,13 +55,14 @@ def _tile(q, k_base, v_base, n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRE
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
+@triton.autotune(configs=_partial_configs(), key=["SPLIT", "G", "D", "PRECISION", "GDC"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
 @triton.jit
-def _attention_kernel(Q, K, V, Length, Acc, M, L, Count, Out, sqb, sqh, skb, skh, skn, svb, svh, svn, sob, soh,
-                      H_KV, G, SPLIT, NSPLIT, scale,
-                      D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-                      PRECISION: tl.constexpr, DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr,
-                      GDC: tl.constexpr):
-    if GDC:  # launched with PDL (triton_overlap.py): everything read below may come from the previous kernel
+def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn,
+                    H_KV, G, SPLIT, NSPLIT, scale,
+                    D: tl.constexpr, BLOCK_G: tl.constexpr, PRECISION: tl.constexpr,
+                    DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, GDC: tl.constexpr, BLOCK: tl.constexpr):
+    if GDC:  # launched with PDL (triton_pdl.py): everything read below may come from the previous kernel
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
@@ -77,39 +93,30 @@ def _attention_kernel(Q, K, V, Length, Acc, M, L, Count, Out, sqb, sqh, skb, skh
     tl.store(Acc + row[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
     tl.store(M + row, m_i, mask=g_mask)
     tl.store(L + row, l_i, mask=g_mask)
-    tl.debug_barrier()  # every thread's partial is stored before the counter is released
-    if tl.atomic_add(Count + bh, 1, sem="acq_rel") == NSPLIT - 1:
-        _merge(Acc, M, L, Out, bh.to(tl.int64), b, h, G, NSPLIT, sob, soh, D, BLOCK_S)
-        tl.store(Count + bh, 0)
 
 
 @triton.jit
-def _merge(Acc, M, L, Out, bh, b, h, G, NSPLIT, sob, soh, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Out[b, h * G + g] for the group's G query heads from the NSPLIT partials (read past L1: other
-    programs wrote them)."""
+def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  GDC: tl.constexpr):
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)  # b * H + query head
+    H = H_KV * G
+    b = (pid // H).to(tl.int64)
+    hq = pid % H
+    bh = b * H_KV + hq // G
+    g = hq % G
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
     s_mask = offs_s < NSPLIT
-    for g in range(0, G):
-        row = (bh * NSPLIT + offs_s) * G + g
-        m = tl.load(M + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(L + row, mask=s_mask, other=0.0, cache_modifier=".cg")
-        w = tl.exp(m - tl.max(m, 0))  # empty splits have m = -inf: weight 0
-        acc = tl.load(Acc + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0, cache_modifier=".cg")
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(Out + b * sob + (h * G + g) * soh + offs_d, out.to(Out.dtype.element_ty))
-
-
-_COUNTERS: dict = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 split counters; every launch leaves them zero, so one buffer per device serves
-    every call (allocated once, before any CUDA-graph capture that reuses it)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-    return buf
+    row = (bh.to(tl.int64) * NSPLIT + offs_s) * G + g
+    m = tl.load(M + row, mask=s_mask, other=float("-inf"))
+    l = tl.load(L + row, mask=s_mask, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))  # empty splits have m = -inf: weight 0
+    acc = tl.load(Acc + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(Out + b * sob + hq * soh + offs_d, out.to(Out.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,12 +152,12 @@ def decode_attention_triton(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    _attention_kernel[(B * Hkv, nsplit)](
-        q, k_buf, v_buf, length, acc, m, l_sum, _counters(q.device, B * Hkv), out, q.stride(0), q.stride(1),
-        k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2),
-        out.stride(0), out.stride(1), Hkv, G, split, nsplit, D**-0.5 if scale is None else scale, D=D,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK=BLOCK_N, BLOCK_S=triton.next_power_of_2(nsplit),
-        PRECISION=precision, DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0, num_warps=4,
-        num_stages=2, **pdl_kwargs(q.device),
+    _partial_kernel[(B * Hkv, nsplit)](
+        q, k_buf, v_buf, length, acc, m, l_sum, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
+        k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), Hkv, G, split, nsplit,
+        D**-0.5 if scale is None else scale, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        PRECISION=precision, DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0, **pdl_kwargs(q.device),
     )
+    _merge_kernel[(B * H,)](acc, m, l_sum, out, out.stride(0), out.stride(1), Hkv, G, nsplit, D=D,
+                            BLOCK_S=triton.next_power_of_2(nsplit), num_warps=4, **pdl_kwargs(q.device))
     return out

@@ -12,12 +12,6 @@ llama_compiled.decode_pre (+ KVState.write_at) and decode_post, the same maths i
 compare them. Each GEMV program owns BN output rows and streams those weight rows once for
 every sequence of the (small) batch; BN, BK and the warp count are autotuned per shape on a GPU
 (one fixed config under Triton's CPU interpreter, which cannot time kernels).
-
-Between two GEMVs the weight stream stops: the last programs drain, the next kernel starts and
-its first loads wait a full memory latency. So each kernel may be handed the next kernel's weights
-as a prefetch hint: after its own weight loop, every program asks the L2 for its share of the
-first `triton_overlap.set_l2_prefetch` MiB of them (cp.async.bulk.prefetch, sm_90+), and the next kernel's first
-reads hit the L2 while the memory keeps streaming across the boundary.
 """
 
 from __future__ import annotations
@@ -28,17 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from avengers.inference.triton_overlap import l2_prefetch_bytes, pdl_kwargs
+from avengers.inference.triton_pdl import pdl_kwargs
 
 MAX_BATCH = 8  # larger batches are not weight-bound at these sizes: the torch path serves them
-def _prefetch_args(device: torch.device, weight: torch.Tensor | None, parts: int, fallback: torch.Tensor) -> tuple:
-    """(pointer, bytes per part, byte stride between parts, PREF_PARTS) for _prefetch_l2: the first
-    bytes of each of `parts` equal row blocks of `weight` (2 for a [gate; up] weight)."""
-    budget = l2_prefetch_bytes(device)
-    if weight is None or budget == 0:
-        return fallback, 0, 0, 0
-    part = weight.numel() * weight.element_size() // parts
-    return weight, min(budget // parts, part) // 16 * 16, part, parts
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -111,43 +97,22 @@ def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
         if SWIGLU:
             u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
             acc_up += tl.sum(x[:, None, :] * u.to(tl.float32)[None, :, :], 2)
-    if GDC:  # programmatic dependent launch (triton_overlap.py): this program's weight reads are issued,
+    if GDC:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are issued,
         tl.extra.cuda.gdc_launch_dependents()  # so the next kernel may start loading its own
     return acc, acc_up
 
 
-@triton.jit
-def _prefetch_l2(P, NBYTES, STRIDE, PARTS: tl.constexpr):
-    """Ask the L2 for this program's share of the byte ranges [P + i * STRIDE, + NBYTES), i < PARTS
-    (a hint: nothing waits for it). 256 pieces of <= 1 KiB per round, about one per thread."""
-    if PARTS > 0:
-        p8 = P.to(tl.pointer_type(tl.int8))
-        share = tl.cdiv(tl.cdiv(NBYTES, tl.num_programs(0)), 1024) * 1024
-        start = tl.program_id(0).to(tl.int64) * share
-        stop = tl.minimum(start + share, NBYTES)
-        pieces = tl.arange(0, 256).to(tl.int64) * 1024
-        for i in tl.static_range(PARTS):
-            for off in range(0, share, 256 * 1024):
-                at = start + off + pieces
-                size = tl.minimum(tl.maximum(stop - at, 0), 1024).to(tl.int32)
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                    "=r,l,r", [p8 + i * STRIDE + at, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC", "PREF_PARTS"],
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
 @triton.jit
-def _gemv_kernel(X, NormW, W, Res, Out, Pref, K, N, eps, sxb, srb, sob, PREF_BYTES, PREF_STRIDE,
+def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
                  BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, PREF_PARTS: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
+                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
     acc, acc_up = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, NORM, SWIGLU, GDC, BK)
-    _prefetch_l2(Pref, PREF_BYTES, PREF_STRIDE, PREF_PARTS)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     om = b_ok[:, None] & r_ok[None, :]
@@ -156,12 +121,12 @@ def _gemv_kernel(X, NormW, W, Res, Out, Pref, K, N, eps, sxb, srb, sob, PREF_BYT
     tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC", "PREF_PARTS"],
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
 @triton.jit
-def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, Pref, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
-                     NQ, NK, HEAD_DIM, PREF_BYTES, PREF_STRIDE, BB: tl.constexpr, B: tl.constexpr,
-                     GDC: tl.constexpr, PREF_PARTS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
+                     NQ, NK, HEAD_DIM, BB: tl.constexpr, B: tl.constexpr, GDC: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
     """rmsnorm(x) @ Wqkv^T, then per output row: query rows rotated into Q [B, NQ], key rows rotated
     and value rows copied into the caches at the position in Pos. Rotation pairs are adjacent rows
     (2j, 2j+1), so they sit in the same program (BN even) and the pair index is row // 2."""
@@ -170,7 +135,6 @@ def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, Pref, K, N, eps, sxb
     bs = tl.arange(0, BB)
     b_ok = bs < B
     acc, _ = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, True, False, GDC, BK)
-    _prefetch_l2(Pref, PREF_BYTES, PREF_STRIDE, PREF_PARTS)
     acc = acc.to(Q.dtype.element_ty).to(tl.float32)  # torch rounds the matmul output before rotating
     x0, x1 = tl.split(tl.reshape(acc, (BB, BN // 2, 2)))
     pair = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
@@ -190,12 +154,10 @@ def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, Pref, K, N, eps, sxb
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         residual: torch.Tensor | None = None, swiglu: bool = False, prefetch: torch.Tensor | None = None,
-         prefetch_parts: int = 1) -> torch.Tensor:
+         residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """x [B, K] (B <= MAX_BATCH, unit last stride) @ weight[N', K]^T with the optional fusions:
     rmsnorm(x) * norm_weight first; swiglu: weight is [gate; up] (N' = 2N), output silu(gate) * up;
-    residual [B, N] added last. Returns [B, N] in x's dtype. `prefetch`: the contiguous weight the
-    next kernel reads (`prefetch_parts` row blocks of it read together), hinted into the L2."""
+    residual [B, N] added last. Returns [B, N] in x's dtype."""
     B, K = x.shape
     if not 1 <= B <= MAX_BATCH or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != K:
         raise ValueError(f"gemv needs x [B <= {MAX_BATCH}, K] with unit last stride and a contiguous weight [N, K]; "
@@ -204,22 +166,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
     out = torch.empty(B, N, device=x.device, dtype=x.dtype)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{B}, {N}] with unit last stride, got {tuple(residual.shape)}")
-    pref, pref_bytes, pref_stride, pref_parts = _prefetch_args(x.device, prefetch, prefetch_parts, weight)
     _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         x, norm_weight if norm_weight is not None else x, weight, residual if residual is not None else out, out,
-        pref, K, N, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), pref_bytes,
-        pref_stride, BB=triton.next_power_of_2(B), B=B, NORM=norm_weight is not None, SWIGLU=swiglu,
-        RESIDUAL=residual is not None, PREF_PARTS=pref_parts, **pdl_kwargs(x.device))
+        K, N, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        BB=triton.next_power_of_2(B), B=B, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        **pdl_kwargs(x.device))
     return out
 
 
 def decode_pre_write(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, H: int, Hkv: int, d: int, state, position: torch.Tensor,
-                     prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     sin: torch.Tensor, H: int, Hkv: int, d: int, state, position: torch.Tensor) -> torch.Tensor:
     """llama_compiled.decode_pre + KVState.write_at as one kernel: RMSNorm + QKV GEMV, then RoPE on
     q and k (adjacent pairs; cos/sin [H + H_kv, d/2] fp32, contiguous) with k and v written into the
-    caches [B, H_kv, S, d] at the 0-dim device `position`. Returns q [B, H, d] (rotated, pre-scaled).
-    `prefetch`: the weight read after the attention (Wo), hinted into the L2."""
+    caches [B, H_kv, S, d] at the 0-dim device `position`. Returns q [B, H, d] (rotated, pre-scaled)."""
     B = h.shape[0]
     x = h.reshape(B, -1)
     k_cache, v_cache = state.k, state.v
@@ -233,21 +192,19 @@ def decode_pre_write(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: tor
                          f"B <= {MAX_BATCH}, H={H}, H_kv={Hkv}, d={d}")
     q = torch.empty(B, H, d, device=h.device, dtype=k_cache.dtype)
     N = qkv_w.shape[0]
-    pref, pref_bytes, pref_stride, pref_parts = _prefetch_args(h.device, prefetch, 1, qkv_w)
     _qkv_rope_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
-        x, ln_w, qkv_w, cos, sin, q, k_cache, v_cache, position, pref, x.shape[1], N, eps, x.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], H * d, Hkv * d, d, pref_bytes, pref_stride,
-        BB=triton.next_power_of_2(B), B=B, PREF_PARTS=pref_parts, **pdl_kwargs(h.device))
+        x, ln_w, qkv_w, cos, sin, q, k_cache, v_cache, position, x.shape[1], N, eps, x.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], H * d, Hkv * d, d,
+        BB=triton.next_power_of_2(B), B=B, **pdl_kwargs(h.device))
     return q
 
 
 def decode_post(h: torch.Tensor, attn: torch.Tensor, dense_w: torch.Tensor, ln_w: torch.Tensor, eps: float,
-                wg1_w: torch.Tensor, w2_w: torch.Tensor, hidden: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    """llama_compiled.decode_post in three kernels: Wo + residual, norm + [Wg; W1] + SwiGLU, W2 + residual;
-    each hints the next one's weight into the L2, the last `prefetch` (the next block's QKV or the head)."""
+                wg1_w: torch.Tensor, w2_w: torch.Tensor, hidden: int) -> torch.Tensor:
+    """llama_compiled.decode_post in three kernels: Wo + residual, norm + [Wg; W1] + SwiGLU, W2 + residual."""
     B, _, D = h.shape
+    h2 = gemv(attn.reshape(B, -1), dense_w, residual=h.reshape(B, D))
     if wg1_w.shape[0] != 2 * hidden:
         raise ValueError(f"fused gate/up weight has {wg1_w.shape[0]} rows, expected 2 * {hidden}")
-    h2 = gemv(attn.reshape(B, -1), dense_w, residual=h.reshape(B, D), prefetch=wg1_w, prefetch_parts=2)
-    a = gemv(h2, wg1_w, norm_weight=ln_w, eps=eps, swiglu=True, prefetch=w2_w)
-    return gemv(a, w2_w, residual=h2, prefetch=prefetch).view(B, 1, D)
+    a = gemv(h2, wg1_w, norm_weight=ln_w, eps=eps, swiglu=True)
+    return gemv(a, w2_w, residual=h2).view(B, 1, D)

@@ -1,0 +1,41 @@
+"""Programmatic dependent launch (PDL) for the decode step's Triton kernels.
+
+A batch-1 decode step is a chain of ~6 short kernels per layer; on Hopper each kernel may be
+launched with PDL so that its programs start while the previous kernel drains. Every kernel that
+takes `GDC=True` calls `gdc_wait` before it reads anything an earlier kernel wrote (only weights,
+which decode never writes, may be read before the wait), so the chain stays ordered, and
+`gdc_launch_dependents` once its main reads are issued (the GEMV: after its weight loop); kernels
+launched without PDL wait for their predecessor as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_state = {"on": True}  # an 8% shorter Llama decode step on the H200 at batch 1 (docs/benchmarks.md)
+
+
+def set_pdl(enabled: bool) -> None:
+    """Launch the decode kernels with PDL where supported (default on)."""
+    _state["on"] = bool(enabled)
+
+
+@functools.cache
+def _supported(device_index: int) -> bool:
+    """Hopper or newer, and a Triton that can launch with PDL (never the CPU interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_kwargs(device: torch.device) -> dict:
+    """Launch keywords for a kernel with a `GDC` constexpr: PDL on or off for this device."""
+    on = _state["on"] and device.type == "cuda" and _supported(device.index or 0)
+    return {"GDC": on, "launch_pdl": on}
