@@ -61,7 +61,7 @@ class BenchConfig:
     out: str = "bench_out"
     seed: int = 0
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
-    fused_decode: str = "off"  # Llama-block decode via llama_compiled: off | eager | inductor | triton
+    fused_decode: str = "off"  # Llama-block decode via llama_compiled: off | eager | inductor | triton | persistent
     decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
     pdl: bool = True  # launch the Triton decode kernels with programmatic dependent launch (triton_pdl.py)
 
@@ -319,8 +319,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
     p.add_argument("--fused_decode", default=None, choices=FUSED_DECODE_MODES,
-                   help="Llama-block decode steps through fused functions: torch.compile'd (inductor) or Triton "
-                        "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8)")
+                   help="Llama-block decode steps through fused functions: torch.compile'd (inductor), Triton "
+                        "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8), or one "
+                        "persistent Triton kernel per block (persistent, batch <= 8)")
     p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
     p.add_argument("--no_pdl", action="store_true",
                    help="launch the Triton decode kernels without programmatic dependent launch (on by default, Hopper+)")

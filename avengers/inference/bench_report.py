@@ -46,7 +46,8 @@ def _fused_note(config: dict) -> str:
     mode = config.get("fused_decode") or ("inductor" if config.get("compile") else "off")  # "compile": older reports
     return {"off": "", "eager": ", Llama decode blocks as fused functions (eager)",
             "inductor": ", Llama decode element-wise work torch.compiled",
-            "triton": ", Llama decode blocks as fused Triton GEMV kernels"}.get(mode, f", fused decode {mode}") \
+            "triton": ", Llama decode blocks as fused Triton GEMV kernels",
+            "persistent": ", Llama decode blocks as one persistent Triton kernel each"}.get(mode, f", fused decode {mode}") \
         + (", Triton kernels launched with PDL" if config.get("pdl") else "")
 
 

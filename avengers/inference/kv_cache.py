@@ -157,7 +157,7 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     for layer, state in zip(base.layers, cache.layers):
         if fused and eligible(layer):
             h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(
-                q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]))
+                q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]), decode[0])
             continue
         h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, decode)
         h = h + layer.ff_sub_layer(_rms_norm(layer.ff_ln, h))

@@ -18,15 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton")
+FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton", "persistent")
 _state: dict = {"mode": "off"}
 
 
 def set_fused_decode(mode: str) -> None:
     """Route eligible decode blocks through decode_pre/decode_post as written here ("eager"),
-    torch.compile'd ("inductor"), or as the fused Triton kernels of triton_gemv.py ("triton", CUDA or
-    Triton's interpreter; batches above triton_gemv.MAX_BATCH take the inductor functions); "off":
-    the per-module path in kv_cache.py."""
+    torch.compile'd ("inductor"), as the fused Triton kernels of triton_gemv.py ("triton", CUDA or
+    Triton's interpreter; batches above triton_gemv.MAX_BATCH take the inductor functions), or as one
+    persistent Triton kernel per block (triton_block.py, "persistent"; same fallback); "off": the
+    per-module path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
         raise ValueError(f"fused decode mode must be one of {FUSED_DECODE_MODES}, got {mode!r}")
     _state["mode"] = mode
@@ -89,7 +90,7 @@ def _torch_functions(mode: str):
 def functions(mode: str, batch_size: int):
     """(pre_write, post) for the mode: pre_write(h, ln_w, eps, qkv_w, cos, sin, H, H_kv, d, state,
     position) -> q also writes the token's key/value into the cache."""
-    if mode == "triton":
+    if mode in ("triton", "persistent"):
         from avengers.inference import triton_gemv
 
         if batch_size <= triton_gemv.MAX_BATCH:
@@ -99,10 +100,18 @@ def functions(mode: str, batch_size: int):
 
 
 def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, attention) -> torch.Tensor:
-    """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache.
-    cos/sin [H + H_kv, d/2], fp32 and contiguous."""
+                 sin: torch.Tensor, attention, length: torch.Tensor) -> torch.Tensor:
+    """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache
+    (valid up to the 0-dim device `length`). cos/sin [H + H_kv, d/2], fp32 and contiguous."""
     attn, ff = layer.attn, layer.ff_sub_layer
+    if _state["mode"] == "persistent":
+        from avengers.inference import triton_block, triton_gemv
+
+        if h.shape[0] <= triton_gemv.MAX_BATCH:
+            return triton_block.decode_block(
+                h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin, attn.nheads,
+                attn.kvheads, attn.emb_kq_per_head, state, position, length, attn.dense.weight,
+                layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight, ff.w2.weight, ff.hidden_dim)
     pre_write, post = functions(_state["mode"], h.shape[0])
     q = pre_write(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
                   attn.nheads, attn.kvheads, attn.emb_kq_per_head, state=state, position=position)
@@ -112,9 +121,9 @@ def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tenso
 
 
 def decode_head(norm: nn.Module, head: nn.Linear, h: torch.Tensor) -> torch.Tensor | None:
-    """Final RMSNorm + LM head of a decode step as one Triton GEMV ("triton" mode, small batch,
+    """Final RMSNorm + LM head of a decode step as one Triton GEMV (Triton modes, small batch,
     plain RMSNorm and bias-free head); None where the caller's own path applies."""
-    if _state["mode"] != "triton" or head.bias is not None or not is_plain_rms_norm(norm):
+    if _state["mode"] not in ("triton", "persistent") or head.bias is not None or not is_plain_rms_norm(norm):
         return None
     from avengers.inference import triton_gemv
 

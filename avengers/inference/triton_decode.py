@@ -43,8 +43,9 @@ def _prune(configs, named_args, **kwargs):
 def _tile(q, k_base, v_base, n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRECISION: tl.constexpr):
     """Online-softmax update of (running max, running sum, unnormalised output) with one key tile."""
     n_mask = n < end
-    k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-    v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0)  # both in flight
+    k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0, cache_modifier=".cg")
+    v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0,
+                cache_modifier=".cg")  # issued together with k
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -55,25 +56,20 @@ def _tile(q, k_base, v_base, n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRE
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.autotune(configs=_partial_configs(), key=["SPLIT", "G", "D", "PRECISION", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
 @triton.jit
-def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn,
-                    H_KV, G, SPLIT, NSPLIT, scale,
-                    D: tl.constexpr, BLOCK_G: tl.constexpr, PRECISION: tl.constexpr,
-                    DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, GDC: tl.constexpr, BLOCK: tl.constexpr):
-    if GDC:  # launched with PDL (triton_pdl.py): everything read below may come from the previous kernel
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
+def partial_item(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn, H_KV, G, SPLIT, NSPLIT, scale,
+                 bh, split, D: tl.constexpr, BLOCK_G: tl.constexpr, PRECISION: tl.constexpr,
+                 DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 for (b * H_KV + kv head, split). Q and the caches are read past L1 (.cg): in the
+    persistent block kernel other programs have just written them."""
     b = (bh // H_KV).to(tl.int64)  # 64-bit offsets: a large batch's buffer can pass 2^31 elements
     h = bh % H_KV
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK)
     g_mask = offs_g < G
-    q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0,
+                cache_modifier=".cg")
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -96,27 +92,46 @@ def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, sv
 
 
 @triton.jit
-def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  GDC: tl.constexpr):
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    pid = tl.program_id(0)  # b * H + query head
+def merge_item(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, item, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 2 for item = b * H + query head: the splits' partials merged into Out[b, head]."""
     H = H_KV * G
-    b = (pid // H).to(tl.int64)
-    hq = pid % H
+    b = (item // H).to(tl.int64)
+    hq = item % H
     bh = b * H_KV + hq // G
     g = hq % G
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
     s_mask = offs_s < NSPLIT
     row = (bh.to(tl.int64) * NSPLIT + offs_s) * G + g
-    m = tl.load(M + row, mask=s_mask, other=float("-inf"))
-    l = tl.load(L + row, mask=s_mask, other=0.0)
+    m = tl.load(M + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(L + row, mask=s_mask, other=0.0, cache_modifier=".cg")
     w = tl.exp(m - tl.max(m, 0))  # empty splits have m = -inf: weight 0
-    acc = tl.load(Acc + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    acc = tl.load(Acc + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0, cache_modifier=".cg")
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(Out + b * sob + hq * soh + offs_d, out.to(Out.dtype.element_ty))
+
+
+@triton.autotune(configs=_partial_configs(), key=["SPLIT", "G", "D", "PRECISION", "GDC"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+@triton.jit
+def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn,
+                    H_KV, G, SPLIT, NSPLIT, scale,
+                    D: tl.constexpr, BLOCK_G: tl.constexpr, PRECISION: tl.constexpr,
+                    DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, GDC: tl.constexpr, BLOCK: tl.constexpr):
+    if GDC:  # launched with PDL (triton_pdl.py): everything read below may come from the previous kernel
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    partial_item(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn, H_KV, G, SPLIT, NSPLIT, scale,
+                 tl.program_id(0), tl.program_id(1), D, BLOCK_G, PRECISION, DYNAMIC_BOUND, STATIC_SPAN, BLOCK)
+
+
+@triton.jit
+def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  GDC: tl.constexpr):
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    merge_item(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, tl.program_id(0), D, BLOCK_S)
 
 
 @functools.lru_cache(maxsize=None)

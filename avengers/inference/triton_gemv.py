@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from avengers.inference.triton_grid import grid_wait
 from avengers.inference.triton_pdl import pdl_kwargs
 
 MAX_BATCH = 8  # larger batches are not weight-bound at these sizes: the torch path serves them
@@ -52,7 +53,8 @@ def _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.con
     torch rounds rms_norm's output before the matmul) when NORM."""
     ks = k0 + tl.arange(0, BK)
     k_ok = ks < K
-    x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+    # .cg: in the persistent block kernel X was just written by other programs (read past L1)
+    x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
     if NORM:
         g = tl.load(NormW + ks, mask=k_ok, other=0.0).to(tl.float32)
         x = (x.to(tl.float32) * rstd[:, None] * g[None, :]).to(WDT)
@@ -60,12 +62,13 @@ def _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
-              NORM: tl.constexpr, SWIGLU: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
+def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, Count, target,
+              NORM: tl.constexpr, SWIGLU: tl.constexpr, SYNC: tl.constexpr, BK: tl.constexpr):
     """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
     up rows N below them when SWIGLU: returned second, else the first again)."""
-    # The first weight tile is loaded before waiting for the previous kernel: weights are never
-    # written during decode, while X (a previous kernel's output) is read only after.
+    # The first weight tile is loaded before waiting for X's producer (SYNC 1: the previous kernel,
+    # PDL; 2: the other programs of a persistent kernel, grid barrier at `target`): weights are
+    # never written during decode, while X is read only after.
     ks = tl.arange(0, BK)
     wm = r_ok[:, None] & (ks < K)[None, :]
     # weights are read once per step (and a step reads far more than the L2 holds): evict them first
@@ -74,8 +77,10 @@ def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
     if SWIGLU:  # the up rows sit N rows below the gate rows in the fused [gate; up] weight
         u_first = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0,
                           eviction_policy="evict_first")
-    if GDC:
+    if SYNC == 1:
         tl.extra.cuda.gdc_wait()
+    if SYNC == 2:
+        grid_wait(Count, target)
     rstd = tl.full(bs.shape, 1.0, tl.float32)
     if NORM:  # rms of every sequence's input row (re-read by each program; it is small)
         ss = tl.zeros(bs.shape, tl.float32)
@@ -97,47 +102,56 @@ def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
         if SWIGLU:
             u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
             acc_up += tl.sum(x[:, None, :] * u.to(tl.float32)[None, :, :], 2)
-    if GDC:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are issued,
-        tl.extra.cuda.gdc_launch_dependents()  # so the next kernel may start loading its own
+    if SYNC == 1:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are
+        tl.extra.cuda.gdc_launch_dependents()  # issued, so the next kernel may start loading its own
     return acc, acc_up
 
 
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
 @triton.jit
-def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
-                 BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+def gemv_tile(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, tile, Count, target,
+              BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+              RESIDUAL: tl.constexpr, SYNC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Output rows [tile * BN, + BN) of `gemv` for every sequence."""
+    rows = tile * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
-    acc, acc_up = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, NORM, SWIGLU, GDC, BK)
+    acc, acc_up = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, Count, target, NORM, SWIGLU, SYNC, BK)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     om = b_ok[:, None] & r_ok[None, :]
     if RESIDUAL:
-        acc += tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0).to(tl.float32)
+        acc += tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0, cache_modifier=".cg").to(tl.float32)
     tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
 @triton.jit
-def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
-                     NQ, NK, HEAD_DIM, BB: tl.constexpr, B: tl.constexpr, GDC: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
-    """rmsnorm(x) @ Wqkv^T, then per output row: query rows rotated into Q [B, NQ], key rows rotated
-    and value rows copied into the caches at the position in Pos. Rotation pairs are adjacent rows
-    (2j, 2j+1), so they sit in the same program (BN even) and the pair index is row // 2."""
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+def qkv_rope_tile(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
+                  NQ, NK, HEAD_DIM, tile, Count, target, BB: tl.constexpr, B: tl.constexpr, SYNC: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr):
+    """Rows [tile * BN, + BN) of rmsnorm(x) @ Wqkv^T, then per output row: query rows rotated into
+    Q [B, NQ], key rows rotated and value rows copied into the caches at the position in Pos.
+    Rotation pairs are adjacent rows (2j, 2j+1), so they sit in the same tile (BN even) and the
+    pair index is row // 2."""
+    rows = tile * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
-    acc, _ = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, True, False, GDC, BK)
+    acc, _ = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, Count, target, True, False, SYNC, BK)
+    rope_store(acc, tile, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM, BB, B, BN)
+
+
+@triton.jit
+def rope_store(acc, tile, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
+               BB: tl.constexpr, B: tl.constexpr, BN: tl.constexpr):
+    """The QKV epilogue for fp32 rows [tile * BN, + BN) of the projection (see qkv_rope_tile)."""
+    rows = tile * BN + tl.arange(0, BN)
+    r_ok = rows < N
+    bs = tl.arange(0, BB)
+    b_ok = bs < B
     acc = acc.to(Q.dtype.element_ty).to(tl.float32)  # torch rounds the matmul output before rotating
     x0, x1 = tl.split(tl.reshape(acc, (BB, BN // 2, 2)))
-    pair = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
+    pair = tile * (BN // 2) + tl.arange(0, BN // 2)
     rot = pair * 2 < NQ + NK  # value rows: cos 1, sin 0 (cos/sin carry the query's 1/sqrt(d) scale)
     c = tl.load(Cos + pair, mask=rot, other=1.0)[None, :]
     s = tl.load(Sin + pair, mask=rot, other=0.0)[None, :]
@@ -151,6 +165,26 @@ def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb,
     vr = rows - NQ - NK
     v_at = bs[:, None] * svb + (vr // HEAD_DIM)[None, :] * svh + pos * svn + (vr % HEAD_DIM)[None, :]
     tl.store(Vc + v_at, y, mask=om & (vr >= 0)[None, :])
+
+
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+@triton.jit
+def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
+                 BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    gemv_tile(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, tl.program_id(0), X, 0,
+              BB, B, NORM, SWIGLU, RESIDUAL, 1 if GDC else 0, BN, BK)
+
+
+@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+@triton.jit
+def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
+                     NQ, NK, HEAD_DIM, BB: tl.constexpr, B: tl.constexpr, GDC: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
+    qkv_rope_tile(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
+                  NQ, NK, HEAD_DIM, tl.program_id(0), X, 0, BB, B, 1 if GDC else 0, BN, BK)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
