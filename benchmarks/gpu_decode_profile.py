@@ -7,7 +7,7 @@
    kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) without and with
    PDL, as microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write.
 2. The whole decode step at `--context` for every mode: a fused-decode mode (off, inductor,
-   triton), `_pdl` for programmatic dependent launch (triton_pdl.py): CUDA-graph step time vs the
+   triton, persistent), `_pdl` for PDL (triton_pdl.py): CUDA-graph step time vs the
    weight+cache roofline, and a profile of a few graph replays: kernel time and launches per step,
    so the gap between the kernels' sum and the step time (launch/tail cost) is visible.
 Writes results.json, log.txt and profile_<mode>.{txt,json} under --out.
@@ -160,7 +160,7 @@ def main() -> int:
     p.add_argument("--out", default="decode_profile")
     p.add_argument("--variant", default="llama3_1.8b")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--modes", default="off,inductor,triton,triton_pdl")
+    p.add_argument("--modes", default="off,inductor,triton,triton_pdl,persistent")
     p.add_argument("--batches", default="1", help="batch sizes for the per-GEMV part ('' to skip it)")
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
