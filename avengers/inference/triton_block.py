@@ -15,7 +15,7 @@ Here one program per SM runs the six phases, separated by grid barriers (triton_
 In a GEMV phase a program normalises its input row once, then walks its row tiles (each covering
 all of K) with the next tile's load issued before the current one is reduced, and it issues its
 first tile's load before it waits at the barrier, so the memory keeps streaming while the slowest
-program finishes the previous phase. The tile maths is the per-kernel path's (triton_gemv._x_tile,
+program finishes the previous phase. The tile maths is the per-kernel path's (triton_gemv.x_tile,
 rope_store; triton_decode.partial_item, merge_item); tests compare the two paths.
 """
 
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from avengers.inference.triton_decode import BLOCK_N, merge_item, partial_item
-from avengers.inference.triton_gemv import MAX_BATCH, _x_tile, rope_store
+from avengers.inference.triton_gemv import MAX_BATCH, rope_store, x_tile
 from avengers.inference.triton_grid import cooperative_kwargs, grid_arrive, grid_wait
 
 NUM_WARPS = 8
@@ -52,8 +52,8 @@ def _gemv_phase(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, Count, target, 
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                 BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                 RESIDUAL: tl.constexpr, ROPE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """This program's row tiles pid, pid + P, ... of one GEMV (epilogues as triton_gemv.gemv_tile, or
-    the QKV one when ROPE), after waiting for the counter to reach `target` (0: no wait)."""
+    """This program's row tiles pid, pid + P, ... of one GEMV with triton_gemv.gemv's fusions (or the
+    QKV epilogue when ROPE), after waiting for the counter to reach `target` (0: no wait)."""
     bs = tl.arange(0, BB)
     b_ok = bs < B
     ks = tl.arange(0, BK)
@@ -63,9 +63,9 @@ def _gemv_phase(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, Count, target, 
         grid_wait(Count, target)
     rstd = tl.full(bs.shape, 1.0, tl.float32)
     if NORM:
-        x = _x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, False, BK, W.dtype.element_ty)
+        x = x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, False, BK, W.dtype.element_ty)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / K + eps)
-    x = _x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, NORM, BK, W.dtype.element_ty)
+    x = x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, NORM, BK, W.dtype.element_ty)
     for t in range(pid, tl.cdiv(N, BN), P):
         w, u = w_next, u_next
         w_next, u_next = _rows(W, t + P, N, K, ks, k_ok, SWIGLU, BN)

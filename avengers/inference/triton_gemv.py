@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from avengers.inference.triton_grid import grid_wait
 from avengers.inference.triton_pdl import pdl_kwargs
 
 MAX_BATCH = 8  # larger batches are not weight-bound at these sizes: the torch path serves them
@@ -48,7 +47,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr, WDT: tl.constexpr):
+def x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr, WDT: tl.constexpr):
     """[BB, BK] fp32 tile of the input rows, RMS-normalised (and rounded to the weights' dtype, as
     torch rounds rms_norm's output before the matmul) when NORM."""
     ks = k0 + tl.arange(0, BK)
@@ -62,13 +61,12 @@ def _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, Count, target,
-              NORM: tl.constexpr, SWIGLU: tl.constexpr, SYNC: tl.constexpr, BK: tl.constexpr):
+def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
+              NORM: tl.constexpr, SWIGLU: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
     """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
     up rows N below them when SWIGLU: returned second, else the first again)."""
-    # The first weight tile is loaded before waiting for X's producer (SYNC 1: the previous kernel,
-    # PDL; 2: the other programs of a persistent kernel, grid barrier at `target`): weights are
-    # never written during decode, while X is read only after.
+    # The first weight tile is loaded before waiting for the previous kernel: weights are never
+    # written during decode, while X (a previous kernel's output) is read only after.
     ks = tl.arange(0, BK)
     wm = r_ok[:, None] & (ks < K)[None, :]
     # weights are read once per step (and a step reads far more than the L2 holds): evict them first
@@ -77,74 +75,41 @@ def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, Count, target,
     if SWIGLU:  # the up rows sit N rows below the gate rows in the fused [gate; up] weight
         u_first = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0,
                           eviction_policy="evict_first")
-    if SYNC == 1:
+    if GDC:
         tl.extra.cuda.gdc_wait()
-    if SYNC == 2:
-        grid_wait(Count, target)
     rstd = tl.full(bs.shape, 1.0, tl.float32)
     if NORM:  # rms of every sequence's input row (re-read by each program; it is small)
         ss = tl.zeros(bs.shape, tl.float32)
         for k0 in range(0, K, BK):
-            x = _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, False, BK, W.dtype.element_ty)
+            x = x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, False, BK, W.dtype.element_ty)
             ss += tl.sum(x * x, 1)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
-    x = _x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, NORM, BK, W.dtype.element_ty)
+    x = x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, NORM, BK, W.dtype.element_ty)
     acc = tl.sum(x[:, None, :] * w_first.to(tl.float32)[None, :, :], 2)
     acc_up = acc
     if SWIGLU:
         acc_up = tl.sum(x[:, None, :] * u_first.to(tl.float32)[None, :, :], 2)
     for k0 in range(BK, K, BK):
         ks = k0 + tl.arange(0, BK)
-        x = _x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM, BK, W.dtype.element_ty)
+        x = x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM, BK, W.dtype.element_ty)
         wm = r_ok[:, None] & (ks < K)[None, :]
         w = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
         acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         if SWIGLU:
             u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
             acc_up += tl.sum(x[:, None, :] * u.to(tl.float32)[None, :, :], 2)
-    if SYNC == 1:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are
-        tl.extra.cuda.gdc_launch_dependents()  # issued, so the next kernel may start loading its own
+    if GDC:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are issued,
+        tl.extra.cuda.gdc_launch_dependents()  # so the next kernel may start loading its own
     return acc, acc_up
-
-
-@triton.jit
-def gemv_tile(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, tile, Count, target,
-              BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-              RESIDUAL: tl.constexpr, SYNC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Output rows [tile * BN, + BN) of `gemv` for every sequence."""
-    rows = tile * BN + tl.arange(0, BN)
-    r_ok = rows < N
-    bs = tl.arange(0, BB)
-    b_ok = bs < B
-    acc, acc_up = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, Count, target, NORM, SWIGLU, SYNC, BK)
-    if SWIGLU:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    om = b_ok[:, None] & r_ok[None, :]
-    if RESIDUAL:
-        acc += tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
-
-
-@triton.jit
-def qkv_rope_tile(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
-                  NQ, NK, HEAD_DIM, tile, Count, target, BB: tl.constexpr, B: tl.constexpr, SYNC: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr):
-    """Rows [tile * BN, + BN) of rmsnorm(x) @ Wqkv^T, then per output row: query rows rotated into
-    Q [B, NQ], key rows rotated and value rows copied into the caches at the position in Pos.
-    Rotation pairs are adjacent rows (2j, 2j+1), so they sit in the same tile (BN even) and the
-    pair index is row // 2."""
-    rows = tile * BN + tl.arange(0, BN)
-    r_ok = rows < N
-    bs = tl.arange(0, BB)
-    b_ok = bs < B
-    acc, _ = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, Count, target, True, False, SYNC, BK)
-    rope_store(acc, tile, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM, BB, B, BN)
 
 
 @triton.jit
 def rope_store(acc, tile, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                BB: tl.constexpr, B: tl.constexpr, BN: tl.constexpr):
-    """The QKV epilogue for fp32 rows [tile * BN, + BN) of the projection (see qkv_rope_tile)."""
+    """The QKV epilogue for fp32 rows [tile * BN, + BN) of rmsnorm(x) @ Wqkv^T: query rows rotated
+    into Q [B, NQ], key rows rotated and value rows copied into the caches at the position in Pos.
+    Rotation pairs are adjacent rows (2j, 2j+1), so they sit in the same tile (BN even) and the
+    pair index is row // 2."""
     rows = tile * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
@@ -173,8 +138,17 @@ def rope_store(acc, tile, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, 
 def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
                  BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                  RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    gemv_tile(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, tl.program_id(0), X, 0,
-              BB, B, NORM, SWIGLU, RESIDUAL, 1 if GDC else 0, BN, BK)
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r_ok = rows < N
+    bs = tl.arange(0, BB)
+    b_ok = bs < B
+    acc, acc_up = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, NORM, SWIGLU, GDC, BK)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    om = b_ok[:, None] & r_ok[None, :]
+    if RESIDUAL:
+        acc += tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0).to(tl.float32)
+    tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
 
 
 @triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC"],
@@ -183,8 +157,12 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
 def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
                      NQ, NK, HEAD_DIM, BB: tl.constexpr, B: tl.constexpr, GDC: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr):
-    qkv_rope_tile(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
-                  NQ, NK, HEAD_DIM, tl.program_id(0), X, 0, BB, B, 1 if GDC else 0, BN, BK)
+    """rmsnorm(x) @ Wqkv^T, then the rope_store epilogue."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    bs = tl.arange(0, BB)
+    acc, _ = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, rows < N, bs, bs < B, True, False, GDC, BK)
+    rope_store(acc, tl.program_id(0), Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
+               BB, B, BN)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
