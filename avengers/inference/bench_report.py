@@ -48,7 +48,7 @@ def _fused_note(config: dict) -> str:
             "inductor": ", Llama decode element-wise work torch.compiled",
             "triton": ", Llama decode blocks as fused Triton GEMV kernels",
             "persistent": ", Llama decode blocks as one persistent Triton kernel each"}.get(mode, f", fused decode {mode}") \
-        + (", Triton kernels launched with PDL" if config.get("pdl") else "")
+        + (", Triton kernels launched with PDL" if config.get("pdl") and config.get("device") == "cuda" else "")
 
 
 def markdown_table(report: dict) -> str:

@@ -177,7 +177,7 @@ def decode_block(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.T
     acc = torch.empty(B * Hkv * nsplit * G, d, device=dev, dtype=torch.float32)
     m = torch.empty(B * Hkv * nsplit * G, device=dev, dtype=torch.float32)
     l_sum = torch.empty_like(m)
-    count = torch.zeros(1, device=dev, dtype=torch.int32)
+    count = torch.zeros(2, device=dev, dtype=torch.int32)  # arrivals; 1 if a barrier wait gave up
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     _block_kernel[(programs,)](
         x, ln_w, qkv_w, cos, sin, k_cache, v_cache, position, length, dense_w, ff_ln_w, wg1_w, w2_w,

@@ -1,12 +1,12 @@
 """A grid-wide barrier for persistent Triton kernels (triton_block.py).
 
-Every program adds one to a zeroed int32 counter when it has stored its part of a phase
+Every program adds one to a zeroed int32 counter Count[0] when it has stored its part of a phase
 (`grid_arrive`) and, before it reads another program's output, spins until the counter reaches
-`phase * number of programs` (`grid_wait`). Correct only if all programs of the grid are resident
-at once: launch at most one program per SM, never with programmatic dependent launch, and as a
-cooperative launch where Triton offers it (the driver then refuses a grid that cannot be resident
-instead of letting it hang). Under Triton's CPU interpreter programs run one after another, so
-only a grid of one program works.
+`phase * number of programs` (`grid_wait`; Count[1] is set if a wait gave up). Correct only if
+all programs of the grid are resident at once: launch at most one program per SM, never with
+programmatic dependent launch, and as a cooperative launch where Triton offers it (the driver then
+refuses a grid that cannot be resident instead of letting it hang). Under Triton's CPU
+interpreter programs run one after another, so only a grid of one program works.
 """
 
 import functools
@@ -38,9 +38,18 @@ def grid_arrive(Count):
     tl.atomic_add(Count, 1, sem="release")
 
 
+MAX_SPINS = tl.constexpr(1 << 22)  # polls (a few seconds) before a barrier gives up instead of hanging the GPU
+
+
 @triton.jit
 def grid_wait(Count, target):
-    while tl.load(Count, volatile=True) < target:
-        pass
+    """Wait for the counter Count[0] to reach target. A program that polls MAX_SPINS times without
+    seeing it (a grid that is not all resident) sets Count[1] and goes on: its kernel's output is
+    then wrong, which the callers' checks catch, instead of the GPU hanging."""
+    spins = 0
+    while (tl.load(Count, volatile=True) < target) & (spins < MAX_SPINS):
+        spins += 1
+    if spins == MAX_SPINS:
+        tl.atomic_xchg(Count + 1, 1)
     tl.atomic_add(Count, 0, sem="acquire")  # order the reads below after the other programs' stores
     tl.debug_barrier()
