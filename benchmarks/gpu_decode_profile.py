@@ -7,8 +7,8 @@
    kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) without and with
    PDL, as microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write.
 2. The whole decode step at `--context` for every mode: a fused-decode mode (off, inductor,
-   triton, persistent), `_pdl` for PDL (triton_pdl.py), for persistent `_t<weights per tile>` and
-   `_w<warps>` (e.g. persistent_t16384_w16): CUDA-graph step time vs the
+   triton, persistent), `_pdl` for PDL (triton_pdl.py), for persistent `_t<weights per tile>`,
+   `_w<warps>` and `_p<tiles prefetched>` (e.g. persistent_t16384_w16_p4): CUDA-graph step time vs the
    weight+cache roofline, and a profile of a few graph replays: kernel time and launches per step,
    so the gap between the kernels' sum and the step time (launch/tail cost) is visible.
 Writes results.json, log.txt and profile_<mode>.{txt,json} under --out.
@@ -126,12 +126,14 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
     rows = []
     from avengers.inference import triton_block
 
-    default_tiles = (triton_block.TILE_ELEMENTS, triton_block.NUM_WARPS)
-    for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w16": tile elements and warps
+    default_tiles = (triton_block.TILE_ELEMENTS, triton_block.NUM_WARPS, triton_block.PREFETCH_TILES)
+    for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w16_p4": tile elements, warps, L2 prefetch
         base, *flags = mode.split("_")
         set_pdl("pdl" in flags)
         triton_block.TILE_ELEMENTS = next((int(f[1:]) for f in flags if f.startswith("t")), default_tiles[0])
         triton_block.NUM_WARPS = next((int(f[1:]) for f in flags if f.startswith("w")), default_tiles[1])
+        triton_block.PREFETCH_TILES = next((int(f[1:]) for f in flags if f[:1] == "p" and f[1:].isdigit()),
+                                           default_tiles[2])
         set_fused_decode(base)
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)
         cache.set_seq_len(context - 2 * steps - 8)
@@ -158,7 +160,7 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
         torch.cuda.empty_cache()
     set_fused_decode("off")
     set_pdl(True)
-    triton_block.TILE_ELEMENTS, triton_block.NUM_WARPS = default_tiles
+    triton_block.TILE_ELEMENTS, triton_block.NUM_WARPS, triton_block.PREFETCH_TILES = default_tiles
     return rows
 
 

@@ -84,9 +84,13 @@ def test_llama_decode_with_persistent_blocks_matches_full_forward(monkeypatch, t
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("prefetch_tiles", [0, 4])
 @torch.no_grad()
-def test_persistent_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device):
+def test_persistent_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, prefetch_tiles, monkeypatch):
+    """Replayed steps (with and without the L2 prefetch hints) equal the per-module eager path's."""
     from avengers.inference.graphs import DecodeStep
+
+    monkeypatch.setattr(triton_block, "PREFETCH_TILES", prefetch_tiles)
 
     spec, model = tiny_on_device
     ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)

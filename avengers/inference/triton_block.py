@@ -15,7 +15,9 @@ Here one program per SM runs the six phases, separated by grid barriers (triton_
 In a GEMV phase a program normalises its input row once, then walks its row tiles (each covering
 all of K) with the next tile's load issued before the current one is reduced, and it issues its
 first tile's load before it waits at the barrier, so the memory keeps streaming while the slowest
-program finishes the previous phase. The tile maths is the per-kernel path's (triton_gemv.x_tile,
+program finishes the previous phase. Optionally (PREFETCH_TILES) each program also asks the L2
+for its first tiles of the next GEMV where the memory would idle: Wo during the attention, gate/up
+and W2 at the barriers before them. The tile maths is the per-kernel path's (triton_gemv.x_tile,
 rope_store; triton_decode.partial_item, merge_item); tests compare the two paths.
 """
 
@@ -33,6 +35,7 @@ from avengers.inference.triton_grid import cooperative_kwargs, grid_arrive, grid
 
 NUM_WARPS = 8
 TILE_ELEMENTS = 8192  # weight elements per row tile (two tiles in flight per program, gate and up each)
+PREFETCH_TILES = 0  # row tiles per program of the next GEMV hinted into the L2 while waiting (0: none)
 
 
 @triton.jit
@@ -45,6 +48,23 @@ def _rows(W, t, N, K, ks, k_ok, SWIGLU: tl.constexpr, BN: tl.constexpr):
     if SWIGLU:
         u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=m, other=0.0, eviction_policy="evict_first")
     return w, u
+
+
+@triton.jit
+def _prefetch_l2(W, pid, P, N, K, TILES: tl.constexpr, SWIGLU: tl.constexpr, BN: tl.constexpr):
+    """Ask the L2 for this program's first TILES row tiles of W (cp.async.bulk.prefetch, sm_90+): a
+    hint nothing waits for, issued where the memory would otherwise idle (a barrier, attention at
+    short context)."""
+    if TILES > 0:
+        elem: tl.constexpr = W.dtype.element_ty.primitive_bitwidth // 8
+        i = tl.arange(0, 512)  # >= threads per program (16 warps): no thread repeats another's prefetch
+        rows = (pid + i * P) * BN
+        nbytes = tl.where(i < TILES, tl.maximum(tl.minimum(N - rows, BN), 0) * K * elem, 0).to(tl.int32)
+        at = W.to(tl.pointer_type(tl.int8)) + rows.to(tl.int64) * K * elem
+        asm: tl.constexpr = "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
+        tl.inline_asm_elementwise(asm, "=r,l,r", [at, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+        if SWIGLU:  # the up rows, N rows below
+            tl.inline_asm_elementwise(asm, "=r,l,r", [at + N * K * elem, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -91,7 +111,7 @@ def _block_kernel(X, LnW, Wqkv, Cos, Sin, Kc, Vc, Pos, Length, Wo, FfLnW, Wg1, W
                   BN_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr, BN_DOWN: tl.constexpr,
                   BK_D: tl.constexpr, BK_Q: tl.constexpr, BK_HID: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
-                  DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr):
+                  DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     # 1. QKV + RoPE + cache write (X comes from the previous kernel: no wait)
@@ -99,6 +119,7 @@ def _block_kernel(X, LnW, Wqkv, Cos, Sin, Kc, Vc, Pos, Length, Wo, FfLnW, Wg1, W
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                 BB, B, True, False, False, True, BN_QKV, BK_D)
     grid_arrive(Count)
+    _prefetch_l2(Wo, pid, P, D, NQ, PREFETCH, False, BN_O)  # fetched while the attention runs
     # 2. attention pass 1 (reads this step's k, v and q)
     grid_wait(Count, P)
     for item in range(pid, B * H_KV * NSPLIT, P):
@@ -116,11 +137,13 @@ def _block_kernel(X, LnW, Wqkv, Cos, Sin, Kc, Vc, Pos, Length, Wo, FfLnW, Wg1, W
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                 BB, B, False, False, True, False, BN_O, BK_Q)
     grid_arrive(Count)
+    _prefetch_l2(Wg1, pid, P, HID, D, PREFETCH, True, BN_UP)
     # 5. a = SwiGLU(rmsnorm(h2) @ Wg1^T)
     _gemv_phase(H2, FfLnW, Wg1, X, A, D, HID, ff_eps, D, 0, HID, Count, 4 * P, pid, P,
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                 BB, B, True, True, False, False, BN_UP, BK_D)
     grid_arrive(Count)
+    _prefetch_l2(W2, pid, P, D, HID, PREFETCH, False, BN_DOWN)
     # 6. out = h2 + a @ W2^T
     _gemv_phase(A, X, W2, H2, Out, HID, D, 0.0, HID, D, D, Count, 5 * P, pid, P,
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
@@ -188,7 +211,8 @@ def decode_block(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.T
         BK_D=triton.next_power_of_2(D), BK_Q=triton.next_power_of_2(NQ), BK_HID=triton.next_power_of_2(hidden),
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK=128 if split % 128 == 0 and not interpret else BLOCK_N,
         BLOCK_S=triton.next_power_of_2(nsplit), PRECISION="ieee" if dt == torch.float32 else "tf32",
-        DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0, num_warps=NUM_WARPS,
+        DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0,
+        PREFETCH=0 if interpret or torch.cuda.get_device_capability(dev)[0] < 9 else PREFETCH_TILES, num_warps=NUM_WARPS,
         **cooperative_kwargs(dev),
     )
     return out.view(B, 1, D)
