@@ -4,8 +4,10 @@
 # that fits. Prints the table and writes inference_bench.{json,md} and two PNGs into $OUT (default
 # bench_out). Before it, the CUDA tests of the decode kernels (skip with RUN_TESTS=0); after it, two
 # shorter passes time Llama at batch 1 with its decode blocks fused: the element-wise work
-# torch.compile'd (skip with COMPILE_PASS=0, into $OUT/compiled/) and the Triton GEMV kernels with
-# norms/SwiGLU/residuals fused in (skip with TRITON_PASS=0, into $OUT/triton/).
+# torch.compile'd (skip with COMPILE_PASS=0, into $OUT/compiled/), the Triton GEMV kernels with
+# norms/SwiGLU/residuals fused in (skip with TRITON_PASS=0, into $OUT/triton/), and each block as one
+# persistent Triton kernel (skip with PERSISTENT_PASS=0, into $OUT/persistent/; under a time limit,
+# since a grid that cannot be resident would spin at its barriers).
 #
 # From the project root, after `bash ../shared/device/stage.sh` has filled .device/ (ibm-fms,
 # mamba-ssm wheels and the selective_scan_cuda stub):
@@ -27,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || tr
 rc=0
 if [[ "${RUN_TESTS:-1}" == "1" ]]; then  # the kernel and graph tests first (about half a minute)
   python3 -m pytest -q -p no:cacheprovider tests/test_inference_triton.py tests/test_inference_gpu.py \
-    tests/test_triton_gemv.py || rc=$?
+    tests/test_triton_gemv.py tests/test_triton_block.py || rc=$?
 fi
 python3 -m avengers.bench --device cuda --dtype bf16 \
   --variants llama3_1.8b,mamba2_1.3b,mamba_1.5b,tele128_llama3_1.8b \
@@ -42,5 +44,10 @@ if [[ "${TRITON_PASS:-1}" == "1" ]]; then
   python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
     --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --fused_decode triton --deadline_s 150 \
     --out "${OUT:-bench_out}/triton" || rc=$?
+fi
+if [[ "${PERSISTENT_PASS:-1}" == "1" ]]; then
+  timeout 240 python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
+    --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --fused_decode persistent --deadline_s 150 \
+    --out "${OUT:-bench_out}/persistent" || rc=$?
 fi
 exit $rc
