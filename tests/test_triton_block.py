@@ -8,7 +8,7 @@ a grid of one program there, since the interpreter runs programs one after anoth
 import pytest
 import torch
 
-from triton_helpers import triton_device
+from triton_helpers import assert_fused_decode_matches_full_forward, assert_graph_decode_matches_eager, triton_device
 
 DEVICE = triton_device()
 
@@ -65,44 +65,19 @@ def test_persistent_block_rejects_mismatched_weights():
                                   pos + 1, w["dense_w"], w["ff_ln_w"], 1e-5, w["wg1_w"], w["w2_w"], 97)
 
 
-@torch.no_grad()
 def test_llama_decode_with_persistent_blocks_matches_full_forward(monkeypatch, tiny_on_device):
     calls = []
     real = triton_block.decode_block
     monkeypatch.setattr(triton_block, "decode_block", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec, model = tiny_on_device
-    ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    full = model(ids)
-    llama_compiled.set_fused_decode("persistent")
-    try:
-        cache = model.allocate_cache(2, 20)
-        out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 20)]
-    finally:
-        llama_compiled.set_fused_decode("off")
-    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
+    assert_fused_decode_matches_full_forward(model, spec, "persistent", DEVICE)
     assert len(calls) == 4 * spec.config.nlayers  # every decode block was one persistent kernel
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("prefetch_tiles", [0, 4])
-@torch.no_grad()
 def test_persistent_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, prefetch_tiles, monkeypatch):
-    """Replayed steps (with and without the L2 prefetch hints) equal the per-module eager path's."""
-    from avengers.inference.graphs import DecodeStep
-
+    """Replayed steps, with and without the L2 prefetch hints."""
     monkeypatch.setattr(triton_block, "PREFETCH_TILES", prefetch_tiles)
-
     spec, model = tiny_on_device
-    ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    eager_cache = model.allocate_cache(1, 24)
-    model(ids[:, :16], cache=eager_cache)
-    eager = [model(ids[:, i:i + 1], cache=eager_cache) for i in range(16, 24)]
-    llama_compiled.set_fused_decode("persistent")
-    try:
-        cache = model.allocate_cache(1, 24)
-        model(ids[:, :16], cache=cache)
-        step = DecodeStep(model, cache, cuda_graph=True)
-        replayed = [step(ids[:, i:i + 1]).clone() for i in range(16, 24)]
-    finally:
-        llama_compiled.set_fused_decode("off")
-    torch.testing.assert_close(torch.stack(replayed).squeeze(), torch.cat(eager, 1).squeeze(), atol=2e-4, rtol=2e-4)
+    assert_graph_decode_matches_eager(model, spec, "persistent", DEVICE)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_helpers import triton_device
+from triton_helpers import assert_fused_decode_matches_full_forward, assert_graph_decode_matches_eager, triton_device
 
 DEVICE = triton_device()
 
@@ -71,7 +71,6 @@ def test_decode_pre_post_match_the_torch_functions():
                                atol=1e-5, rtol=1e-5)
 
 
-@torch.no_grad()
 def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch, tiny_on_device):
     from avengers.inference import kv_cache
 
@@ -80,41 +79,20 @@ def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch, tiny_
     monkeypatch.setattr(triton_gemv, "decode_post", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(kv_cache, "decode_head", lambda *a: heads.append(real_head(*a)) or heads[-1])
     spec, model = tiny_on_device
-    ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    full = model(ids)
-    llama_compiled.set_fused_decode("triton")
-    try:
-        cache = model.allocate_cache(2, 20)
-        out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 20)]
-    finally:
-        llama_compiled.set_fused_decode("off")
-    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE)
     assert len(calls) == 4 * spec.config.nlayers  # every decode block went through the Triton kernels
     assert len(heads) == 4 and all(h is not None for h in heads)  # and every step's norm + LM head
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and programmatic dependent launch need a GPU")
 @pytest.mark.parametrize("pdl", [False, True])
-@torch.no_grad()
 def test_triton_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, pdl):
-    """The Triton kernels (with and without PDL, where the GPU supports it) replayed from a graph keep
-    their order: every replayed step's logits equal the per-module eager path's."""
-    from avengers.inference.graphs import DecodeStep
+    """The Triton kernels, with and without PDL (where the GPU supports it), replayed from a graph."""
     from avengers.inference.triton_pdl import set_pdl
 
     spec, model = tiny_on_device
-    ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    eager_cache = model.allocate_cache(1, 24)
-    model(ids[:, :16], cache=eager_cache)
-    eager = [model(ids[:, i:i + 1], cache=eager_cache) for i in range(16, 24)]
-    llama_compiled.set_fused_decode("triton")
     set_pdl(pdl)
     try:
-        cache = model.allocate_cache(1, 24)
-        model(ids[:, :16], cache=cache)
-        step = DecodeStep(model, cache, cuda_graph=True)
-        replayed = [step(ids[:, i:i + 1]).clone() for i in range(16, 24)]
+        assert_graph_decode_matches_eager(model, spec, "triton", DEVICE)
     finally:
-        llama_compiled.set_fused_decode("off")
         set_pdl(True)  # the default
-    torch.testing.assert_close(torch.stack(replayed).squeeze(), torch.cat(eager, 1).squeeze(), atol=2e-4, rtol=2e-4)

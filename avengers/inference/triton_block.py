@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from avengers.inference.triton_decode import BLOCK_N, merge_item, partial_item
+from avengers.inference.triton_decode import BLOCK_N, merge_item, partial_item, sm_count
+from avengers.inference.triton_decode import num_splits as attention_splits
 from avengers.inference.triton_gemv import MAX_BATCH, rope_store, x_tile
 from avengers.inference.triton_grid import cooperative_kwargs, grid_arrive, grid_wait
 
@@ -153,9 +154,7 @@ def _block_kernel(X, LnW, Wqkv, Cos, Sin, Kc, Vc, Pos, Length, Wo, FfLnW, Wg1, W
 def _programs(device: torch.device) -> int:
     """One program per SM (all must be resident for the grid barriers); one under the interpreter,
     which runs programs one after another."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1 if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else sm_count(device)
 
 
 def _tile_rows(K: int, swiglu: bool = False) -> int:
@@ -187,10 +186,8 @@ def decode_block(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.T
                          f"B <= {MAX_BATCH}, H={H}, H_kv={Hkv}, d={d} (a power of 2), hidden={hidden}")
     dev, dt = h.device, h.dtype
     programs = _programs(dev)
-    S = k_cache.shape[2]
-    want = num_splits or max(1, -(-programs // (B * Hkv)))
-    split = -(-(-(-S // want)) // BLOCK_N) * BLOCK_N
-    nsplit = -(-S // split)
+    split, nsplit = attention_splits(B, Hkv, k_cache.shape[2], dev,  # about one item per program
+                                   programs=num_splits * B * Hkv if num_splits else programs)
     G = H // Hkv
     q = torch.empty(B, NQ, device=dev, dtype=dt)
     attn = torch.empty(B, NQ, device=dev, dtype=dt)

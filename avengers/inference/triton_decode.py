@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from avengers.inference.triton_gemv import quick_bench
 from avengers.inference.triton_pdl import pdl_kwargs
 
 BLOCK_N = 64  # split lengths are whole multiples of this
@@ -27,10 +28,6 @@ def _partial_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK": BLOCK_N}, num_warps=4)]
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 8))]
-
-
-def _quick_bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -112,7 +109,7 @@ def merge_item(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, item, D: tl.constexpr,
 
 
 @triton.autotune(configs=_partial_configs(), key=["SPLIT", "G", "D", "PRECISION", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
 @triton.jit
 def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn,
                     H_KV, G, SPLIT, NSPLIT, scale,
@@ -135,14 +132,16 @@ def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BL
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def num_splits(batch: int, kv_heads: int, buffer_len: int, device: torch.device) -> tuple[int, int]:
-    """(split length, number of splits): about 4 programs per SM, whole BLOCK_N tiles per split."""
-    sms = _sm_count(device)
-    want = max(1, min(MAX_SPLITS, -(-4 * sms // (batch * kv_heads))))
+def num_splits(batch: int, kv_heads: int, buffer_len: int, device: torch.device,
+               programs: int | None = None) -> tuple[int, int]:
+    """(split length, number of splits): about `programs` (default 4 per SM) (sequence, kv head,
+    split) items, whole BLOCK_N tiles per split."""
+    programs = programs or 4 * sm_count(device)
+    want = max(1, min(MAX_SPLITS, -(-programs // (batch * kv_heads))))
     split = -(-buffer_len // want)
     split = -(-split // BLOCK_N) * BLOCK_N
     return split, -(-buffer_len // split)

@@ -35,7 +35,7 @@ def _gemv_configs() -> list[triton.Config]:
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk in tiles for w in (2, 4, 8)]
 
 
-def _quick_bench(kernel_call, quantiles):  # autotune timing: a short run per config is enough here
+def quick_bench(kernel_call, quantiles):  # autotune timing (here and triton_decode): a short run per config is enough
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
@@ -133,7 +133,7 @@ def rope_store(acc, tile, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, 
 
 
 @triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
 @triton.jit
 def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
                  BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
@@ -152,7 +152,7 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
 
 
 @triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench)
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
 @triton.jit
 def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
                      NQ, NK, HEAD_DIM, BB: tl.constexpr, B: tl.constexpr, GDC: tl.constexpr,

@@ -9,27 +9,16 @@ refuses a grid that cannot be resident instead of letting it hang). Under Triton
 interpreter programs run one after another, so only a grid of one program works.
 """
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-@functools.cache
-def _cooperative_supported() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__
+from avengers.inference.triton_pdl import launch_option
 
 
 def cooperative_kwargs(device: torch.device) -> dict:
     """Launch keywords for a kernel that uses these barriers."""
-    on = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and _cooperative_supported()
-    return {"launch_cooperative_grid": True} if on else {}
+    return {"launch_cooperative_grid": True} if device.type == "cuda" and launch_option("launch_cooperative_grid") else {}
 
 
 @triton.jit

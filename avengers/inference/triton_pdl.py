@@ -24,15 +24,21 @@ def set_pdl(enabled: bool) -> None:
 
 
 @functools.cache
-def _supported(device_index: int) -> bool:
-    """Hopper or newer, and a Triton that can launch with PDL (never the CPU interpreter)."""
+def launch_option(name: str) -> bool:
+    """This Triton's CUDA backend takes the launch option `name` (never under the CPU interpreter)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
-    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(device_index)[0] >= 9
+    return name in CUDAOptions.__dataclass_fields__
+
+
+@functools.cache
+def _supported(device_index: int) -> bool:
+    """Hopper or newer, and a Triton that can launch with PDL."""
+    return launch_option("launch_pdl") and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def pdl_kwargs(device: torch.device) -> dict:
