@@ -7,10 +7,13 @@
    kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) without and with
    PDL, as microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write.
 2. The whole decode step at `--context` for every mode: a fused-decode mode (off, inductor,
-   triton, persistent), `_pdl` for PDL (triton_pdl.py), for persistent `_t<weights per tile>`,
-   `_w<warps>` and `_p<tiles prefetched>` (e.g. persistent_t16384_w16_p4): CUDA-graph step time vs the
-   weight+cache roofline, and a profile of a few graph replays: kernel time and launches per step,
-   so the gap between the kernels' sum and the step time (launch/tail cost) is visible.
+   triton, persistent) with options `_pdl` (PDL, triton_pdl.py) and `_a<n>` (n attention split
+   items per SM, triton_decode.ITEMS_PER_SM), and for persistent `_t<weights per tile>`,
+   `_w<warps>`, `_g<programs per SM>`, `_d<pipeline stages>` and `_s` (a global-timer stamp per
+   program at every phase end: where the kernel's time goes), e.g. persistent_t16384_w8_d4_s.
+   Reported: CUDA-graph step time vs the weight+cache roofline, and a profile of a few graph
+   replays: kernel time and launches per step, so the gap between the kernels' sum and the step
+   time (launch/tail cost) is visible.
 Writes results.json, log.txt and profile_<mode>.{txt,json} under --out.
 """
 
@@ -124,16 +127,21 @@ def gemv_part(model, batch: int) -> list[dict]:
 def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[dict]:
     dev = next(model.parameters()).device
     rows = []
-    from avengers.inference import triton_block
+    from avengers.inference import triton_block, triton_decode
 
-    default_tiles = (triton_block.TILE_ELEMENTS, triton_block.NUM_WARPS, triton_block.PREFETCH_TILES)
-    for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w16_p4": tile elements, warps, L2 prefetch
+    knobs = ("TILE_ELEMENTS", "NUM_WARPS", "PROGRAMS_PER_SM", "STAGES")
+    defaults = {k: getattr(triton_block, k) for k in knobs}
+    items_per_sm = triton_decode.ITEMS_PER_SM
+    for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w8_g2_s": see the module docstring
         base, *flags = mode.split("_")
         set_pdl("pdl" in flags)
-        triton_block.TILE_ELEMENTS = next((int(f[1:]) for f in flags if f.startswith("t")), default_tiles[0])
-        triton_block.NUM_WARPS = next((int(f[1:]) for f in flags if f.startswith("w")), default_tiles[1])
-        triton_block.PREFETCH_TILES = next((int(f[1:]) for f in flags if f[:1] == "p" and f[1:].isdigit()),
-                                           default_tiles[2])
+        for knob, letter in zip(knobs, "twgd"):
+            value = next((int(f[1:]) for f in flags if f[:1] == letter and f[1:].isdigit()), defaults[knob])
+            setattr(triton_block, knob, value)
+        triton_decode.ITEMS_PER_SM = next((int(f[1:]) for f in flags if f[:1] == "a" and f[1:].isdigit()), items_per_sm)
+        triton_block.STAMPS = None
+        if "s" in flags:
+            triton_block.STAMPS = torch.zeros(triton_block._programs(dev), 16, dtype=torch.int64, device=dev)
         set_fused_decode(base)
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)
         cache.set_seq_len(context - 2 * steps - 8)
@@ -154,14 +162,31 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
         row = {"mode": mode, "context": context, "step_ms": round(ms, 4), "roofline_ms": round(roof, 4),
                "x_roofline": round(ms / roof, 3), "kernel_ms_per_step": round(prof["kernel_ms"] / reps, 4),
                "launches_per_step": prof["kernel_launches"] // reps}
+        if triton_block.STAMPS is not None:
+            row["phase_end_us"] = phase_ends(triton_block.STAMPS)
         rows.append(row)
         log(json.dumps(row))
         del step, cache
         torch.cuda.empty_cache()
     set_fused_decode("off")
     set_pdl(True)
-    triton_block.TILE_ELEMENTS, triton_block.NUM_WARPS, triton_block.PREFETCH_TILES = default_tiles
+    for knob, value in defaults.items():
+        setattr(triton_block, knob, value)
+    triton_decode.ITEMS_PER_SM = items_per_sm
+    triton_block.STAMPS = None
     return rows
+
+
+PHASES = ("qkv", "attn wait", "attn+merge", "wo", "gate/up", "w2")
+
+
+def phase_ends(stamps: torch.Tensor) -> dict:
+    """[min, median, max] over programs of each phase's end (us after the first program started) in
+    the last persistent block kernel run: the max is the critical path, max - min the skew."""
+    t = stamps[:, : len(PHASES) + 1].cpu().double()
+    t = (t - t[:, 0].min()) / 1e3
+    return {name: [round(t[:, i + 1].min().item(), 2), round(t[:, i + 1].median().item(), 2),
+                   round(t[:, i + 1].max().item(), 2)] for i, name in enumerate(PHASES)}
 
 
 def main() -> int:

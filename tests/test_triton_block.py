@@ -75,9 +75,15 @@ def test_llama_decode_with_persistent_blocks_matches_full_forward(monkeypatch, t
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("prefetch_tiles", [0, 4])
-def test_persistent_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, prefetch_tiles, monkeypatch):
-    """Replayed steps, with and without the L2 prefetch hints."""
-    monkeypatch.setattr(triton_block, "PREFETCH_TILES", prefetch_tiles)
+@pytest.mark.parametrize("stamps", [False, True])
+def test_persistent_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, stamps, monkeypatch):
+    """Replayed steps, with and without the phase timer (which must not change the output and must
+    record, per program, its phase ends in order)."""
+    programs = triton_block._programs(torch.device(DEVICE))
+    buf = torch.zeros(programs, 16, dtype=torch.int64, device=DEVICE) if stamps else None
+    monkeypatch.setattr(triton_block, "STAMPS", buf)
     spec, model = tiny_on_device
     assert_graph_decode_matches_eager(model, spec, "persistent", DEVICE)
+    if stamps:
+        t = buf[:, :7].cpu()  # kernel start and the ends of its six phase steps (incl. the attention wait)
+        assert (t > 0).all() and (t.diff(dim=1) >= 0).all()

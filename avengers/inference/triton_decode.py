@@ -22,6 +22,7 @@ from avengers.inference.triton_pdl import pdl_kwargs
 
 BLOCK_N = 64  # split lengths are whole multiples of this
 MAX_SPLITS = 64
+ITEMS_PER_SM = 2  # (sequence, kv head, split) items per SM that num_splits aims for (2 vs 4: docs/benchmarks.md)
 
 
 def _partial_configs() -> list[triton.Config]:
@@ -138,9 +139,9 @@ def sm_count(device: torch.device) -> int:
 
 def num_splits(batch: int, kv_heads: int, buffer_len: int, device: torch.device,
                programs: int | None = None) -> tuple[int, int]:
-    """(split length, number of splits): about `programs` (default 4 per SM) (sequence, kv head,
-    split) items, whole BLOCK_N tiles per split."""
-    programs = programs or 4 * sm_count(device)
+    """(split length, number of splits): about `programs` (default ITEMS_PER_SM per SM) (sequence,
+    kv head, split) items, whole BLOCK_N tiles per split."""
+    programs = programs or ITEMS_PER_SM * sm_count(device)
     want = max(1, min(MAX_SPLITS, -(-programs // (batch * kv_heads))))
     split = -(-buffer_len // want)
     split = -(-split // BLOCK_N) * BLOCK_N

@@ -36,9 +36,9 @@ def grid_wait(Count, target):
     seeing it (a grid that is not all resident) sets Count[1] and goes on: its kernel's output is
     then wrong, which the callers' checks catch, instead of the GPU hanging."""
     spins = 0
-    while (tl.load(Count, volatile=True) < target) & (spins < MAX_SPINS):
+    # each poll is an acquire: the reads after the loop see the other programs' stores
+    while (tl.atomic_add(Count, 0, sem="acquire") < target) & (spins < MAX_SPINS):
         spins += 1
     if spins == MAX_SPINS:
         tl.atomic_xchg(Count + 1, 1)
-    tl.atomic_add(Count, 0, sem="acquire")  # order the reads below after the other programs' stores
     tl.debug_barrier()
