@@ -22,7 +22,7 @@ from avengers.inference.triton_pdl import pdl_kwargs
 
 BLOCK_N = 64  # split lengths are whole multiples of this
 MAX_SPLITS = 64
-ITEMS_PER_SM = 2  # (sequence, kv head, split) items per SM that num_splits aims for (2 vs 4: docs/benchmarks.md)
+ITEMS_PER_SM = 4  # (sequence, kv head, split) items per SM that num_splits aims for (2 vs 4: docs/benchmarks.md)
 
 
 def _partial_configs() -> list[triton.Config]:
