@@ -1,12 +1,13 @@
 """A grid-wide barrier for persistent Triton kernels (triton_block.py).
 
-Every program adds one to a zeroed int32 counter Count[0] when it has stored its part of a phase
-(`grid_arrive`) and, before it reads another program's output, spins until the counter reaches
-`phase * number of programs` (`grid_wait`; Count[1] is set if a wait gave up). Correct only if
-all programs of the grid are resident at once: launch at most one program per SM, never with
-programmatic dependent launch, and as a cooperative launch where Triton offers it (the driver then
-refuses a grid that cannot be resident instead of letting it hang). Under Triton's CPU
-interpreter programs run one after another, so only a grid of one program works.
+Every program adds one to a zeroed int32 counter Count[0] (a release) when it has stored its part
+of a phase (`grid_arrive`) and, before it reads another program's output, polls the counter with
+acquire reads until it reaches `phase * number of programs` (`grid_wait`; Count[1] is set if a
+wait gave up). On the H200 a barrier costs about 1 us (docs/benchmarks.md). Correct only if all
+programs of the grid are resident at once: never with programmatic dependent launch, and as a
+cooperative launch where Triton offers it (the driver then refuses a grid that cannot be resident
+instead of letting it hang). Under Triton's CPU interpreter programs run one after another, so
+only a grid of one program works.
 """
 
 import torch
