@@ -2,12 +2,12 @@
 # Inference benchmark on one H200 (< 8 min): Llama-3 1.8B, Mamba-2 1.3B, the 1.5B Mamba-2/attention
 # hybrid and the telescoping-cache Llama 1.8B; contexts 1k..128k; batches 1, 8, 64 and the largest
 # that fits. Prints the table and writes inference_bench.{json,md} and two PNGs into $OUT (default
-# bench_out). Before it, the CUDA tests of the decode kernels (skip with RUN_TESTS=0); after it, two
+# bench_out). Before it, the CUDA tests of the decode kernels (skip with RUN_TESTS=0); after it, three
 # shorter passes time Llama at batch 1 with its decode blocks fused: the element-wise work
 # torch.compile'd (skip with COMPILE_PASS=0, into $OUT/compiled/), the Triton GEMV kernels with
 # norms/SwiGLU/residuals fused in (skip with TRITON_PASS=0, into $OUT/triton/), and each block as one
 # persistent Triton kernel (skip with PERSISTENT_PASS=0, into $OUT/persistent/; under a time limit,
-# since a grid that cannot be resident would spin at its barriers).
+# a safety net for its grid barriers; measured slower than the Triton pass, docs/benchmarks.md).
 #
 # From the project root, after `bash ../shared/device/stage.sh` has filled .device/ (ibm-fms,
 # mamba-ssm wheels and the selective_scan_cuda stub):
