@@ -58,10 +58,11 @@ def _gemv_phase(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, Count, target, 
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                 BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                 RESIDUAL: tl.constexpr, ROPE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                STAGES: tl.constexpr):
+                STAGES: tl.constexpr, Stamps, STAMP: tl.constexpr, STAMPS: tl.constexpr, ARRIVE: tl.constexpr):
     """This program's row tiles pid, pid + P, ... of one GEMV with triton_gemv.gemv's fusions (or the
-    QKV epilogue when ROPE), after waiting for the counter to reach `target` (0: no wait). Triton's
-    pipeliner streams the weight tiles through a STAGES-deep ring of shared memory (cp.async), so
+    QKV epilogue when ROPE), after waiting for the counter to reach `target` (0: no wait); then its
+    phase-end stamp STAMP and, if ARRIVE, its arrival at the next barrier. Triton's pipeliner
+    streams the weight tiles through a STAGES-deep ring of shared memory (cp.async), so
     STAGES - 1 tiles are in flight while one is reduced."""
     bs = tl.arange(0, BB)
     b_ok = bs < B
@@ -92,6 +93,9 @@ def _gemv_phase(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, Count, target, 
                 acc += tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0,
                                cache_modifier=".cg").to(tl.float32)
             tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
+    _stamp(Stamps, pid, STAMP, STAMPS)
+    if ARRIVE:
+        grid_arrive(Count)
 
 
 @triton.jit
@@ -110,9 +114,7 @@ def _block_kernel(X, LnW, Wqkv, Cos, Sin, Kc, Vc, Pos, Length, Wo, FfLnW, Wg1, W
     # 1. QKV + RoPE + cache write (X comes from the previous kernel: no wait)
     _gemv_phase(X, LnW, Wqkv, X, X, D, NQKV, eps, D, 0, 0, Count, 0, pid, P,
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
-                BB, B, True, False, False, True, BN_QKV, BK_D, STAGES)
-    _stamp(Stamps, pid, 1, STAMPS)
-    grid_arrive(Count)
+                BB, B, True, False, False, True, BN_QKV, BK_D, STAGES, Stamps, 1, STAMPS, True)
     # 2. attention (reads this step's k, v and q): each (kv head, split) item's partial output; the
     # program that finishes a kv head's last split merges that head's splits (no barrier for pass 2)
     grid_wait(Count, P)
@@ -131,20 +133,15 @@ def _block_kernel(X, LnW, Wqkv, Cos, Sin, Kc, Vc, Pos, Length, Wo, FfLnW, Wg1, W
     # 3. h2 = h + attn @ Wo^T
     _gemv_phase(Attn, X, Wo, X, H2, NQ, D, 0.0, NQ, D, D, Count, 2 * P, pid, P,
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
-                BB, B, False, False, True, False, BN_O, BK_Q, STAGES)
-    _stamp(Stamps, pid, 4, STAMPS)
-    grid_arrive(Count)
+                BB, B, False, False, True, False, BN_O, BK_Q, STAGES, Stamps, 4, STAMPS, True)
     # 4. a = SwiGLU(rmsnorm(h2) @ Wg1^T)
     _gemv_phase(H2, FfLnW, Wg1, X, A, D, HID, ff_eps, D, 0, HID, Count, 3 * P, pid, P,
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
-                BB, B, True, True, False, False, BN_UP, BK_D, STAGES)
-    _stamp(Stamps, pid, 5, STAMPS)
-    grid_arrive(Count)
+                BB, B, True, True, False, False, BN_UP, BK_D, STAGES, Stamps, 5, STAMPS, True)
     # 5. out = h2 + a @ W2^T
     _gemv_phase(A, X, W2, H2, Out, HID, D, 0.0, HID, D, D, Count, 4 * P, pid, P,
                 Cos, Sin, Q, Kc, Vc, Pos, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
-                BB, B, False, False, True, False, BN_DOWN, BK_HID, STAGES)
-    _stamp(Stamps, pid, 6, STAMPS)
+                BB, B, False, False, True, False, BN_DOWN, BK_HID, STAGES, Stamps, 6, STAMPS, False)
 
 
 def _programs(device: torch.device) -> int:
