@@ -31,7 +31,7 @@ import triton.language as tl
 
 from avengers.inference.triton_decode import BLOCK_N, merge_item, partial_item, sm_count
 from avengers.inference.triton_decode import num_splits as attention_splits
-from avengers.inference.triton_gemv import MAX_BATCH, rope_store, x_tile
+from avengers.inference.triton_gemv import MAX_BATCH, rope_operands, rope_store, x_tile
 from avengers.inference.triton_grid import cooperative_kwargs, grid_arrive, grid_wait
 
 # Tuned on the H200 at 1k context (docs/benchmarks.md). 2 programs per SM measured 4% faster in bf16,
@@ -86,7 +86,8 @@ def _gemv_phase(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob, Count, target, 
             u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
             acc = acc * tl.sigmoid(acc) * tl.sum(x[:, None, :] * u.to(tl.float32)[None, :, :], 2)
         if ROPE:
-            rope_store(acc, t, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM, BB, B, BN)
+            c, s, pos = rope_operands(t, Cos, Sin, Pos, NQ, NK, BN)
+            rope_store(acc, t, c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM, BB, B, BN)
         else:
             om = b_ok[:, None] & r_ok[None, :]
             if RESIDUAL:

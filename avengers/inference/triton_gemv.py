@@ -61,10 +61,11 @@ def x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
-def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
-              NORM: tl.constexpr, SWIGLU: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
+def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
+              NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
     """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
-    up rows N below them when SWIGLU: returned second, else the first again)."""
+    up rows N below them when SWIGLU: returned second, else the first again), and the residual
+    rows when RESIDUAL (read right after the wait, so that their latency overlaps the products)."""
     # The first weight tile is loaded before waiting for the previous kernel: weights are never
     # written during decode, while X (a previous kernel's output) is read only after.
     ks = tl.arange(0, BK)
@@ -77,6 +78,10 @@ def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
                           eviction_policy="evict_first")
     if GDC:
         tl.extra.cuda.gdc_wait()
+    res = tl.zeros((bs.shape[0], rows.shape[0]), tl.float32)
+    if RESIDUAL:
+        om = b_ok[:, None] & r_ok[None, :]
+        res = tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0, cache_modifier=".cg").to(tl.float32)
     rstd = tl.full(bs.shape, 1.0, tl.float32)
     if NORM:  # rms of every sequence's input row (re-read by each program; it is small)
         ss = tl.zeros(bs.shape, tl.float32)
@@ -100,28 +105,35 @@ def _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok,
             acc_up += tl.sum(x[:, None, :] * u.to(tl.float32)[None, :, :], 2)
     if GDC:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are issued,
         tl.extra.cuda.gdc_launch_dependents()  # so the next kernel may start loading its own
-    return acc, acc_up
+    return acc, acc_up, res
 
 
 @triton.jit
-def rope_store(acc, tile, Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
+def rope_operands(tile, Cos, Sin, Pos, NQ, NK, BN: tl.constexpr):
+    """What rope_store reads besides the GEMV rows of tile `tile`: cos and sin per rotation pair
+    [1, BN / 2] (they carry the query's 1/sqrt(d) scale; value rows get cos 1, sin 0) and the cache
+    position. Rotation pairs are adjacent rows (2j, 2j+1), so they sit in the same tile (BN even)
+    and the pair index is row // 2."""
+    pair = tile * (BN // 2) + tl.arange(0, BN // 2)
+    rot = pair * 2 < NQ + NK
+    c = tl.load(Cos + pair, mask=rot, other=1.0)[None, :]
+    s = tl.load(Sin + pair, mask=rot, other=0.0)[None, :]
+    return c, s, tl.load(Pos)
+
+
+@triton.jit
+def rope_store(acc, tile, c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                BB: tl.constexpr, B: tl.constexpr, BN: tl.constexpr):
-    """The QKV epilogue for fp32 rows [tile * BN, + BN) of rmsnorm(x) @ Wqkv^T: query rows rotated
-    into Q [B, NQ], key rows rotated and value rows copied into the caches at the position in Pos.
-    Rotation pairs are adjacent rows (2j, 2j+1), so they sit in the same tile (BN even) and the
-    pair index is row // 2."""
+    """The QKV epilogue for fp32 rows [tile * BN, + BN) of rmsnorm(x) @ Wqkv^T, given (c, s, pos)
+    from rope_operands: query rows rotated into Q [B, NQ], key rows rotated and value rows copied
+    into the caches at position pos."""
     rows = tile * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
     acc = acc.to(Q.dtype.element_ty).to(tl.float32)  # torch rounds the matmul output before rotating
     x0, x1 = tl.split(tl.reshape(acc, (BB, BN // 2, 2)))
-    pair = tile * (BN // 2) + tl.arange(0, BN // 2)
-    rot = pair * 2 < NQ + NK  # value rows: cos 1, sin 0 (cos/sin carry the query's 1/sqrt(d) scale)
-    c = tl.load(Cos + pair, mask=rot, other=1.0)[None, :]
-    s = tl.load(Sin + pair, mask=rot, other=0.0)[None, :]
     y = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (BB, BN)).to(Q.dtype.element_ty)
-    pos = tl.load(Pos)
     om = b_ok[:, None] & r_ok[None, :]
     tl.store(Q + bs[:, None] * NQ + rows[None, :], y, mask=om & (rows < NQ)[None, :])
     kr = rows - NQ
@@ -142,12 +154,13 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
-    acc, acc_up = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, r_ok, bs, b_ok, NORM, SWIGLU, GDC, BK)
+    acc, acc_up, res = _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok, NORM, SWIGLU,
+                                 RESIDUAL, GDC, BK)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     om = b_ok[:, None] & r_ok[None, :]
     if RESIDUAL:
-        acc += tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0).to(tl.float32)
+        acc += res
     tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
 
 
@@ -160,8 +173,12 @@ def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb,
     """rmsnorm(x) @ Wqkv^T, then the rope_store epilogue."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     bs = tl.arange(0, BB)
-    acc, _ = _gemv_acc(X, NormW, W, K, N, eps, sxb, rows, rows < N, bs, bs < B, True, False, GDC, BK)
-    rope_store(acc, tl.program_id(0), Cos, Sin, Q, Kc, Vc, Pos, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
+    # read before the wait, so that their latency hides behind the products: cos, sin and the position
+    # were written by the plain (non-PDL) kernels before the step's first block, which the first
+    # block's kernels cannot overtake
+    c, s, pos = rope_operands(tl.program_id(0), Cos, Sin, Pos, NQ, NK, BN)
+    acc, _, _ = _gemv_acc(X, NormW, W, X, K, N, eps, sxb, 0, rows, rows < N, bs, bs < B, True, False, False, GDC, BK)
+    rope_store(acc, tl.program_id(0), c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                BB, B, BN)
 
 

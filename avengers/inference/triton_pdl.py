@@ -2,8 +2,11 @@
 
 A batch-1 decode step is a chain of ~6 short kernels per layer; on Hopper each kernel may be
 launched with PDL so that its programs start while the previous kernel drains. Every kernel that
-takes `GDC=True` calls `gdc_wait` before it reads anything an earlier kernel wrote (only weights,
-which decode never writes, may be read before the wait), so the chain stays ordered, and
+takes `GDC=True` calls `gdc_wait` before it reads anything an earlier kernel wrote, so the chain
+stays ordered. Read before the wait: weights, which decode never writes, and in the QKV kernel
+the RoPE tables and position, which plain kernels wrote before the step's first block (a QKV
+kernel follows either those plain kernels or the previous block's last GEMV, which releases it
+only after its own wait, when every kernel before that GEMV has finished). Each kernel calls
 `gdc_launch_dependents` once its main reads are issued (the GEMV: after its weight loop); kernels
 launched without PDL wait for their predecessor as usual.
 """
