@@ -12,6 +12,11 @@
    its best kernel, in the step's order (distinct buffers, as the step reads distinct weights),
    without and with PDL, against the step's roofline. No GEMV maths, no attention: what is left
    of the batch-1 step's gap to its roofline once the arithmetic is free.
+3. `--modes gemv,mma`: part 1's sweep again for the matrices whose rows are a power of two, each
+   tile now TILE / K weight rows multiplied by a vector, reduced per tile either across threads
+   (tl.sum, as the decode GEMVs do) or in the tensor cores (tl.dot, the vector padded to 16
+   rows): what the GEMV maths costs a read loop of each shape (1 program per SM: the persistent
+   block kernel's phases; one tile per program: the per-kernel GEMVs).
 Writes results.json under --out.
 """
 
@@ -35,24 +40,46 @@ from avengers.models.registry import get_model_spec  # noqa: E402
 
 
 @triton.jit
-def _read_kernel(X, Out, n_tiles, TILE: tl.constexpr, STAGES: tl.constexpr, GDC: tl.constexpr):
+def _read_kernel(X, V, Out, n_tiles, TILE: tl.constexpr, STAGES: tl.constexpr, GDC: tl.constexpr,
+                 MODE: tl.constexpr, K: tl.constexpr):
+    """MODE "read": sum every element (one reduction at the end). "gemv": each tile is TILE / K
+    rows of K, each row's dot product with the vector V stored (a reduction per tile, as the
+    decode GEMVs do). "mma": the same products by tl.dot, V padded to 16 rows (the reduction in the
+    tensor cores)."""
     pid = tl.program_id(0)
     if GDC:  # the reads depend on nothing: let the next kernel start now
         tl.extra.cuda.gdc_launch_dependents()
+    BN: tl.constexpr = TILE // K
+    ks = tl.arange(0, K)
     acc = tl.zeros([TILE], tl.float32)
+    v = tl.load(V + ks)
+    v16 = tl.where(tl.arange(0, 16)[:, None] == 0, v[None, :], 0.0).to(v.dtype)
     for t in tl.range(pid, n_tiles, tl.num_programs(0), num_stages=STAGES):
-        acc += tl.load(X + t * TILE + tl.arange(0, TILE), eviction_policy="evict_first").to(tl.float32)
-    tl.store(Out + pid, tl.sum(acc))
+        if MODE == "read":
+            acc += tl.load(X + t * TILE + tl.arange(0, TILE), eviction_policy="evict_first").to(tl.float32)
+        else:
+            rows = t * BN + tl.arange(0, BN)
+            w = tl.load(X + rows[:, None] * K + ks[None, :], eviction_policy="evict_first")
+            if MODE == "gemv":
+                y = tl.sum(w.to(tl.float32) * v.to(tl.float32)[None, :], 1)
+            else:
+                y = tl.sum(tl.dot(v16, tl.trans(w)), 0)  # rows 1..15 of v16 are zero
+            tl.store(Out + rows, y)
+    if MODE == "read":
+        tl.store(Out + pid, tl.sum(acc))
 
 
-def _launcher(numel: int, per_sm: int | None, tile: int, stages: int, warps: int, pdl: bool, sms: int):
-    """A function reading a buffer of `numel` bf16 (per_sm None: one program per tile)."""
+def _launcher(numel: int, per_sm: int | None, tile: int, stages: int, warps: int, pdl: bool, sms: int,
+              mode: str = "read", k: int = 16):
+    """A function reading a buffer of `numel` bf16 (per_sm None: one program per tile) in `mode`
+    (rows of k elements for "gemv" and "mma")."""
     n_tiles = numel // tile
     grid = n_tiles if per_sm is None else min(n_tiles, per_sm * sms)
-    out = torch.empty(grid, device="cuda", dtype=torch.float32)
+    out = torch.empty(max(grid, numel // k), device="cuda", dtype=torch.float32)
+    v = torch.randn(k, device="cuda").to(torch.bfloat16)
     kw = {"launch_pdl": True} if pdl else {}
-    return lambda buf: _read_kernel[(grid,)](buf, out, n_tiles, TILE=tile, STAGES=stages, GDC=pdl,
-                                            num_warps=warps, **kw)
+    return lambda buf: _read_kernel[(grid,)](buf, v, out, n_tiles, TILE=tile, STAGES=stages, GDC=pdl, MODE=mode,
+                                            K=k, num_warps=warps, **kw)
 
 
 def _graph_us(calls: list, reps: int = 5) -> float:
@@ -80,22 +107,25 @@ def _buffers(numel: int, min_total: int = 256 << 20) -> list[torch.Tensor]:
     return [torch.randn(numel, device="cuda").to(torch.bfloat16) for _ in range(count)]
 
 
-def sweep(name: str, numel: int, sms: int) -> dict:
+def sweep(name: str, numel: int, sms: int, mode: str = "read", k: int = 16) -> dict:
+    """The best configuration for reading `numel` bf16 in `mode`, and its time with PDL."""
     bufs = _buffers(numel)
     roof_us = 2 * numel / (H200_BANDWIDTH_GBS * 1e3)
     rows = []
-    for per_sm, tile, stages, warps in itertools.product((1, 2, 4, 8, None), (4096, 8192, 16384),
-                                                         (2, 3, 4), (4, 8)):
-        if numel % tile or (per_sm is None and stages != 2):  # one tile per program: nothing to pipeline
+    tiles = (32768,) if mode == "mma" else (4096, 8192, 16384)  # mma: 16 rows of 2048 at least
+    for per_sm, tile, stages, warps in itertools.product((1, 2, 4, 8, None), tiles, (2, 3, 4), (4, 8)):
+        if numel % tile or tile % k or (per_sm is None and stages != 2):  # one tile per program: no pipeline
             continue
-        read = _launcher(numel, per_sm, tile, stages, warps, False, sms)
+        if tile * 2 * (stages - 1) > 160 * 1024:  # the shared-memory ring must fit
+            continue
+        read = _launcher(numel, per_sm, tile, stages, warps, False, sms, mode, k)
         us = _graph_us([lambda b=b: read(b) for b in itertools.islice(itertools.cycle(bufs), 50)])
         rows.append({"per_sm": per_sm or "all", "tile": tile, "stages": stages, "warps": warps, "us": round(us, 2)})
     best = min(rows, key=lambda r: r["us"])
     cfg = (None if best["per_sm"] == "all" else best["per_sm"], best["tile"], best["stages"], best["warps"])
-    read_pdl = _launcher(numel, *cfg, True, sms)
+    read_pdl = _launcher(numel, *cfg, True, sms, mode, k)
     pdl_us = _graph_us([lambda b=b: read_pdl(b) for b in itertools.islice(itertools.cycle(bufs), 50)])
-    res = {"matrix": name, "MB": round(2 * numel / 1e6, 1), "roofline_us": round(roof_us, 2), "best": best,
+    res = {"matrix": name, "mode": mode, "MB": round(2 * numel / 1e6, 1), "roofline_us": round(roof_us, 2), "best": best,
            "best_TBs": round(2 * numel / best["us"] / 1e6, 2), "best_pdl_us": round(pdl_us, 2),
            "best_pdl_TBs": round(2 * numel / pdl_us / 1e6, 2), "config": cfg, "all": rows}
     print(json.dumps({k: v for k, v in res.items() if k != "all"}), flush=True)
@@ -127,6 +157,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="stream_read")
     p.add_argument("--variant", default="llama3_1.8b")
+    p.add_argument("--modes", default="gemv,mma", help="GEMV variants to sweep after the plain reads ('' for none)")
     a = p.parse_args()
     model = get_model_spec(a.variant).build(torch.device("meta"))  # shapes only
     layer = model.base_model.layers[0]
@@ -141,6 +172,9 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(), "sizes": [sweep(n, k, sms) for n, k in shapes.items()]}
     best = {r["matrix"]: r["config"] for r in results["sizes"]}
     results["step"] = step_reads(shapes, best, layers, sms)
+    for mode in filter(None, a.modes.split(",")):  # the GEMV maths on top of the reads, where rows are a power of two
+        results[mode] = [sweep(n, w.numel(), sms, mode, w.shape[1]) for n, w in weights.items()
+                         if w.shape[1] & (w.shape[1] - 1) == 0]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
     return 0
