@@ -41,30 +41,33 @@ from avengers.models.registry import get_model_spec  # noqa: E402
 
 @triton.jit
 def _read_kernel(X, V, Out, n_tiles, TILE: tl.constexpr, STAGES: tl.constexpr, GDC: tl.constexpr,
-                 MODE: tl.constexpr, K: tl.constexpr):
+                 MODE: tl.constexpr, K: tl.constexpr, KC: tl.constexpr = 256):
     """MODE "read": sum every element (one reduction at the end). "gemv": each tile is TILE / K
     rows of K, each row's dot product with the vector V stored (a reduction per tile, as the
-    decode GEMVs do). "mma": the same products by tl.dot, V padded to 16 rows (the reduction in the
-    tensor cores)."""
+    decode GEMVs do). "mma": the same products by tl.dot over K chunks of KC, V padded to 16 rows
+    (the reduction in the tensor cores; chunks keep the padded vector out of the registers)."""
     pid = tl.program_id(0)
     if GDC:  # the reads depend on nothing: let the next kernel start now
         tl.extra.cuda.gdc_launch_dependents()
     BN: tl.constexpr = TILE // K
     ks = tl.arange(0, K)
     acc = tl.zeros([TILE], tl.float32)
-    v = tl.load(V + ks)
-    v16 = tl.where(tl.arange(0, 16)[:, None] == 0, v[None, :], 0.0).to(v.dtype)
+    v = tl.load(V + ks).to(tl.float32)  # once, as the GEMVs read their input row once
     for t in tl.range(pid, n_tiles, tl.num_programs(0), num_stages=STAGES):
+        rows = t * BN + tl.arange(0, BN)
         if MODE == "read":
             acc += tl.load(X + t * TILE + tl.arange(0, TILE), eviction_policy="evict_first").to(tl.float32)
-        else:
-            rows = t * BN + tl.arange(0, BN)
+        elif MODE == "gemv":
             w = tl.load(X + rows[:, None] * K + ks[None, :], eviction_policy="evict_first")
-            if MODE == "gemv":
-                y = tl.sum(w.to(tl.float32) * v.to(tl.float32)[None, :], 1)
-            else:
-                y = tl.sum(tl.dot(v16, tl.trans(w)), 0)  # rows 1..15 of v16 are zero
-            tl.store(Out + rows, y)
+            tl.store(Out + rows, tl.sum(w.to(tl.float32) * v[None, :], 1))
+        else:
+            y = tl.zeros([16, BN], tl.float32)
+            for k0 in tl.static_range(0, K, KC):
+                kc = k0 + tl.arange(0, KC)
+                w = tl.load(X + rows[:, None] * K + kc[None, :], eviction_policy="evict_first")
+                v16 = tl.where(tl.arange(0, 16)[:, None] == 0, tl.load(V + kc)[None, :], 0.0).to(w.dtype)
+                y = tl.dot(v16, tl.trans(w), y)
+            tl.store(Out + rows, tl.sum(y, 0))  # rows 1..15 of the padded vector are zero
     if MODE == "read":
         tl.store(Out + pid, tl.sum(acc))
 
@@ -79,7 +82,7 @@ def _launcher(numel: int, per_sm: int | None, tile: int, stages: int, warps: int
     v = torch.randn(k, device="cuda").to(torch.bfloat16)
     kw = {"launch_pdl": True} if pdl else {}
     return lambda buf: _read_kernel[(grid,)](buf, v, out, n_tiles, TILE=tile, STAGES=stages, GDC=pdl, MODE=mode,
-                                            K=k, num_warps=warps, **kw)
+                                            K=k, KC=min(256, k), num_warps=warps, **kw)
 
 
 def _graph_us(calls: list, reps: int = 5) -> float:
