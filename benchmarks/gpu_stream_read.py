@@ -78,7 +78,7 @@ def _launcher(numel: int, per_sm: int | None, tile: int, stages: int, warps: int
     (rows of k elements for "gemv" and "mma")."""
     n_tiles = numel // tile
     grid = n_tiles if per_sm is None else min(n_tiles, per_sm * sms)
-    out = torch.empty(max(grid, numel // k), device="cuda", dtype=torch.float32)
+    out = torch.empty(grid if mode == "read" else numel // k, device="cuda", dtype=torch.float32)  # per program / row
     v = torch.randn(k, device="cuda").to(torch.bfloat16)
     kw = {"launch_pdl": True} if pdl else {}
     return lambda buf: _read_kernel[(grid,)](buf, v, out, n_tiles, TILE=tile, STAGES=stages, GDC=pdl, MODE=mode,
