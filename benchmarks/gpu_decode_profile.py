@@ -7,10 +7,11 @@
    kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) without and with
    PDL, as microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write.
 2. The whole decode step at `--context` for every mode: a fused-decode mode (off, inductor,
-   triton, persistent) with options `_pdl` (PDL, triton_pdl.py) and `_a<n>` (n attention split
-   items per SM, triton_decode.ITEMS_PER_SM), and for persistent `_t<weights per tile>`,
-   `_w<warps>`, `_g<programs per SM>`, `_d<pipeline stages>` and `_s` (a global-timer stamp per
-   program at every phase end: where the kernel's time goes), e.g. persistent_t16384_w8_d4_s.
+   triton, persistent) with options `_pdl` (PDL, triton_pdl.py), `_a<n>` (n attention split
+   items per SM, triton_decode.ITEMS_PER_SM), `_k<n>` (GEMV K tiles of n elements only), and for
+   persistent `_t<weights per tile>`, `_w<warps>`, `_g<programs per SM>`, `_d<pipeline stages>`
+   and `_s` (a global-timer stamp per program at every phase end: where the kernel's time goes),
+   e.g. persistent_t16384_w8_d4_s. Every mode autotunes the GEMVs anew; rows name the picks.
    Reported: CUDA-graph step time vs the weight+cache roofline, and a profile of a few graph
    replays: kernel time and launches per step, so the gap between the kernels' sum and the step
    time (launch/tail cost) is visible.
@@ -127,11 +128,13 @@ def gemv_part(model, batch: int) -> list[dict]:
 def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[dict]:
     dev = next(model.parameters()).device
     rows = []
-    from avengers.inference import triton_block, triton_decode
+    from avengers.inference import gemv_tuning, triton_block, triton_decode
 
     knobs = ("TILE_ELEMENTS", "NUM_WARPS", "PROGRAMS_PER_SM", "STAGES")
     defaults = {k: getattr(triton_block, k) for k in knobs}
     items_per_sm = triton_decode.ITEMS_PER_SM
+    gemv_kernels = gemv_tuning.decode_gemv_kernels()
+    gemv_configs = {name: k.configs for name, k in gemv_kernels.items()}
     for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w8_g2_s": see the module docstring
         base, *flags = mode.split("_")
         set_pdl("pdl" in flags)
@@ -139,6 +142,10 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
             value = next((int(f[1:]) for f in flags if f[:1] == letter and f[1:].isdigit()), defaults[knob])
             setattr(triton_block, knob, value)
         triton_decode.ITEMS_PER_SM = next((int(f[1:]) for f in flags if f[:1] == "a" and f[1:].isdigit()), items_per_sm)
+        bk = next((int(f[1:]) for f in flags if f[:1] == "k" and f[1:].isdigit()), None)
+        for name, kernel in gemv_kernels.items():
+            kernel.configs = [c for c in gemv_configs[name] if bk is None or c.kwargs["BK"] == bk] or gemv_configs[name]
+            kernel.cache.clear()
         triton_block.STAMPS = None
         if "s" in flags:
             triton_block.STAMPS = torch.zeros(triton_block._programs(dev), 16, dtype=torch.int64, device=dev)
@@ -162,6 +169,8 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
         row = {"mode": mode, "context": context, "step_ms": round(ms, 4), "roofline_ms": round(roof, 4),
                "x_roofline": round(ms / roof, 3), "kernel_ms_per_step": round(prof["kernel_ms"] / reps, 4),
                "launches_per_step": prof["kernel_launches"] // reps}
+        row["gemv_configs"] = {f"{name}{key[:2]}": gemv_tuning.describe(c)
+                               for name, kernel in gemv_kernels.items() for key, c in kernel.cache.items()}
         if triton_block.STAMPS is not None:
             row["phase_end_us"] = phase_ends(triton_block.STAMPS)
         rows.append(row)
@@ -173,6 +182,8 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
     for knob, value in defaults.items():
         setattr(triton_block, knob, value)
     triton_decode.ITEMS_PER_SM = items_per_sm
+    for name, kernel in gemv_kernels.items():
+        kernel.configs = gemv_configs[name]
     triton_block.STAMPS = None
     return rows
 

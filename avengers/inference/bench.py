@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -64,6 +64,7 @@ class BenchConfig:
     fused_decode: str = "off"  # Llama-block decode via llama_compiled: off | eager | inductor | triton | persistent
     decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
     pdl: bool = True  # launch the Triton decode kernels with programmatic dependent launch (triton_pdl.py)
+    tune_gemv: bool = False  # fused_decode triton: pick the GEMV tiles by whole-step time first (gemv_tuning.py)
 
     def validate(self) -> None:
         known = list_variants()
@@ -74,6 +75,8 @@ class BenchConfig:
             raise ValueError("no variants to benchmark")
         if self.fused_decode not in FUSED_DECODE_MODES:
             raise ValueError(f"fused_decode must be one of {FUSED_DECODE_MODES}, got {self.fused_decode!r}")
+        if self.tune_gemv and self.fused_decode != "triton":
+            raise ValueError(f"tune_gemv tunes the Triton decode GEMVs: it needs fused_decode 'triton', got {self.fused_decode!r}")
         if self.decode_attn not in DECODE_BACKENDS:
             raise ValueError(f"decode_attn must be one of {DECODE_BACKENDS}, got {self.decode_attn!r}")
         if self.dtype not in DTYPES:
@@ -165,6 +168,7 @@ class VariantResult:
     check: dict | None = None
     decode_mode: str = "eager"
     errors: list[str] = field(default_factory=list)
+    gemv_tuning: dict = field(default_factory=dict)  # --tune_gemv's choices per batch block
 
 
 def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float) -> VariantResult:
@@ -265,6 +269,8 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
                 cache = model.allocate_cache(batch, cache1.max_seq_len, device, dtype)
                 cache1.set_seq_len(fill)
                 cache.broadcast_from(cache1)
+            if cfg.tune_gemv:
+                _tune_gemvs(model, cache, fill, cfg, spec.vocab_size, res)
             step_s = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
             nbytes = cache.nbytes()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -288,6 +294,21 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
             if cache is not None and cache is not cache1:
                 del cache
     return None
+
+
+def _tune_gemvs(model, cache: InferenceCache, fill: int, cfg: BenchConfig, vocab: int, res: VariantResult) -> None:
+    """--tune_gemv: the decode GEMV tiles chosen by whole CUDA-graph step time (gemv_tuning.py), once
+    per variant and batch block, at the first context measured; the choices hold for the rest of the run."""
+    from avengers.inference import gemv_tuning, triton_gemv
+
+    batch = cache.batch_size
+    block = 1 << (batch - 1).bit_length()  # the kernels' BB
+    if res.decode_mode != "cuda_graph" or batch > triton_gemv.MAX_BATCH or f"BB{block}" in res.gemv_tuning:
+        return
+    quick = replace(cfg, steps=20, warmup=2)
+    log.info("%s: tuning the decode GEMV tiles by step time (batch block %d)", res.variant, block)
+    res.gemv_tuning[f"BB{block}"] = gemv_tuning.tune(
+        lambda: time_decode(model, cache, fill, quick, vocab, True) * 1e3, block, log=log.info)
 
 
 def _default_variants(device: str) -> list[str]:
@@ -323,6 +344,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8), or one "
                         "persistent Triton kernel per block (persistent, batch <= 8)")
     p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
+    p.add_argument("--tune_gemv", action="store_true",
+                   help="with --fused_decode triton on CUDA: choose the GEMV tiles by whole decode-step time first")
     p.add_argument("--no_pdl", action="store_true",
                    help="launch the Triton decode kernels without programmatic dependent launch (on by default, Hopper+)")
     p.add_argument("--decode_attn", default="auto", choices=DECODE_BACKENDS,
@@ -341,6 +364,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         bandwidth_gbs=a.bandwidth_gbs, prefill_chunk=a.prefill_chunk, cuda_graph=not a.no_cuda_graph,
         deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol, decode_attn=a.decode_attn,
         fused_decode=a.fused_decode or ("inductor" if a.compile else "off"), pdl=not a.no_pdl,
+        tune_gemv=a.tune_gemv,
     )
     cfg.validate()
     return cfg
