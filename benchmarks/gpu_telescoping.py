@@ -263,28 +263,34 @@ def decode(device: torch.device, smoke: bool) -> dict:
         if device.type == "cuda":  # the same step replayed from a CUDA graph
             from avengers.inference.graphs import DecodeStep
 
-            graph = {}
+            from avengers.inference.llama_compiled import set_fused_decode
+
+            graph, compiled = {}, {}
             for batch in (1, 16):
-                caches = []
-                for use_graph in (False, True):
+                steps = []
+                for use_graph, mode in ((False, "off"), (True, "off"), (True, "inductor")):
                     cache = model.allocate_cache(batch, prompt + 64, device=device, dtype=torch.bfloat16)
                     model(x[:1, :prompt].expand(batch, -1), cache=cache)
-                    caches.append((DecodeStep(model, cache, cuda_graph=use_graph), cache))
+                    set_fused_decode(mode)  # "inductor": each layer's step_core torch.compile'd, then captured
+                    try:
+                        steps.append(DecodeStep(model, cache, cuda_graph=use_graph))
+                    finally:
+                        set_fused_decode("off")
                 toks = [x[:1, prompt + i:prompt + i + 1].expand(batch, -1) for i in range(16)]
-                eager = torch.stack([caches[0][0](t).float() for t in toks])
-                replay = torch.stack([caches[1][0](t).float() for t in toks])
-                rel = ((replay - eager).abs().max() / eager.abs().max()).item()
-                step = caches[1][0]
-                _sync(device)
-                t = time.perf_counter()
-                for _ in range(32):
-                    step(toks[0])
-                _sync(device)
-                graph[batch] = {"graph_vs_eager_rel_err": rel, "step_s": (time.perf_counter() - t) / 32}
-                log(f"[decode] {spec.name} batch {batch} CUDA graph: {graph[batch]['step_s'] * 1e3:.2f} ms/step, "
-                    f"graph vs eager rel err {rel:.2g}")
-                del caches
-            results["cuda_graph"] = graph
+                eager = torch.stack([steps[0](t).float() for t in toks])
+                for step, out in ((steps[1], graph), (steps[2], compiled)):
+                    replay = torch.stack([step(t).float() for t in toks])
+                    rel = ((replay - eager).abs().max() / eager.abs().max()).item()
+                    _sync(device)
+                    t = time.perf_counter()
+                    for _ in range(32):
+                        step(toks[0])
+                    _sync(device)
+                    out[batch] = {"graph_vs_eager_rel_err": rel, "step_s": (time.perf_counter() - t) / 32}
+                    log(f"[decode] {spec.name} batch {batch} CUDA graph{' + compiled step' if out is compiled else ''}: "
+                        f"{out[batch]['step_s'] * 1e3:.2f} ms/step, vs eager rel err {rel:.2g}")
+                del steps
+            results["cuda_graph"], results["cuda_graph_compiled"] = graph, compiled
     return results
 
 
@@ -390,10 +396,11 @@ def markdown(result: dict) -> str:
                       f"{chk['window']}): max abs {chk['max_abs']:.3g}, mean abs {chk['mean_abs']:.3g}, argmax "
                       f"agreement {chk['argmax_agreement']:.3f}. Eager decode: " + ", ".join(
                           f"batch {b} {s * 1e3:.2f} ms/step" for b, s in dec["step_latency_s"].items()) + "."]
-        if "cuda_graph" in dec:
-            lines.append("CUDA-graph decode: " + ", ".join(
-                f"batch {b} {g['step_s'] * 1e3:.2f} ms/step (rel err vs eager {g['graph_vs_eager_rel_err']:.1e})"
-                for b, g in dec["cuda_graph"].items()) + ".")
+        for key, label in (("cuda_graph", "CUDA-graph decode"), ("cuda_graph_compiled", "with the compiled step")):
+            if key in dec:
+                lines.append(f"{label}: " + ", ".join(
+                    f"batch {b} {g['step_s'] * 1e3:.2f} ms/step (rel err vs eager {g['graph_vs_eager_rel_err']:.1e})"
+                    for b, g in dec[key].items()) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,34 @@ def test_prefill_plus_decode_equals_full_forward(variant):
             torch.testing.assert_close(torch.cat([a, b, c], 1), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["documented", "later"])
+def test_compiled_decode_step_matches_eager(variant, monkeypatch):
+    """Under the "inductor" decode mode every telescoping layer's step runs one torch.compile'd
+    step_core (no recompile per layer) and decodes what the eager step does, through drops."""
+    from avengers.inference.llama_compiled import set_fused_decode
+    from avengers.models import telescoping
+
+    model = _tiny(**VARIANTS[variant])
+    x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    compiled = telescoping.compiled_step_core()
+    calls = []
+    monkeypatch.setattr(telescoping, "compiled_step_core", lambda: calls.append(1) or compiled)
+    outs = {}
+    with torch.no_grad():
+        for mode in ("off", "inductor"):
+            set_fused_decode(mode)
+            try:
+                cache = model.allocate_cache(2, 40)
+                outs[mode] = torch.cat([model(x[:, :10], cache=cache)] + [model(x[:, i:i + 1], cache=cache)
+                                                                          for i in range(10, 40)], 1)
+            finally:
+                set_fused_decode("off")
+    torch.testing.assert_close(outs["inductor"], outs["off"], atol=1e-5, rtol=1e-5)
+    assert len(calls) == 30 * 3  # every decode step of every layer went through the compiled core
+    assert compiled._torchdynamo_orig_callable is telescoping.step_core
+
+
 def test_cache_is_constant_size():
     model = _tiny()
     sizes = {L: model.allocate_cache(3, L).nbytes() for L in (16, 1024, 100_000)}

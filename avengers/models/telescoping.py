@@ -33,6 +33,7 @@ from torch import nn
 
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
+from avengers.inference.llama_compiled import fused_decode_mode
 from avengers.models.llama import TINY_VOCAB, Llama, llama_param_counts
 from avengers.models.registry import ModelSpec, get_model_spec, register
 
@@ -467,10 +468,15 @@ def step_tables(cache_size: int, fmap: tuple[int, ...], device: torch.device) ->
 def push_at(state: TelescopingState, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
             position: torch.Tensor, tables: StepTables) -> None:
     """TelescopingState.push for the step at a device-side position (no host sync, graph-safe)."""
+    _push(state.k, state.v, state.log_mass, k, v, w, position, tables)
+
+
+def _push(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+          position: torch.Tensor, tables: StepTables) -> None:
+    """push_at on a state's tensors (slot means K, V and log-masses W, updated in place)."""
     a = tables.action(position)
     src_a, src_b = tables.src_a.index_select(0, a)[0], tables.src_b.index_select(0, a)[0]
     merge = tables.merge.index_select(0, a)[0]
-    W = state.log_mass
     dt = W.dtype
     ext_w = torch.cat([w.to(dt).unsqueeze(2), W], 2)
     wa, wb = ext_w.index_select(2, src_a), ext_w.index_select(2, src_b)
@@ -478,7 +484,7 @@ def push_at(state: TelescopingState, k: torch.Tensor, v: torch.Tensor, w: torch.
     pa = torch.where(merge, torch.exp(wa - wn), 1.0).unsqueeze(-1)
     pb = torch.where(merge, torch.exp(wb - wn), 0.0).unsqueeze(-1)
     fused_w = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
-    for x, new in ((state.k, k), (state.v, v)):
+    for x, new in ((K, k), (V, v)):
         ext = torch.cat([new.to(x.dtype).unsqueeze(2), x], 2).to(dt)
         x.copy_(pa * ext.index_select(2, src_a) + pb * ext.index_select(2, src_b))
     W.copy_(torch.where(merge, fused_w, wa))
@@ -487,18 +493,44 @@ def push_at(state: TelescopingState, k: torch.Tensor, v: torch.Tensor, w: torch.
 def slot_attention(q: torch.Tensor, state: TelescopingState, opts: TeleOptions,
                    k_gain: torch.Tensor | None = None, v_gain: torch.Tensor | None = None) -> torch.Tensor:
     """Recurrent read-out for one query per sequence: q [B, H, d] over the C slots -> [B, H, d]."""
+    return _read(q, state.k, state.v, state.log_mass, opts, k_gain, v_gain)
+
+
+def _read(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_mass: torch.Tensor, opts: TeleOptions,
+          k_gain: torch.Tensor | None, v_gain: torch.Tensor | None) -> torch.Tensor:
+    """slot_attention on a state's tensors."""
     B, H, d = q.shape
-    Hkv = state.k.shape[1]
-    K, V = state.k, state.v
+    Hkv = K.shape[1]
     if opts.kv_norm:
         K, V = rms_norm(K, k_gain), rms_norm(V, v_gain)
     dt = compute_dtype(q.dtype)
     qg = q.to(dt).view(B, Hkv, H // Hkv, d)
     s = _softcap(torch.einsum("bhed,bhcd->bhec", qg, K.to(dt)) * d**-0.5, opts.softcap)
     if opts.mask_empty:
-        s = s.masked_fill((state.log_mass <= EMPTY_THRESHOLD).unsqueeze(2), float("-inf"))
+        s = s.masked_fill((log_mass <= EMPTY_THRESHOLD).unsqueeze(2), float("-inf"))
     out = torch.einsum("bhec,bhcd->bhed", torch.softmax(s, -1), V.to(dt))
     return out.reshape(B, H, d).to(q.dtype)
+
+
+def step_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, position: torch.Tensor,
+              K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, tables: StepTables, opts: TeleOptions, theta: float,
+              k_gain: torch.Tensor | None, v_gain: torch.Tensor | None) -> torch.Tensor:
+    """A decode step between the projections: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k
+    and q not yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device
+    position -> rotate, push into the slots (K, V, W, in place), read out: [B, H, d]. A pure function
+    of tensors, so that one torch.compile serves every layer (compiled_step_core)."""
+    q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
+    if w is None:
+        w = wisq_gate(q, k)
+    _push(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    return _read(q[:, 0].to(v.dtype), K, V, W, opts, k_gain, v_gain)
+
+
+@functools.cache
+def compiled_step_core():
+    """step_core through torch.compile (the decode step's ~40 small kernels per layer fused into a
+    few); used by TelescopingAttention.step under llama_compiled's "inductor" decode mode."""
+    return torch.compile(step_core, fullgraph=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,20 +597,24 @@ class TelescopingAttention(MultiHeadAttention):
             return None, None
         return self.k_norm.weight, self.v_norm.weight
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
-        """q, k (RoPE'd, compute dtype), v [B,T,*,d] and the gate w [B,T,Hkv] (compute dtype)."""
+    def _project_raw(self, x: torch.Tensor):
+        """q, k (not rotated), v [B,T,*,d] and the linear gate's logits w [B,T,Hkv] in compute dtype
+        (None for the WISQ gate, which needs the rotated q and k)."""
         B, T, _ = x.shape
         q, k, v = self.in_proj(x, None, None)
-        q = rope(q.view(B, T, self.nheads, self.emb_kq_per_head), positions, self.rope_theta)
-        k = rope(k.view(B, T, self.kvheads, self.emb_kq_per_head), positions, self.rope_theta)
-        v = v.view(B, T, self.kvheads, self.emb_v_per_head)
-        if self.gate is None:
-            w = wisq_gate(q, k)
-        else:
+        w = None
+        if self.gate is not None:
             dt = compute_dtype(x.dtype)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 w = F.linear(x.to(dt), self.gate.weight.to(dt)).view(B, T, self.kvheads)
-        return q, k, v, w
+        return (q.view(B, T, self.nheads, self.emb_kq_per_head), k.view(B, T, self.kvheads, self.emb_kq_per_head),
+                v.view(B, T, self.kvheads, self.emb_v_per_head), w)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """q, k (RoPE'd, compute dtype), v [B,T,*,d] and the gate w [B,T,Hkv] (compute dtype)."""
+        q, k, v, w = self._project_raw(x)
+        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        return q, k, v, wisq_gate(q, k) if w is None else w
 
     def _parallel(self, x: torch.Tensor, plan: TelePlan):
         B, n, _ = x.shape
@@ -610,10 +646,10 @@ class TelescopingAttention(MultiHeadAttention):
         No host synchronisation, so the step can be captured in a CUDA graph.
         """
         B = x.shape[0]
-        q, k, v, w = self._project(x, position.view(1))
         tables = step_tables(self.opts.cache_size, self.opts.fmap, x.device)
-        push_at(state, k[:, 0], v[:, 0], w[:, 0], position, tables)
-        out = slot_attention(q[:, 0].to(v.dtype), state, self.opts, *self._gains())
+        core = compiled_step_core() if fused_decode_mode() == "inductor" else step_core
+        out = core(*self._project_raw(x), position, state.k, state.v, state.log_mass, tables, self.opts,
+                   self.rope_theta, *self._gains())
         return self.dense(out.reshape(B, 1, self.nheads * self.emb_v_per_head))
 
 
