@@ -2,6 +2,7 @@
 
     python -m avengers.generate --ckpt runs/demo --prompt "The cell membrane" --max_new_tokens 40
     python -m avengers.generate --model_variant llama3_tiny --prompt_ids 1,2,3   # random weights, token ids
+    python -m avengers.generate --ckpt runs/tele --prompt "..." --cuda_graph --compile   # fastest decode on a GPU
 
 The tokenizer comes from --tokenizer, else from the checkpoint's saved config (tokenizer_path).
 Prompts that tokenize to the same length are generated as one batch; others in separate batches.
@@ -17,6 +18,7 @@ from collections import defaultdict
 import torch
 
 from avengers.inference.generate import generate
+from avengers.inference.llama_compiled import FUSED_DECODE_MODES, set_fused_decode
 
 
 class Tokenizer:
@@ -77,9 +79,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--cuda_graph", action="store_true", help="replay the decode step from a CUDA graph")
+    p.add_argument("--fused_decode", choices=FUSED_DECODE_MODES, default="off",
+                   help="decode-step path (docs/inference.md): inductor = torch.compile'd Llama blocks and "
+                        "telescoping steps; triton = fused Triton GEMVs (CUDA, batch <= 8)")
+    p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_ids:
         p.error("give at least one --prompt or --prompt_ids")
+    if args.compile:
+        args.fused_decode = "inductor"
+    if (args.fused_decode in ("triton", "persistent") and not args.device.startswith("cuda")
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        p.error(f"--fused_decode {args.fused_decode} runs Triton kernels: it needs a CUDA --device "
+                f"(or TRITON_INTERPRET=1 and triton installed), got --device {args.device}")
     return args
 
 
@@ -109,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         by_len[len(ids)].append(i)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     results: dict[int, list[int]] = {}
-    for length, idx in by_len.items():  # one batch per prompt length: no padding (see generate's docstring)
-        batch = torch.tensor([prompts[i][1] for i in idx], dtype=torch.long, device=args.device)
-        out = generate(model, batch, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos,
-                       generator=gen, cuda_graph=args.cuda_graph)
-        for row, i in zip(out.tolist(), idx):
-            results[i] = row[length:]
+    set_fused_decode(args.fused_decode)
+    try:
+        for length, idx in by_len.items():  # one batch per prompt length: no padding (see generate's docstring)
+            batch = torch.tensor([prompts[i][1] for i in idx], dtype=torch.long, device=args.device)
+            out = generate(model, batch, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos,
+                           generator=gen, cuda_graph=args.cuda_graph)
+            for row, i in zip(out.tolist(), idx):
+                results[i] = row[length:]
+    finally:
+        set_fused_decode("off")
     for i, (prompt, _) in enumerate(prompts):
         new = results[i]
         if eos is not None and eos in new:

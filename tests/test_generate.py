@@ -86,3 +86,26 @@ def get_tok():
     from avengers.generate import Tokenizer
 
     return Tokenizer(TOKENIZER)
+
+
+def test_cli_fused_decode_takes_the_fused_path_and_matches(capsys, monkeypatch):
+    from avengers.inference import kv_cache
+
+    args = ["--model_variant", "llama3_tiny", "--prompt_ids", "5,6,7", "--max_new_tokens", "5", "--device", "cpu"]
+    assert generate_main(args) == 0
+    plain = capsys.readouterr().out
+    calls = []
+    real = kv_cache.decode_block
+    monkeypatch.setattr(kv_cache, "decode_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert generate_main(args + ["--fused_decode", "eager"]) == 0
+    assert capsys.readouterr().out == plain and calls  # same greedy tokens, through the fused decode functions
+    from avengers.inference.llama_compiled import fused_decode_mode
+
+    assert fused_decode_mode() == "off"  # restored after the run
+
+
+def test_cli_rejects_triton_decode_on_cpu(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        generate_main(["--model_variant", "llama3_tiny", "--prompt_ids", "1", "--device", "cpu", "--fused_decode", "triton"])
+    assert "needs a CUDA --device" in capsys.readouterr().err
