@@ -26,19 +26,23 @@ class FakeAutotuner:
 def test_tune_keeps_the_fastest_step_per_key_and_leaves_other_batches_alone():
     configs = [Config({"BN": bn}, w) for bn in (1, 2, 4, 8) for w in (4, 8)]
     picked = configs[0]
-    kernel = FakeAutotuner(configs, {(64, 32, 1, "bf16"): picked, (32, 64, 1, "bf16"): picked, (64, 32, 2, "bf16"): picked})
+    stale = (16, 16, 1, "bf16")  # autotuned for another model's step: dropped, not tuned
+    kernel = FakeAutotuner(configs, {stale: picked, (64, 32, 2, "bf16"): picked})
     # step time: each key at batch block 1 has its own best config; (64, 32) prefers BN4 w8, (32, 64) BN2 w4
     best = {(64, 32): Config({"BN": 4}, 8), (32, 64): Config({"BN": 2}, 4)}
     calls = []
 
-    def step_ms():
+    def step_ms():  # the step's two GEMV shapes, autotuned (to `picked`) on first use
         calls.append(1)
+        for key in ((64, 32, 1, "bf16"), (32, 64, 1, "bf16")):
+            kernel.cache.setdefault(key, picked)
         return 1.0 + sum(0.0 if kernel.cache[k] == best[k[:2]] else 0.1 for k in kernel.cache if k[2] == 1)
 
     chosen = gemv_tuning.tune(step_ms, 1, {"gemv": kernel}, passes=1)
     assert kernel.cache[(64, 32, 1, "bf16")] == best[(64, 32)]
     assert kernel.cache[(32, 64, 1, "bf16")] == best[(32, 64)]
     assert kernel.cache[(64, 32, 2, "bf16")] is picked  # another batch block is not this step's
+    assert stale not in kernel.cache
     assert chosen == {"gemv(64, 32, 1)": "BN4 w8", "gemv(32, 64, 1)": "BN2 w4"}
     assert len(calls) == 1 + 2 * len(configs)  # a first step, then per key: the current pick and the 7 others
 
@@ -50,7 +54,7 @@ def test_tune_ignores_gains_below_the_noise_floor_and_respects_pruning():
     tried = []
 
     def step_ms():
-        bn = kernel.cache[(64, 32, 2, "fp32")].kwargs["BN"]
+        bn = kernel.cache.setdefault((64, 32, 2, "fp32"), configs[0]).kwargs["BN"]
         tried.append(bn)
         return times[bn]
 

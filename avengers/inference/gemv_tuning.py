@@ -45,7 +45,10 @@ def tune(step_ms: Callable[[], float], block_batch: int, kernels: dict | None = 
     in the kernels' caches (it must re-capture any CUDA graph). The choices stay in the caches;
     returns {"kernel (K, N, ...)": config}."""
     kernels = kernels or decode_gemv_kernels()
-    step_ms()  # fills the autotuners' caches for this step's shapes
+    for kernel in kernels.values():  # entries of an earlier model's shapes are not this step's to tune
+        for key in [k for k in kernel.cache if _key_value(kernel, k, "BB") == block_batch]:
+            del kernel.cache[key]
+    step_ms()  # the autotuners fill their caches with this step's shapes
     for _ in range(passes):
         for name, kernel in kernels.items():
             for key in [k for k in kernel.cache if _key_value(kernel, k, "BB") == block_batch]:
