@@ -262,7 +262,6 @@ def decode(device: torch.device, smoke: bool) -> dict:
         results["step_latency_s"] = latency
         if device.type == "cuda":  # the same step replayed from a CUDA graph
             from avengers.inference.graphs import DecodeStep
-
             from avengers.inference.llama_compiled import set_fused_decode
 
             graph, compiled = {}, {}
