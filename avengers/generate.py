@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from avengers.inference.generate import generate
-from avengers.inference.llama_compiled import FUSED_DECODE_MODES, set_fused_decode
+from avengers.inference.llama_compiled import FUSED_DECODE_MODES, fused_decode
 
 
 class Tokenizer:
@@ -121,16 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         by_len[len(ids)].append(i)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     results: dict[int, list[int]] = {}
-    set_fused_decode(args.fused_decode)
-    try:
+    with fused_decode(args.fused_decode):
         for length, idx in by_len.items():  # one batch per prompt length: no padding (see generate's docstring)
             batch = torch.tensor([prompts[i][1] for i in idx], dtype=torch.long, device=args.device)
             out = generate(model, batch, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos,
                            generator=gen, cuda_graph=args.cuda_graph)
             for row, i in zip(out.tolist(), idx):
                 results[i] = row[length:]
-    finally:
-        set_fused_decode("off")
     for i, (prompt, _) in enumerate(prompts):
         new = results[i]
         if eos is not None and eos in new:

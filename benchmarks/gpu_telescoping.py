@@ -262,7 +262,7 @@ def decode(device: torch.device, smoke: bool) -> dict:
         results["step_latency_s"] = latency
         if device.type == "cuda":  # the same step replayed from a CUDA graph
             from avengers.inference.graphs import DecodeStep
-            from avengers.inference.llama_compiled import set_fused_decode
+            from avengers.inference.llama_compiled import fused_decode
 
             graph, compiled = {}, {}
             for batch in (1, 16):
@@ -270,11 +270,8 @@ def decode(device: torch.device, smoke: bool) -> dict:
                 for use_graph, mode in ((False, "off"), (True, "off"), (True, "inductor")):
                     cache = model.allocate_cache(batch, prompt + 64, device=device, dtype=torch.bfloat16)
                     model(x[:1, :prompt].expand(batch, -1), cache=cache)
-                    set_fused_decode(mode)  # "inductor": each layer's step_core torch.compile'd, then captured
-                    try:
+                    with fused_decode(mode):  # "inductor": each layer's step_core torch.compile'd, then captured
                         steps.append(DecodeStep(model, cache, cuda_graph=use_graph))
-                    finally:
-                        set_fused_decode("off")
                 toks = [x[:1, prompt + i:prompt + i + 1].expand(batch, -1) for i in range(16)]
                 eager = torch.stack([steps[0](t).float() for t in toks])
                 for step, out in ((steps[1], graph), (steps[2], compiled)):

@@ -82,7 +82,7 @@ def test_broadcast_from_copies_state_and_position():
 @pytest.mark.parametrize("mode", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_fused_decode_functions_match_full_forward(tiny, mode, monkeypatch):
     from avengers.inference import kv_cache
-    from avengers.inference.llama_compiled import set_fused_decode
+    from avengers.inference.llama_compiled import fused_decode
 
     calls = []
     real = kv_cache.decode_block
@@ -90,11 +90,24 @@ def test_fused_decode_functions_match_full_forward(tiny, mode, monkeypatch):
     spec, model = tiny
     ids = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     full = model(ids)
-    set_fused_decode(mode)
-    try:
+    with fused_decode(mode):
         cache = model.allocate_cache(2, 24)
         out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 24)]
-    finally:
-        set_fused_decode("off")
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
     assert len(calls) == 8 * spec.config.nlayers
+
+
+def test_fused_decode_context_restores_the_previous_mode():
+    from avengers.inference.llama_compiled import fused_decode, fused_decode_mode, set_fused_decode
+
+    set_fused_decode("eager")
+    try:
+        with pytest.raises(RuntimeError), fused_decode("inductor"):
+            assert fused_decode_mode() == "inductor"
+            raise RuntimeError
+        assert fused_decode_mode() == "eager"
+        with pytest.raises(ValueError, match="fused decode mode"), fused_decode("bogus"):
+            pass
+        assert fused_decode_mode() == "eager"
+    finally:
+        set_fused_decode("off")

@@ -58,7 +58,7 @@ def test_prefill_plus_decode_equals_full_forward(variant):
 def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     """Under the "inductor" decode mode every telescoping layer's step runs one torch.compile'd
     step_core (no recompile per layer) and decodes what the eager step does, through drops."""
-    from avengers.inference.llama_compiled import set_fused_decode
+    from avengers.inference.llama_compiled import fused_decode
     from avengers.models import telescoping
 
     model = _tiny(**VARIANTS[variant])
@@ -72,13 +72,10 @@ def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     outs = {}
     with torch.no_grad():
         for mode in ("off", "inductor"):
-            set_fused_decode(mode)
-            try:
+            with fused_decode(mode):
                 cache = model.allocate_cache(2, 40)
                 outs[mode] = torch.cat([model(x[:, :10], cache=cache)] + [model(x[:, i:i + 1], cache=cache)
                                                                           for i in range(10, 40)], 1)
-            finally:
-                set_fused_decode("off")
     torch.testing.assert_close(outs["inductor"], outs["off"], atol=1e-5, rtol=1e-5)
     assert len(calls) == 30 * 3  # every decode step of every layer went through the compiled core
     assert counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph for the 3 layers and 30 positions

@@ -20,24 +20,21 @@ def triton_device() -> str:
 
 @torch.no_grad()
 def assert_fused_decode_matches_full_forward(model, spec, mode: str, device: str) -> None:
-    """Prefill 16 tokens, then decode 4 one at a time with `set_fused_decode(mode)`: the logits
+    """Prefill 16 tokens, then decode 4 one at a time under `fused_decode(mode)`: the logits
     equal one full forward over all 20."""
     from avengers.inference import llama_compiled
 
     ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(device)
     full = model(ids)
-    llama_compiled.set_fused_decode(mode)
-    try:
+    with llama_compiled.fused_decode(mode):
         cache = model.allocate_cache(2, 20)
         out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 20)]
-    finally:
-        llama_compiled.set_fused_decode("off")
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
 def assert_graph_decode_matches_eager(model, spec, mode: str, device: str) -> None:
-    """8 decode steps with `set_fused_decode(mode)` replayed from a CUDA graph give the per-module
+    """8 decode steps under `fused_decode(mode)` replayed from a CUDA graph give the per-module
     eager path's logits (the kernels keep their order inside the graph)."""
     from avengers.inference import llama_compiled
     from avengers.inference.graphs import DecodeStep
@@ -46,12 +43,9 @@ def assert_graph_decode_matches_eager(model, spec, mode: str, device: str) -> No
     eager_cache = model.allocate_cache(1, 24)
     model(ids[:, :16], cache=eager_cache)
     eager = [model(ids[:, i:i + 1], cache=eager_cache) for i in range(16, 24)]
-    llama_compiled.set_fused_decode(mode)
-    try:
+    with llama_compiled.fused_decode(mode):
         cache = model.allocate_cache(1, 24)
         model(ids[:, :16], cache=cache)
         step = DecodeStep(model, cache, cuda_graph=True)
         replayed = [step(ids[:, i:i + 1]).clone() for i in range(16, 24)]
-    finally:
-        llama_compiled.set_fused_decode("off")
     torch.testing.assert_close(torch.stack(replayed).squeeze(), torch.cat(eager, 1).squeeze(), atol=2e-4, rtol=2e-4)

@@ -12,6 +12,7 @@ kernels of triton_gemv.py, which also fuse the norms, SwiGLU and residual adds i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -36,6 +37,17 @@ def set_fused_decode(mode: str) -> None:
 
 def fused_decode_mode() -> str:
     return _state["mode"]
+
+
+@contextlib.contextmanager
+def fused_decode(mode: str):
+    """set_fused_decode(mode) for the duration of a with-block; the previous mode afterwards."""
+    before = _state["mode"]
+    set_fused_decode(mode)
+    try:
+        yield
+    finally:
+        _state["mode"] = before
 
 
 def is_plain_rms_norm(norm: nn.Module) -> bool:
