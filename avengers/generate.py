@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--cuda_graph", action="store_true", help="replay the decode step from a CUDA graph")
     p.add_argument("--fused_decode", choices=FUSED_DECODE_MODES, default="off",
-                   help="decode-step path (docs/inference.md): inductor = torch.compile'd Llama blocks and "
-                        "telescoping steps; triton = fused Triton GEMVs (CUDA, batch <= 8)")
+                   help="decode-step path (docs/inference.md): inductor = torch.compile'd Llama blocks, "
+                        "telescoping steps and Mamba-2 conv steps; triton = fused Triton GEMVs (CUDA, batch <= 8)")
     p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_ids:

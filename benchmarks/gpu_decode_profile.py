@@ -11,7 +11,9 @@
    items per SM, triton_decode.ITEMS_PER_SM), `_k<n>` (GEMV K tiles of n elements only), and for
    persistent `_t<weights per tile>`, `_w<warps>`, `_g<programs per SM>`, `_d<pipeline stages>`
    and `_s` (a global-timer stamp per program at every phase end: where the kernel's time goes),
-   e.g. persistent_t16384_w8_d4_s. Every mode autotunes the GEMVs anew; rows name the picks.
+   e.g. persistent_t16384_w8_d4_s. Every mode autotunes the GEMVs anew (`--keep_gemv_picks`: the
+   first mode's picks for all, so an A/B of another knob is not moved by the GEMV picks); rows
+   name the picks.
    Reported: CUDA-graph step time vs the weight+cache roofline, and a profile of a few graph
    replays: kernel time and launches per step, so the gap between the kernels' sum and the step
    time (launch/tail cost) is visible.
@@ -125,7 +127,7 @@ def gemv_part(model, batch: int) -> list[dict]:
 
 
 @torch.no_grad()
-def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[dict]:
+def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv_picks: bool = False) -> list[dict]:
     dev = next(model.parameters()).device
     rows = []
     from avengers.inference import gemv_tuning, triton_block, triton_decode
@@ -145,7 +147,8 @@ def step_part(model, spec, context: int, modes: list[str], steps: int) -> list[d
         bk = next((int(f[1:]) for f in flags if f[:1] == "k" and f[1:].isdigit()), None)
         for name, kernel in gemv_kernels.items():
             kernel.configs = [c for c in gemv_configs[name] if bk is None or c.kwargs["BK"] == bk] or gemv_configs[name]
-            kernel.cache.clear()
+            if bk is not None or not keep_gemv_picks:
+                kernel.cache.clear()
         triton_block.STAMPS = None
         if "s" in flags:
             triton_block.STAMPS = torch.zeros(triton_block._programs(dev), 16, dtype=torch.int64, device=dev)
@@ -209,6 +212,7 @@ def main() -> int:
     p.add_argument("--modes", default="off,inductor,triton,triton_pdl,persistent")
     p.add_argument("--batches", default="1", help="batch sizes for the per-GEMV part ('' to skip it)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--keep_gemv_picks", action="store_true", help="autotune the GEMVs once, for the first mode")
     a = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (the Triton kernels' CPU tests are `make test-triton`)")
@@ -223,7 +227,7 @@ def main() -> int:
     with torch.no_grad():
         for b in (int(x) for x in a.batches.split(",") if x):
             results["gemv"] += gemv_part(model, b)
-    results["step"] = step_part(model, spec, a.context, a.modes.split(","), a.steps)
+    results["step"] = step_part(model, spec, a.context, a.modes.split(","), a.steps, a.keep_gemv_picks)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 

@@ -51,3 +51,13 @@ def test_triton_in_cuda_graph_follows_the_device_length():
         graph.replay()
         ref = decode_attention_reference(q.float(), k.float(), v.float(), n)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("batch,kv_heads,buffer_len", [(1, 8, 32832), (1, 8, 1088), (8, 8, 131136), (64, 8, 4096),
+                                                        (1, 1, 200)])
+def test_splits_cover_the_buffer_in_one_wave(batch, kv_heads, buffer_len):
+    from avengers.inference.triton_decode import BLOCK_N, num_splits
+    split, nsplit = num_splits(batch, kv_heads, buffer_len, torch.device(DEVICE))
+    programs = 132 if DEVICE != "cuda" else torch.cuda.get_device_properties(0).multi_processor_count
+    assert split % BLOCK_N == 0 and (nsplit - 1) * split < buffer_len <= nsplit * split
+    assert batch * kv_heads * nsplit <= max(programs, batch * kv_heads)  # one wave unless the batch alone exceeds it

@@ -174,6 +174,35 @@ def test_full_forward_equals_prefill_and_decode(name):
             torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4, msg=f"{name} {splits}")
 
 
+@pytest.mark.slow
+def test_compiled_conv_step_matches_eager_decode(monkeypatch):
+    """Under the "inductor" decode mode each Mamba-2 layer's one-token conv runs one torch.compile'd
+    conv_step (one graph for every layer and step) and decodes what the eager path does."""
+    from torch._dynamo.utils import counters
+
+    from avengers.inference.llama_compiled import fused_decode
+    from avengers.models import mamba
+
+    torch.manual_seed(0)
+    model = get_model_spec("hybrid_tiny").build("cpu").eval()  # Mamba-2 layers beside attention
+    ids = torch.randint(0, 4096, (2, 24))
+    compiled = mamba.compiled_conv_step()
+    graphs_before = counters["stats"]["unique_graphs"]
+    calls = []
+    monkeypatch.setattr(mamba, "compiled_conv_step", lambda: calls.append(1) or compiled)
+    outs = {}
+    with torch.no_grad():
+        for mode in ("off", "inductor"):
+            with fused_decode(mode):
+                cache = model.allocate_cache(2, 24)
+                outs[mode] = torch.cat([model(ids[:, :8], cache=cache)] + [model(ids[:, i:i + 1], cache=cache)
+                                                                           for i in range(8, 24)], 1)
+    torch.testing.assert_close(outs["inductor"], outs["off"], atol=1e-5, rtol=1e-5)
+    mamba_layers = sum(isinstance(layer.mixer, mamba.Mamba2Mixer) for layer in model.backbone.layers)
+    assert mamba_layers and len(calls) == 16 * mamba_layers
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
 def test_cache_layers_and_sizes():
     pure = get_model_spec("mamba2_tiny").build("cpu")
     sizes = {n: pure.allocate_cache(3, n).nbytes() for n in (16, 1024, 65536)}

@@ -343,7 +343,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="Llama-block decode steps through fused functions: torch.compile'd (inductor), Triton "
                         "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8), or one "
                         "persistent Triton kernel per block (persistent, batch <= 8)")
-    p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor (Llama blocks and telescoping steps torch.compile'd)")
+    p.add_argument("--compile", action="store_true",
+                   help="same as --fused_decode inductor (Llama blocks, telescoping steps and Mamba-2 conv steps "
+                        "torch.compile'd)")
     p.add_argument("--tune_gemv", action="store_true",
                    help="with --fused_decode triton on CUDA: choose the GEMV tiles by whole decode-step time first")
     p.add_argument("--no_pdl", action="store_true",

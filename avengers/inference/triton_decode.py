@@ -5,7 +5,9 @@ device tensor, so the call can be captured in a CUDA graph. Pass 1: program (b, 
 streams its slice of keys/values once for all H/H_kv query heads of the group (rows of one
 tl.dot, padded to 16) and writes an unnormalised partial output with its running max and sum.
 Pass 2: program (b, query head) merges the splits. Splits past the valid length do no work.
-Key tile size, warps and pipeline depth of pass 1 are autotuned per split length on a GPU.
+Key tile size, warps and pipeline depth of pass 1 are autotuned per split length on a GPU. The
+splits aim at one wave of pass-1 programs: a ragged second wave cost up to 15% at 32k context
+(benchmarks/gpu_decode_attention.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from avengers.inference.triton_pdl import pdl_kwargs
 
 BLOCK_N = 64  # split lengths are whole multiples of this
 MAX_SPLITS = 64
-ITEMS_PER_SM = 4  # (sequence, kv head, split) items per SM that num_splits aims for (2 vs 4: docs/benchmarks.md)
+ITEMS_PER_SM = 1  # (sequence, kv head, split) items per SM that num_splits fills at most (docs/benchmarks.md)
 
 
 def _partial_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK": BLOCK_N}, num_warps=4)]
-    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((64, 4), (64, 8), (128, 4), (128, 8), (256, 8))]
+    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s)
+            for b, w, s in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3))]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -139,10 +142,10 @@ def sm_count(device: torch.device) -> int:
 
 def num_splits(batch: int, kv_heads: int, buffer_len: int, device: torch.device,
                programs: int | None = None) -> tuple[int, int]:
-    """(split length, number of splits): about `programs` (default ITEMS_PER_SM per SM) (sequence,
-    kv head, split) items, whole BLOCK_N tiles per split."""
+    """(split length, number of splits): at most `programs` (default ITEMS_PER_SM per SM) (sequence,
+    kv head, split) items where the batch allows, whole BLOCK_N tiles per split."""
     programs = programs or ITEMS_PER_SM * sm_count(device)
-    want = max(1, min(MAX_SPLITS, -(-programs // (batch * kv_heads))))
+    want = max(1, min(MAX_SPLITS, programs // (batch * kv_heads)))
     split = -(-buffer_len // want)
     split = -(-split // BLOCK_N) * BLOCK_N
     return split, -(-buffer_len // split)

@@ -9,6 +9,7 @@ Hybrid attention layers are mamba_ssm's MHA parameters run through torch SDPA wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
+from avengers.inference.llama_compiled import fused_decode_mode
 from avengers.models.mamba_kernels import KERNEL_MODES, REFERENCE, Kernels, select_kernels
 from avengers.models.registry import ModelSpec, register
 from avengers.models.rope import apply_rotary, rotary_cos_sin
@@ -234,6 +236,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
 
+def conv_step(conv_state: torch.Tensor, xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              A_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's elementwise work before the SSM update: the conv window conv_state [B, C, W]
+    shifted by the token's xBC [B, 1, C] (in place), its depthwise dot with weight [C, 1, W] + bias,
+    SiLU -> [B, 1, C]; and A = -exp(A_log). Plain torch, so one torch.compile fuses it for all layers."""
+    conv_state.copy_(torch.cat([conv_state[..., 1:], xBC.transpose(1, 2).to(conv_state.dtype)], dim=-1))
+    out = (conv_state * weight.squeeze(1)).sum(-1) + bias
+    return F.silu(out).to(xBC.dtype).unsqueeze(1), -torch.exp(A_log.float())
+
+
+@functools.cache
+def compiled_conv_step():
+    """conv_step through torch.compile, under llama_compiled's "inductor" decode mode (bench --compile)."""
+    return torch.compile(conv_step, fullgraph=True)
+
+
 class Mamba2Mixer(nn.Module):
     """mamba_ssm's Mamba2 parameters: in_proj -> [z, xBC, dt]; conv1d; SSD; gated RMSNorm; out_proj."""
 
@@ -271,15 +289,15 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b, T, _ = u.shape
         z, xBC, dt = torch.split(self.in_proj(u), [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        if state is None:
-            xBC = k.causal_conv(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, True).transpose(1, 2)
-        elif T > 1:
-            xBC = _conv_with_state(xBC, state.conv, self.conv1d.weight, self.conv1d.bias, silu=True)
-        else:  # one token: shift the window, dot with the kernel
-            state.conv.copy_(torch.cat([state.conv[..., 1:], xBC.transpose(1, 2).to(state.conv.dtype)], dim=-1))
-            xBC = (state.conv * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias
-            xBC = F.silu(xBC).to(z.dtype).unsqueeze(1)
+        if state is not None and T == 1:  # one token: shift the window, dot with the kernel
+            step = compiled_conv_step() if fused_decode_mode() == "inductor" else conv_step
+            xBC, A = step(state.conv, xBC, self.conv1d.weight, self.conv1d.bias, self.A_log)
+        else:
+            A = -torch.exp(self.A_log.float())
+            if state is None:
+                xBC = k.causal_conv(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, True).transpose(1, 2)
+            else:
+                xBC = _conv_with_state(xBC, state.conv, self.conv1d.weight, self.conv1d.bias, silu=True)
         x, B, C = torch.split(xBC, [cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
         x = x.reshape(b, T, cfg.nheads, cfg.headdim)
         B, C = B.reshape(b, T, cfg.ngroups, cfg.d_state), C.reshape(b, T, cfg.ngroups, cfg.d_state)
