@@ -47,17 +47,28 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr, WDT: tl.constexpr):
-    """[BB, BK] fp32 tile of the input rows, RMS-normalised (and rounded to the weights' dtype, as
-    torch rounds rms_norm's output before the matmul) when NORM."""
+def x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr):
+    """[BB, BK] fp32 tile of the input rows, and that tile times the norm weight when NORM (else
+    the tile again)."""
     ks = k0 + tl.arange(0, BK)
     k_ok = ks < K
     # .cg: in the persistent block kernel X was just written by other programs (read past L1)
-    x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+    x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0,
+                cache_modifier=".cg").to(tl.float32)
+    gx = x
     if NORM:
-        g = tl.load(NormW + ks, mask=k_ok, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) * rstd[:, None] * g[None, :]).to(WDT)
-    return x.to(tl.float32)
+        gx = x * tl.load(NormW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    return x, gx
+
+
+@triton.jit
+def x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr, WDT: tl.constexpr):
+    """[BB, BK] fp32 tile of the input rows, RMS-normalised (and rounded to the weights' dtype, as
+    torch rounds rms_norm's output before the matmul) when NORM."""
+    x, gx = x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM, BK)
+    if NORM:
+        x = (gx * rstd[:, None]).to(WDT).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -65,7 +76,10 @@ def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
               NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
     """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
     up rows N below them when SWIGLU: returned second, else the first again), and the residual
-    rows when RESIDUAL (read right after the wait, so that their latency overlaps the products)."""
+    rows when RESIDUAL (read right after the wait, so that their latency overlaps the products).
+    With NORM the rows' sums of squares are gathered in the product loop and their RMS scale
+    applied to the products at the end (rmsnorm(x) @ W^T = rstd * ((x * g) @ W^T)): the input
+    row is read once, not once for its RMS and again for the products."""
     # The first weight tile is loaded before waiting for the previous kernel: weights are never
     # written during decode, while X (a previous kernel's output) is read only after.
     ks = tl.arange(0, BK)
@@ -82,27 +96,26 @@ def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
     if RESIDUAL:
         om = b_ok[:, None] & r_ok[None, :]
         res = tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0, cache_modifier=".cg").to(tl.float32)
-    rstd = tl.full(bs.shape, 1.0, tl.float32)
-    if NORM:  # rms of every sequence's input row (re-read by each program; it is small)
-        ss = tl.zeros(bs.shape, tl.float32)
-        for k0 in range(0, K, BK):
-            x = x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, False, BK, W.dtype.element_ty)
-            ss += tl.sum(x * x, 1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-    x = x_tile(X, NormW, rstd, bs, b_ok, 0, K, sxb, NORM, BK, W.dtype.element_ty)
-    acc = tl.sum(x[:, None, :] * w_first.to(tl.float32)[None, :, :], 2)
+    x, gx = x_parts(X, NormW, bs, b_ok, 0, K, sxb, NORM, BK)
+    ss = tl.sum(x * x, 1)
+    acc = tl.sum(gx[:, None, :] * w_first.to(tl.float32)[None, :, :], 2)
     acc_up = acc
     if SWIGLU:
-        acc_up = tl.sum(x[:, None, :] * u_first.to(tl.float32)[None, :, :], 2)
+        acc_up = tl.sum(gx[:, None, :] * u_first.to(tl.float32)[None, :, :], 2)
     for k0 in range(BK, K, BK):
         ks = k0 + tl.arange(0, BK)
-        x = x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM, BK, W.dtype.element_ty)
+        x, gx = x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM, BK)
+        ss += tl.sum(x * x, 1)
         wm = r_ok[:, None] & (ks < K)[None, :]
         w = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        acc += tl.sum(gx[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         if SWIGLU:
             u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
-            acc_up += tl.sum(x[:, None, :] * u.to(tl.float32)[None, :, :], 2)
+            acc_up += tl.sum(gx[:, None, :] * u.to(tl.float32)[None, :, :], 2)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc *= rstd[:, None]
+        acc_up *= rstd[:, None]
     if GDC:  # programmatic dependent launch (triton_pdl.py): this program's weight reads are issued,
         tl.extra.cuda.gdc_launch_dependents()  # so the next kernel may start loading its own
     return acc, acc_up, res
