@@ -53,11 +53,18 @@ def test_triton_in_cuda_graph_follows_the_device_length():
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("batch,kv_heads,buffer_len", [(1, 8, 32832), (1, 8, 1088), (8, 8, 131136), (64, 8, 4096),
-                                                        (1, 1, 200)])
-def test_splits_cover_the_buffer_in_one_wave(batch, kv_heads, buffer_len):
-    from avengers.inference.triton_decode import BLOCK_N, num_splits
-    split, nsplit = num_splits(batch, kv_heads, buffer_len, torch.device(DEVICE))
+@pytest.mark.parametrize("batch,kv_heads,buffer_len", [(1, 8, 32832), (1, 8, 1088), (8, 8, 131136), (39, 8, 32832),
+                                                        (64, 8, 4096), (1, 1, 200)])
+def test_splits_cover_the_buffer_and_fill_their_waves(batch, kv_heads, buffer_len):
+    from avengers.inference.triton_decode import BLOCK_N, MAX_SPLITS, _splits, num_splits
     programs = 132 if DEVICE != "cuda" else torch.cuda.get_device_properties(0).multi_processor_count
-    assert split % BLOCK_N == 0 and (nsplit - 1) * split < buffer_len <= nsplit * split
-    assert batch * kv_heads * nsplit <= max(programs, batch * kv_heads)  # one wave unless the batch alone exceeds it
+    split, nsplit = num_splits(batch, kv_heads, buffer_len, torch.device(DEVICE))
+    assert split % BLOCK_N == 0 and (nsplit - 1) * split < buffer_len <= nsplit * split and nsplit <= MAX_SPLITS
+
+    def slot_work(n_split: int, split_len: int) -> int:  # keys per program slot, as the heaviest SM streams them
+        return -(-batch * kv_heads * n_split // programs) * split_len
+
+    assert slot_work(nsplit, split) <= slot_work(1, -(-buffer_len // BLOCK_N) * BLOCK_N)  # no worse than no splits
+    if batch * kv_heads * 2 <= programs and buffer_len >= 16 * 1024:  # a long cache, few heads: one wave of splits
+        assert batch * kv_heads * nsplit <= programs and 2 * batch * kv_heads * nsplit > programs
+    assert _splits(batch * kv_heads, buffer_len, programs) == (split, nsplit)

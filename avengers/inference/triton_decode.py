@@ -6,9 +6,9 @@ streams its slice of keys/values once for all H/H_kv query heads of the group (r
 tl.dot, padded to 16) and writes an unnormalised partial output with its running max and sum.
 Pass 2: program (b, query head) merges the splits. Splits past the valid length do no work.
 Key tile size, warps and pipeline depth of pass 1 are autotuned per split length on a GPU. The
-splits fill at most one wave of pass-1 programs: with that and a choice of pipeline depth the
-kernel alone went from 44.0 to 37.1 us per layer at 32k context on an H200
-(benchmarks/gpu_decode_attention.py, docs/benchmarks.md).
+split count fills the waves of pass-1 programs best (num_splits): with one wave at batch 1 and a
+choice of pipeline depth the kernel alone went from 44.0 to 37.1 us per layer at 32k context on
+an H200 (benchmarks/gpu_decode_attention.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from avengers.inference.triton_pdl import pdl_kwargs
 
 BLOCK_N = 64  # split lengths are whole multiples of this
 MAX_SPLITS = 64
-ITEMS_PER_SM = 1  # (sequence, kv head, split) items per SM that num_splits fills at most (docs/benchmarks.md)
+ITEMS_PER_SM = 1  # pass-1 programs per SM that num_splits counts as running at once (docs/benchmarks.md)
 
 
 def _partial_configs() -> list[triton.Config]:
@@ -143,13 +143,28 @@ def sm_count(device: torch.device) -> int:
 
 def num_splits(batch: int, kv_heads: int, buffer_len: int, device: torch.device,
                programs: int | None = None) -> tuple[int, int]:
-    """(split length, number of splits): at most `programs` (default ITEMS_PER_SM per SM) (sequence,
-    kv head, split) items where the batch allows, whole BLOCK_N tiles per split."""
-    programs = programs or ITEMS_PER_SM * sm_count(device)
-    want = max(1, min(MAX_SPLITS, programs // (batch * kv_heads)))
-    split = -(-buffer_len // want)
-    split = -(-split // BLOCK_N) * BLOCK_N
-    return split, -(-buffer_len // split)
+    """(split length, number of splits) for `programs` (default ITEMS_PER_SM per SM) programs at a
+    time: pass-1 programs all do equal work, so a last wave that is only partly full is idle time.
+    Of 1..MAX_SPLITS splits (whole BLOCK_N tiles each), the fewest whose per-slot work,
+    ceil(items / programs) * (split + BLOCK_N) for items = batch * kv_heads * splits, is within 2%
+    of the least: one wave of 16 splits at batch 1 with 8 kv heads on 132 SMs, and at large
+    batches the split count whose waves come out fullest."""
+    return _splits(batch * kv_heads, buffer_len, programs or ITEMS_PER_SM * sm_count(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _splits(items: int, buffer_len: int, programs: int) -> tuple[int, int]:
+    options = []
+    for want in range(1, MAX_SPLITS + 1):
+        split = -(-buffer_len // want)
+        split = -(-split // BLOCK_N) * BLOCK_N
+        n = -(-buffer_len // split)
+        cost = -(-items * n // programs) * (split + BLOCK_N)  # + BLOCK_N: a program's fixed cost, ~one tile
+        options.append((n, split, cost))
+    least = min(cost for _, _, cost in options)
+    # the fewest splits within 2% of the least work: more splits cost merge work the model leaves out
+    n, split, _ = min(o for o in options if o[2] <= 1.02 * least)
+    return split, n
 
 
 def supported(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
