@@ -1,8 +1,8 @@
 """How close the batch-1 split-K decode attention gets to the cache read floor (issue 6, 32k target).
 
-    python benchmarks/gpu_decode_attention.py --out DIR [--variant llama3_1.8b] [--contexts 1k,32k,128k]
+    python benchmarks/gpu_decode_attention.py --out DIR [--variant llama3_1.8b] [--contexts 1k,32k,128k] [--batch 1]
 
-For each context: every layer's K/V cache of the variant at batch 1 attended once per layer, the
+For each context: every layer's K/V cache of the variant at `--batch` attended once per layer, the
 layers' calls back to back in one CUDA graph (as in the decode step), timed for
 1. the default path (`decode_attention_triton`: splits from triton_decode.num_splits, pass 1
    autotuned), split pass and merge;
@@ -59,23 +59,23 @@ def attention_call(q, k, v, length, nsplit: int, block: int, warps: int, stages:
     return {"partial": partial, "merge": merge, "out": out, "nsplit": nsplit, "split": split}
 
 
-def context_part(cfg, context: int, layers: int, sms: int, args) -> dict:
+def context_part(cfg, context: int, batch: int, layers: int, sms: int, args) -> dict:
     head_dim = cfg.emb_dim // cfg.nheads
     kvh = cfg.kvheads or cfg.nheads
     S = context + 64  # the bench's buffer: context plus decode steps
-    kv = [(torch.randn(1, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16),
-           torch.randn(1, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16)) for _ in range(layers)]
-    q = torch.randn(1, cfg.nheads, head_dim, device="cuda", dtype=torch.bfloat16)
+    kv = [(torch.randn(batch, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16),
+           torch.randn(batch, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16)) for _ in range(layers)]
+    q = torch.randn(batch, cfg.nheads, head_dim, device="cuda", dtype=torch.bfloat16)
     length = torch.tensor(context, device="cuda")
-    cache_bytes = 2 * 2 * kvh * context * head_dim  # K and V read per layer
+    cache_bytes = 2 * 2 * batch * kvh * context * head_dim  # K and V read per layer
     ref = td.decode_attention_triton(q, *kv[0], length).float()
 
     def tbs(us: float) -> float:
         return round(cache_bytes / us / 1e6, 3)
 
     default_us = _graph_us([lambda k=k, v=v: td.decode_attention_triton(q, k, v, length) for k, v in kv])
-    split, nsplit = td.num_splits(1, kvh, S, q.device)
-    res = {"context": context, "layers": layers, "cache_MB_per_layer": round(cache_bytes / 1e6, 2),
+    split, nsplit = td.num_splits(batch, kvh, S, q.device)
+    res = {"context": context, "batch": batch, "layers": layers, "cache_MB_per_layer": round(cache_bytes / 1e6, 2),
            "roofline_us": round(cache_bytes / 4.8e6, 2),
            "default": {"nsplit": nsplit, "split": split, "us": round(default_us, 2), "TBs": tbs(default_us)}}
     print(json.dumps(res), flush=True)
@@ -117,6 +117,7 @@ def main() -> int:
     p.add_argument("--out", default="decode_attention")
     p.add_argument("--variant", default="llama3_1.8b")
     p.add_argument("--contexts", default="1k,32k,128k")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--splits", default="16,32,64,128,256")
     p.add_argument("--blocks", default="32,64,128,256")
     p.add_argument("--warps", default="4,8")
@@ -130,8 +131,9 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(), "variant": a.variant, "contexts": []}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     for ctx in (parse_size(c) for c in a.contexts.split(",")):
-        layers = cfg.nlayers if ctx <= 32768 else 8  # past 32k a few layers already far exceed the L2
-        results["contexts"].append(context_part(cfg, ctx, layers, sms, a))
+        layer_bytes = a.batch * 2 * (cfg.kvheads or cfg.nheads) * (ctx + 64) * (cfg.emb_dim // cfg.nheads) * 2
+        layers = max(2, min(cfg.nlayers, (16 << 30) // layer_bytes))  # a few layers past 32k or a large batch far exceed the L2
+        results["contexts"].append(context_part(cfg, ctx, a.batch, layers, sms, a))
         (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
