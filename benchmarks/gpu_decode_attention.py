@@ -93,8 +93,9 @@ def context_part(cfg, context: int, batch: int, layers: int, sms: int, args) -> 
         torch.cuda.synchronize()
         part_us = _graph_us([c["partial"] for c in calls])
         both_us = _graph_us([f for c in calls for f in (c["partial"], c["merge"])]) * 2
-        row = {"nsplit": calls[0]["nsplit"], "split": calls[0]["split"], "block": block, "warps": warps, "stages": stages,
-               "partial_us": round(part_us, 2), "partial_TBs": tbs(part_us), "us": round(both_us, 2), "TBs": tbs(both_us)}
+        row = {"nsplit": calls[0]["nsplit"], "split": calls[0]["split"], "block": block, "warps": warps,
+               "stages": stages, "partial_us": round(part_us, 2), "partial_TBs": tbs(part_us),
+               "us": round(both_us, 2), "TBs": tbs(both_us)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     res["sweep"] = rows
@@ -105,8 +106,9 @@ def context_part(cfg, context: int, batch: int, layers: int, sms: int, args) -> 
     res["best"] = best
     res["best_vs_default_max_abs_diff"] = float((check["out"].float() - ref).abs().max())
     res["read_floor"] = {k: v for k, v in sweep(f"kv@{context}", cache_bytes // 2, sms).items() if k != "all"}
-    print(json.dumps({"context": context, "best": best, "default_us": res["default"]["us"],
-                      "floor_us": res["read_floor"]["best"]["us"], "diff": res["best_vs_default_max_abs_diff"]}), flush=True)
+    summary = {"context": context, "best": best, "default_us": res["default"]["us"],
+               "floor_us": res["read_floor"]["best"]["us"], "diff": res["best_vs_default_max_abs_diff"]}
+    print(json.dumps(summary), flush=True)
     del kv
     torch.cuda.empty_cache()
     return res
@@ -132,7 +134,8 @@ def main() -> int:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     for ctx in (parse_size(c) for c in a.contexts.split(",")):
         layer_bytes = a.batch * 2 * (cfg.kvheads or cfg.nheads) * (ctx + 64) * (cfg.emb_dim // cfg.nheads) * 2
-        layers = max(2, min(cfg.nlayers, (16 << 30) // layer_bytes))  # a few layers past 32k or a large batch far exceed the L2
+        # past 32k or at a large batch a few layers already far exceed the L2: at most 16 GiB of caches
+        layers = max(2, min(cfg.nlayers, (16 << 30) // layer_bytes))
         results["contexts"].append(context_part(cfg, ctx, a.batch, layers, sms, a))
         (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
     return 0

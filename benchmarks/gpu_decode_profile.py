@@ -8,8 +8,8 @@
    PDL, as microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write.
 2. The whole decode step at `--context` for every mode: a fused-decode mode (off, inductor,
    triton, persistent) with options `_pdl` (PDL, triton_pdl.py), `_a<n>` (attention split
-   programs per SM that the split count plans for, triton_decode.ITEMS_PER_SM), `_k<n>` (GEMV K tiles of n elements only), and for
-   persistent `_t<weights per tile>`, `_w<warps>`, `_g<programs per SM>`, `_d<pipeline stages>`
+   programs per SM that the split count plans for, triton_decode.ITEMS_PER_SM), `_k<n>` (GEMV K
+   tiles of n elements only), and for persistent `_t<weights per tile>`, `_w<warps>`, `_g<programs per SM>`, `_d<pipeline stages>`
    and `_s` (a global-timer stamp per program at every phase end: where the kernel's time goes),
    e.g. persistent_t16384_w8_d4_s. Every mode autotunes the GEMVs anew (`--keep_gemv_picks`: the
    first mode's picks for all, so an A/B of another knob is not moved by the GEMV picks); rows

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from decode_helpers import decode_logits, track_compiled
 
 from avengers.inference.kv_cache import KVState
 from avengers.models import get_model_spec, list_variants
@@ -178,29 +179,17 @@ def test_full_forward_equals_prefill_and_decode(name):
 def test_compiled_conv_step_matches_eager_decode(monkeypatch):
     """Under the "inductor" decode mode each Mamba-2 layer's one-token conv runs one torch.compile'd
     conv_step (one graph for every layer and step) and decodes what the eager path does."""
-    from torch._dynamo.utils import counters
-
-    from avengers.inference.llama_compiled import fused_decode
     from avengers.models import mamba
 
     torch.manual_seed(0)
     model = get_model_spec("hybrid_tiny").build("cpu").eval()  # Mamba-2 layers beside attention
     ids = torch.randint(0, 4096, (2, 24))
-    compiled = mamba.compiled_conv_step()
-    graphs_before = counters["stats"]["unique_graphs"]
-    calls = []
-    monkeypatch.setattr(mamba, "compiled_conv_step", lambda: calls.append(1) or compiled)
-    outs = {}
-    with torch.no_grad():
-        for mode in ("off", "inductor"):
-            with fused_decode(mode):
-                cache = model.allocate_cache(2, 24)
-                outs[mode] = torch.cat([model(ids[:, :8], cache=cache)] + [model(ids[:, i:i + 1], cache=cache)
-                                                                           for i in range(8, 24)], 1)
+    calls, new_graphs = track_compiled(monkeypatch, mamba, "compiled_conv_step")
+    outs = {mode: decode_logits(model, ids, 8, mode) for mode in ("off", "inductor")}
     torch.testing.assert_close(outs["inductor"], outs["off"], atol=1e-5, rtol=1e-5)
     mamba_layers = sum(isinstance(layer.mixer, mamba.Mamba2Mixer) for layer in model.backbone.layers)
     assert mamba_layers and len(calls) == 16 * mamba_layers
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert new_graphs() == 1
 
 
 def test_cache_layers_and_sizes():

@@ -223,7 +223,7 @@ def _recurrent(q, k, v, w, opts, k_gain=None, v_gain=None):
     outs = []
     for t in range(n):
         state.push(k[:, t], v[:, t], w[:, t], merge_slot(t, opts.fmap))
-        outs.append(slot_attention(q[:, t], state, opts, k_gain, v_gain))
+        outs.append(slot_attention(q[:, t], state.k, state.v, state.log_mass, opts, k_gain, v_gain))
     return torch.stack(outs, 1), state
 
 
@@ -386,7 +386,7 @@ def test_table_driven_step_equals_reference_push(C, fmap):
     tables = step_tables(C, fmap, torch.device("cpu"))
     for t in range(n):
         ref.push(k[:, t], v[:, t], w[:, t], merge_slot(t, fmap))
-        push_at(fast, k[:, t], v[:, t], w[:, t], torch.tensor(t), tables)
+        push_at(fast.k, fast.v, fast.log_mass, k[:, t], v[:, t], w[:, t], torch.tensor(t), tables)
         for a, b in ((ref.k, fast.k), (ref.v, fast.v), (ref.log_mass, fast.log_mass)):
             torch.testing.assert_close(b, a, atol=1e-12, rtol=0)  # SIMD vs scalar exp: ulps differ
 
@@ -405,5 +405,5 @@ def test_prefill_state_then_recurrent_equals_parallel_fp64(P):
     tail = []
     for t in range(P, n):
         state.push(k[:, t], v[:, t], w[:, t], merge_slot(t, C8))
-        tail.append(slot_attention(q[:, t], state, opts, *gains))
+        tail.append(slot_attention(q[:, t], state.k, state.v, state.log_mass, opts, *gains))
     torch.testing.assert_close(torch.cat([head, torch.stack(tail, 1)], 1), full, atol=1e-10, rtol=0)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from decode_helpers import decode_logits, track_compiled
 from fms.models.llama import LLaMABlock
 
 from avengers.inference.kv_cache import KVState
@@ -58,27 +59,15 @@ def test_prefill_plus_decode_equals_full_forward(variant):
 def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     """Under the "inductor" decode mode every telescoping layer's step runs one torch.compile'd
     step_core (no recompile per layer) and decodes what the eager step does, through drops."""
-    from avengers.inference.llama_compiled import fused_decode
     from avengers.models import telescoping
 
     model = _tiny(**VARIANTS[variant])
     x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(3))
-    from torch._dynamo.utils import counters
-
-    compiled = telescoping.compiled_step_core()
-    graphs_before = counters["stats"]["unique_graphs"]
-    calls = []
-    monkeypatch.setattr(telescoping, "compiled_step_core", lambda: calls.append(1) or compiled)
-    outs = {}
-    with torch.no_grad():
-        for mode in ("off", "inductor"):
-            with fused_decode(mode):
-                cache = model.allocate_cache(2, 40)
-                outs[mode] = torch.cat([model(x[:, :10], cache=cache)] + [model(x[:, i:i + 1], cache=cache)
-                                                                          for i in range(10, 40)], 1)
+    calls, new_graphs = track_compiled(monkeypatch, telescoping, "compiled_step_core")
+    outs = {mode: decode_logits(model, x, 10, mode) for mode in ("off", "inductor")}
     torch.testing.assert_close(outs["inductor"], outs["off"], atol=1e-5, rtol=1e-5)
     assert len(calls) == 30 * 3  # every decode step of every layer went through the compiled core
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph for the 3 layers and 30 positions
+    assert new_graphs() == 1  # one graph for the 3 layers and 30 positions
 
 
 @pytest.mark.slow
@@ -87,20 +76,12 @@ def test_compiled_decode_step_in_bf16_is_as_accurate_as_eager():
     fp32), so the two differ by more than in fp32; both must stay as close to the fp32 decode."""
     import copy
 
-    from avengers.inference.llama_compiled import fused_decode
-
     model32 = _tiny()
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(4))
-
-    def decode(model, mode):
-        with torch.no_grad(), fused_decode(mode):
-            cache = model.allocate_cache(2, 40, dtype=next(model.parameters()).dtype)
-            return torch.cat([model(x[:, :10], cache=cache)] + [model(x[:, i:i + 1], cache=cache)
-                                                                 for i in range(10, 40)], 1).float()
-
-    ref = decode(model32, "off")
-    err = {mode: float((decode(model16, mode) - ref).abs().amax() / ref.abs().amax()) for mode in ("off", "inductor")}
+    ref = decode_logits(model32, x, 10).float()
+    err = {mode: float((decode_logits(model16, x, 10, mode, torch.bfloat16).float() - ref).abs().amax()
+                       / ref.abs().amax()) for mode in ("off", "inductor")}
     assert 0 < err["off"] < 0.05, err  # bf16 rounding, not a broken step
     assert err["inductor"] <= 1.25 * err["off"], err
 

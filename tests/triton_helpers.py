@@ -22,14 +22,10 @@ def triton_device() -> str:
 def assert_fused_decode_matches_full_forward(model, spec, mode: str, device: str) -> None:
     """Prefill 16 tokens, then decode 4 one at a time under `fused_decode(mode)`: the logits
     equal one full forward over all 20."""
-    from avengers.inference import llama_compiled
+    from decode_helpers import decode_logits
 
     ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(device)
-    full = model(ids)
-    with llama_compiled.fused_decode(mode):
-        cache = model.allocate_cache(2, 20)
-        out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 20)]
-    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_logits(model, ids, 16, mode), model(ids), atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
         om = b_ok[:, None] & r_ok[None, :]
         res = tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0, cache_modifier=".cg").to(tl.float32)
     x, gx = x_parts(X, NormW, bs, b_ok, 0, K, sxb, NORM, BK)
-    ss = tl.sum(x * x, 1)
+    ss = tl.sum(x * x, 1) if NORM else tl.zeros(bs.shape, tl.float32)
     acc = tl.sum(gx[:, None, :] * w_first.to(tl.float32)[None, :, :], 2)
     acc_up = acc
     if SWIGLU:
@@ -105,7 +105,8 @@ def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
     for k0 in range(BK, K, BK):
         ks = k0 + tl.arange(0, BK)
         x, gx = x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM, BK)
-        ss += tl.sum(x * x, 1)
+        if NORM:
+            ss += tl.sum(x * x, 1)
         wm = r_ok[:, None] & (ks < K)[None, :]
         w = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
         acc += tl.sum(gx[:, None, :] * w.to(tl.float32)[None, :, :], 2)

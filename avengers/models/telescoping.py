@@ -465,15 +465,10 @@ def step_tables(cache_size: int, fmap: tuple[int, ...], device: torch.device) ->
     return _STEP_TABLES[key]
 
 
-def push_at(state: TelescopingState, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+def push_at(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
             position: torch.Tensor, tables: StepTables) -> None:
-    """TelescopingState.push for the step at a device-side position (no host sync, graph-safe)."""
-    _push(state.k, state.v, state.log_mass, k, v, w, position, tables)
-
-
-def _push(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-          position: torch.Tensor, tables: StepTables) -> None:
-    """push_at on a state's tensors (slot means K, V and log-masses W, updated in place)."""
+    """TelescopingState.push on a state's slot means K, V and log-masses W (updated in place) for
+    the step at a device-side position (no host sync, graph-safe)."""
     a = tables.action(position)
     src_a, src_b = tables.src_a.index_select(0, a)[0], tables.src_b.index_select(0, a)[0]
     merge = tables.merge.index_select(0, a)[0]
@@ -490,15 +485,10 @@ def _push(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, k: torch.Tensor, v:
     W.copy_(torch.where(merge, fused_w, wa))
 
 
-def slot_attention(q: torch.Tensor, state: TelescopingState, opts: TeleOptions,
+def slot_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_mass: torch.Tensor, opts: TeleOptions,
                    k_gain: torch.Tensor | None = None, v_gain: torch.Tensor | None = None) -> torch.Tensor:
-    """Recurrent read-out for one query per sequence: q [B, H, d] over the C slots -> [B, H, d]."""
-    return _read(q, state.k, state.v, state.log_mass, opts, k_gain, v_gain)
-
-
-def _read(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_mass: torch.Tensor, opts: TeleOptions,
-          k_gain: torch.Tensor | None, v_gain: torch.Tensor | None) -> torch.Tensor:
-    """slot_attention on a state's tensors."""
+    """Recurrent read-out for one query per sequence: q [B, H, d] over a state's C slots (means K,
+    V, log-masses log_mass) -> [B, H, d]."""
     B, H, d = q.shape
     Hkv = K.shape[1]
     if opts.kv_norm:
@@ -522,8 +512,8 @@ def step_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor
     q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
     if w is None:
         w = wisq_gate(q, k)
-    _push(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
-    return _read(q[:, 0].to(v.dtype), K, V, W, opts, k_gain, v_gain)
+    push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    return slot_attention(q[:, 0].to(v.dtype), K, V, W, opts, k_gain, v_gain)
 
 
 @functools.cache

@@ -1,0 +1,31 @@
+"""Decode-path test helpers shared by the model families' tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def decode_logits(model, ids: torch.Tensor, prefill: int, mode: str = "off", dtype=None) -> torch.Tensor:
+    """Prefill ids[:, :prefill] into a fresh cache (of `dtype`, default the model's), then decode
+    the rest one token at a time, all under llama_compiled.fused_decode(mode): every call's logits
+    concatenated along time, [B, T, V], comparable with one full forward over ids."""
+    from avengers.inference.llama_compiled import fused_decode
+
+    B, T = ids.shape
+    with fused_decode(mode):
+        cache = model.allocate_cache(B, T, dtype=dtype) if dtype is not None else model.allocate_cache(B, T)
+        return torch.cat([model(ids[:, :prefill], cache=cache)]
+                         + [model(ids[:, i:i + 1], cache=cache) for i in range(prefill, T)], 1)
+
+
+def track_compiled(monkeypatch, module, name: str):
+    """Count calls of module.<name>() (a cached torch.compile'd function) from here on: returns the
+    list of calls and a function giving the number of graphs dynamo has built since."""
+    from torch._dynamo.utils import counters
+
+    compiled = getattr(module, name)()
+    before = counters["stats"]["unique_graphs"]
+    calls = []
+    monkeypatch.setattr(module, name, lambda: calls.append(1) or compiled)
+    return calls, lambda: counters["stats"]["unique_graphs"] - before
