@@ -96,3 +96,21 @@ def test_triton_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, pdl)
         assert_graph_decode_matches_eager(model, spec, "triton", DEVICE)
     finally:
         set_pdl(True)  # the default
+
+
+def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
+    """Pure Mamba-2 models under the "triton" decode mode: norm + in_proj and out_proj + residual
+    as Triton GEMVs around each mixer's core, the final norm + LM head as one GEMV."""
+    from triton_helpers import assert_fused_decode_matches_full_forward
+
+    from avengers.models import mamba
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("mamba2_tiny")
+    torch.manual_seed(0)
+    model = spec.build(DEVICE).eval()
+    steps = []
+    real = mamba.MambaLM._triton_decode
+    monkeypatch.setattr(mamba.MambaLM, "_triton_decode", lambda self, *a: steps.append(1) or real(self, *a))
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE)
+    assert len(steps) == 4  # every decode step took the GEMV path

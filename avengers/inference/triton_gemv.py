@@ -197,16 +197,16 @@ def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+         residual: torch.Tensor | None = None, swiglu: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [B, K] (B <= MAX_BATCH, unit last stride) @ weight[N', K]^T with the optional fusions:
     rmsnorm(x) * norm_weight first; swiglu: weight is [gate; up] (N' = 2N), output silu(gate) * up;
-    residual [B, N] added last. Returns [B, N] in x's dtype."""
+    residual [B, N] added last. Returns [B, N] in out_dtype (default x's dtype)."""
     B, K = x.shape
     if not 1 <= B <= MAX_BATCH or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != K:
         raise ValueError(f"gemv needs x [B <= {MAX_BATCH}, K] with unit last stride and a contiguous weight [N, K]; "
                          f"got x {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}")
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    out = torch.empty(B, N, device=x.device, dtype=x.dtype)
+    out = torch.empty(B, N, device=x.device, dtype=out_dtype or x.dtype)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{B}, {N}] with unit last stride, got {tuple(residual.shape)}")
     _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](

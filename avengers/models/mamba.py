@@ -286,11 +286,16 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u: torch.Tensor, k: Kernels, state: MambaState | None = None,
                 cache: InferenceCache | None = None) -> torch.Tensor:
+        return self.out_proj(self.core(self.in_proj(u), k, state, cache))
+
+    def core(self, zxbcdt: torch.Tensor, k: Kernels, state: MambaState | None = None,
+             cache: InferenceCache | None = None) -> torch.Tensor:
+        """Between the projections: in_proj's output [b, T, d_in_proj] -> out_proj's input [b, T, d_inner]."""
         cfg = self.cfg
-        b, T, _ = u.shape
-        z, xBC, dt = torch.split(self.in_proj(u), [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        b, T, _ = zxbcdt.shape
+        z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
         if state is not None and T == 1:  # one token: shift the window, dot with the kernel
-            step = compiled_conv_step() if fused_decode_mode() == "inductor" else conv_step
+            step = compiled_conv_step() if fused_decode_mode() in ("inductor", "triton") else conv_step
             xBC, A = step(state.conv, xBC, self.conv1d.weight, self.conv1d.bias, self.A_log)
         else:
             A = -torch.exp(self.A_log.float())
@@ -309,8 +314,7 @@ class Mamba2Mixer(nn.Module):
                              return_final=state is not None)
             if state is not None:
                 state.ssm.copy_(final)
-        y = k.gated_rmsnorm(y.reshape(b, T, cfg.d_inner), z, self.norm.weight, self.norm.eps)
-        return self.out_proj(y)
+        return k.gated_rmsnorm(y.reshape(b, T, cfg.d_inner), z, self.norm.weight, self.norm.eps)
 
 
 class Attention(nn.Module):
@@ -472,6 +476,8 @@ class MambaLM(nn.Module):
                                  f"{input_ids.shape[1]} more given")
         hidden = self.backbone.embedding(input_ids)
         k = select_kernels(hidden.device, self.config.kernels)
+        if cache is not None and input_ids.shape[1] == 1 and self._triton_decode_applies(input_ids.shape[0]):
+            return self._triton_decode(hidden, cache, k)
         residual = None
         for i, layer in enumerate(self.backbone.layers):
             hidden, residual = layer(hidden, residual, None if cache is None else cache.layers[i], cache, k)
@@ -482,6 +488,36 @@ class MambaLM(nn.Module):
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return logits
+
+    def _triton_decode_applies(self, batch: int) -> bool:
+        """The "triton" decode mode's path: pure Mamba-2 blocks (no attention, no MLP), small batch."""
+        if fused_decode_mode() != "triton":
+            return False
+        from avengers.inference import triton_gemv
+
+        return batch <= triton_gemv.MAX_BATCH and all(
+            isinstance(layer.mixer, Mamba2Mixer) and layer.mlp is None for layer in self.backbone.layers)
+
+    def _triton_decode(self, hidden: torch.Tensor, cache: InferenceCache, k: Kernels) -> torch.Tensor:
+        """One decode step with the residual stream kept whole in fp32: per block RMSNorm + in_proj
+        as one Triton GEMV, the mixer's core, out_proj + residual add as one GEMV; the final norm
+        and the LM head as one GEMV (triton_gemv.py). The same maths as the block protocol's
+        (hidden, residual) pair, which add_rmsnorm sums before every norm."""
+        from avengers.inference import triton_gemv
+
+        B = hidden.shape[0]
+        h = hidden.reshape(B, -1).float()
+        for layer, state in zip(self.backbone.layers, cache.layers):
+            mixer = layer.mixer
+            zxbcdt = triton_gemv.gemv(h, mixer.in_proj.weight, norm_weight=layer.norm.weight, eps=layer.norm.eps,
+                                      out_dtype=hidden.dtype)
+            y = mixer.core(zxbcdt.unsqueeze(1), k, state, cache)
+            h = triton_gemv.gemv(y.reshape(B, -1), mixer.out_proj.weight, residual=h, out_dtype=torch.float32)
+        norm_f = self.backbone.norm_f
+        logits = triton_gemv.gemv(h, self.lm_head.weight, norm_weight=norm_f.weight, eps=norm_f.eps,
+                                  out_dtype=hidden.dtype)
+        cache.advance(1)
+        return logits.unsqueeze(1)
 
     def allocate_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> InferenceCache:
         """Per layer: MambaState (constant size) or AttentionState (a KVState growing with max_seq_len)."""
