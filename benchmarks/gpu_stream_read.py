@@ -46,7 +46,7 @@ def _read_kernel(X, V, Out, n_tiles, TILE: tl.constexpr, STAGES: tl.constexpr, G
     rows of K, each row's dot product with the vector V stored (a reduction per tile, as the
     decode GEMVs do). "mma": the same products by tl.dot over K chunks of KC, V padded to 16 rows
     (the reduction in the tensor cores; chunks keep the padded vector out of the registers)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a layer's K and V at a large batch pass 2^31 elements
     if GDC:  # the reads depend on nothing: let the next kernel start now
         tl.extra.cuda.gdc_launch_dependents()
     BN: tl.constexpr = TILE // K

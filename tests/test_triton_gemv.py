@@ -99,8 +99,8 @@ def test_triton_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, pdl)
 
 
 def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
-    """Pure Mamba-2 models under the "triton" decode mode: norm + in_proj and out_proj + residual
-    as Triton GEMVs around each mixer's core, the final norm + LM head as one GEMV."""
+    """Pure Mamba-2 models under the "triton" decode mode at batch 1: norm + in_proj and out_proj +
+    residual as Triton GEMVs around each mixer's core, the final norm + LM head as one GEMV."""
     from triton_helpers import assert_fused_decode_matches_full_forward
 
     from avengers.models import mamba
@@ -112,5 +112,7 @@ def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     steps = []
     real = mamba.MambaLM._triton_decode
     monkeypatch.setattr(mamba.MambaLM, "_triton_decode", lambda self, *a: steps.append(1) or real(self, *a))
-    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE)
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=mamba.TRITON_DECODE_MAX_BATCH)
     assert len(steps) == 4  # every decode step took the GEMV path
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=mamba.TRITON_DECODE_MAX_BATCH + 1)
+    assert len(steps) == 4  # a larger batch takes the per-module path

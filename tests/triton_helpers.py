@@ -19,12 +19,12 @@ def triton_device() -> str:
 
 
 @torch.no_grad()
-def assert_fused_decode_matches_full_forward(model, spec, mode: str, device: str) -> None:
+def assert_fused_decode_matches_full_forward(model, spec, mode: str, device: str, batch: int = 2) -> None:
     """Prefill 16 tokens, then decode 4 one at a time under `fused_decode(mode)`: the logits
     equal one full forward over all 20."""
     from decode_helpers import decode_logits
 
-    ids = torch.randint(0, spec.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2)).to(device)
+    ids = torch.randint(0, spec.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(2)).to(device)
     torch.testing.assert_close(decode_logits(model, ids, 16, mode), model(ids), atol=1e-4, rtol=1e-4)
 
 

@@ -341,7 +341,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--check_tol", type=float, default=None)
     p.add_argument("--fused_decode", default=None, choices=FUSED_DECODE_MODES,
                    help="Llama-block decode steps through fused functions: torch.compile'd (inductor), Triton "
-                        "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8), or one "
+                        "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8; also pure "
+                        "Mamba-2 models at batch 1), or one "
                         "persistent Triton kernel per block (persistent, batch <= 8)")
     p.add_argument("--compile", action="store_true",
                    help="same as --fused_decode inductor (Llama blocks, telescoping steps and Mamba-2 conv steps "

@@ -27,9 +27,9 @@ def set_fused_decode(mode: str) -> None:
     """Route eligible decode blocks through decode_pre/decode_post as written here ("eager"),
     torch.compile'd ("inductor"; it also compiles the telescoping layers' telescoping.step_core),
     as the fused Triton kernels of triton_gemv.py ("triton", CUDA or Triton's interpreter; batches
-    above triton_gemv.MAX_BATCH take the inductor functions), or as one persistent Triton kernel
-    per block (triton_block.py, "persistent"; same fallback); "off": the per-module path in
-    kv_cache.py."""
+    above triton_gemv.MAX_BATCH take the inductor functions; pure Mamba-2 models' batch-1 steps
+    take MambaLM._triton_decode), or as one persistent Triton kernel per block (triton_block.py,
+    "persistent"; same fallback); "off": the per-module path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
         raise ValueError(f"fused decode mode must be one of {FUSED_DECODE_MODES}, got {mode!r}")
     _state["mode"] = mode

@@ -435,6 +435,12 @@ class MixerModel(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_epsilon)
 
 
+# Batches the "triton" decode mode's GEMV path serves. H200, mamba2_1.3b at 1k context: batch 1
+# 1.76 ms/step vs 1.87 with --compile, batch 8 5.42 vs 2.43 (docs/benchmarks.md); larger batches
+# take the compiled path (the GEMVs' input tile is re-read for every few rows of weights).
+TRITON_DECODE_MAX_BATCH = 1
+
+
 class MambaLM(nn.Module):
     """mamba_ssm MambaLMHeadModel's layout (backbone.*, lm_head) with the workshop's model contract."""
 
@@ -490,12 +496,10 @@ class MambaLM(nn.Module):
         return logits
 
     def _triton_decode_applies(self, batch: int) -> bool:
-        """The "triton" decode mode's path: pure Mamba-2 blocks (no attention, no MLP), small batch."""
+        """The "triton" decode mode's path: pure Mamba-2 blocks (no attention, no MLP), batch 1."""
         if fused_decode_mode() != "triton":
             return False
-        from avengers.inference import triton_gemv
-
-        return batch <= triton_gemv.MAX_BATCH and all(
+        return batch <= TRITON_DECODE_MAX_BATCH and all(
             isinstance(layer.mixer, Mamba2Mixer) and layer.mlp is None for layer in self.backbone.layers)
 
     def _triton_decode(self, hidden: torch.Tensor, cache: InferenceCache, k: Kernels) -> torch.Tensor:
