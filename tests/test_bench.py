@@ -8,7 +8,7 @@ import torch
 from avengers.inference import bench, kv_cache
 from avengers.inference.bench import BenchConfig, parse_args, parse_size, run
 from avengers.inference.check import DecodeMismatch, check_cached_decode
-from avengers.models.registry import get_model_spec, list_variants
+from avengers.models.registry import list_variants
 
 
 def test_smoke_every_tiny_variant(tmp_path):
@@ -53,11 +53,18 @@ def test_smoke_every_tiny_variant(tmp_path):
         bench.main(["--merge", str(tmp_path / "missing.json")])
 
 
-def test_check_catches_a_wrong_cached_forward(monkeypatch):
-    spec = get_model_spec("llama3_tiny")
-    torch.manual_seed(0)
-    model = spec.build().eval()
+def test_check_passes_a_correct_model_and_catches_a_wrong_cached_forward(tiny, monkeypatch):
+    spec, model = tiny
+    assert check_cached_decode(model, spec.vocab_size, torch.device("cpu")).max_rel_err < 1e-5
     monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x)  # positions ignored
+    with pytest.raises(DecodeMismatch, match="differs from the full forward"):
+        check_cached_decode(model, spec.vocab_size, torch.device("cpu"))
+
+
+def test_check_covers_paths_taken_at_batch_one_only(tiny, monkeypatch):
+    spec, model = tiny
+    rope = kv_cache.apply_rope
+    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x if x.shape[0] == 1 else rope(x, cis))
     with pytest.raises(DecodeMismatch, match="differs from the full forward"):
         check_cached_decode(model, spec.vocab_size, torch.device("cpu"))
 

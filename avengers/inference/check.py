@@ -47,11 +47,14 @@ def _cached_logits(model: nn.Module, ids: torch.Tensor, prefill_splits: list[int
 def check_cached_decode(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
                         prefill: int = 32, batch: int = 2, tol: float = 1e-4, seed: int = 0) -> CheckResult:
     """Full forward vs one-shot prefill + decode (must match within tol, relative to max |logit|),
-    then vs a two-chunk prefill + decode (sets `chunked_prefill`)."""
+    at `batch` and at batch 1 (some decode paths serve batch 1 only), then vs a two-chunk prefill +
+    decode (sets `chunked_prefill`)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, length), generator=g).to(device)
     full = model(ids)
     err = _rel(_cached_logits(model, ids, [prefill]), full)
+    if batch > 1:
+        err = max(err, _rel(_cached_logits(model, ids[:1], [prefill]), full[:1]))
     if not err <= tol:
         raise DecodeMismatch(
             f"cached decode differs from the full forward: max relative error {err:.3g} > tol {tol:g}"
