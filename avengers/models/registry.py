@@ -33,7 +33,9 @@ class ModelSpec:
     description: str = ""
 
     def build(self, device: torch.device | str | None = None) -> nn.Module:
-        """Build the model; on "meta" no memory is allocated (call to_empty + init_weights later)."""
+        """Build the model; on "meta" no memory is allocated (call to_empty + init_weights later).
+        Its parameters are not guaranteed initialised (ibm-fms allocates its norm weights with
+        torch.empty): call init_weights() or load a state dict before using it."""
         with torch.device(device or "cpu"):
             return self.build_fn(self.config)
 
