@@ -1,0 +1,120 @@
+"""Compile the Triton kernels for sm_90 (H100/H200) without a GPU: `python tests/sm90_compile_cases.py`.
+
+Triton's CPU interpreter runs kernels as Python and accepts code the GPU compiler refuses (a
+loop-carried variable whose type changes, for one); this compiles each kernel in the shapes of
+its launches (constexprs, pointer dtypes, warps, stages) with ptxas, as the first GPU call would.
+Prints one JSON line per case: {"case", "ok", "error"}. Exit code 3: no sm_90 backend here.
+Run without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
+                 num_warps: int = 4, num_stages: int = 3) -> None:
+    """Compile `kernel` (a JITFunction, or an autotuner's .fn) with pointer args typed as given,
+    `floats` as fp32 scalars, every other non-constexpr argument as i32."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):  # an autotuner (or heuristics) wraps it
+        fn = fn.fn
+    names = fn.arg_names
+    unknown = set(pointers) | set(constexprs) | set(floats)
+    if unknown - set(names):
+        raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown - set(names))}")
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
+                 for n in names}
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def cases():
+    from avengers.inference import triton_block, triton_decode, triton_gemv
+    from avengers.models import causal_conv_triton
+    import gpu_stream_read
+
+    bf, f32 = "*bf16", "*fp32"
+    gemv = triton_gemv._gemv_kernel
+    for name, bb, x, out, norm, swiglu, res, bn, bk, w in [
+        ("gemv norm (QKV, LM head)", 1, bf, bf, True, False, False, 2, 2048, 8),
+        ("gemv norm+swiglu (gate/up)", 1, bf, bf, True, True, False, 4, 1024, 4),
+        ("gemv residual (Wo, W2)", 1, bf, bf, False, False, True, 8, 512, 2),
+        ("gemv fp32 stream (Mamba-2 in_proj)", 1, f32, bf, True, False, False, 2, 2048, 8),
+        ("gemv fp32 residual (Mamba-2 out_proj)", 1, bf, f32, False, False, True, 2, 2048, 8),
+        ("gemv batch 8 norm+swiglu", 8, bf, bf, True, True, False, 2, 1024, 4),
+    ]:
+        yield name, lambda: compile_case(
+            gemv, {"X": x, "NormW": bf, "W": bf, "Res": out, "Out": out},
+            dict(BB=bb, B=bb, NORM=norm, SWIGLU=swiglu, RESIDUAL=res, GDC=True, BN=bn, BK=bk), ("eps",), w)
+    yield "qkv + rope + cache write", lambda: compile_case(
+        triton_gemv._qkv_rope_kernel,
+        {"X": bf, "NormW": bf, "W": bf, "Cos": f32, "Sin": f32, "Q": bf, "Kc": bf, "Vc": bf, "Pos": "*i64"},
+        dict(BB=1, B=1, GDC=True, BN=4, BK=1024), ("eps",), 2)
+    attn_ptrs = {"Q": bf, "K": bf, "V": bf, "Length": "*i64", "Acc": f32, "M": f32, "L": f32}
+    for block, stages in [(64, 2), (128, 3)]:
+        yield f"attention split pass (BLOCK {block}, {stages} stages)", lambda block=block, stages=stages: compile_case(
+            triton_decode._partial_kernel, attn_ptrs,
+            dict(D=128, BLOCK_G=16, PRECISION="tf32", DYNAMIC_BOUND=True, STATIC_SPAN=0, GDC=True, BLOCK=block),
+            ("scale",), 4, stages)
+    yield "attention merge", lambda: compile_case(
+        triton_decode._merge_kernel, {"Acc": f32, "M": f32, "L": f32, "Out": bf}, dict(D=128, BLOCK_S=16, GDC=True))
+    D, hidden, d, H, Hkv = 2048, 7168, 128, 16, 8  # llama3_1.8b
+    NQ = H * d
+    tb = triton_block
+    yield "persistent decode block", lambda: compile_case(
+        tb._block_kernel,
+        {"X": bf, "LnW": bf, "Wqkv": bf, "Cos": f32, "Sin": f32, "Kc": bf, "Vc": bf, "Pos": "*i64", "Length": "*i64",
+         "Wo": bf, "FfLnW": bf, "Wg1": bf, "W2": bf, "Q": bf, "Acc": f32, "M": f32, "L": f32, "Attn": bf, "H2": bf,
+         "A": bf, "Out": bf, "Count": "*i32", "Stamps": "*i32"},
+        dict(G=H // Hkv, BB=1, B=1, HEAD_DIM=d, BN_QKV=tb._tile_rows(D), BN_O=tb._tile_rows(NQ),
+             BN_UP=tb._tile_rows(D, swiglu=True), BN_DOWN=tb._tile_rows(hidden), BK_D=D, BK_Q=NQ, BK_HID=8192,
+             BLOCK_G=16, BLOCK=128, BLOCK_S=16, PRECISION="tf32", DYNAMIC_BOUND=True, STATIC_SPAN=0, STAMPS=False,
+             STAGES=tb.STAGES), ("eps", "ff_eps"), tb.NUM_WARPS)
+    conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
+    yield "causal conv forward", lambda: compile_case(
+        causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)
+    yield "causal conv backward", lambda: compile_case(
+        causal_conv_triton._bwd_kernel,
+        {"X": bf, "Wt": bf, "Bias": bf, "G": bf, "DX": bf, "DWp": f32, "DBp": f32}, conv)
+    for mode, k in [("read", 16), ("gemv", 2048), ("mma", 2048)]:
+        yield f"stream read ({mode})", lambda mode=mode, k=k: compile_case(
+            gpu_stream_read._read_kernel, {"X": bf, "V": bf, "Out": f32},
+            dict(TILE=32768 if mode == "mma" else 8192, STAGES=3, GDC=True, MODE=mode, K=k, KC=min(256, k)))
+
+
+def main() -> int:
+    try:
+        triton.compile  # noqa: B018
+        from triton.backends import backends
+        if "nvidia" not in backends:
+            raise RuntimeError("triton has no nvidia backend")
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"case": "backend", "ok": False, "error": f"{type(e).__name__}: {e}"}))
+        return 3
+    failed = 0
+    for name, run in cases():
+        try:
+            run()
+            print(json.dumps({"case": name, "ok": True, "error": ""}), flush=True)
+        except Exception as e:  # noqa: BLE001 - report every case, then fail
+            failed += 1
+            msg = str(e).strip().splitlines()
+            print(json.dumps({"case": name, "ok": False, "error": f"{type(e).__name__}: {' | '.join(msg[-6:])}"}),
+                  flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
