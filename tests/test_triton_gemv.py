@@ -18,6 +18,24 @@ from avengers.inference.kv_cache import KVState  # noqa: E402
 pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
 
 
+@pytest.fixture(autouse=True, scope="module")
+def few_tiles():
+    """On CUDA the autotuners would compile and time all 27 tiles for every new shape (minutes for
+    this file); correctness needs a few of the kinds the H200 picks (batch 8 keeps only the last)."""
+    kernels = (triton_gemv._gemv_kernel, triton_gemv._qkv_rope_kernel)
+    saved = [k.configs for k in kernels]
+    if DEVICE == "cuda":
+        import triton
+
+        tiles = [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in ((2, 2048, 8), (8, 512, 2),
+                                                                                      (2, 1024, 4))]
+        for k in kernels:
+            k.configs = tiles
+    yield
+    for k, configs in zip(kernels, saved):
+        k.configs = configs
+
+
 def _rand(*shape, seed=0, scale=1.0):
     return (scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).to(DEVICE)
 
