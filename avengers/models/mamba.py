@@ -497,10 +497,11 @@ class MambaLM(nn.Module):
 
     def _triton_decode_applies(self, batch: int) -> bool:
         """The "triton" decode mode's path: pure Mamba-2 blocks (no attention, no MLP), batch 1."""
-        if fused_decode_mode() != "triton":
-            return False
-        return batch <= TRITON_DECODE_MAX_BATCH and all(
-            isinstance(layer.mixer, Mamba2Mixer) and layer.mlp is None for layer in self.backbone.layers)
+        return fused_decode_mode() == "triton" and batch <= TRITON_DECODE_MAX_BATCH and self._pure_mamba2
+
+    @functools.cached_property
+    def _pure_mamba2(self) -> bool:  # the layout is fixed at build: not re-checked every decode step
+        return all(isinstance(layer.mixer, Mamba2Mixer) and layer.mlp is None for layer in self.backbone.layers)
 
     def _triton_decode(self, hidden: torch.Tensor, cache: InferenceCache, k: Kernels) -> torch.Tensor:
         """One decode step with the residual stream kept whole in fp32: per block RMSNorm + in_proj
