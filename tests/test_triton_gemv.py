@@ -130,7 +130,44 @@ def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     steps = []
     real = mamba.MambaLM._triton_decode
     monkeypatch.setattr(mamba.MambaLM, "_triton_decode", lambda self, *a: steps.append(1) or real(self, *a))
-    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=mamba.TRITON_DECODE_MAX_BATCH)
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
     assert len(steps) == 4  # every decode step took the GEMV path
-    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=mamba.TRITON_DECODE_MAX_BATCH + 1)
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH + 1)
     assert len(steps) == 4  # a larger batch takes the per-module path
+
+
+def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
+    """Telescoping models under the "triton" decode mode at batch 1: Llama's GEMVs around each
+    layer's slot update and read-out. 8 slots, so that the 4 decode steps after a 16-token prefill
+    merge slots holding decoded tokens (whose gate logits then matter); a small vocabulary keeps
+    the interpreter's LM head short."""
+    from triton_helpers import assert_fused_decode_matches_full_forward
+
+    from avengers.models import telescoping
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512)
+    torch.manual_seed(0)
+    model = spec.build(DEVICE)
+    model.init_weights()
+    model.eval()
+    steps = []
+    real = telescoping.TelescopingLlama._triton_step
+    monkeypatch.setattr(telescoping.TelescopingLlama, "_triton_step", lambda self, *a: steps.append(1) or real(self, *a))
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
+    assert len(steps) == 4  # every decode step took the GEMV path
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH + 1)
+    assert len(steps) == 4  # a larger batch takes the per-module path
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["mamba2_tiny", "tele_tiny"])
+def test_gemv_steps_in_a_cuda_graph_match_eager_decode(name):
+    """Mamba-2's and the telescoping model's batch-1 GEMV steps replayed from a CUDA graph."""
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec(name)
+    torch.manual_seed(0)
+    model = spec.build(DEVICE)
+    model.init_weights()
+    assert_graph_decode_matches_eager(model.eval(), spec, "triton", DEVICE)

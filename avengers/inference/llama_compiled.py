@@ -21,15 +21,21 @@ from torch import nn
 
 FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton", "persistent")
 _state: dict = {"mode": "off"}
+# The largest batch the "triton" mode's GEMV steps for Mamba-2 and the telescoping model serve
+# (Llama's: triton_gemv.MAX_BATCH). H200, mamba2_1.3b at 1k context: batch 1 1.76 ms/step vs 1.87
+# with --compile, batch 8 5.42 vs 2.43 (docs/benchmarks.md); larger batches take the compiled
+# path (the GEMVs' input tile is re-read for every few rows of weights).
+GEMV_STEP_MAX_BATCH = 1
 
 
 def set_fused_decode(mode: str) -> None:
     """Route eligible decode blocks through decode_pre/decode_post as written here ("eager"),
     torch.compile'd ("inductor"; it also compiles the telescoping layers' telescoping.step_core),
     as the fused Triton kernels of triton_gemv.py ("triton", CUDA or Triton's interpreter; batches
-    above triton_gemv.MAX_BATCH take the inductor functions; pure Mamba-2 models' batch-1 steps
-    take MambaLM._triton_decode), or as one persistent Triton kernel per block (triton_block.py,
-    "persistent"; same fallback); "off": the per-module path in kv_cache.py."""
+    above triton_gemv.MAX_BATCH take the inductor functions; pure Mamba-2 and telescoping models'
+    steps up to GEMV_STEP_MAX_BATCH take MambaLM._triton_decode and TelescopingLlama._triton_step),
+    or as one persistent Triton kernel per block (triton_block.py, "persistent"; same fallback);
+    "off": the per-module path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
         raise ValueError(f"fused decode mode must be one of {FUSED_DECODE_MODES}, got {mode!r}")
     _state["mode"] = mode

@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
-from avengers.inference.llama_compiled import fused_decode_mode
+from avengers.inference.llama_compiled import GEMV_STEP_MAX_BATCH, fused_decode_mode
 from avengers.models.mamba_kernels import KERNEL_MODES, REFERENCE, Kernels, select_kernels
 from avengers.models.registry import ModelSpec, register
 from avengers.models.rope import apply_rotary, rotary_cos_sin
@@ -435,12 +435,6 @@ class MixerModel(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_epsilon)
 
 
-# Batches the "triton" decode mode's GEMV path serves. H200, mamba2_1.3b at 1k context: batch 1
-# 1.76 ms/step vs 1.87 with --compile, batch 8 5.42 vs 2.43 (docs/benchmarks.md); larger batches
-# take the compiled path (the GEMVs' input tile is re-read for every few rows of weights).
-TRITON_DECODE_MAX_BATCH = 1
-
-
 class MambaLM(nn.Module):
     """mamba_ssm MambaLMHeadModel's layout (backbone.*, lm_head) with the workshop's model contract."""
 
@@ -497,7 +491,7 @@ class MambaLM(nn.Module):
 
     def _triton_decode_applies(self, batch: int) -> bool:
         """The "triton" decode mode's path: pure Mamba-2 blocks (no attention, no MLP), batch 1."""
-        return fused_decode_mode() == "triton" and batch <= TRITON_DECODE_MAX_BATCH and self._pure_mamba2
+        return fused_decode_mode() == "triton" and batch <= GEMV_STEP_MAX_BATCH and self._pure_mamba2
 
     @functools.cached_property
     def _pure_mamba2(self) -> bool:  # the layout is fixed at build: not re-checked every decode step

@@ -31,9 +31,10 @@ from fms.models.llama import LLaMABlock, LLaMAConfig
 from fms.modules.attention import MultiHeadAttention
 from torch import nn
 
+from avengers.inference import llama_compiled
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
-from avengers.inference.llama_compiled import fused_decode_mode
+from avengers.inference.llama_compiled import GEMV_STEP_MAX_BATCH, fused_decode_mode
 from avengers.models.llama import TINY_VOCAB, Llama, llama_param_counts
 from avengers.models.registry import ModelSpec, get_model_spec, register
 
@@ -523,6 +524,26 @@ def compiled_step_core():
     return torch.compile(step_core, fullgraph=True)
 
 
+def fused_qkv_step_core(qkv: torch.Tensor, h: torch.Tensor, ln_w: torch.Tensor, eps: float, gate_w: torch.Tensor | None,
+                        position: torch.Tensor, K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, tables: StepTables,
+                        opts: TeleOptions, theta: float, k_gain: torch.Tensor | None,
+                        v_gain: torch.Tensor | None) -> torch.Tensor:
+    """step_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
+    block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
+    B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
+    q, k, v = qkv.view(B, 1, -1, d).split([qkv.shape[1] // d - 2 * Hkv, Hkv, Hkv], dim=2)
+    w = None
+    if gate_w is not None:
+        dt = compute_dtype(h.dtype)
+        w = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps).to(dt), gate_w.to(dt)).view(B, 1, Hkv)
+    return step_core(q, k, v, w, position, K, V, W, tables, opts, theta, k_gain, v_gain)
+
+
+@functools.cache
+def compiled_fused_qkv_step_core():
+    return torch.compile(fused_qkv_step_core, fullgraph=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Module
 # ----------------------------------------------------------------------------------------------
@@ -756,6 +777,8 @@ class TelescopingLlama(Llama):
 
     def _cached_chunk(self, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor | None) -> torch.Tensor:
         """Prefill (position None: tokens 0..T-1) or one decode step at a device position."""
+        if position is not None and self._triton_step_applies(x.shape[0]):
+            return self._triton_step(x, cache, position)
         base = self.base_model
         h = base.embedding(x)
         for layer, state in zip(base.layers, cache.layers):
@@ -769,6 +792,40 @@ class TelescopingLlama(Llama):
             h = h + a
             h = h + layer.ff_sub_layer(layer.ff_ln(h))
         return self.head(base.dec_norm(h))
+
+
+    def _triton_step_applies(self, batch: int) -> bool:
+        """The "triton" decode mode's path: telescoping layers only, Llama's block layout, small batch."""
+        return fused_decode_mode() == "triton" and batch <= GEMV_STEP_MAX_BATCH and self._gemv_layout
+
+    @functools.cached_property
+    def _gemv_layout(self) -> bool:  # the layout is fixed at build: not re-checked every decode step
+        return not self.full_layers and all(llama_compiled.eligible(layer) for layer in self.base_model.layers)
+
+    def _triton_step(self, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
+        """One decode step with the projections as the Triton GEMVs of Llama's "triton" path: per block
+        RMSNorm + QKV as one GEMV, the slot update and read-out (fused_qkv_step_core), then Wo +
+        residual, RMSNorm + gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final
+        norm + LM head as one GEMV."""
+        from avengers.inference import triton_gemv
+
+        base, B = self.base_model, x.shape[0]
+        h = base.embedding(x)
+        opts = base.layers[0].attn.opts
+        tables = step_tables(opts.cache_size, opts.fmap, x.device)
+        # torch.compile on CUDA, as the "inductor" mode does; the plain function on the CPU (interpreter tests)
+        core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
+        for layer, state in zip(base.layers, cache.layers):
+            attn, ff = layer.attn, layer.ff_sub_layer
+            qkv = triton_gemv.gemv(h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight,
+                                   eps=layer.ln.eps)
+            out = core(qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps,
+                       attn.gate.weight if attn.gate is not None else None, position, state.k, state.v,
+                       state.log_mass, tables, attn.opts, attn.rope_theta, *attn._gains())
+            h = triton_gemv.decode_post(h, out.reshape(B, 1, -1), attn.dense.weight, layer.ff_ln.weight,
+                                        layer.ff_ln.eps, ff.wg1_fused.weight, ff.w2.weight, ff.hidden_dim)
+        logits = llama_compiled.decode_head(base.dec_norm, self.head, h)
+        return logits if logits is not None else self.head(base.dec_norm(h))
 
 
 def full_attention_cached(attn: MultiHeadAttention, y: torch.Tensor, state: KVState,
