@@ -134,3 +134,26 @@ def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     assert len(steps) == 4  # every decode step took the GEMV path
     assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=mamba.TRITON_DECODE_MAX_BATCH + 1)
     assert len(steps) == 4  # a larger batch takes the per-module path
+
+
+def test_hybrid_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
+    """A Mamba-2 / attention hybrid without MLPs (as mamba_1.5b) under the "triton" decode mode at
+    batch 1: the attention layers' in_proj and out_proj become GEMVs too (their core: conv, partial
+    RoPE, the cache write and decode attention)."""
+    from triton_helpers import assert_fused_decode_matches_full_forward
+
+    from avengers.models import mamba
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("hybrid_tiny").replace(d_intermediate=0)
+    torch.manual_seed(0)
+    model = spec.build(DEVICE)
+    model.init_weights()
+    steps = []
+    real = mamba.MambaLM._triton_decode
+    monkeypatch.setattr(mamba.MambaLM, "_triton_decode", lambda self, *a: steps.append(1) or real(self, *a))
+    assert_fused_decode_matches_full_forward(model.eval(), spec, "triton", DEVICE, batch=mamba.TRITON_DECODE_MAX_BATCH)
+    assert len(steps) == 4  # every decode step took the GEMV path
+    with llama_compiled.fused_decode("triton"):
+        assert model._triton_decode_applies(1)
+        assert not get_model_spec("hybrid_tiny").build("meta")._triton_decode_applies(1)  # a gated MLP: per module
