@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda_graph", action="store_true", help="replay the decode step from a CUDA graph")
     p.add_argument("--fused_decode", choices=FUSED_DECODE_MODES, default="off",
                    help="decode-step path (docs/inference.md): inductor = torch.compile'd Llama blocks, "
-                        "telescoping steps and Mamba-2 conv steps; triton = fused Triton GEMVs (CUDA; Llama "
-                        "batch <= 8, pure Mamba-2 batch 1)")
+                        "telescoping steps and Mamba-2 conv steps; triton = fused Triton GEMVs (CUDA, batch 1; "
+                        "larger batches as inductor)")
     p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_ids:

@@ -70,7 +70,7 @@ def test_llama_decode_with_persistent_blocks_matches_full_forward(monkeypatch, t
     real = triton_block.decode_block
     monkeypatch.setattr(triton_block, "decode_block", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec, model = tiny_on_device
-    assert_fused_decode_matches_full_forward(model, spec, "persistent", DEVICE)
+    assert_fused_decode_matches_full_forward(model, spec, "persistent", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
     assert len(calls) == 4 * spec.config.nlayers  # every decode block was one persistent kernel
 
 

@@ -97,9 +97,22 @@ def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch, tiny_
     monkeypatch.setattr(triton_gemv, "decode_post", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(kv_cache, "decode_head", lambda *a: heads.append(real_head(*a)) or heads[-1])
     spec, model = tiny_on_device
-    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE)
+    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
     assert len(calls) == 4 * spec.config.nlayers  # every decode block went through the Triton kernels
     assert len(heads) == 4 and all(h is not None for h in heads)  # and every step's norm + LM head
+
+
+def test_llama_batches_above_the_gemv_limit_take_the_compiled_functions():
+    above = llama_compiled.GEMV_STEP_MAX_BATCH + 1
+    for mode in ("triton", "persistent"):
+        assert llama_compiled.functions(mode, above) == llama_compiled._torch_functions("inductor")
+        assert llama_compiled.functions(mode, 1) == (triton_gemv.decode_pre_write, triton_gemv.decode_post)
+    from fms.modules.layernorm import LayerNormParameterized
+
+    norm, head = LayerNormParameterized(8).to(DEVICE), torch.nn.Linear(8, 16, bias=False).to(DEVICE)
+    with llama_compiled.fused_decode("triton"):
+        assert llama_compiled.decode_head(norm, head, torch.ones(above, 1, 8, device=DEVICE)) is None
+        assert llama_compiled.decode_head(norm, head, torch.ones(1, 1, 8, device=DEVICE)).shape == (1, 1, 16)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and programmatic dependent launch need a GPU")
@@ -134,6 +147,29 @@ def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     assert len(steps) == 4  # every decode step took the GEMV path
     assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH + 1)
     assert len(steps) == 4  # a larger batch takes the per-module path
+
+
+def test_hybrid_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
+    """A Mamba-2 / attention hybrid without MLPs (as mamba_1.5b) under the "triton" decode mode at
+    batch 1: the attention layers' in_proj and out_proj become GEMVs too (their core: conv, partial
+    RoPE, the cache write and decode attention)."""
+    from triton_helpers import assert_fused_decode_matches_full_forward
+
+    from avengers.models import mamba
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("hybrid_tiny").replace(d_intermediate=0)
+    torch.manual_seed(0)
+    model = spec.build(DEVICE)
+    model.init_weights()
+    steps = []
+    real = mamba.MambaLM._triton_decode
+    monkeypatch.setattr(mamba.MambaLM, "_triton_decode", lambda self, *a: steps.append(1) or real(self, *a))
+    assert_fused_decode_matches_full_forward(model.eval(), spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
+    assert len(steps) == 4  # every decode step took the GEMV path
+    with llama_compiled.fused_decode("triton"):
+        assert model._triton_decode_applies(1)
+        assert not get_model_spec("hybrid_tiny").build("meta")._triton_decode_applies(1)  # a gated MLP: per module
 
 
 def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from avengers.inference import llama_compiled
 from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
 from avengers.inference.cache import InferenceCache
 from avengers.inference.check import CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode
@@ -299,11 +300,11 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
 def _tune_gemvs(model, cache: InferenceCache, fill: int, cfg: BenchConfig, vocab: int, res: VariantResult) -> None:
     """--tune_gemv: the decode GEMV tiles chosen by whole CUDA-graph step time (gemv_tuning.py), once
     per variant and batch block, at the first context measured; the choices hold for the rest of the run."""
-    from avengers.inference import gemv_tuning, triton_gemv
+    from avengers.inference import gemv_tuning
 
     batch = cache.batch_size
     block = 1 << (batch - 1).bit_length()  # the kernels' BB
-    if res.decode_mode != "cuda_graph" or batch > triton_gemv.MAX_BATCH or f"BB{block}" in res.gemv_tuning:
+    if res.decode_mode != "cuda_graph" or batch > llama_compiled.GEMV_STEP_MAX_BATCH or f"BB{block}" in res.gemv_tuning:
         return
     quick = replace(cfg, steps=20, warmup=2)
     log.info("%s: tuning the decode GEMV tiles by step time (batch block %d)", res.variant, block)
@@ -340,10 +341,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
     p.add_argument("--fused_decode", default=None, choices=FUSED_DECODE_MODES,
-                   help="Llama-block decode steps through fused functions: torch.compile'd (inductor), Triton "
-                        "GEMV kernels with the norms/SwiGLU/residuals fused (triton, batch <= 8; also pure "
-                        "Mamba-2 models at batch 1), or one "
-                        "persistent Triton kernel per block (persistent, batch <= 8)")
+                   help="decode steps through fused functions: torch.compile'd (inductor), Triton GEMV kernels "
+                        "with the norms/SwiGLU/residuals fused (triton: batch 1, every family; larger batches "
+                        "as inductor), or one persistent Triton kernel per Llama block (persistent, batch 1)")
     p.add_argument("--compile", action="store_true",
                    help="same as --fused_decode inductor (Llama blocks, telescoping steps and Mamba-2 conv steps "
                         "torch.compile'd)")

@@ -21,10 +21,12 @@ from torch import nn
 
 FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton", "persistent")
 _state: dict = {"mode": "off"}
-# The largest batch the "triton" mode's GEMV steps for Mamba-2 and the telescoping model serve
-# (Llama's: triton_gemv.MAX_BATCH). H200, mamba2_1.3b at 1k context: batch 1 1.76 ms/step vs 1.87
-# with --compile, batch 8 5.42 vs 2.43 (docs/benchmarks.md); larger batches take the compiled
-# path (the GEMVs' input tile is re-read for every few rows of weights).
+# The largest batch the "triton" and "persistent" modes' GEMV steps serve (Llama, Mamba-2, hybrids
+# without MLPs, telescoping); larger batches take the compiled path. H200 at 1k context, ms/step vs
+# --compile (docs/benchmarks.md): llama3_1.8b batch 1 1.37 vs 1.69, batch 2 1.81 vs 1.78, batch 4
+# 3.07 vs 1.83, batch 8 5.23 vs 1.91; mamba2_1.3b batch 1 1.76 vs 1.87, batch 8 5.42 vs 2.43 (a
+# GEMV program re-reads its input tile for every few rows of weights). The kernels themselves take
+# up to triton_gemv.MAX_BATCH rows.
 GEMV_STEP_MAX_BATCH = 1
 
 
@@ -32,8 +34,8 @@ def set_fused_decode(mode: str) -> None:
     """Route eligible decode blocks through decode_pre/decode_post as written here ("eager"),
     torch.compile'd ("inductor"; it also compiles the telescoping layers' telescoping.step_core),
     as the fused Triton kernels of triton_gemv.py ("triton", CUDA or Triton's interpreter; batches
-    above triton_gemv.MAX_BATCH take the inductor functions; pure Mamba-2 and telescoping models'
-    steps up to GEMV_STEP_MAX_BATCH take MambaLM._triton_decode and TelescopingLlama._triton_step),
+    above GEMV_STEP_MAX_BATCH take the inductor functions; Mamba-2, hybrid and telescoping models'
+    steps take MambaLM._triton_decode and TelescopingLlama._triton_step),
     or as one persistent Triton kernel per block (triton_block.py, "persistent"; same fallback);
     "off": the per-module path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
@@ -112,7 +114,7 @@ def functions(mode: str, batch_size: int):
     if mode in ("triton", "persistent"):
         from avengers.inference import triton_gemv
 
-        if batch_size <= triton_gemv.MAX_BATCH:
+        if batch_size <= GEMV_STEP_MAX_BATCH:
             return triton_gemv.decode_pre_write, triton_gemv.decode_post
         mode = "inductor"
     return _torch_functions(mode)
@@ -124,9 +126,9 @@ def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tenso
     (valid up to the 0-dim device `length`). cos/sin [H + H_kv, d/2], fp32 and contiguous."""
     attn, ff = layer.attn, layer.ff_sub_layer
     if _state["mode"] == "persistent":
-        from avengers.inference import triton_block, triton_gemv
+        from avengers.inference import triton_block
 
-        if h.shape[0] <= triton_gemv.MAX_BATCH:
+        if h.shape[0] <= GEMV_STEP_MAX_BATCH:
             return triton_block.decode_block(
                 h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin, attn.nheads,
                 attn.kvheads, attn.emb_kq_per_head, state, position, length, attn.dense.weight,
@@ -147,6 +149,6 @@ def decode_head(norm: nn.Module, head: nn.Linear, h: torch.Tensor) -> torch.Tens
     from avengers.inference import triton_gemv
 
     B = h.shape[0]
-    if B > triton_gemv.MAX_BATCH:
+    if B > GEMV_STEP_MAX_BATCH:
         return None
     return triton_gemv.gemv(h.reshape(B, -1), head.weight, norm_weight=norm.weight, eps=norm.eps).view(B, 1, -1)

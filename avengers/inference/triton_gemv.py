@@ -24,7 +24,7 @@ import triton.language as tl
 
 from avengers.inference.triton_pdl import pdl_kwargs
 
-MAX_BATCH = 8  # larger batches are not weight-bound at these sizes: the torch path serves them
+MAX_BATCH = 8  # rows the kernels take; decode steps use them at batch 1 (llama_compiled.GEMV_STEP_MAX_BATCH)
 
 
 def _gemv_configs() -> list[triton.Config]:

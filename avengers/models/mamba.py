@@ -335,9 +335,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: Kernels, state: AttentionState | None = None,
                 cache: InferenceCache | None = None) -> torch.Tensor:
+        return self.out_proj(self.core(self.in_proj(x), k, state, cache))
+
+    def core(self, qkv: torch.Tensor, k: Kernels, state: AttentionState | None = None,
+             cache: InferenceCache | None = None) -> torch.Tensor:
+        """Between the projections: in_proj's output [b, T, qkv_dim] -> out_proj's input [b, T, heads * d]."""
         cfg = self.cfg
-        b, T, _ = x.shape
-        qkv = self.in_proj(x)
+        b, T, _ = qkv.shape
         if cfg.attn_d_conv > 0:
             if state is None:
                 qkv = k.causal_conv(qkv.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, False).transpose(1, 2)
@@ -349,18 +353,18 @@ class Attention(nn.Module):
         key, v = key.reshape(b, T, self.kv_heads, self.head_dim), v.reshape(b, T, self.kv_heads, self.head_dim)
         if cfg.attn_rotary_emb_dim > 0:
             if state is None:
-                positions = torch.arange(T, device=x.device)
+                positions = torch.arange(T, device=qkv.device)
             elif T == 1:  # read from the device so a decode step can be graph-captured
                 positions = cache.position.view(1)
             else:
-                positions = torch.arange(cache.seq_len, cache.seq_len + T, device=x.device)
+                positions = torch.arange(cache.seq_len, cache.seq_len + T, device=qkv.device)
             cos, sin = rotary_cos_sin(positions, cfg.attn_rotary_emb_dim, cfg.attn_rotary_emb_base)
             q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
         q, key, v = q.transpose(1, 2), key.transpose(1, 2), v.transpose(1, 2)  # [b, heads, T, d]
         if state is not None and T == 1:
             state.write_at(key.to(state.k.dtype), v.to(state.v.dtype), cache.position)
             out = decode_attention(q.squeeze(2).to(state.k.dtype), state.k, state.v, cache.position + 1)
-            out = out.to(x.dtype).unsqueeze(1)  # [b, 1, heads, d]
+            out = out.to(qkv.dtype).unsqueeze(1)  # [b, 1, heads, d]
         else:
             start = 0
             if state is not None:
@@ -375,7 +379,7 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, key, v, attn_mask=causal_lower_right(T, start + T))
             out = out.transpose(1, 2)
-        return self.out_proj(out.reshape(b, T, hq))
+        return out.reshape(b, T, hq)
 
 
 class GatedMLP(nn.Module):
@@ -490,16 +494,18 @@ class MambaLM(nn.Module):
         return logits
 
     def _triton_decode_applies(self, batch: int) -> bool:
-        """The "triton" decode mode's path: pure Mamba-2 blocks (no attention, no MLP), batch 1."""
-        return fused_decode_mode() == "triton" and batch <= GEMV_STEP_MAX_BATCH and self._pure_mamba2
+        """The "triton" decode mode's path: blocks without MLPs whose projections have no biases, batch 1."""
+        return fused_decode_mode() == "triton" and batch <= GEMV_STEP_MAX_BATCH and self._gemv_layout
 
     @functools.cached_property
-    def _pure_mamba2(self) -> bool:  # the layout is fixed at build: not re-checked every decode step
-        return all(isinstance(layer.mixer, Mamba2Mixer) and layer.mlp is None for layer in self.backbone.layers)
+    def _gemv_layout(self) -> bool:  # the layout is fixed at build: not re-checked every decode step
+        return all(layer.mlp is None and layer.mixer.in_proj.bias is None and layer.mixer.out_proj.bias is None
+                   for layer in self.backbone.layers)
 
     def _triton_decode(self, hidden: torch.Tensor, cache: InferenceCache, k: Kernels) -> torch.Tensor:
         """One decode step with the residual stream kept whole in fp32: per block RMSNorm + in_proj
-        as one Triton GEMV, the mixer's core, out_proj + residual add as one GEMV; the final norm
+        as one Triton GEMV, the mixer's core (Mamba-2 or attention), out_proj + residual add as one
+        GEMV; the final norm
         and the LM head as one GEMV (triton_gemv.py). The same maths as the block protocol's
         (hidden, residual) pair, which add_rmsnorm sums before every norm."""
         from avengers.inference import triton_gemv
@@ -508,9 +514,9 @@ class MambaLM(nn.Module):
         h = hidden.reshape(B, -1).float()
         for layer, state in zip(self.backbone.layers, cache.layers):
             mixer = layer.mixer
-            zxbcdt = triton_gemv.gemv(h, mixer.in_proj.weight, norm_weight=layer.norm.weight, eps=layer.norm.eps,
-                                      out_dtype=hidden.dtype)
-            y = mixer.core(zxbcdt.unsqueeze(1), k, state, cache)
+            projected = triton_gemv.gemv(h, mixer.in_proj.weight, norm_weight=layer.norm.weight, eps=layer.norm.eps,
+                                         out_dtype=hidden.dtype)
+            y = mixer.core(projected.unsqueeze(1), k, state, cache)
             h = triton_gemv.gemv(y.reshape(B, -1), mixer.out_proj.weight, residual=h, out_dtype=torch.float32)
         norm_f = self.backbone.norm_f
         logits = triton_gemv.gemv(h, self.lm_head.weight, norm_weight=norm_f.weight, eps=norm_f.eps,

@@ -658,7 +658,7 @@ class TelescopingAttention(MultiHeadAttention):
         """
         B = x.shape[0]
         tables = step_tables(self.opts.cache_size, self.opts.fmap, x.device)
-        core = compiled_step_core() if fused_decode_mode() == "inductor" else step_core
+        core = compiled_step_core() if fused_decode_mode() in ("inductor", "triton") else step_core
         out = core(*self._project_raw(x), position, state.k, state.v, state.log_mass, tables, self.opts,
                    self.rope_theta, *self._gains())
         return self.dense(out.reshape(B, 1, self.nheads * self.emb_v_per_head))
