@@ -505,9 +505,8 @@ class MambaLM(nn.Module):
     def _triton_decode(self, hidden: torch.Tensor, cache: InferenceCache, k: Kernels) -> torch.Tensor:
         """One decode step with the residual stream kept whole in fp32: per block RMSNorm + in_proj
         as one Triton GEMV, the mixer's core (Mamba-2 or attention), out_proj + residual add as one
-        GEMV; the final norm
-        and the LM head as one GEMV (triton_gemv.py). The same maths as the block protocol's
-        (hidden, residual) pair, which add_rmsnorm sums before every norm."""
+        GEMV; the final norm and the LM head as one GEMV (triton_gemv.py). The same maths as the
+        block protocol's (hidden, residual) pair, which add_rmsnorm sums before every norm."""
         from avengers.inference import triton_gemv
 
         B = hidden.shape[0]

@@ -793,9 +793,8 @@ class TelescopingLlama(Llama):
             h = h + layer.ff_sub_layer(layer.ff_ln(h))
         return self.head(base.dec_norm(h))
 
-
     def _triton_step_applies(self, batch: int) -> bool:
-        """The "triton" decode mode's path: telescoping layers only, Llama's block layout, small batch."""
+        """The "triton" decode mode's path: telescoping layers only, Llama's block layout, batch 1."""
         return fused_decode_mode() == "triton" and batch <= GEMV_STEP_MAX_BATCH and self._gemv_layout
 
     @functools.cached_property
