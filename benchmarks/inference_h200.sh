@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Inference benchmark on one H200 (< 8 min): Llama-3 1.8B, Mamba-2 1.3B, the 1.5B Mamba-2/attention
-# hybrid and the telescoping-cache Llama 1.8B; contexts 1k..128k; batches 1, 8, 64 and the largest
-# that fits. Prints the table and writes inference_bench.{json,md} and two PNGs into $OUT (default
-# bench_out). Before it, the CUDA tests of the decode kernels (skip with RUN_TESTS=0); after it, three
-# shorter passes time Llama at batch 1 with its decode blocks fused: the element-wise work
-# torch.compile'd (skip with COMPILE_PASS=0, into $OUT/compiled/), the Triton GEMV kernels with
-# norms/SwiGLU/residuals fused in (skip with TRITON_PASS=0, into $OUT/triton/), and each block as one
-# persistent Triton kernel (skip with PERSISTENT_PASS=0, into $OUT/persistent/; under a time limit,
-# a safety net for its grid barriers; measured slower than the Triton pass, docs/benchmarks.md).
+# Inference benchmark on one H200 (the main pass about 7 min; 20-25 with the tests and all passes):
+# Llama-3 1.8B, Mamba-2 1.3B, the 1.5B Mamba-2/attention hybrid and the telescoping-cache Llama
+# 1.8B; contexts 1k..128k; batches 1, 8, 64 and the largest that fits. Prints the table and writes
+# inference_bench.{json,md} and two PNGs into $OUT (default bench_out). Before it, the CUDA tests of
+# the decode kernels (skip with RUN_TESTS=0); after it, shorter batch-1 passes with fused decode
+# steps: Llama's element-wise work torch.compile'd (skip with COMPILE_PASS=0, into $OUT/compiled/),
+# the Triton GEMV kernels with norms/SwiGLU/residuals fused in (skip with TRITON_PASS=0, into
+# $OUT/triton/; the same pass times the other three families' GEMV paths at 1k, into
+# $OUT/triton_families/), and each Llama block as one persistent Triton kernel (skip with
+# PERSISTENT_PASS=0, into $OUT/persistent/; under a time limit, a safety net for its grid barriers;
+# measured slower than the Triton pass, docs/benchmarks.md).
 #
 # From the project root, after `bash ../shared/device/stage.sh` has filled .device/ (ibm-fms,
 # mamba-ssm wheels and the selective_scan_cuda stub):
@@ -44,6 +46,10 @@ if [[ "${TRITON_PASS:-1}" == "1" ]]; then
   python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
     --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --fused_decode triton --deadline_s 150 \
     --out "${OUT:-bench_out}/triton" || rc=$?
+  # the other families' batch-1 GEMV paths (docs/inference.md's per-family table), at 1k
+  python3 -m avengers.bench --device cuda --dtype bf16 --variants mamba2_1.3b,mamba_1.5b,tele128_llama3_1.8b \
+    --contexts 1k --batch_sizes 1 --no_max_batch --steps 20 --warmup 3 --fused_decode triton --deadline_s 450 \
+    --out "${OUT:-bench_out}/triton_families" || rc=$?
 fi
 if [[ "${PERSISTENT_PASS:-1}" == "1" ]]; then
   timeout 240 python3 -m avengers.bench --device cuda --dtype bf16 --variants llama3_1.8b --contexts 1k,32k,128k \
