@@ -6,7 +6,7 @@ kernel, so its cost there also depends on its neighbours; re-running the autotun
 different tiles each time, and those picks gave 1k steps from 1.35 to 1.57 ms on one H200
 (docs/benchmarks.md). `tune` starts from the autotuner's picks and, one kernel shape at a time,
 tries every config the autotuner considers for that shape, keeping the one with the shortest
-step. `python -m avengers.bench --tune_gemv` runs it before timing each batch of 8 or fewer.
+step. `python -m avengers.bench --tune_gemv` runs it before timing a batch the GEMV steps serve (batch 1).
 """
 
 from __future__ import annotations
