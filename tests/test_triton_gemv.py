@@ -129,46 +129,41 @@ def test_triton_decode_in_a_cuda_graph_matches_eager_decode(tiny_on_device, pdl)
         set_pdl(True)  # the default
 
 
-def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
-    """Pure Mamba-2 models under the "triton" decode mode at batch 1: norm + in_proj and out_proj +
-    residual as Triton GEMVs around each mixer's core, the final norm + LM head as one GEMV."""
-    from triton_helpers import assert_fused_decode_matches_full_forward
-
-    from avengers.models import mamba
-    from avengers.models.registry import get_model_spec
-
-    spec = get_model_spec("mamba2_tiny")
+def _assert_gemv_steps_match_full_forward(monkeypatch, spec, model_cls, step_name: str) -> None:
+    """The model's decode steps under the "triton" mode equal a full forward; `model_cls.step_name`
+    (its GEMV step) serves every step up to GEMV_STEP_MAX_BATCH and none above it."""
     torch.manual_seed(0)
-    model = spec.build(DEVICE).eval()
+    model = spec.build(DEVICE)
+    model.init_weights()
+    model.eval()
     steps = []
-    real = mamba.MambaLM._triton_decode
-    monkeypatch.setattr(mamba.MambaLM, "_triton_decode", lambda self, *a: steps.append(1) or real(self, *a))
+    real = getattr(model_cls, step_name)
+    monkeypatch.setattr(model_cls, step_name, lambda self, *a: steps.append(1) or real(self, *a))
     assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
     assert len(steps) == 4  # every decode step took the GEMV path
     assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH + 1)
     assert len(steps) == 4  # a larger batch takes the per-module path
 
 
+def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
+    """Pure Mamba-2 models under the "triton" decode mode at batch 1: norm + in_proj and out_proj +
+    residual as Triton GEMVs around each mixer's core, the final norm + LM head as one GEMV."""
+    from avengers.models import mamba
+    from avengers.models.registry import get_model_spec
+
+    _assert_gemv_steps_match_full_forward(monkeypatch, get_model_spec("mamba2_tiny"), mamba.MambaLM, "_triton_decode")
+
+
 def test_hybrid_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     """A Mamba-2 / attention hybrid without MLPs (as mamba_1.5b) under the "triton" decode mode at
     batch 1: the attention layers' in_proj and out_proj become GEMVs too (their core: conv, partial
     RoPE, the cache write and decode attention)."""
-    from triton_helpers import assert_fused_decode_matches_full_forward
-
     from avengers.models import mamba
     from avengers.models.registry import get_model_spec
 
     spec = get_model_spec("hybrid_tiny").replace(d_intermediate=0)
-    torch.manual_seed(0)
-    model = spec.build(DEVICE)
-    model.init_weights()
-    steps = []
-    real = mamba.MambaLM._triton_decode
-    monkeypatch.setattr(mamba.MambaLM, "_triton_decode", lambda self, *a: steps.append(1) or real(self, *a))
-    assert_fused_decode_matches_full_forward(model.eval(), spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
-    assert len(steps) == 4  # every decode step took the GEMV path
+    _assert_gemv_steps_match_full_forward(monkeypatch, spec, mamba.MambaLM, "_triton_decode")
     with llama_compiled.fused_decode("triton"):
-        assert model._triton_decode_applies(1)
         assert not get_model_spec("hybrid_tiny").build("meta")._triton_decode_applies(1)  # a gated MLP: per module
 
 
@@ -177,23 +172,11 @@ def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     layer's slot update and read-out. 8 slots, so that the 4 decode steps after a 16-token prefill
     merge slots holding decoded tokens (whose gate logits then matter); a small vocabulary keeps
     the interpreter's LM head short."""
-    from triton_helpers import assert_fused_decode_matches_full_forward
-
     from avengers.models import telescoping
     from avengers.models.registry import get_model_spec
 
     spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512)
-    torch.manual_seed(0)
-    model = spec.build(DEVICE)
-    model.init_weights()
-    model.eval()
-    steps = []
-    real = telescoping.TelescopingLlama._triton_step
-    monkeypatch.setattr(telescoping.TelescopingLlama, "_triton_step", lambda self, *a: steps.append(1) or real(self, *a))
-    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
-    assert len(steps) == 4  # every decode step took the GEMV path
-    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH + 1)
-    assert len(steps) == 4  # a larger batch takes the per-module path
+    _assert_gemv_steps_match_full_forward(monkeypatch, spec, telescoping.TelescopingLlama, "_triton_step")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")

@@ -35,9 +35,9 @@ def set_fused_decode(mode: str) -> None:
     torch.compile'd ("inductor"; it also compiles the telescoping layers' telescoping.step_core),
     as the fused Triton kernels of triton_gemv.py ("triton", CUDA or Triton's interpreter; batches
     above GEMV_STEP_MAX_BATCH take the inductor functions; Mamba-2, hybrid and telescoping models'
-    steps take MambaLM._triton_decode and TelescopingLlama._triton_step),
-    or as one persistent Triton kernel per block (triton_block.py, "persistent"; same fallback);
-    "off": the per-module path in kv_cache.py."""
+    steps take MambaLM._triton_decode and TelescopingLlama._triton_step), or as one persistent
+    Triton kernel per block (triton_block.py, "persistent"; same fallback); "off": the per-module
+    path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
         raise ValueError(f"fused decode mode must be one of {FUSED_DECODE_MODES}, got {mode!r}")
     _state["mode"] = mode
@@ -45,6 +45,12 @@ def set_fused_decode(mode: str) -> None:
 
 def fused_decode_mode() -> str:
     return _state["mode"]
+
+
+def triton_gemv_step(batch: int) -> bool:
+    """Whether a decode step of `batch` sequences takes a model's Triton GEMV step (the "triton"
+    mode, batch up to GEMV_STEP_MAX_BATCH); the model also checks that its layout allows it."""
+    return _state["mode"] == "triton" and batch <= GEMV_STEP_MAX_BATCH
 
 
 @contextlib.contextmanager

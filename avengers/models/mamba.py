@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
-from avengers.inference.llama_compiled import GEMV_STEP_MAX_BATCH, fused_decode_mode
+from avengers.inference.llama_compiled import fused_decode_mode, triton_gemv_step
 from avengers.models.mamba_kernels import KERNEL_MODES, REFERENCE, Kernels, select_kernels
 from avengers.models.registry import ModelSpec, register
 from avengers.models.rope import apply_rotary, rotary_cos_sin
@@ -495,7 +495,7 @@ class MambaLM(nn.Module):
 
     def _triton_decode_applies(self, batch: int) -> bool:
         """The "triton" decode mode's path: blocks without MLPs whose projections have no biases, batch 1."""
-        return fused_decode_mode() == "triton" and batch <= GEMV_STEP_MAX_BATCH and self._gemv_layout
+        return triton_gemv_step(batch) and self._gemv_layout
 
     @functools.cached_property
     def _gemv_layout(self) -> bool:  # the layout is fixed at build: not re-checked every decode step

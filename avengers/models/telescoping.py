@@ -34,7 +34,7 @@ from torch import nn
 from avengers.inference import llama_compiled
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
-from avengers.inference.llama_compiled import GEMV_STEP_MAX_BATCH, fused_decode_mode
+from avengers.inference.llama_compiled import fused_decode_mode, triton_gemv_step
 from avengers.models.llama import TINY_VOCAB, Llama, llama_param_counts
 from avengers.models.registry import ModelSpec, get_model_spec, register
 
@@ -795,7 +795,7 @@ class TelescopingLlama(Llama):
 
     def _triton_step_applies(self, batch: int) -> bool:
         """The "triton" decode mode's path: telescoping layers only, Llama's block layout, batch 1."""
-        return fused_decode_mode() == "triton" and batch <= GEMV_STEP_MAX_BATCH and self._gemv_layout
+        return triton_gemv_step(batch) and self._gemv_layout
 
     @functools.cached_property
     def _gemv_layout(self) -> bool:  # the layout is fixed at build: not re-checked every decode step
