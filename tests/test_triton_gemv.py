@@ -41,21 +41,22 @@ def _rand(*shape, seed=0, scale=1.0):
 
 
 @pytest.mark.parametrize("B", [1, 3, 8])
-@pytest.mark.parametrize("fusion", ["plain", "norm", "norm_swiglu", "residual"])
+@pytest.mark.parametrize("fusion", ["plain", "norm", "norm_swiglu", "norm_swiglu_gate_last", "residual"])
 def test_gemv_fusions_match_torch(B, fusion):
     K, N = 200, 37  # neither a multiple of the block sizes
     x, g = _rand(B, K, seed=1), _rand(K, seed=2) + 1
-    w = _rand(2 * N if fusion == "norm_swiglu" else N, K, seed=3, scale=K**-0.5)
+    swiglu, gate_last = "swiglu" in fusion, fusion.endswith("gate_last")
+    w = _rand(2 * N if swiglu else N, K, seed=3, scale=K**-0.5)
     res = _rand(B, N, seed=4)
     xin = F.rms_norm(x, (K,), g, 1e-5) if fusion.startswith("norm") else x
     ref = F.linear(xin, w)
-    if fusion == "norm_swiglu":
-        gate, up = ref.split(N, -1)
+    if swiglu:
+        gate, up = ref.split(N, -1)[::-1] if gate_last else ref.split(N, -1)
         ref = F.silu(gate) * up
     if fusion == "residual":
         ref = ref + res
     out = triton_gemv.gemv(x, w, norm_weight=g if fusion.startswith("norm") else None, eps=1e-5,
-                           residual=res if fusion == "residual" else None, swiglu=fusion == "norm_swiglu")
+                           residual=res if fusion == "residual" else None, swiglu=swiglu, gate_last=gate_last)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -154,17 +155,19 @@ def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     _assert_gemv_steps_match_full_forward(monkeypatch, get_model_spec("mamba2_tiny"), mamba.MambaLM, "_triton_decode")
 
 
-def test_hybrid_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
-    """A Mamba-2 / attention hybrid without MLPs (as mamba_1.5b) under the "triton" decode mode at
-    batch 1: the attention layers' in_proj and out_proj become GEMVs too (their core: conv, partial
-    RoPE, the cache write and decode attention)."""
+@pytest.mark.parametrize("d_intermediate", [0, 128])
+def test_hybrid_decode_with_triton_gemvs_matches_full_forward(monkeypatch, d_intermediate):
+    """A Mamba-2 / attention hybrid under the "triton" decode mode at batch 1, without MLPs (as
+    mamba_1.5b) and with gated MLPs (as mamba_9.8b): the attention layers' in_proj and out_proj
+    become GEMVs too (their core: conv, partial RoPE, the cache write and decode attention), and
+    each MLP two GEMVs (RMSNorm + fc1 + SwiGLU with fc1's [value; gate] rows, fc2 + residual)."""
     from avengers.models import mamba
     from avengers.models.registry import get_model_spec
 
-    spec = get_model_spec("hybrid_tiny").replace(d_intermediate=0)
+    spec = get_model_spec("hybrid_tiny").replace(d_intermediate=d_intermediate)
     _assert_gemv_steps_match_full_forward(monkeypatch, spec, mamba.MambaLM, "_triton_decode")
     with llama_compiled.fused_decode("triton"):
-        assert not get_model_spec("hybrid_tiny").build("meta")._triton_decode_applies(1)  # a gated MLP: per module
+        assert not spec.replace(attn_qkv_bias=True).build("meta")._triton_decode_applies(1)  # per module
 
 
 def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):

@@ -72,10 +72,10 @@ def x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
-def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
+def _gemv_acc(X, NormW, W, Res, K, N, UP, eps, sxb, srb, rows, r_ok, bs, b_ok,
               NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
     """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
-    up rows N below them when SWIGLU: returned second, else the first again), and the residual
+    up rows `rows + UP` when SWIGLU: returned second, else the first again), and the residual
     rows when RESIDUAL (read right after the wait, so that their latency overlaps the products).
     With NORM the rows' sums of squares are gathered in the product loop and their RMS scale
     applied to the products at the end (rmsnorm(x) @ W^T = rstd * ((x * g) @ W^T)): the input
@@ -87,8 +87,8 @@ def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
     # weights are read once per step (and a step reads far more than the L2 holds): evict them first
     w_first = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
     u_first = w_first
-    if SWIGLU:  # the up rows sit N rows below the gate rows in the fused [gate; up] weight
-        u_first = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0,
+    if SWIGLU:  # the up rows sit UP rows from the gate rows in the fused weight
+        u_first = tl.load(W + (rows[:, None] + UP) * K + ks[None, :], mask=wm, other=0.0,
                           eviction_policy="evict_first")
     if GDC:
         tl.extra.cuda.gdc_wait()
@@ -111,7 +111,7 @@ def _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok,
         w = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
         acc += tl.sum(gx[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         if SWIGLU:
-            u = tl.load(W + (rows[:, None] + N) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
+            u = tl.load(W + (rows[:, None] + UP) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
             acc_up += tl.sum(gx[:, None, :] * u.to(tl.float32)[None, :, :], 2)
     if NORM:
         rstd = 1.0 / tl.sqrt(ss / K + eps)
@@ -161,14 +161,14 @@ def rope_store(acc, tile, c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn,
 @triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
 @triton.jit
-def _gemv_kernel(X, NormW, W, Res, Out, K, N, eps, sxb, srb, sob,
+def _gemv_kernel(X, NormW, W, Res, Out, K, N, UP, eps, sxb, srb, sob,
                  BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                  RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
-    acc, acc_up, res = _gemv_acc(X, NormW, W, Res, K, N, eps, sxb, srb, rows, r_ok, bs, b_ok, NORM, SWIGLU,
+    acc, acc_up, res = _gemv_acc(X, NormW, W, Res, K, N, UP, eps, sxb, srb, rows, r_ok, bs, b_ok, NORM, SWIGLU,
                                  RESIDUAL, GDC, BK)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -191,16 +191,19 @@ def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb,
     # were written by the plain (non-PDL) kernels before the step's first block, which the first
     # block's kernels cannot overtake
     c, s, pos = rope_operands(tl.program_id(0), Cos, Sin, Pos, NQ, NK, BN)
-    acc, _, _ = _gemv_acc(X, NormW, W, X, K, N, eps, sxb, 0, rows, rows < N, bs, bs < B, True, False, False, GDC, BK)
+    acc, _, _ = _gemv_acc(X, NormW, W, X, K, N, 0, eps, sxb, 0, rows, rows < N, bs, bs < B, True, False, False, GDC,
+                          BK)
     rope_store(acc, tl.program_id(0), c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
                BB, B, BN)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         residual: torch.Tensor | None = None, swiglu: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, swiglu: bool = False, gate_last: bool = False,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [B, K] (B <= MAX_BATCH, unit last stride) @ weight[N', K]^T with the optional fusions:
-    rmsnorm(x) * norm_weight first; swiglu: weight is [gate; up] (N' = 2N), output silu(gate) * up;
-    residual [B, N] added last. Returns [B, N] in out_dtype (default x's dtype)."""
+    rmsnorm(x) * norm_weight first; swiglu: weight is [gate; up] (N' = 2N; [up; gate] with
+    gate_last, as mamba_ssm's GatedMLP fc1), output silu(gate) * up; residual [B, N] added last.
+    Returns [B, N] in out_dtype (default x's dtype)."""
     B, K = x.shape
     if not 1 <= B <= MAX_BATCH or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != K:
         raise ValueError(f"gemv needs x [B <= {MAX_BATCH}, K] with unit last stride and a contiguous weight [N, K]; "
@@ -209,9 +212,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
     out = torch.empty(B, N, device=x.device, dtype=out_dtype or x.dtype)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{B}, {N}] with unit last stride, got {tuple(residual.shape)}")
+    # gate_last: the kernel's gate rows from row N on (a view), its up rows N rows before them
+    w, up = (weight[N:], -N) if swiglu and gate_last else (weight, N)
     _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
-        x, norm_weight if norm_weight is not None else x, weight, residual if residual is not None else out, out,
-        K, N, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        x, norm_weight if norm_weight is not None else x, w, residual if residual is not None else out, out,
+        K, N, up, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         BB=triton.next_power_of_2(B), B=B, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
         **pdl_kwargs(x.device))
     return out

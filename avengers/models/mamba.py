@@ -494,18 +494,20 @@ class MambaLM(nn.Module):
         return logits
 
     def _triton_decode_applies(self, batch: int) -> bool:
-        """The "triton" decode mode's path: blocks without MLPs whose projections have no biases, batch 1."""
+        """The "triton" decode mode's path: blocks whose projections have no biases, batch 1."""
         return triton_gemv_step(batch) and self._gemv_layout
 
     @functools.cached_property
     def _gemv_layout(self) -> bool:  # the layout is fixed at build: not re-checked every decode step
-        return all(layer.mlp is None and layer.mixer.in_proj.bias is None and layer.mixer.out_proj.bias is None
+        # (GatedMLP's projections never have biases; attention's may: attn_qkv_bias, attn_out_bias)
+        return all(layer.mixer.in_proj.bias is None and layer.mixer.out_proj.bias is None
                    for layer in self.backbone.layers)
 
     def _triton_decode(self, hidden: torch.Tensor, cache: InferenceCache, k: Kernels) -> torch.Tensor:
         """One decode step with the residual stream kept whole in fp32: per block RMSNorm + in_proj
         as one Triton GEMV, the mixer's core (Mamba-2 or attention), out_proj + residual add as one
-        GEMV; the final norm and the LM head as one GEMV (triton_gemv.py). The same maths as the
+        GEMV, and where the block has a gated MLP, RMSNorm + fc1 + SwiGLU and fc2 + residual as two
+        more; the final norm and the LM head as one GEMV (triton_gemv.py). The same maths as the
         block protocol's (hidden, residual) pair, which add_rmsnorm sums before every norm."""
         from avengers.inference import triton_gemv
 
@@ -517,6 +519,10 @@ class MambaLM(nn.Module):
                                          out_dtype=hidden.dtype)
             y = mixer.core(projected.unsqueeze(1), k, state, cache)
             h = triton_gemv.gemv(y.reshape(B, -1), mixer.out_proj.weight, residual=h, out_dtype=torch.float32)
+            if layer.mlp is not None:
+                act = triton_gemv.gemv(h, layer.mlp.fc1.weight, norm_weight=layer.norm2.weight, eps=layer.norm2.eps,
+                                       swiglu=True, gate_last=True, out_dtype=hidden.dtype)
+                h = triton_gemv.gemv(act, layer.mlp.fc2.weight, residual=h, out_dtype=torch.float32)
         norm_f = self.backbone.norm_f
         logits = triton_gemv.gemv(h, self.lm_head.weight, norm_weight=norm_f.weight, eps=norm_f.eps,
                                   out_dtype=hidden.dtype)
