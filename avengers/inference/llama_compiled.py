@@ -21,8 +21,8 @@ from torch import nn
 
 FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton", "persistent")
 _state: dict = {"mode": "off"}
-# The largest batch the "triton" and "persistent" modes' GEMV steps serve (Llama, Mamba-2, hybrids
-# without MLPs, telescoping); larger batches take the compiled path. H200 at 1k context, ms/step vs
+# The largest batch the "triton" and "persistent" modes' GEMV steps serve (Llama, Mamba-2, hybrids,
+# telescoping); larger batches take the compiled path. H200 at 1k context, ms/step vs
 # --compile (docs/benchmarks.md): llama3_1.8b batch 1 1.37 vs 1.69, batch 2 1.81 vs 1.78, batch 4
 # 3.07 vs 1.83, batch 8 5.23 vs 1.91; mamba2_1.3b batch 1 1.76 vs 1.87, batch 8 5.42 vs 2.43 (a
 # GEMV program re-reads its input tile for every few rows of weights). The kernels themselves take
