@@ -62,7 +62,7 @@ class BenchConfig:
     out: str = "bench_out"
     seed: int = 0
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
-    fused_decode: str = "off"  # Llama-block decode via llama_compiled: off | eager | inductor | triton | persistent
+    fused_decode: str = "off"  # decode-step fusion: one of llama_compiled.FUSED_DECODE_MODES
     decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
     pdl: bool = True  # launch the Triton decode kernels with programmatic dependent launch (triton_pdl.py)
     tune_gemv: bool = False  # fused_decode triton: pick the GEMV tiles by whole-step time first (gemv_tuning.py)
