@@ -47,6 +47,12 @@ def fused_decode_mode() -> str:
     return _state["mode"]
 
 
+def compiled_step_cores() -> bool:
+    """Whether the models' element-wise decode steps between projections (telescoping.step_core,
+    mamba.conv_step) run torch.compile'd: in the "inductor" mode, and around the "triton" mode's GEMVs."""
+    return _state["mode"] in ("inductor", "triton")
+
+
 def triton_gemv_step(batch: int) -> bool:
     """Whether a decode step of `batch` sequences takes a model's Triton GEMV step (the "triton"
     mode, batch up to GEMV_STEP_MAX_BATCH); the model also checks that its layout allows it."""

@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
-from avengers.inference.llama_compiled import fused_decode_mode, triton_gemv_step
+from avengers.inference.llama_compiled import compiled_step_cores, triton_gemv_step
 from avengers.models.mamba_kernels import KERNEL_MODES, REFERENCE, Kernels, select_kernels
 from avengers.models.registry import ModelSpec, register
 from avengers.models.rope import apply_rotary, rotary_cos_sin
@@ -295,7 +295,7 @@ class Mamba2Mixer(nn.Module):
         b, T, _ = zxbcdt.shape
         z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
         if state is not None and T == 1:  # one token: shift the window, dot with the kernel
-            step = compiled_conv_step() if fused_decode_mode() in ("inductor", "triton") else conv_step
+            step = compiled_conv_step() if compiled_step_cores() else conv_step
             xBC, A = step(state.conv, xBC, self.conv1d.weight, self.conv1d.bias, self.A_log)
         else:
             A = -torch.exp(self.A_log.float())

@@ -34,7 +34,7 @@ from torch import nn
 from avengers.inference import llama_compiled
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import KVState, decode_attention, padded_len
-from avengers.inference.llama_compiled import fused_decode_mode, triton_gemv_step
+from avengers.inference.llama_compiled import compiled_step_cores, triton_gemv_step
 from avengers.models.llama import TINY_VOCAB, Llama, llama_param_counts
 from avengers.models.registry import ModelSpec, get_model_spec, register
 
@@ -658,7 +658,7 @@ class TelescopingAttention(MultiHeadAttention):
         """
         B = x.shape[0]
         tables = step_tables(self.opts.cache_size, self.opts.fmap, x.device)
-        core = compiled_step_core() if fused_decode_mode() in ("inductor", "triton") else step_core
+        core = compiled_step_core() if compiled_step_cores() else step_core
         out = core(*self._project_raw(x), position, state.k, state.v, state.log_mass, tables, self.opts,
                    self.rope_theta, *self._gains())
         return self.dense(out.reshape(B, 1, self.nheads * self.emb_v_per_head))
@@ -823,8 +823,7 @@ class TelescopingLlama(Llama):
                        state.log_mass, tables, attn.opts, attn.rope_theta, *attn._gains())
             h = triton_gemv.decode_post(h, out.reshape(B, 1, -1), attn.dense.weight, layer.ff_ln.weight,
                                         layer.ff_ln.eps, ff.wg1_fused.weight, ff.w2.weight, ff.hidden_dim)
-        logits = llama_compiled.decode_head(base.dec_norm, self.head, h)
-        return logits if logits is not None else self.head(base.dec_norm(h))
+        return llama_compiled.decode_head(base.dec_norm, self.head, h)  # a GEMV: this path serves batch 1 only
 
 
 def full_attention_cached(attn: MultiHeadAttention, y: torch.Tensor, state: KVState,
