@@ -27,7 +27,7 @@ test: $(STAMP)
 # into .triton-site, outside the venv, so `make test` keeps skipping these files.
 test-triton: $(STAMP)
 	test -d .triton-site || $(PY) -m pip install -q --no-deps --target .triton-site triton
-	TRITON_INTERPRET=1 PYTHONPATH=.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_inference_triton.py tests/test_causal_conv_triton.py tests/test_triton_gemv.py tests/test_triton_block.py tests/test_stream_read.py tests/test_decode_attention_bench.py tests/test_gemv_tuning.py tests/test_sm90_compile.py
+	TRITON_INTERPRET=1 PYTHONPATH=.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_inference_triton.py tests/test_causal_conv_triton.py tests/test_triton_gemv.py tests/test_triton_block.py tests/test_stream_read.py tests/test_decode_attention_bench.py tests/test_gemv_tuning.py tests/test_sm90_compile.py tests/test_gluon_chain.py
 
 gpu-install: $(STAMP)
 	$(PY) -m pip install -q packaging ninja

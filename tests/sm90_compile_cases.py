@@ -41,6 +41,17 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tup
     triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4) -> None:
+    """compile_case for a Gluon kernel: `types` names every non-i32 argument's type (tensor
+    descriptors as 'tensordesc<...>')."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    src = GluonASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
 def cases():
     from avengers.inference import triton_block, triton_decode, triton_gemv
     from avengers.models import causal_conv_triton
@@ -84,6 +95,15 @@ def cases():
              BN_UP=tb._tile_rows(D, swiglu=True), BN_DOWN=tb._tile_rows(hidden), BK_D=D, BK_Q=NQ, BK_HID=8192,
              BLOCK_G=16, BLOCK=128, BLOCK_S=16, PRECISION="tf32", DYNAMIC_BOUND=True, STATIC_SPAN=0, STAMPS=False,
              STAGES=tb.STAGES), ("eps", "ff_eps"), tb.NUM_WARPS)
+    from avengers.inference import gluon_chain as gc
+
+    desc = f"tensordesc<bf16[{gc.ROWS},{gc.CHUNKS},{gc.CW}],{gc._layout()!r}>"
+    for warps in (4, 8) if gc.GLUON_API else ():  # written for Triton 3.6's Gluon
+        yield f"gluon GEMV chain ({warps} consumer warps)", functools.partial(
+            compile_gluon_case, gc._chain_kernel,
+            {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
+             "FfLnW": bf, "eps": "fp32", "Stamps": "*i64"},
+            dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8), warps)
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(
         compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)

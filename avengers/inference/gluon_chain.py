@@ -1,0 +1,315 @@
+"""The GEMV chain of a Llama decode step (every block's QKV, Wo, gate/up and W2 GEMVs at batch 1)
+as one warp-specialised persistent Gluon kernel: the first part of a one-kernel decode step.
+
+Why (docs/benchmarks.md): at batch 1 a Llama step is a chain of GEMVs whose weights do not depend
+on the token, but at every kernel (or grid-barrier phase) boundary the weight stream stops until
+the previous phase's output is there. Here it never stops: in every program (one per SM) a
+one-warp loader partition walks the weights of all blocks in step order and copies them with TMA
+into a ring of shared-memory stages, throttled only by free stages, while the consumer warps wait
+at the grid barriers, put their input row into shared memory and reduce the staged weights against
+it. Every weight item is one TMA box of ROWS rows x ITEM_K columns (16 KB in bf16).
+
+Not yet wired into the model: RoPE, the cache write and attention are missing (the Wo phase reads
+the q rows of the QKV output instead of attention's output), so `chain` computes
+`chain_reference`, not a Llama step. benchmarks/gpu_gluon_chain_probe.py times it against the
+per-kernel Triton GEMVs on the same weights. Weights are packed once (`pack`): every block's
+[Wqkv; Wo; Wg1 with gate and up rows interleaved in groups of ROWS // 2] stacked into one
+[rows, D] matrix, and every W2 into [L * D, hidden].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+ROWS = 8  # weight rows per item
+CHUNKS = 4  # TMA box: [ROWS, CHUNKS, CW] = ROWS rows of ITEM_K columns
+CW = 256  # TMA boxes are at most 256 elements per dimension
+ITEM_K = CHUNKS * CW
+MAX_K_ITEMS = 8  # the input row buffer holds K <= MAX_K_ITEMS * ITEM_K
+MAX_SPINS = 1 << 20  # polls (about a second) before a barrier wait gives up instead of hanging
+# the same, as constants the kernels can read
+_R, _CH, _CW, _IK = gl.constexpr(ROWS), gl.constexpr(CHUNKS), gl.constexpr(CW), gl.constexpr(ITEM_K)
+_MAXK, _SPINS = gl.constexpr(MAX_K_ITEMS), gl.constexpr(MAX_SPINS)
+
+
+# Written against Triton 3.6's Gluon (the one torch 2.11 ships); later releases renamed
+# thread_barrier, _reinterpret and the TMA copies
+GLUON_API = hasattr(gl, "thread_barrier")
+
+
+@gluon.jit
+def _views(stage, xbuf):
+    """A ring stage as [row group, row, chunk, column] and the input row buffer as [K item, chunk,
+    column], both row-major (what TMA writes with no swizzle)."""
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+    return (stage._reinterpret(gl.bfloat16, [2, _R // 2, _CH, _CW], plain),
+            xbuf._reinterpret(gl.bfloat16, [_MAXK, _CH, _CW], xbuf.layout))
+
+
+@gluon.jit
+def _stamp(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr):
+    """Stamps[pid, ph, slot] = the GPU's global timer (ns), when profiling (`chain(stamps=...)`)."""
+    if ON:
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=gl.int64, is_pure=False,
+                                      pack=1)
+        gl.store(Stamps + (pid * 4096 + ph) * 4 + slot, t)
+
+
+@gluon.jit
+def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES: gl.constexpr):
+    """This program's row blocks pid, pid + P, ... of one GEMV, K item by K item, into the ring."""
+    for rb in range(pid, nrb, P):
+        for kc in range(k_items):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), _R * _IK * 2)
+            tma.async_copy_global_to_shared(desc, [row0 + rb * _R, kc * _CH, 0], ready.index(s), ring.index(s))
+            i += 1
+    return i
+
+
+@gluon.jit
+def _loader(w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES: gl.constexpr,
+            STAMPS: gl.constexpr):
+    """Worker partition (one warp): every weight item this program reduces, in the consumer's
+    order (stamp 0: when the phase's last copy was issued)."""
+    pid = gl.program_id(0)
+    per_layer = NQKV + D + 2 * HID
+    kd = D // _IK
+    i = 0
+    for layer in range(n_layers):
+        row0 = layer * per_layer
+        i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        _stamp(Stamps, pid, layer * 4, 0, STAMPS)
+        i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        _stamp(Stamps, pid, layer * 4 + 1, 0, STAMPS)
+        i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        _stamp(Stamps, pid, layer * 4 + 2, 0, STAMPS)
+        i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES)
+        _stamp(Stamps, pid, layer * 4 + 3, 0, STAMPS)
+
+
+@gluon.jit
+def _grid_arrive(Count):
+    gl.thread_barrier()
+    gl.atomic_add(Count, 1, sem="release")
+
+
+@gluon.jit
+def _grid_wait(Count, target):
+    """triton_grid.grid_wait in Gluon. Measured slower on the H200: polling with plain acquire
+    loads (1.5%), and a flag that the last arrival sets, polled instead of the counter (8%)."""
+    spins = 0
+    while (gl.atomic_add(Count, 0, sem="acquire") < target) & (spins < _SPINS):
+        spins += 1
+    if spins == _SPINS:
+        gl.atomic_xchg(Count + 1, 1)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _rows(ring, ready, empty, xbuf, i, k_items, STAGES: gl.constexpr, L4: gl.constexpr, MATH: gl.constexpr):
+    """[2, _R // 2] fp32 products of one row block's staged weight items with the input row in
+    xbuf; element [a, b] is row a * _R // 2 + b of the block."""
+    acc = gl.zeros([2, _R // 2, _CH, _CW], gl.float32, L4)
+    for kc in range(k_items):
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        if MATH:
+            stage, xs = _views(ring.index(s), xbuf)
+            w = stage.load(L4)
+            x = xs.index(kc).load(gl.SliceLayout(0, gl.SliceLayout(0, L4)))
+            gl.thread_barrier()  # every warp has read the stage before it is handed back to the loader
+            fence_async_shared()
+            mbarrier.arrive(empty.index(s), count=1)
+            acc += w.to(gl.float32) * gl.expand_dims(gl.expand_dims(x.to(gl.float32), 0), 0)
+        else:
+            mbarrier.arrive(empty.index(s), count=1)
+        i += 1
+    return gl.sum(gl.sum(acc, 3), 2), i
+
+
+@gluon.jit
+def _fill_x(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr):
+    """The input row into xbuf (bf16, [_MAXK * _CH, _CW]): X [K] as stored, or rmsnorm(X) * NormW
+    rounded to bf16 (NORM). X was written by other programs: read past L1."""
+    r = gl.arange(0, _MAXK * _CH, layout=gl.SliceLayout(1, LX))
+    e = gl.arange(0, _CW, layout=gl.SliceLayout(0, LX))
+    idx = gl.expand_dims(r, 1) * _CW + gl.expand_dims(e, 0)
+    ok = idx < K
+    x = gl.load(X + idx, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)
+    if NORM:
+        rstd = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, 1), 0) / K + eps)
+        x = x * rstd * gl.load(NormW + idx, mask=ok, other=0.0).to(gl.float32)
+    xbuf.store(x.to(gl.bfloat16))
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
+              STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
+              num_warps: gl.constexpr):
+    """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
+    passed, 2 input row in shared memory, 3 phase done."""
+    # [row group, row, chunk, column]: a warp reduces whole rows (no cross-warp reduction), 8 columns
+    # per lane; with 8 warps the two row groups go to two warpgroups
+    L4: gl.constexpr = gl.BlockedLayout([8 // num_warps, 1, _CH, 8], [1, 1, 1, 32], [num_warps // 4, 4, 1, 1],
+                                        [3, 2, 1, 0])
+    LX: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+    LY: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+    pid = gl.program_id(0)
+    kd = D // _IK
+    ga = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(1, LY)), 1)
+    gb = gl.arange(0, _R // 2, layout=gl.SliceLayout(0, LY))
+    offs = ga * (_R // 2) + gl.expand_dims(gb, 0)  # [2, _R // 2]: the rows of a block
+    i = 0
+    phase = 0
+    for layer in range(n_layers):
+        # 1. qkv = rmsnorm(x) @ Wqkv^T (no RoPE or attention yet: Wo reads q)
+        if SYNC:
+            if layer > 0:
+                _grid_wait(Count, phase * P)
+        _stamp(Stamps, pid, phase, 1, ON)
+        _fill_x(xbuf, X, LnW + layer * D, D, eps, True, LX)
+        _stamp(Stamps, pid, phase, 2, ON)
+        for rb in range(pid, NQKV // _R, P):
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+            gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
+        _stamp(Stamps, pid, phase, 3, ON)
+        if SYNC:
+            _grid_arrive(Count)
+        phase += 1
+        # 2. h2 = x + q @ Wo^T
+        if SYNC:
+            _grid_wait(Count, phase * P)
+        _stamp(Stamps, pid, phase, 1, ON)
+        _fill_x(xbuf, Qkv, X, D, eps, False, LX)
+        _stamp(Stamps, pid, phase, 2, ON)
+        for rb in range(pid, D // _R, P):
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+            res = gl.load(X + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
+            gl.store(H2 + rb * _R + offs, (y + res).to(gl.bfloat16))
+        _stamp(Stamps, pid, phase, 3, ON)
+        if SYNC:
+            _grid_arrive(Count)
+        phase += 1
+        # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
+        if SYNC:
+            _grid_wait(Count, phase * P)
+        _stamp(Stamps, pid, phase, 1, ON)
+        _fill_x(xbuf, H2, FfLnW + layer * D, D, eps, True, LX)
+        _stamp(Stamps, pid, phase, 2, ON)
+        for rb in range(pid, 2 * HID // _R, P):
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+            g = gl.sum(gl.where(ga == 0, y, 0.0), 0)
+            u = gl.sum(gl.where(ga == 1, y, 0.0), 0)
+            gl.store(A + rb * (_R // 2) + gb, (g / (1.0 + gl.exp(-g)) * u).to(gl.bfloat16))
+        _stamp(Stamps, pid, phase, 3, ON)
+        if SYNC:
+            _grid_arrive(Count)
+        phase += 1
+        # 4. x = h2 + a @ W2^T
+        if SYNC:
+            _grid_wait(Count, phase * P)
+        _stamp(Stamps, pid, phase, 1, ON)
+        _fill_x(xbuf, A, A, HID, eps, False, LX)
+        _stamp(Stamps, pid, phase, 2, ON)
+        for rb in range(pid, D // _R, P):
+            y, i = _rows(ring, ready, empty, xbuf, i, HID // _IK, STAGES, L4, MATH)
+            res = gl.load(H2 + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
+            gl.store(X + rb * _R + offs, (y + res).to(gl.bfloat16))
+        _stamp(Stamps, pid, phase, 3, ON)
+        if SYNC:
+            _grid_arrive(Count)
+        phase += 1
+
+
+@gluon.jit
+def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D, HID, eps, Stamps,
+                  STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
+                  STAMPS: gl.constexpr = False):
+    P = gl.num_programs(0)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
+    xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    gl.warp_specialize([
+        (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
+                     STAGES, SYNC, MATH, STAMPS, num_warps)),
+        (_loader, (w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES, STAMPS)),
+    ], [1], [40])
+
+
+def chain_reference(x: torch.Tensor, qkv_w, wo, wg1, w2, ln_w, ff_ln_w, eps: float) -> torch.Tensor:
+    """What `chain` computes, in torch with the same bf16 roundings: per block qkv = rmsnorm(x) @ Wqkv^T,
+    h2 = x + q @ Wo^T (q: the first D rows of qkv), x = h2 + (silu(g) * u) @ W2^T with
+    [g; u] = rmsnorm(h2) @ Wg1^T. x [D]; weights as lists of per-block tensors."""
+    D = x.shape[0]
+    x = x.float()
+    for q, o, g1, down, ln, ffln in zip(qkv_w, wo, wg1, w2, ln_w, ff_ln_w):
+        xn = (x * torch.rsqrt((x * x).mean() + eps) * ln.float()).bfloat16().float()
+        qkv = (q.float() @ xn).bfloat16().float()
+        h2 = (x + o.float() @ qkv[:D]).bfloat16().float()
+        xn2 = (h2 * torch.rsqrt((h2 * h2).mean() + eps) * ffln.float()).bfloat16().float()
+        gu = g1.float() @ xn2
+        hid = gu.shape[0] // 2
+        a = (torch.nn.functional.silu(gu[:hid]) * gu[hid:]).bfloat16().float()
+        x = (h2 + down.float() @ a).bfloat16().float()
+    return x.bfloat16()
+
+
+def _layout():
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+
+
+def pack(qkv_w: list[torch.Tensor], wo: list[torch.Tensor], wg1: list[torch.Tensor], w2: list[torch.Tensor]):
+    """Per-block weights -> (W [L * (NQKV + D + 2 HID), D], W2 [L * D, HID]) in the kernel's order;
+    wg1 is [gate; up] ([2 HID, D]), packed as groups of ROWS // 2 gate rows and their up rows."""
+    blocks = []
+    for q, o, g1 in zip(qkv_w, wo, wg1):
+        hid = g1.shape[0] // 2
+        gu = torch.stack([g1[:hid].reshape(-1, ROWS // 2, g1.shape[1]), g1[hid:].reshape(-1, ROWS // 2, g1.shape[1])], 1)
+        blocks += [q, o, gu.reshape(2 * hid, g1.shape[1])]
+    return torch.cat(blocks).contiguous(), torch.cat(w2).contiguous()
+
+
+def descriptors(w: torch.Tensor, w2: torch.Tensor):
+    box = [ROWS, CHUNKS, CW]
+    views = [t.view(t.shape[0], t.shape[1] // CW, CW) for t in (w, w2)]
+    return [TensorDescriptor(v, list(v.shape), list(v.stride()), box, _layout()) for v in views]
+
+
+def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs, stages=12, num_warps=8,
+          sync=True, math=True, stamps=None):
+    """chain_reference in place on x [D] (bf16) with the packed weights' descriptors (`descriptors`)
+    and stacked norm weights [L, D]; `num_warps` (4 or 8) consumer warps and a ring of `stages` 16 KB
+    stages per program; bufs = (qkv bf16 [NQKV], h2 bf16 [D], a bf16 [HID], count
+    int32 [2], zeroed here; count[1] = 1 if a grid barrier gave up). `programs` must all be resident
+    (one per SM). sync=False (no grid barriers) and math=False (weights only streamed) give wrong
+    results and exist to time the parts. stamps: int64 [programs, 4096, 4] for per-phase timestamps
+    (ns; phase = block * 4 + GEMV: 0 the loader's last copy issued, 1 the barrier passed, 2 the input
+    row ready, 3 the phase done)."""
+    if not GLUON_API:
+        raise RuntimeError(f"gluon chain needs Triton 3.6's Gluon API; this is Triton {triton.__version__}")
+    D = x.shape[0]
+    if D % ITEM_K or hid % ITEM_K or nqkv % ROWS or D > MAX_K_ITEMS * ITEM_K or hid > MAX_K_ITEMS * ITEM_K:
+        raise ValueError(f"gluon chain: D={D}, hidden={hid} must be multiples of {ITEM_K} up to "
+                         f"{MAX_K_ITEMS * ITEM_K}, NQKV={nqkv} a multiple of {ROWS}")
+    if stamps is not None and (stamps.shape != (programs, 4096, 4) or stamps.dtype != torch.int64 or 4 * n_layers > 4096):
+        raise ValueError(f"stamps must be int64 [{programs}, 4096, 4] (at most 1024 blocks), got "
+                         f"{stamps.dtype} {tuple(stamps.shape)} for {n_layers} blocks")
+    qkv, h2, a, count = bufs
+    count.zero_()
+    _chain_kernel[(programs,)](w_d, w2_d, x, qkv, h2, a, count, ln_w, ff_ln_w, n_layers, nqkv, D, hid, eps,
+                               stamps if stamps is not None else count,
+                               STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
+                               STAMPS=stamps is not None,
+                               launch_cooperative_grid=True)

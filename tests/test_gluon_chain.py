@@ -1,0 +1,57 @@
+"""The warp-specialised Gluon GEMV chain (avengers/inference/gluon_chain.py) against its torch
+reference on a Hopper GPU, and its weight packing anywhere Gluon imports."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="no Gluon in this triton")
+
+from avengers.inference import gluon_chain as gc  # noqa: E402
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9
+                            or not gc.GLUON_API, reason="needs a Hopper (sm_90+) GPU and Triton 3.6's Gluon")
+
+
+def _weights(L, D, NQKV, HID, device):
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(L, n, k, generator=g) * 0.03).to(device, torch.bfloat16)
+          for n, k in ((NQKV, D), (D, D), (2 * HID, D), (D, HID))]
+    norms = [(1 + 0.1 * torch.randn(L, D, generator=g)).to(device, torch.bfloat16) for _ in range(2)]
+    return ws, norms
+
+
+def test_pack_interleaves_gate_and_up_rows():
+    ws, _ = _weights(2, 1024, 16, 1024, "cpu")
+    w, w2 = gc.pack(*(list(t) for t in ws))
+    per_block = 16 + 1024 + 2 * 1024
+    assert w.shape == (2 * per_block, 1024) and w2.shape == (2 * 1024, 1024)
+    gu = w[per_block + 16 + 1024:]  # block 1's gate/up rows
+    half = gc.ROWS // 2
+    assert torch.equal(gu[:half], ws[2][1][:half])  # gate rows 0..3
+    assert torch.equal(gu[half:2 * half], ws[2][1][1024:1024 + half])  # then their up rows
+    assert torch.equal(gu[2 * half:3 * half], ws[2][1][half:2 * half])
+    assert torch.equal(w2[1024:], ws[3][1])
+
+
+@pytest.mark.skipif(not gc.GLUON_API, reason="written for Triton 3.6's Gluon")
+def test_chain_rejects_shapes_it_cannot_tile():
+    x = torch.zeros(1000)
+    with pytest.raises(ValueError, match="D=1000"):
+        gc.chain(None, None, x, None, None, (None,) * 4, 1, 16, 1024, 1e-5, 1)
+
+
+@hopper
+@pytest.mark.parametrize("stages,warps", [(12, 8), (12, 4), (2, 8)])
+def test_chain_matches_reference(stages, warps):
+    L, D, NQKV, HID, eps = 3, 1024, 1536, 3072, 1e-5
+    ws, (ln, ffln) = _weights(L, D, NQKV, HID, "cuda")
+    x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    ref = gc.chain_reference(x, *ws, ln, ffln, eps).float()
+    w_d, w2_d = gc.descriptors(*gc.pack(*(list(t) for t in ws)))
+    bufs = (torch.empty(NQKV, device="cuda", dtype=torch.bfloat16), torch.empty(D, device="cuda", dtype=torch.bfloat16),
+            torch.empty(HID, device="cuda", dtype=torch.bfloat16), torch.zeros(2, device="cuda", dtype=torch.int32))
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    gc.chain(w_d, w2_d, x, ln, ffln, bufs, L, NQKV, HID, eps, programs, stages=stages, num_warps=warps)
+    assert bufs[3][1].item() == 0, "a grid barrier gave up"
+    err = ((x.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, err
