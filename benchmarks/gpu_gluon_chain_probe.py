@@ -5,14 +5,18 @@ GEMVs launched with PDL, on the same random weights, both in CUDA graphs, on one
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 import triton
 
-from avengers.inference import gluon_chain as gc
-from avengers.inference.triton_gemv import gemv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avengers.inference import gluon_chain as gc  # noqa: E402
+from avengers.inference.triton_gemv import gemv  # noqa: E402
+from benchmarks.gpu_stream_read import _graph_us  # noqa: E402
 
 L, D, NQKV, HID, EPS = 24, 2048, 3072, 7168, 1e-5  # llama3_1.8b
 
@@ -29,24 +33,8 @@ def per_kernel(x, ws, ln, ffln):
 
 def graph_ms(fn, reps=50):
     """(best, median) of five means over `reps` replays of fn captured in a CUDA graph."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(5):
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        for _ in range(reps):
-            g.replay()
-        t1.record()
-        torch.cuda.synchronize()
-        times.append(t0.elapsed_time(t1) / reps)
-    return min(times), sorted(times)[2]
+    times = sorted(_graph_us([fn], reps) / 1e3 for _ in range(5))
+    return times[0], times[2]
 
 
 def phase_profile(t):

@@ -24,17 +24,19 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language._standard import _import_from_triton
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from avengers.inference import triton_grid
 
 ROWS = 8  # weight rows per item
 CHUNKS = 4  # TMA box: [ROWS, CHUNKS, CW] = ROWS rows of ITEM_K columns
 CW = 256  # TMA boxes are at most 256 elements per dimension
 ITEM_K = CHUNKS * CW
 MAX_K_ITEMS = 8  # the input row buffer holds K <= MAX_K_ITEMS * ITEM_K
-MAX_SPINS = 1 << 20  # polls (about a second) before a barrier wait gives up instead of hanging
 # the same, as constants the kernels can read
 _R, _CH, _CW, _IK = gl.constexpr(ROWS), gl.constexpr(CHUNKS), gl.constexpr(CW), gl.constexpr(ITEM_K)
-_MAXK, _SPINS = gl.constexpr(MAX_K_ITEMS), gl.constexpr(MAX_SPINS)
+_MAXK = gl.constexpr(MAX_K_ITEMS)
 
 
 # Written against Triton 3.6's Gluon (the one torch 2.11 ships); later releases renamed
@@ -94,22 +96,11 @@ def _loader(w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, ST
         _stamp(Stamps, pid, layer * 4 + 3, 0, STAMPS)
 
 
-@gluon.jit
-def _grid_arrive(Count):
-    gl.thread_barrier()
-    gl.atomic_add(Count, 1, sem="release")
-
-
-@gluon.jit
-def _grid_wait(Count, target):
-    """triton_grid.grid_wait in Gluon. Measured slower on the H200: polling with plain acquire
-    loads (1.5%), and a flag that the last arrival sets, polled instead of the counter (8%)."""
-    spins = 0
-    while (gl.atomic_add(Count, 0, sem="acquire") < target) & (spins < _SPINS):
-        spins += 1
-    if spins == _SPINS:
-        gl.atomic_xchg(Count + 1, 1)
-    gl.thread_barrier()
+# the Triton kernels' grid barrier (triton_grid.py), called from Gluon. Measured slower on the H200:
+# polling with plain acquire loads (1.5%), and a flag that the last arrival sets, polled instead of
+# the counter (8%).
+_grid_arrive = _import_from_triton(triton_grid.grid_arrive)
+_grid_wait = _import_from_triton(triton_grid.grid_wait)
 
 
 @gluon.jit
@@ -151,6 +142,27 @@ def _fill_x(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr):
 
 
 @gluon.jit
+def _enter(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr, Count, phase, P, wait, pid, Stamps,
+           SYNC: gl.constexpr, ON: gl.constexpr):
+    """Start a phase: pass its grid barrier (when `wait`), then put its input row into xbuf."""
+    if SYNC:
+        if wait:
+            _grid_wait(Count, phase * P)
+    _stamp(Stamps, pid, phase, 1, ON)
+    _fill_x(xbuf, X, NormW, K, eps, NORM, LX)
+    _stamp(Stamps, pid, phase, 2, ON)
+
+
+@gluon.jit
+def _leave(Count, phase, pid, Stamps, SYNC: gl.constexpr, ON: gl.constexpr):
+    """End a phase: this program's outputs are stored; arrive at the next barrier. Returns the next phase."""
+    _stamp(Stamps, pid, phase, 3, ON)
+    if SYNC:
+        _grid_arrive(Count)
+    return phase + 1
+
+
+@gluon.jit
 def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
               num_warps: gl.constexpr):
@@ -170,63 +182,35 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
     i = 0
     phase = 0
     for layer in range(n_layers):
-        # 1. qkv = rmsnorm(x) @ Wqkv^T (no RoPE or attention yet: Wo reads q)
-        if SYNC:
-            if layer > 0:
-                _grid_wait(Count, phase * P)
-        _stamp(Stamps, pid, phase, 1, ON)
-        _fill_x(xbuf, X, LnW + layer * D, D, eps, True, LX)
-        _stamp(Stamps, pid, phase, 2, ON)
+        # 1. qkv = rmsnorm(x) @ Wqkv^T (no RoPE or attention yet: Wo reads q); x comes from the launch
+        # for the first block
+        _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
         for rb in range(pid, NQKV // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
-        _stamp(Stamps, pid, phase, 3, ON)
-        if SYNC:
-            _grid_arrive(Count)
-        phase += 1
+        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 2. h2 = x + q @ Wo^T
-        if SYNC:
-            _grid_wait(Count, phase * P)
-        _stamp(Stamps, pid, phase, 1, ON)
-        _fill_x(xbuf, Qkv, X, D, eps, False, LX)
-        _stamp(Stamps, pid, phase, 2, ON)
+        _enter(xbuf, Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             res = gl.load(X + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
             gl.store(H2 + rb * _R + offs, (y + res).to(gl.bfloat16))
-        _stamp(Stamps, pid, phase, 3, ON)
-        if SYNC:
-            _grid_arrive(Count)
-        phase += 1
+        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
-        if SYNC:
-            _grid_wait(Count, phase * P)
-        _stamp(Stamps, pid, phase, 1, ON)
-        _fill_x(xbuf, H2, FfLnW + layer * D, D, eps, True, LX)
-        _stamp(Stamps, pid, phase, 2, ON)
+        _enter(xbuf, H2, FfLnW + layer * D, D, eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, 2 * HID // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             g = gl.sum(gl.where(ga == 0, y, 0.0), 0)
             u = gl.sum(gl.where(ga == 1, y, 0.0), 0)
             gl.store(A + rb * (_R // 2) + gb, (g / (1.0 + gl.exp(-g)) * u).to(gl.bfloat16))
-        _stamp(Stamps, pid, phase, 3, ON)
-        if SYNC:
-            _grid_arrive(Count)
-        phase += 1
+        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 4. x = h2 + a @ W2^T
-        if SYNC:
-            _grid_wait(Count, phase * P)
-        _stamp(Stamps, pid, phase, 1, ON)
-        _fill_x(xbuf, A, A, HID, eps, False, LX)
-        _stamp(Stamps, pid, phase, 2, ON)
+        _enter(xbuf, A, A, HID, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, HID // _IK, STAGES, L4, MATH)
             res = gl.load(H2 + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
             gl.store(X + rb * _R + offs, (y + res).to(gl.bfloat16))
-        _stamp(Stamps, pid, phase, 3, ON)
-        if SYNC:
-            _grid_arrive(Count)
-        phase += 1
+        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
 
 
 @gluon.jit
