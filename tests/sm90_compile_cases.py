@@ -3,7 +3,9 @@
 Triton's CPU interpreter runs kernels as Python and accepts code the GPU compiler refuses (a
 loop-carried variable whose type changes, for one); this compiles each kernel in the shapes of
 its launches (constexprs, pointer dtypes, warps, stages) with ptxas, as the first GPU call would.
-Prints one JSON line per case: {"case", "ok", "error"}. Exit code 3: no sm_90 backend here.
+Prints one JSON line per case: {"case", "ok", "error", "registers", "stack_bytes"} (registers per
+thread and stack frame bytes from cuobjdump -res-usage: a stack frame in these call-free kernels is
+spilled registers). Exit code 3: no sm_90 backend here.
 Run without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
 """
 
@@ -25,7 +27,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
-                 num_warps: int = 4, num_stages: int = 3) -> None:
+                 num_warps: int = 4, num_stages: int = 3):
     """Compile `kernel` (a JITFunction, or an autotuner's .fn) with pointer args typed as given,
     `floats` as fp32 scalars, every other non-constexpr argument as i32."""
     fn = kernel
@@ -38,10 +40,10 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tup
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
                  for n in names}
     src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4) -> None:
+def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4):
     """compile_case for a Gluon kernel: `types` names every non-i32 argument's type (tensor
     descriptors as 'tensordesc<...>')."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -49,7 +51,7 @@ def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warp
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     src = GluonASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
 
 
 def cases():
@@ -116,6 +118,26 @@ def cases():
             dict(TILE=32768 if mode == "mma" else 8192, STAGES=3, GDC=True, MODE=mode, K=k, KC=min(256, k)))
 
 
+def resource_usage(kernel) -> dict:
+    """{"registers", "stack_bytes"} of a compiled kernel's cubin (None each without cuobjdump)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia
+
+    tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+    found = {}
+    if tool.exists():
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        found = dict(re.findall(r"\b(REG|STACK):(\d+)", out))
+    return {"registers": int(found["REG"]) if "REG" in found else None,
+            "stack_bytes": int(found["STACK"]) if "STACK" in found else None}
+
+
 def main() -> int:
     from triton.backends import backends
 
@@ -125,8 +147,8 @@ def main() -> int:
     failed = 0
     for name, run in cases():
         try:
-            run()
-            print(json.dumps({"case": name, "ok": True, "error": ""}), flush=True)
+            usage = resource_usage(run())
+            print(json.dumps({"case": name, "ok": True, "error": "", **usage}), flush=True)
         except Exception as e:  # noqa: BLE001 - report every case, then fail
             failed += 1
             msg = str(e).strip().splitlines()
