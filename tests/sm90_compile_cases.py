@@ -27,7 +27,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
-                 num_warps: int = 4, num_stages: int = 3):
+                 num_warps: int = 4, num_stages: int = 3, divisible: tuple[str, ...] = ()):
     """Compile `kernel` (a JITFunction, or an autotuner's .fn) with pointer args typed as given,
     `floats` as fp32 scalars, every other non-constexpr argument as i32."""
     fn = kernel
@@ -39,18 +39,28 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tup
         raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown - set(names))}")
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
                  for n in names}
-    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=aligned(names, signature, divisible))
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4):
+def aligned(names: list[str], signature: dict[str, str], divisible: tuple[str, ...]) -> dict:
+    """The launch's specialisation: pointers 16-byte aligned, as torch's allocations are, and the
+    integer arguments `divisible` (multiples of 16 at every launch) marked so."""
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in names
+            if signature[n].startswith("*") or n in divisible}
+
+
+def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4,
+                       divisible: tuple[str, ...] = ()):
     """compile_case for a Gluon kernel: `types` names every non-i32 argument's type (tensor
     descriptors as 'tensordesc<...>')."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    src = GluonASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    src = GluonASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                         attrs=aligned(names, signature, divisible))
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
 
 
