@@ -115,7 +115,7 @@ def cases():
             compile_gluon_case, gc._chain_kernel,
             {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
              "FfLnW": bf, "eps": "fp32", "Stamps": "*i64"},
-            dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8), warps)
+            dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8), warps, ("NQKV", "D", "HID"))
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(
         compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)
