@@ -15,6 +15,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avengers.inference import gluon_chain as gc  # noqa: E402
+from avengers.inference.triton_decode import sm_count  # noqa: E402
 from avengers.inference.triton_gemv import gemv  # noqa: E402
 from benchmarks.gpu_stream_read import _graph_us  # noqa: E402
 
@@ -95,7 +96,7 @@ def main():
         print(res["runs"][-1], flush=True)
     w, w2 = gc.pack(list(ws[0]), list(ws[1]), list(ws[2]), list(ws[3]))
     w_d, w2_d = gc.descriptors(w, w2)
-    progs = torch.cuda.get_device_properties(0).multi_processor_count
+    progs = sm_count(torch.device(dev))
     bufs = (torch.empty(NQKV, device=dev, dtype=torch.bfloat16), torch.empty(D, device=dev, dtype=torch.bfloat16),
             torch.empty(HID, device=dev, dtype=torch.bfloat16), torch.zeros(2, device=dev, dtype=torch.int32))
     for v in args.variants.split(","):

@@ -29,7 +29,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
                  num_warps: int = 4, num_stages: int = 3, divisible: tuple[str, ...] = ()):
     """Compile `kernel` (a JITFunction, or an autotuner's .fn) with pointer args typed as given,
-    `floats` as fp32 scalars, every other non-constexpr argument as i32."""
+    `floats` as fp32 scalars, every other non-constexpr argument as i32 (`divisible`: _compile)."""
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # an autotuner (or heuristics) wraps it
         fn = fn.fn
@@ -37,18 +37,8 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tup
     unknown = set(pointers) | set(constexprs) | set(floats)
     if unknown - set(names):
         raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown - set(names))}")
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
-                 for n in names}
-    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs=aligned(names, signature, divisible))
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-def aligned(names: list[str], signature: dict[str, str], divisible: tuple[str, ...]) -> dict:
-    """The launch's specialisation: pointers 16-byte aligned, as torch's allocations are, and the
-    integer arguments `divisible` (multiples of 16 at every launch) marked so."""
-    return {(names.index(n),): [["tt.divisibility", 16]] for n in names
-            if signature[n].startswith("*") or n in divisible}
+    types = {n: pointers.get(n, "fp32" if n in floats else "i32") for n in names}
+    return _compile(ASTSource, fn, types, constexprs, divisible, {"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4,
@@ -57,11 +47,18 @@ def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warp
     descriptors as 'tensordesc<...>')."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    names = kernel.arg_names
+    return _compile(GluonASTSource, kernel, types, constexprs, divisible, {"num_warps": num_warps})
+
+
+def _compile(source, fn, types: dict[str, str], constexprs: dict, divisible: tuple[str, ...], options: dict):
+    """Compile fn as a launch specialises it: pointers 16-byte aligned, as torch's allocations are,
+    and the integer arguments `divisible` (multiples of 16 at every launch) marked so."""
+    names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    src = GluonASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                         attrs=aligned(names, signature, divisible))
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n].startswith("*") or n in divisible}
+    src = source(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def cases():
