@@ -5,7 +5,8 @@ loop-carried variable whose type changes, for one); this compiles each kernel in
 its launches (constexprs, pointer dtypes, warps, stages) with ptxas, as the first GPU call would.
 Prints one JSON line per case: {"case", "ok", "error", "registers", "stack_bytes"} (registers per
 thread and stack frame bytes from cuobjdump -res-usage: a stack frame in these call-free kernels is
-spilled registers). Exit code 3: no sm_90 backend here.
+spilled registers); `--loops NAME`: also the SASS loops of the matching cases (`loops`). Exit
+code 3: no sm_90 backend here.
 Run without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
 """
 
@@ -145,8 +146,48 @@ def resource_usage(kernel) -> dict:
             "stack_bytes": int(found["STACK"]) if "STACK" in found else None}
 
 
+LOOP_OPS = {"spill_loads": "LDL", "spill_stores": "STL", "global_loads": "LDG", "shared_loads": "LDS",
+            "cta_barriers": "BAR.SYNC", "shuffles": "SHFL", "exp2": "MUFU.EX2", "ffma": "FFMA"}
+
+
+def loops(kernel) -> list[dict]:
+    """Every backward branch in a compiled kernel's SASS (nvdisasm, shipped with Triton) as a loop
+    body: its instruction count and how many of them are each of LOOP_OPS, i.e. where spills,
+    barriers and loads sit (the body of an outer loop includes its inner loops)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "nvdisasm"
+        sass = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    code, labels = [], {}  # instructions in order; label -> index of the instruction after it
+    for line in sass.splitlines():
+        if m := re.match(r"\s*\.(L_x_\d+):", line):
+            labels[m.group(1)] = len(code)
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            code.append(line)
+    found = []
+    for end, line in enumerate(code):
+        m = re.search(r"BRA\b.*?(L_x_\d+)", line)
+        if m and labels.get(m.group(1), end + 1) <= end:
+            body = code[labels[m.group(1)]:end + 1]
+            found.append({"instructions": len(body), **{k: sum(op in b for b in body) for k, op in LOOP_OPS.items()}})
+    return found
+
+
 def main() -> int:
+    import argparse
+
     from triton.backends import backends
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--loops", metavar="NAME", help="also list the loops of the cases whose name contains NAME")
+    args = ap.parse_args()
 
     if "nvidia" not in backends:
         print(json.dumps({"case": "backend", "ok": False, "error": f"triton has no nvidia backend: {sorted(backends)}"}))
@@ -154,8 +195,11 @@ def main() -> int:
     failed = 0
     for name, run in cases():
         try:
-            usage = resource_usage(run())
-            print(json.dumps({"case": name, "ok": True, "error": "", **usage}), flush=True)
+            kernel = run()
+            print(json.dumps({"case": name, "ok": True, "error": "", **resource_usage(kernel)}), flush=True)
+            if args.loops and args.loops in name:
+                for loop in loops(kernel):
+                    print(json.dumps({"case": name, "loop": loop}), flush=True)
         except Exception as e:  # noqa: BLE001 - report every case, then fail
             failed += 1
             msg = str(e).strip().splitlines()
