@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give at least one --prompt or --prompt_ids")
     if args.compile:
         args.fused_decode = "inductor"
-    if (args.fused_decode in ("triton", "persistent") and not args.device.startswith("cuda")
+    if (args.fused_decode in ("triton", "persistent", "gluon") and not args.device.startswith("cuda")
             and os.environ.get("TRITON_INTERPRET") != "1"):
         p.error(f"--fused_decode {args.fused_decode} runs Triton kernels: it needs a CUDA --device "
                 f"(or TRITON_INTERPRET=1 and triton installed), got --device {args.device}")

@@ -108,12 +108,19 @@ def cases():
     from avengers.inference import gluon_chain as gc
 
     desc = f"tensordesc<bf16[{gc.ROWS},{gc.CHUNKS},{gc.CW}],{gc._layout()!r}>"
+    chain_types = {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
+                   "FfLnW": bf, "eps": "fp32", "Stamps": "*i64", "Cos": f32, "Sin": f32, "Pos": "*i64", "Length": "*i64",
+                   "KPtr": "*i64", "VPtr": "*i64", "Attn": bf, "PAcc": f32, "PM": f32, "PL": f32}
     for warps in (4, 8) if gc.GLUON_API else ():  # written for Triton 3.6's Gluon
         yield f"gluon GEMV chain ({warps} consumer warps)", functools.partial(
-            compile_gluon_case, gc._chain_kernel,
-            {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
-             "FfLnW": bf, "eps": "fp32", "Stamps": "*i64"},
-            dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8), warps, ("NQKV", "D", "HID"))
+            compile_gluon_case, gc._chain_kernel, chain_types,
+            dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8, DECODE=False, G=4, HD=128,
+                 BLOCK_S=16), warps, ("NQKV", "D", "HID"))
+    if gc.GLUON_API:
+        yield "gluon decode step (llama3_1.8b)", functools.partial(
+            compile_gluon_case, gc._chain_kernel, chain_types,
+            dict(STAGES=gc.LlamaStepKernel.STAGES, num_warps=gc.LlamaStepKernel.NUM_WARPS, SYNC=True, MATH=True, STAMPS=False,
+                 DECODE=True, G=4, HD=128, BLOCK_S=16), gc.LlamaStepKernel.NUM_WARPS)
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(
         compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)

@@ -55,3 +55,29 @@ def test_chain_matches_reference(stages, warps):
     assert bufs[3][1].item() == 0, "a grid barrier gave up"
     err = ((x.float() - ref).norm() / ref.norm()).item()
     assert err < 2e-2, err
+
+
+@hopper
+def test_llama_decode_step_kernel_matches_the_triton_path():
+    """`fused_decode` "gluon" (every block in one kernel, RoPE, cache write and attention included)
+    against the per-kernel Triton path, on a 2-block Llama with the kernel's head shapes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_helpers import decode_logits
+
+    from avengers.models.registry import get_model_spec
+
+    torch.manual_seed(0)
+    spec = get_model_spec("llama3_1.8b").replace(nlayers=2, emb_dim=1024, nheads=8, kvheads=2, src_vocab_size=512)
+    model = spec.build("cuda")
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    assert gc.LlamaStepKernel.supported(model)
+    ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        ref = decode_logits(model, ids, 70, "triton")
+        got = decode_logits(model, ids, 70, "gluon")
+    assert model._gluon_decode_step  # the kernel ran
+    torch.testing.assert_close(got[:, 70:].float(), ref[:, 70:].float(), atol=3e-2, rtol=3e-2)

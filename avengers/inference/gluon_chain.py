@@ -163,8 +163,97 @@ def _leave(Count, phase, pid, Stamps, SYNC: gl.constexpr, ON: gl.constexpr):
 
 
 @gluon.jit
+def _rope_store(y, rb, ga, gb, Cos, Sin, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV, HD: gl.constexpr):
+    """The QKV epilogue of row block rb (rows packed [0, 2, 4, 6, 1, 3, 5, 7]: y[0, b] and y[1, b] are a
+    rotation pair): query rows rotated into Q, key rows rotated and value rows copied into this
+    block's caches at `pos` (triton_gemv.rope_operands + rope_store, batch 1)."""
+    y = y.to(gl.bfloat16).to(gl.float32)  # torch rounds the matmul output before rotating
+    x0 = gl.sum(gl.where(ga == 0, y, 0.0), 0)
+    x1 = gl.sum(gl.where(ga == 1, y, 0.0), 0)
+    pair = rb * (_R // 2) + gb
+    rot = pair * 2 < NQ + NK
+    c = gl.load(Cos + pair, mask=rot, other=1.0)
+    s = gl.load(Sin + pair, mask=rot, other=0.0)
+    for a in gl.static_range(2):
+        row = pair * 2 + a
+        val = (x0 * c - x1 * s) if a == 0 else (x0 * s + x1 * c)
+        val = val.to(gl.bfloat16)
+        gl.store(Q + row, val, mask=row < NQ)
+        kr = row - NQ
+        gl.store(Kb + (kr // HD) * skh + pos * skn + kr % HD, val, mask=(kr >= 0) & (kr < NK))
+        vr = row - NQ - NK
+        gl.store(Vb + (vr // HD) * skh + pos * skn + vr % HD, val, mask=(vr >= 0) & (row < NQKV))
+
+
+@gluon.jit
+def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, G: gl.constexpr,
+                    HD: gl.constexpr, BLOCK: gl.constexpr, LA: gl.constexpr):
+    """Pass 1 of split-K attention for kv head h, split sp (triton_decode.partial_item, batch 1): the
+    G query heads' unnormalised output, running max and sum over keys [sp SPLIT, +SPLIT) below
+    `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d))."""
+    LQ: gl.constexpr = gl.SliceLayout(1, LA)  # [G, HD]
+    LK: gl.constexpr = gl.SliceLayout(0, LA)  # [BLOCK, HD]
+    LS: gl.constexpr = gl.SliceLayout(2, LA)  # [G, BLOCK]
+    g = gl.arange(0, G, layout=gl.SliceLayout(1, LQ))
+    d = gl.arange(0, HD, layout=gl.SliceLayout(0, LQ))
+    q = gl.load(Q + gl.expand_dims(h * G + g, 1) * HD + gl.expand_dims(d, 0), cache_modifier=".cg").to(gl.float32)
+    nk = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, LK))
+    dk = gl.arange(0, HD, layout=gl.SliceLayout(0, LK))
+    ns = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, LS))
+    start = sp * SPLIT
+    end = gl.minimum(start + SPLIT, length)
+    m = gl.full([G], float("-inf"), gl.float32, layout=gl.SliceLayout(1, LS))
+    l = gl.zeros([G], gl.float32, layout=gl.SliceLayout(1, LS))
+    acc = gl.zeros([G, HD], gl.float32, LQ)
+    for off in range(start, end, BLOCK):
+        ok = gl.expand_dims(off + nk < end, 1)
+        at = gl.expand_dims((off + nk) * skn + h * skh, 1) + gl.expand_dims(dk, 0)
+        k = gl.load(Kb + at, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)
+        v = gl.load(Vb + at, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)
+        sc = gl.sum(gl.expand_dims(q, 1) * gl.expand_dims(k, 0), 2)  # [G, BLOCK]
+        sc = gl.where(gl.expand_dims(off + ns < end, 0), sc, float("-inf"))
+        m_new = gl.maximum(m, gl.max(sc, 1))  # a tile always holds a key below end: finite
+        alpha = gl.exp(m - m_new)
+        p = gl.exp(sc - gl.expand_dims(m_new, 1))
+        l = l * alpha + gl.sum(p, 1)
+        alpha_q = gl.convert_layout(alpha, gl.SliceLayout(1, LQ))
+        acc = acc * gl.expand_dims(alpha_q, 1) + gl.sum(gl.expand_dims(p, 2) * gl.expand_dims(v, 0), 1)
+        m = m_new
+    row = (h * NSPLIT + sp) * G
+    gl.store(PAcc + gl.expand_dims(row + g, 1) * HD + gl.expand_dims(d, 0), acc)
+    gs = gl.arange(0, G, layout=gl.SliceLayout(1, LS))
+    gl.store(PM + row + gs, m)
+    gl.store(PL + row + gs, l)
+
+
+@gluon.jit
+def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
+                     LA: gl.constexpr):
+    """Pass 2 for kv head h (triton_decode.merge_item): its G query heads' outputs into Attn."""
+    LSG: gl.constexpr = gl.SliceLayout(2, LA)  # [BLOCK_S, G]
+    L3: gl.constexpr = LA  # [BLOCK_S, G, HD]
+    sidx = gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, LSG))
+    g = gl.arange(0, G, layout=gl.SliceLayout(0, LSG))
+    ok = gl.expand_dims(sidx < NSPLIT, 1)
+    row = gl.expand_dims((h * NSPLIT + sidx) * G, 1) + gl.expand_dims(g, 0)  # [BLOCK_S, G]
+    m = gl.load(PM + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    l = gl.load(PL + row, mask=ok, other=0.0, cache_modifier=".cg")
+    w = gl.exp(m - gl.expand_dims(gl.max(m, 0), 0))  # empty splits: m = -inf, weight 0
+    d = gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3)))
+    at = gl.expand_dims(row, 2) * HD + gl.expand_dims(gl.expand_dims(d, 0), 0)
+    acc = gl.load(PAcc + at, mask=gl.expand_dims(ok, 2), other=0.0, cache_modifier=".cg")  # [BLOCK_S, G, HD]
+    num = gl.sum(acc * gl.expand_dims(w, 2), 0)  # [G, HD]
+    den = gl.convert_layout(gl.sum(l * w, 0), gl.SliceLayout(1, gl.SliceLayout(0, L3)))
+    out = num / gl.expand_dims(den, 1)
+    gq = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3)))
+    gl.store(Attn + gl.expand_dims(h * G + gq, 1) * HD + gl.expand_dims(d, 0), out.to(gl.bfloat16))
+
+
+@gluon.jit
 def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
+              Cos, Sin, Pos, Length, KPtr, VPtr, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
+              DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
               num_warps: gl.constexpr):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
     passed, 2 input row in shared memory, 3 phase done."""
@@ -179,18 +268,43 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
     ga = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(1, LY)), 1)
     gb = gl.arange(0, _R // 2, layout=gl.SliceLayout(0, LY))
     offs = ga * (_R // 2) + gl.expand_dims(gb, 0)  # [2, _R // 2]: the rows of a block
+    # decode: [query heads of a kv head, keys or splits, head dim]
+    LA: gl.constexpr = gl.BlockedLayout([4, 1, 4], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
     i = 0
     phase = 0
+    pos = 0
+    length = 0
+    if DECODE:
+        pos = gl.load(Pos)
+        length = gl.load(Length)
     for layer in range(n_layers):
-        # 1. qkv = rmsnorm(x) @ Wqkv^T (no RoPE or attention yet: Wo reads q); x comes from the launch
-        # for the first block
+        if DECODE:
+            Kb = gl.load(KPtr + layer).to(gl.pointer_type(gl.bfloat16))
+            Vb = gl.load(VPtr + layer).to(gl.pointer_type(gl.bfloat16))
+        # 1. qkv = rmsnorm(x) @ Wqkv^T (DECODE: RoPE, q to Qkv, k and v into the caches; else Wo reads q);
+        # x comes from the launch for the first block
         _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
         for rb in range(pid, NQKV // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
-            gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
+            if DECODE:
+                _rope_store(y, rb, ga, gb, Cos, Sin, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, HD)
+            else:
+                gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
-        # 2. h2 = x + q @ Wo^T
-        _enter(xbuf, Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
+        if DECODE:
+            # 1b. attention: items (kv head, split); the program finishing a head's last split merges it
+            _grid_wait(Count, phase * P)
+            for item in range(pid, HKV * NSPLIT, P):
+                h = item // NSPLIT
+                _attention_item(Qkv, Kb, Vb, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn, G, HD,
+                                32, LA)
+                gl.thread_barrier()  # every thread's partial is stored before the release below
+                if gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel") == NSPLIT - 1:
+                    _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G, HD, BLOCK_S, LA)
+            _grid_arrive(Count)
+            phase += 1
+        # 2. h2 = x + attention @ Wo^T (the probe chain: q @ Wo^T)
+        _enter(xbuf, Attn if DECODE else Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             res = gl.load(X + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
@@ -215,8 +329,10 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
 
 @gluon.jit
 def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D, HID, eps, Stamps,
+                  Cos, Sin, Pos, Length, KPtr, VPtr, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
-                  STAMPS: gl.constexpr = False):
+                  STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
+                  HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16):
     P = gl.num_programs(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
     xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -227,7 +343,8 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
         (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
-                     STAGES, SYNC, MATH, STAMPS, num_warps)),
+                     Cos, Sin, Pos, Length, KPtr, VPtr, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
+                     STAGES, SYNC, MATH, STAMPS, DECODE, G, HD, BLOCK_S, num_warps)),
         (_loader, (w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES, STAMPS)),
     ], [1], [40])
 
@@ -254,11 +371,19 @@ def _layout():
     return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
 
 
-def pack(qkv_w: list[torch.Tensor], wo: list[torch.Tensor], wg1: list[torch.Tensor], w2: list[torch.Tensor]):
+PAIR_ORDER = list(range(0, ROWS, 2)) + list(range(1, ROWS, 2))  # a QKV row block's rows for RoPE (decode)
+
+
+def pack(qkv_w: list[torch.Tensor], wo: list[torch.Tensor], wg1: list[torch.Tensor], w2: list[torch.Tensor],
+         rope_pairs: bool = False):
     """Per-block weights -> (W [L * (NQKV + D + 2 HID), D], W2 [L * D, HID]) in the kernel's order;
-    wg1 is [gate; up] ([2 HID, D]), packed as groups of ROWS // 2 gate rows and their up rows."""
+    wg1 is [gate; up] ([2 HID, D]), packed as groups of ROWS // 2 gate rows and their up rows.
+    rope_pairs: every ROWS-row block of Wqkv in PAIR_ORDER, so that a rotation pair (rows 2j, 2j + 1)
+    lands in one thread of the decode epilogue."""
     blocks = []
     for q, o, g1 in zip(qkv_w, wo, wg1):
+        if rope_pairs:
+            q = q.reshape(-1, ROWS, q.shape[1])[:, PAIR_ORDER].reshape(q.shape)
         hid = g1.shape[0] // 2
         gu = torch.stack([g1[:hid].reshape(-1, ROWS // 2, g1.shape[1]), g1[hid:].reshape(-1, ROWS // 2, g1.shape[1])], 1)
         blocks += [q, o, gu.reshape(2 * hid, g1.shape[1])]
@@ -292,8 +417,103 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
                          f"{stamps.dtype} {tuple(stamps.shape)} for {n_layers} blocks")
     qkv, h2, a, count = bufs
     count.zero_()
+    none = count  # pointer arguments the chain does not use
     _chain_kernel[(programs,)](w_d, w2_d, x, qkv, h2, a, count, ln_w, ff_ln_w, n_layers, nqkv, D, hid, eps,
                                stamps if stamps is not None else count,
+                               none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0, 1, 1,
                                STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
                                STAMPS=stamps is not None,
                                launch_cooperative_grid=True)
+
+
+class LlamaStepKernel:
+    """A Llama's batch-1 decode step through all its blocks as one kernel (`fused_decode` "gluon"):
+    the chain above with RoPE and the cache write in the QKV epilogue and an attention phase
+    (split-K, plain loads; the program that finishes a kv head's last split merges it) before Wo.
+    Holds a packed copy of the block weights (2.6 GB for llama3_1.8b) and the step's buffers."""
+
+    STAGES = 12
+    NUM_WARPS = 8
+
+    def __init__(self, model):
+        from avengers.inference.triton_decode import sm_count
+
+        layers = model.base_model.layers
+        a0, f0 = layers[0].attn, layers[0].ff_sub_layer
+        self.H, self.Hkv, self.d = a0.nheads, a0.kvheads, a0.emb_kq_per_head
+        self.D, self.hid = layers[0].ln.weight.shape[0], f0.hidden_dim
+        self.nqkv = (self.H + 2 * self.Hkv) * self.d
+        self.eps = layers[0].ln.eps
+        self.w, self.w2 = pack([l.attn.in_proj.qkv_fused.weight for l in layers], [l.attn.dense.weight for l in layers],
+                               [l.ff_sub_layer.wg1_fused.weight for l in layers],
+                               [l.ff_sub_layer.w2.weight for l in layers], rope_pairs=True)
+        self.w_d, self.w2_d = descriptors(self.w, self.w2)
+        self.ln = torch.stack([l.ln.weight for l in layers]).contiguous()
+        self.ffln = torch.stack([l.ff_ln.weight for l in layers]).contiguous()
+        self.programs = sm_count(self.w.device)
+        self._buffers = {}
+
+    @staticmethod
+    def for_model(model) -> "LlamaStepKernel | None":
+        """The model's step (built once), or None where the kernel does not apply: not a CUDA Hopper
+        device with Triton 3.6's Gluon, or shapes/norms/biases it does not take."""
+        step = getattr(model, "_gluon_decode_step", None)
+        if step is not None:
+            return step or None
+        model._gluon_decode_step = LlamaStepKernel(model) if LlamaStepKernel.supported(model) else False
+        return model._gluon_decode_step or None
+
+    @staticmethod
+    def supported(model) -> bool:
+        from avengers.inference.llama_compiled import eligible, is_plain_rms_norm
+
+        p = next(model.parameters())
+        if not GLUON_API or p.device.type != "cuda" or torch.cuda.get_device_capability(p.device)[0] < 9:
+            return False
+        if p.dtype != torch.bfloat16:
+            return False
+        layers = model.base_model.layers
+        a0 = layers[0].attn
+        D, hid = layers[0].ln.weight.shape[0], layers[0].ff_sub_layer.hidden_dim
+        return (all(eligible(l) and is_plain_rms_norm(l.ln) and is_plain_rms_norm(l.ff_ln) for l in layers)
+                and a0.nheads == 4 * a0.kvheads and a0.emb_kq_per_head == 128 and D % ITEM_K == 0
+                and hid % ITEM_K == 0 and D <= MAX_K_ITEMS * ITEM_K and hid <= MAX_K_ITEMS * ITEM_K
+                and len({l.ln.eps for l in layers} | {l.ff_ln.eps for l in layers}) == 1)
+
+    def _buffers_for(self, cache):
+        """Per-cache buffers (made on the first, uncaptured decode step of that cache)."""
+        from avengers.inference.triton_decode import num_splits
+
+        key = tuple(t.data_ptr() for s in cache.layers for t in (s.k, s.v))
+        if key not in self._buffers:
+            dev, L, S = self.w.device, len(cache.layers), cache.layers[0].k.shape[2]
+            k0 = cache.layers[0].k
+            split, nsplit = num_splits(1, self.Hkv, S, dev, programs=max(1, self.programs // self.Hkv) * self.Hkv)
+            G = self.H // self.Hkv
+            bf = dict(device=dev, dtype=torch.bfloat16)
+            self._buffers = {key: dict(  # one cache at a time
+                kptr=torch.tensor([s.k.data_ptr() for s in cache.layers], device=dev, dtype=torch.int64),
+                vptr=torch.tensor([s.v.data_ptr() for s in cache.layers], device=dev, dtype=torch.int64),
+                skh=k0.stride(1), skn=k0.stride(2), split=split, nsplit=nsplit,
+                x=torch.empty(self.D, **bf), qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
+                a=torch.empty(self.hid, **bf), attn=torch.empty(self.H * self.d, **bf),
+                count=torch.zeros(2 + L * self.Hkv, device=dev, dtype=torch.int32),
+                pacc=torch.empty(self.Hkv * nsplit * G, self.d, device=dev, dtype=torch.float32),
+                pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
+                pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32))}
+        return self._buffers[key]
+
+    def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor):
+        """h [1, 1, D] (the embedded token) -> h after the last block; writes every block's key and
+        value at cache.position. cos/sin [H + H_kv, d/2] fp32 (with the query scale), length: 0-dim."""
+        b = self._buffers_for(cache)
+        x = b["x"]
+        x.copy_(h.view(-1))
+        b["count"].zero_()
+        _chain_kernel[(self.programs,)](
+            self.w_d, self.w2_d, x, b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
+            self.nqkv, self.D, self.hid, self.eps, b["count"], cos, sin, cache.position, length, b["kptr"], b["vptr"],
+            b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d, self.Hkv,
+            b["nsplit"], b["split"], STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
+            HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), launch_cooperative_grid=True)
+        return x.view(1, 1, -1).clone()

@@ -154,7 +154,14 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     fused = decode is not None and fused_decode_mode() != "off"
     if fused:  # once per step, not per layer
         cos, sin = (t.contiguous() for t in torch.view_as_real(cis[0]).unbind(-1))
-    for layer, state in zip(base.layers, cache.layers):
+    step = None
+    if fused and fused_decode_mode() == "gluon" and x.shape[0] == 1 and h.is_cuda:
+        from avengers.inference.gluon_chain import LlamaStepKernel
+
+        step = LlamaStepKernel.for_model(model)
+    if step is not None:  # every block in one kernel
+        h = step(h, cache, cos, sin, decode[0])
+    for layer, state in zip(base.layers, cache.layers if step is None else []):
         if fused and eligible(layer):
             h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(
                 q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]), decode[0])

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton", "persistent")
+FUSED_DECODE_MODES = ("off", "eager", "inductor", "triton", "persistent", "gluon")
+TRITON_MODES = ("triton", "persistent", "gluon")  # the modes whose small-batch steps run Triton GEMVs
 _state: dict = {"mode": "off"}
 # The largest batch the "triton" and "persistent" modes' GEMV steps serve (Llama, Mamba-2, hybrids,
 # telescoping); larger batches take the compiled path. H200 at 1k context, ms/step vs
@@ -36,8 +37,9 @@ def set_fused_decode(mode: str) -> None:
     as the fused Triton kernels of triton_gemv.py ("triton", CUDA or Triton's interpreter; batches
     above GEMV_STEP_MAX_BATCH take the inductor functions; Mamba-2, hybrid and telescoping models'
     steps take MambaLM._triton_decode and TelescopingLlama._triton_step), or as one persistent
-    Triton kernel per block (triton_block.py, "persistent"; same fallback); "off": the per-module
-    path in kv_cache.py."""
+    Triton kernel per block (triton_block.py, "persistent"; same fallback), or a Llama's whole
+    batch-1 step through its blocks as one Gluon kernel (gluon_chain.LlamaStepKernel, "gluon"; other
+    models and batches as "triton"); "off": the per-module path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
         raise ValueError(f"fused decode mode must be one of {FUSED_DECODE_MODES}, got {mode!r}")
     _state["mode"] = mode
@@ -50,13 +52,13 @@ def fused_decode_mode() -> str:
 def compiled_step_cores() -> bool:
     """Whether the models' element-wise decode steps between projections (telescoping.step_core,
     mamba.conv_step) run torch.compile'd: in the "inductor" mode, and around the "triton" mode's GEMVs."""
-    return _state["mode"] in ("inductor", "triton")
+    return _state["mode"] in ("inductor", "triton", "gluon")
 
 
 def triton_gemv_step(batch: int) -> bool:
     """Whether a decode step of `batch` sequences takes a model's Triton GEMV step (the "triton"
     mode, batch up to GEMV_STEP_MAX_BATCH); the model also checks that its layout allows it."""
-    return _state["mode"] == "triton" and batch <= GEMV_STEP_MAX_BATCH
+    return _state["mode"] in ("triton", "gluon") and batch <= GEMV_STEP_MAX_BATCH
 
 
 @contextlib.contextmanager
@@ -123,7 +125,7 @@ def _torch_functions(mode: str):
 def functions(mode: str, batch_size: int):
     """(pre_write, post) for the mode: pre_write(h, ln_w, eps, qkv_w, cos, sin, H, H_kv, d, state,
     position) -> q also writes the token's key/value into the cache."""
-    if mode in ("triton", "persistent"):
+    if mode in TRITON_MODES:
         from avengers.inference import triton_gemv
 
         if batch_size <= GEMV_STEP_MAX_BATCH:
@@ -156,7 +158,7 @@ def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tenso
 def decode_head(norm: nn.Module, head: nn.Linear, h: torch.Tensor) -> torch.Tensor | None:
     """Final RMSNorm + LM head of a decode step as one Triton GEMV (Triton modes, small batch,
     plain RMSNorm and bias-free head); None where the caller's own path applies."""
-    if _state["mode"] not in ("triton", "persistent") or head.bias is not None or not is_plain_rms_norm(norm):
+    if _state["mode"] not in TRITON_MODES or head.bias is not None or not is_plain_rms_norm(norm):
         return None
     from avengers.inference import triton_gemv
 
