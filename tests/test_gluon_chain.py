@@ -81,3 +81,16 @@ def test_llama_decode_step_kernel_matches_the_triton_path():
         got = decode_logits(model, ids, 70, "gluon")
     assert model._gluon_decode_step  # the kernel ran
     torch.testing.assert_close(got[:, 70:].float(), ref[:, 70:].float(), atol=3e-2, rtol=3e-2)
+
+
+def test_pack_rope_pairs_put_a_rotation_pair_in_one_column_of_the_epilogue():
+    """With rope_pairs, packed row a * ROWS // 2 + b of a row block (the epilogue's y[a, b]) is the
+    block's natural row 2 b + a: y[0, b] and y[1, b] are the rotation pair b (rows 2b, 2b + 1)."""
+    ws, _ = _weights(1, 1024, 48, 1024, "cpu")
+    w, _ = gc.pack(*(list(t) for t in ws), rope_pairs=True)
+    q = ws[0][0]
+    half = gc.ROWS // 2
+    for rb in range(48 // gc.ROWS):
+        for a in range(2):
+            for b in range(half):
+                assert torch.equal(w[rb * gc.ROWS + a * half + b], q[rb * gc.ROWS + 2 * b + a])
