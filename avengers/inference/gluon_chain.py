@@ -476,7 +476,8 @@ class LlamaStepKernel:
         a0 = layers[0].attn
         D, hid = layers[0].ln.weight.shape[0], layers[0].ff_sub_layer.hidden_dim
         return (all(eligible(l) and is_plain_rms_norm(l.ln) and is_plain_rms_norm(l.ff_ln) for l in layers)
-                and a0.nheads == 4 * a0.kvheads and a0.emb_kq_per_head == 128 and D % ITEM_K == 0
+                and a0.nheads == 4 * a0.kvheads and a0.emb_kq_per_head == 128 and a0.nheads * 128 == D
+                and D % ITEM_K == 0
                 and hid % ITEM_K == 0 and D <= MAX_K_ITEMS * ITEM_K and hid <= MAX_K_ITEMS * ITEM_K
                 and len({l.ln.eps for l in layers} | {l.ff_ln.eps for l in layers}) == 1)
 
