@@ -70,7 +70,8 @@ def test_llama_decode_step_kernel_matches_the_triton_path():
     from avengers.models.registry import get_model_spec
 
     torch.manual_seed(0)
-    spec = get_model_spec("llama3_1.8b").replace(nlayers=2, emb_dim=1024, nheads=8, kvheads=2, src_vocab_size=512)
+    spec = get_model_spec("llama3_1.8b").replace(nlayers=2, emb_dim=1024, nheads=8, kvheads=2, src_vocab_size=512,
+                                                    hidden_grow_factor=4.0)
     model = spec.build("cuda")
     model.init_weights()
     model = model.to(torch.bfloat16).eval()
