@@ -205,11 +205,17 @@ def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, 
     m = gl.full([G], float("-inf"), gl.float32, layout=gl.SliceLayout(1, LS))
     l = gl.zeros([G], gl.float32, layout=gl.SliceLayout(1, LS))
     acc = gl.zeros([G, HD], gl.float32, LQ)
+    # the next tile's loads are issued before this tile's maths (twice the bytes in flight)
+    at = gl.expand_dims(nk * skn + h * skh, 1) + gl.expand_dims(dk, 0)
+    ok = gl.expand_dims(start + nk < end, 1)
+    k_next = gl.load(Kb + start * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
+    v_next = gl.load(Vb + start * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
     for off in range(start, end, BLOCK):
-        ok = gl.expand_dims(off + nk < end, 1)
-        at = gl.expand_dims((off + nk) * skn + h * skh, 1) + gl.expand_dims(dk, 0)
-        k = gl.load(Kb + at, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)
-        v = gl.load(Vb + at, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)
+        k = k_next.to(gl.float32)
+        v = v_next.to(gl.float32)
+        ok = gl.expand_dims(off + BLOCK + nk < end, 1)
+        k_next = gl.load(Kb + (off + BLOCK) * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
+        v_next = gl.load(Vb + (off + BLOCK) * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
         sc = gl.sum(gl.expand_dims(q, 1) * gl.expand_dims(k, 0), 2)  # [G, BLOCK]
         sc = gl.where(gl.expand_dims(off + ns < end, 0), sc, float("-inf"))
         m_new = gl.maximum(m, gl.max(sc, 1))  # a tile always holds a key below end: finite
