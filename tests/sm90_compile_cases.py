@@ -116,11 +116,11 @@ def cases():
             compile_gluon_case, gc._chain_kernel, chain_types,
             dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8, DECODE=False, G=4, HD=128,
                  BLOCK_S=16), warps, ("NQKV", "D", "HID"))
-    if gc.GLUON_API:
-        yield "gluon decode step (llama3_1.8b)", functools.partial(
+    for g in (2, 4) if gc.GLUON_API else ():  # llama3_1.8b: 2 query heads per kv head
+        yield f"gluon decode step ({g} query heads per kv head)", functools.partial(
             compile_gluon_case, gc._chain_kernel, chain_types,
             dict(STAGES=gc.LlamaStepKernel.STAGES, num_warps=gc.LlamaStepKernel.NUM_WARPS, SYNC=True, MATH=True, STAMPS=False,
-                 DECODE=True, G=4, HD=128, BLOCK_S=16), gc.LlamaStepKernel.NUM_WARPS)
+                 DECODE=True, G=g, HD=128, BLOCK_S=16), gc.LlamaStepKernel.NUM_WARPS)
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(
         compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)

@@ -19,6 +19,8 @@ per-kernel Triton GEMVs on the same weights. Weights are packed once (`pack`): e
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -28,6 +30,8 @@ from triton.experimental.gluon.language._standard import _import_from_triton
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from avengers.inference import triton_grid
+
+log = logging.getLogger(__name__)
 
 ROWS = 8  # weight rows per item
 CHUNKS = 4  # TMA box: [ROWS, CHUNKS, CW] = ROWS rows of ITEM_K columns
@@ -275,7 +279,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
     gb = gl.arange(0, _R // 2, layout=gl.SliceLayout(0, LY))
     offs = ga * (_R // 2) + gl.expand_dims(gb, 0)  # [2, _R // 2]: the rows of a block
     # decode: [query heads of a kv head, keys or splits, head dim]
-    LA: gl.constexpr = gl.BlockedLayout([4, 1, 4], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
+    LA: gl.constexpr = gl.BlockedLayout([G, 1, 4], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
     i = 0
     phase = 0
     pos = 0
@@ -461,31 +465,44 @@ class LlamaStepKernel:
 
     @staticmethod
     def for_model(model) -> "LlamaStepKernel | None":
-        """The model's step (built once), or None where the kernel does not apply: not a CUDA Hopper
-        device with Triton 3.6's Gluon, or shapes/norms/biases it does not take."""
+        """The model's step (built once), or None where the kernel does not apply (logged once)."""
         step = getattr(model, "_gluon_decode_step", None)
         if step is not None:
             return step or None
-        model._gluon_decode_step = LlamaStepKernel(model) if LlamaStepKernel.supported(model) else False
+        reason = LlamaStepKernel.unsupported(model)
+        if reason:
+            log.warning("fused_decode gluon: %s; this model's decode steps take the Triton path", reason)
+        model._gluon_decode_step = False if reason else LlamaStepKernel(model)
         return model._gluon_decode_step or None
 
     @staticmethod
-    def supported(model) -> bool:
+    def unsupported(model) -> str:
+        """Why the kernel does not take this model ("" when it does): it needs a CUDA Hopper device
+        with Triton 3.6's Gluon, bf16, plain RMS norms without biases, heads of 128 with 2, 4 or 8
+        query heads per kv head, and widths that whole weight items divide."""
         from avengers.inference.llama_compiled import eligible, is_plain_rms_norm
 
         p = next(model.parameters())
-        if not GLUON_API or p.device.type != "cuda" or torch.cuda.get_device_capability(p.device)[0] < 9:
-            return False
+        if not GLUON_API:
+            return f"Triton {triton.__version__}'s Gluon API is not the one this kernel is written for (3.6)"
+        if p.device.type != "cuda" or torch.cuda.get_device_capability(p.device)[0] < 9:
+            return f"needs a Hopper (sm_90+) CUDA device, the model is on {p.device}"
         if p.dtype != torch.bfloat16:
-            return False
+            return f"needs bf16 weights, got {p.dtype}"
         layers = model.base_model.layers
         a0 = layers[0].attn
         D, hid = layers[0].ln.weight.shape[0], layers[0].ff_sub_layer.hidden_dim
-        return (all(eligible(l) and is_plain_rms_norm(l.ln) and is_plain_rms_norm(l.ff_ln) for l in layers)
-                and a0.nheads == 4 * a0.kvheads and a0.emb_kq_per_head == 128 and a0.nheads * 128 == D
-                and D % ITEM_K == 0
-                and hid % ITEM_K == 0 and D <= MAX_K_ITEMS * ITEM_K and hid <= MAX_K_ITEMS * ITEM_K
-                and len({l.ln.eps for l in layers} | {l.ff_ln.eps for l in layers}) == 1)
+        if not all(eligible(l) and is_plain_rms_norm(l.ln) and is_plain_rms_norm(l.ff_ln) for l in layers):
+            return "needs plain RMS norms and bias-free fused projections in every block"
+        if len({l.ln.eps for l in layers} | {l.ff_ln.eps for l in layers}) != 1:
+            return "needs one norm eps in every block"
+        if a0.emb_kq_per_head != 128 or a0.nheads * 128 != D or a0.nheads % a0.kvheads \
+                or a0.nheads // a0.kvheads not in (2, 4, 8):
+            return (f"needs heads of 128 covering the width and 2, 4 or 8 query heads per kv head, got "
+                    f"{a0.nheads} heads of {a0.emb_kq_per_head} ({a0.kvheads} kv heads) at width {D}")
+        if D % ITEM_K or hid % ITEM_K or max(D, hid) > MAX_K_ITEMS * ITEM_K:
+            return f"needs width {D} and hidden size {hid} to be multiples of {ITEM_K} up to {MAX_K_ITEMS * ITEM_K}"
+        return ""
 
     def _buffers_for(self, cache):
         """Per-cache buffers (made on the first, uncaptured decode step of that cache)."""
