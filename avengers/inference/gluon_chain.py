@@ -465,15 +465,17 @@ class LlamaStepKernel:
 
     @staticmethod
     def for_model(model) -> "LlamaStepKernel | None":
-        """The model's step (built once), or None where the kernel does not apply (logged once)."""
+        """The model's step, or None where the kernel does not apply (logged). Built once per set of
+        weights: a model moved or cast (the bench checks in fp32, then times bf16) is looked at again."""
+        w = model.base_model.layers[0].attn.in_proj.qkv_fused.weight
+        key = (w.data_ptr(), w.dtype, w.device)
         step = getattr(model, "_gluon_decode_step", None)
-        if step is not None:
-            return step or None
-        reason = LlamaStepKernel.unsupported(model)
-        if reason:
-            log.warning("fused_decode gluon: %s; this model's decode steps take the Triton path", reason)
-        model._gluon_decode_step = False if reason else LlamaStepKernel(model)
-        return model._gluon_decode_step or None
+        if step is None or step[0] != key:
+            reason = LlamaStepKernel.unsupported(model)
+            if reason:
+                log.warning("fused_decode gluon: %s; this model's decode steps take the Triton path", reason)
+            step = model._gluon_decode_step = (key, None if reason else LlamaStepKernel(model))
+        return step[1]
 
     @staticmethod
     def unsupported(model) -> str:
