@@ -191,49 +191,64 @@ def _rope_store(y, rb, ga, gb, Cos, Sin, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV,
 
 @gluon.jit
 def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, G: gl.constexpr,
-                    HD: gl.constexpr, BLOCK: gl.constexpr, LA: gl.constexpr):
+                    HD: gl.constexpr, BK: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 of split-K attention for kv head h, split sp (triton_decode.partial_item, batch 1): the
     G query heads' unnormalised output, running max and sum over keys [sp SPLIT, +SPLIT) below
-    `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d))."""
-    LQ: gl.constexpr = gl.SliceLayout(1, LA)  # [G, HD]
-    LK: gl.constexpr = gl.SliceLayout(0, LA)  # [BLOCK, HD]
-    LS: gl.constexpr = gl.SliceLayout(2, LA)  # [G, BLOCK]
+    `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d)).
+    Each warp keeps its own running max/sum/output over its BK keys of every tile, so a tile's
+    reductions stay inside a warp; the warps are merged once, at the end."""
+    # [warp, query head, key, head dim]: 8 lanes x 4 along the head dim, 4 lanes along the keys
+    L: gl.constexpr = gl.BlockedLayout([1, G, 1, 4], [1, 1, 4, 8], [num_warps, 1, 1, 1], [3, 2, 1, 0])
+    LKV: gl.constexpr = gl.SliceLayout(1, L)  # [warp, key, head dim]
+    LS: gl.constexpr = gl.SliceLayout(3, L)  # [warp, query head, key]
+    LO: gl.constexpr = gl.SliceLayout(2, L)  # [warp, query head, head dim]
+    LQ: gl.constexpr = gl.SliceLayout(0, LO)  # [query head, head dim]
+    TILE: gl.constexpr = num_warps * BK
     g = gl.arange(0, G, layout=gl.SliceLayout(1, LQ))
     d = gl.arange(0, HD, layout=gl.SliceLayout(0, LQ))
     q = gl.load(Q + gl.expand_dims(h * G + g, 1) * HD + gl.expand_dims(d, 0), cache_modifier=".cg").to(gl.float32)
-    nk = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, LK))
-    dk = gl.arange(0, HD, layout=gl.SliceLayout(0, LK))
-    ns = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, LS))
+    q = gl.expand_dims(gl.expand_dims(q, 0), 2)  # [1, G, 1, HD]
+    w3 = gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(2, LKV)))
+    n3 = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKV)))
+    d3 = gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(1, LKV)))
+    key = gl.expand_dims(gl.expand_dims(w3, 1) * BK + gl.expand_dims(n3, 0), 2)  # [warp, key, 1]: key in tile
+    at = key * skn + h * skh + gl.expand_dims(gl.expand_dims(d3, 0), 1)
+    ws = gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(1, LS)))
+    ns = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS)))
+    key_s = gl.expand_dims(gl.expand_dims(ws, 1) * BK + gl.expand_dims(ns, 0), 1)  # [warp, 1, key]
     start = sp * SPLIT
     end = gl.minimum(start + SPLIT, length)
-    m = gl.full([G], float("-inf"), gl.float32, layout=gl.SliceLayout(1, LS))
-    l = gl.zeros([G], gl.float32, layout=gl.SliceLayout(1, LS))
-    acc = gl.zeros([G, HD], gl.float32, LQ)
+    m = gl.full([num_warps, G], float("-inf"), gl.float32, layout=gl.SliceLayout(2, LS))
+    l = gl.zeros([num_warps, G], gl.float32, layout=gl.SliceLayout(2, LS))
+    acc = gl.zeros([num_warps, G, HD], gl.float32, LO)
     # the next tile's loads are issued before this tile's maths (twice the bytes in flight)
-    at = gl.expand_dims(nk * skn + h * skh, 1) + gl.expand_dims(dk, 0)
-    ok = gl.expand_dims(start + nk < end, 1)
-    k_next = gl.load(Kb + start * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
-    v_next = gl.load(Vb + start * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
-    for off in range(start, end, BLOCK):
-        k = k_next.to(gl.float32)
-        v = v_next.to(gl.float32)
-        ok = gl.expand_dims(off + BLOCK + nk < end, 1)
-        k_next = gl.load(Kb + (off + BLOCK) * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
-        v_next = gl.load(Vb + (off + BLOCK) * skn + at, mask=ok, other=0.0, cache_modifier=".cg")
-        sc = gl.sum(gl.expand_dims(q, 1) * gl.expand_dims(k, 0), 2)  # [G, BLOCK]
-        sc = gl.where(gl.expand_dims(off + ns < end, 0), sc, float("-inf"))
-        m_new = gl.maximum(m, gl.max(sc, 1))  # a tile always holds a key below end: finite
-        alpha = gl.exp(m - m_new)
-        p = gl.exp(sc - gl.expand_dims(m_new, 1))
-        l = l * alpha + gl.sum(p, 1)
-        alpha_q = gl.convert_layout(alpha, gl.SliceLayout(1, LQ))
-        acc = acc * gl.expand_dims(alpha_q, 1) + gl.sum(gl.expand_dims(p, 2) * gl.expand_dims(v, 0), 1)
+    k_next = gl.load(Kb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
+    v_next = gl.load(Vb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
+    for off in range(start, end, TILE):
+        k = gl.expand_dims(k_next.to(gl.float32), 1)  # [warp, 1, key, HD]
+        v = gl.expand_dims(v_next.to(gl.float32), 1)
+        nxt = off + TILE
+        k_next = gl.load(Kb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
+        v_next = gl.load(Vb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
+        sc = gl.where(off + key_s < end, gl.sum(q * k, 3), float("-inf"))  # [warp, G, key]
+        m_new = gl.maximum(m, gl.max(sc, 2))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp may have no key below end yet
+        alpha = gl.exp(m - m_use)
+        p = gl.exp(sc - gl.expand_dims(m_use, 2))
+        l = l * alpha + gl.sum(p, 2)
+        pv = gl.sum(gl.expand_dims(p, 3) * v, 2)  # [warp, G, HD]
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, LO)), 2) + pv
         m = m_new
+    # merge the warps (an empty split keeps m = -inf: the merge pass gives it weight 0)
+    m_all = gl.max(m, 0)  # [G]
+    scale = gl.exp(m - gl.expand_dims(gl.where(m_all == float("-inf"), 0.0, m_all), 0))  # [warp, G]
+    l_all = gl.sum(l * scale, 0)
+    out = gl.sum(acc * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(2, LO)), 2), 0)  # [G, HD]
     row = (h * NSPLIT + sp) * G
-    gl.store(PAcc + gl.expand_dims(row + g, 1) * HD + gl.expand_dims(d, 0), acc)
-    gs = gl.arange(0, G, layout=gl.SliceLayout(1, LS))
-    gl.store(PM + row + gs, m)
-    gl.store(PL + row + gs, l)
+    gl.store(PAcc + gl.expand_dims(row + g, 1) * HD + gl.expand_dims(d, 0), out)
+    gm = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, LS)))
+    gl.store(PM + row + gm, m_all)
+    gl.store(PL + row + gm, l_all)
 
 
 @gluon.jit
@@ -307,7 +322,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
             for item in range(pid, HKV * NSPLIT, P):
                 h = item // NSPLIT
                 _attention_item(Qkv, Kb, Vb, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn, G, HD,
-                                32, LA)
+                                4, num_warps)
                 gl.thread_barrier()  # every thread's partial is stored before the release below
                 if gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel") == NSPLIT - 1:
                     _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G, HD, BLOCK_S, LA)
