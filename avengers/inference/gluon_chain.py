@@ -219,8 +219,9 @@ def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, 
     start = sp * SPLIT
     end = gl.minimum(start + SPLIT, length)
     m = gl.full([num_warps, G], float("-inf"), gl.float32, layout=gl.SliceLayout(2, LS))
-    l = gl.zeros([num_warps, G], gl.float32, layout=gl.SliceLayout(2, LS))
-    acc = gl.zeros([num_warps, G, HD], gl.float32, LO)
+    # per lane (its key of the tile): sums over the keys wait until the end, saving shuffles per tile
+    l = gl.zeros([num_warps, G, BK], gl.float32, layout=LS)
+    acc = gl.zeros([num_warps, G, BK, HD], gl.float32, L)
     # the next tile's loads are issued before this tile's maths (twice the bytes in flight)
     k_next = gl.load(Kb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
     v_next = gl.load(Vb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
@@ -233,17 +234,17 @@ def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, 
         sc = gl.where(off + key_s < end, gl.sum(q * k, 3), float("-inf"))  # [warp, G, key]
         m_new = gl.maximum(m, gl.max(sc, 2))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp may have no key below end yet
-        alpha = gl.exp(m - m_use)
+        alpha = gl.expand_dims(gl.exp(m - m_use), 2)  # [warp, G, 1]
         p = gl.exp(sc - gl.expand_dims(m_use, 2))
-        l = l * alpha + gl.sum(p, 2)
-        pv = gl.sum(gl.expand_dims(p, 3) * v, 2)  # [warp, G, HD]
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, LO)), 2) + pv
+        l = l * alpha + p
+        acc = acc * gl.expand_dims(alpha, 3) + gl.expand_dims(p, 3) * v
         m = m_new
     # merge the warps (an empty split keeps m = -inf: the merge pass gives it weight 0)
     m_all = gl.max(m, 0)  # [G]
     scale = gl.exp(m - gl.expand_dims(gl.where(m_all == float("-inf"), 0.0, m_all), 0))  # [warp, G]
-    l_all = gl.sum(l * scale, 0)
-    out = gl.sum(acc * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(2, LO)), 2), 0)  # [G, HD]
+    l_all = gl.sum(gl.sum(l, 2) * scale, 0)
+    acc_w = gl.sum(acc, 2)  # [warp, G, HD]
+    out = gl.sum(acc_w * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(2, LO)), 2), 0)  # [G, HD]
     row = (h * NSPLIT + sp) * G
     gl.store(PAcc + gl.expand_dims(row + g, 1) * HD + gl.expand_dims(d, 0), out)
     gm = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, LS)))
@@ -276,7 +277,7 @@ def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G: gl.constexpr, HD: gl.cons
 
 @gluon.jit
 def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
-              Cos, Sin, Pos, Length, KPtr, VPtr, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
+              Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
               DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
               num_warps: gl.constexpr):
@@ -304,8 +305,9 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
         length = gl.load(Length)
     for layer in range(n_layers):
         if DECODE:
-            Kb = gl.load(KPtr + layer).to(gl.pointer_type(gl.bfloat16))
-            Vb = gl.load(VPtr + layer).to(gl.pointer_type(gl.bfloat16))
+            # this block's caches, as element offsets from block 0's (16-byte aligned: vector loads)
+            Kb = K0 + gl.multiple_of(gl.load(KOff + layer), 8)
+            Vb = V0 + gl.multiple_of(gl.load(VOff + layer), 8)
         # 1. qkv = rmsnorm(x) @ Wqkv^T (DECODE: RoPE, q to Qkv, k and v into the caches; else Wo reads q);
         # x comes from the launch for the first block
         _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
@@ -354,7 +356,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
 
 @gluon.jit
 def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D, HID, eps, Stamps,
-                  Cos, Sin, Pos, Length, KPtr, VPtr, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
+                  Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
                   HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16):
@@ -368,7 +370,7 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
         (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
-                     Cos, Sin, Pos, Length, KPtr, VPtr, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
+                     Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
                      STAGES, SYNC, MATH, STAMPS, DECODE, G, HD, BLOCK_S, num_warps)),
         (_loader, (w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES, STAMPS)),
     ], [1], [40])
@@ -533,8 +535,7 @@ class LlamaStepKernel:
             G = self.H // self.Hkv
             bf = dict(device=dev, dtype=torch.bfloat16)
             self._buffers = {key: dict(  # one cache at a time
-                kptr=torch.tensor([s.k.data_ptr() for s in cache.layers], device=dev, dtype=torch.int64),
-                vptr=torch.tensor([s.v.data_ptr() for s in cache.layers], device=dev, dtype=torch.int64),
+                koff=self._offsets([s.k for s in cache.layers]), voff=self._offsets([s.v for s in cache.layers]),
                 skh=k0.stride(1), skn=k0.stride(2), split=split, nsplit=nsplit,
                 x=torch.empty(self.D, **bf), qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
                 a=torch.empty(self.hid, **bf), attn=torch.empty(self.H * self.d, **bf),
@@ -543,6 +544,15 @@ class LlamaStepKernel:
                 pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
                 pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32))}
         return self._buffers[key]
+
+    @staticmethod
+    def _offsets(caches: list[torch.Tensor]) -> torch.Tensor:
+        """Each block's cache as an element offset from block 0's (int64), all 16-byte aligned."""
+        if any(t.data_ptr() % 16 or t.stride(-1) != 1 for t in caches):
+            raise ValueError("the Gluon decode step needs 16-byte aligned caches with contiguous head dims")
+        base = caches[0].data_ptr()
+        return torch.tensor([(t.data_ptr() - base) // t.element_size() for t in caches], device=caches[0].device,
+                            dtype=torch.int64)
 
     def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor):
         """h [1, 1, D] (the embedded token) -> h after the last block; writes every block's key and
@@ -553,7 +563,8 @@ class LlamaStepKernel:
         b["count"].zero_()
         _chain_kernel[(self.programs,)](
             self.w_d, self.w2_d, x, b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
-            self.nqkv, self.D, self.hid, self.eps, b["count"], cos, sin, cache.position, length, b["kptr"], b["vptr"],
+            self.nqkv, self.D, self.hid, self.eps, b["count"], cos, sin, cache.position, length, cache.layers[0].k, cache.layers[0].v,
+            b["koff"], b["voff"],
             b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d, self.Hkv,
             b["nsplit"], b["split"], STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
             HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), launch_cooperative_grid=True)
