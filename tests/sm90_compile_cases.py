@@ -120,7 +120,8 @@ def cases():
         yield f"gluon decode step ({g} query heads per kv head)", functools.partial(
             compile_gluon_case, gc._chain_kernel, chain_types,
             dict(STAGES=gc.LlamaStepKernel.STAGES, num_warps=gc.LlamaStepKernel.NUM_WARPS, SYNC=True, MATH=True, STAMPS=False,
-                 DECODE=True, G=g, HD=128, BLOCK_S=16), gc.LlamaStepKernel.NUM_WARPS)
+                 DECODE=True, G=g, HD=128, BLOCK_S=16), gc.LlamaStepKernel.NUM_WARPS,
+            ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT"))
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(
         compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)
