@@ -7,10 +7,11 @@
    kernels) vs the fused Triton GEMV (autotuned; the chosen config is printed) without and with
    PDL, as microseconds and GB/s of weight read; also the QKV GEMV with RoPE and the cache write.
 2. The whole decode step at `--context` for every mode: a fused-decode mode (off, inductor,
-   triton, persistent) with options `_pdl` (PDL, triton_pdl.py), `_a<n>` (attention split
+   triton, persistent, gluon) with options `_pdl` (PDL, triton_pdl.py), `_a<n>` (attention split
    programs per SM that the split count plans for, triton_decode.ITEMS_PER_SM), `_k<n>` (GEMV K
    tiles of n elements only), and for persistent `_t<weights per tile>`, `_w<warps>`, `_g<programs per SM>`, `_d<pipeline stages>`
-   and `_s` (a global-timer stamp per program at every phase end: where the kernel's time goes),
+   and `_s` (a global-timer stamp per program at every phase end: where the kernel's time goes;
+   for gluon, the Gluon step kernel's per-phase profile as gpu_gluon_chain_probe.py's `--stamps`),
    e.g. persistent_t16384_w8_d4_s. Every mode autotunes the GEMVs anew (`--keep_gemv_picks`: the
    first mode's picks for all, so an A/B of another knob is not moved by the GEMV picks); rows
    name the picks.
@@ -150,9 +151,16 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
             if bk is not None or not keep_gemv_picks:
                 kernel.cache.clear()
         triton_block.STAMPS = None
-        if "s" in flags:
+        if "s" in flags and base == "persistent":
             triton_block.STAMPS = torch.zeros(triton_block._programs(dev), 16, dtype=torch.int64, device=dev)
         set_fused_decode(base)
+        gluon_step = None
+        if base == "gluon":  # the step kernel (None: it does not take this model; logged why)
+            from avengers.inference.gluon_chain import LlamaStepKernel
+
+            gluon_step = LlamaStepKernel.for_model(model)
+            if gluon_step is not None and "s" in flags:
+                gluon_step.stamps = torch.zeros(gluon_step.programs, 4096, 4, dtype=torch.int64, device=dev)
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)
         cache.set_seq_len(context - 2 * steps - 8)
         tokens = torch.randint(0, spec.vocab_size, (1, 1), device=dev)
@@ -176,6 +184,14 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
                                for name, kernel in gemv_kernels.items() for key, c in kernel.cache.items()}
         if triton_block.STAMPS is not None:
             row["phase_end_us"] = phase_ends(triton_block.STAMPS)
+        if base == "gluon":
+            row["gluon_step_kernel"] = gluon_step is not None
+            if gluon_step is not None and gluon_step.stamps is not None:
+                from gpu_gluon_chain_probe import phase_profile
+
+                n = len(model.base_model.layers) * len(GLUON_PHASES)
+                row["phases"] = phase_profile(gluon_step.stamps[:, :n].cpu().double() / 1e3, GLUON_PHASES)
+                gluon_step.stamps = None
         rows.append(row)
         log(json.dumps(row))
         del step, cache
@@ -192,6 +208,7 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
 
 
 PHASES = ("qkv", "attn wait", "attn+merge", "wo", "gate/up", "w2")
+GLUON_PHASES = ("qkv", "attention", "wo", "gate_up", "w2")  # a block's phases in the Gluon step kernel
 
 
 def phase_ends(stamps: torch.Tensor) -> dict:

@@ -38,17 +38,18 @@ def graph_ms(fn, reps=50):
     return times[0], times[2]
 
 
-def phase_profile(t):
-    """Per GEMV kind, means over blocks (us) from stamps t [programs, phases, 4]: the barrier (last
+def phase_profile(t, names=("qkv", "wo", "gate_up", "w2")):
+    """Per phase kind (`names`: a block's phases in order), means over blocks (us) from stamps t
+    [programs, phases, 4]: the barrier (last
     program done with the previous phase -> median program past the barrier), the input row, the
     median and slowest program's reduction, and how far the loaders were ahead (median program's
     barrier pass minus its loader's last copy of the previous phase: > 0, that phase's copies were
     already under way)."""
     t = t - t[:, :, 1:].min()
     out = {}
-    for k, name in enumerate(("qkv", "wo", "gate_up", "w2")):
+    for k, name in enumerate(names):
         rows = []
-        for ph in range(k, t.shape[1], 4):
+        for ph in range(k, t.shape[1], len(names)):
             if ph == 0:
                 continue
             done_prev = t[:, ph - 1, 3].max()

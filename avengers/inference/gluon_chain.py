@@ -81,23 +81,27 @@ def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES:
 
 @gluon.jit
 def _loader(w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES: gl.constexpr,
-            STAMPS: gl.constexpr):
+            STAMPS: gl.constexpr, DECODE: gl.constexpr):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
-    order (stamp 0: when the phase's last copy was issued)."""
+    order (stamp 0: when the phase's last copy was issued; DECODE: 5 phases a block, the attention
+    phase, which has no weights, stamped with the QKV copies)."""
     pid = gl.program_id(0)
     per_layer = NQKV + D + 2 * HID
     kd = D // _IK
     i = 0
     for layer in range(n_layers):
         row0 = layer * per_layer
+        ph = layer * (4 + DECODE)
         i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES)
-        _stamp(Stamps, pid, layer * 4, 0, STAMPS)
+        _stamp(Stamps, pid, ph, 0, STAMPS)
+        if DECODE:
+            _stamp(Stamps, pid, ph + 1, 0, STAMPS)
         i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES)
-        _stamp(Stamps, pid, layer * 4 + 1, 0, STAMPS)
+        _stamp(Stamps, pid, ph + 1 + DECODE, 0, STAMPS)
         i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES)
-        _stamp(Stamps, pid, layer * 4 + 2, 0, STAMPS)
+        _stamp(Stamps, pid, ph + 2 + DECODE, 0, STAMPS)
         i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES)
-        _stamp(Stamps, pid, layer * 4 + 3, 0, STAMPS)
+        _stamp(Stamps, pid, ph + 3 + DECODE, 0, STAMPS)
 
 
 # the Triton kernels' grid barrier (triton_grid.py), called from Gluon. Measured slower on the H200:
@@ -321,6 +325,8 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
         if DECODE:
             # 1b. attention: items (kv head, split); the program finishing a head's last split merges it
             _grid_wait(Count, phase * P)
+            _stamp(Stamps, pid, phase, 1, ON)
+            _stamp(Stamps, pid, phase, 2, ON)
             for item in range(pid, HKV * NSPLIT, P):
                 h = item // NSPLIT
                 _attention_item(Qkv, Kb, Vb, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn, G, HD,
@@ -328,8 +334,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
                 gl.thread_barrier()  # every thread's partial is stored before the release below
                 if gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel") == NSPLIT - 1:
                     _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G, HD, BLOCK_S, LA)
-            _grid_arrive(Count)
-            phase += 1
+            phase = _leave(Count, phase, pid, Stamps, True, ON)
         # 2. h2 = x + attention @ Wo^T (the probe chain: q @ Wo^T)
         _enter(xbuf, Attn if DECODE else Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
@@ -372,7 +377,7 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
         (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
                      Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
                      STAGES, SYNC, MATH, STAMPS, DECODE, G, HD, BLOCK_S, num_warps)),
-        (_loader, (w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES, STAMPS)),
+        (_loader, (w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES, STAMPS, DECODE)),
     ], [1], [40])
 
 
@@ -479,6 +484,9 @@ class LlamaStepKernel:
         self.ffln = torch.stack([l.ff_ln.weight for l in layers]).contiguous()
         self.programs = sm_count(self.w.device)
         self._buffers = {}
+        # profiling: an int64 [programs, 4096, 4] tensor gets the phases' timestamps (`chain`'s slots;
+        # phase = block * 5 + k, k: QKV, attention, Wo, gate/up, W2)
+        self.stamps = None
 
     @staticmethod
     def for_model(model) -> "LlamaStepKernel | None":
@@ -563,9 +571,10 @@ class LlamaStepKernel:
         b["count"].zero_()
         _chain_kernel[(self.programs,)](
             self.w_d, self.w2_d, x, b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
-            self.nqkv, self.D, self.hid, self.eps, b["count"], cos, sin, cache.position, length, cache.layers[0].k, cache.layers[0].v,
-            b["koff"], b["voff"],
+            self.nqkv, self.D, self.hid, self.eps, b["count"] if self.stamps is None else self.stamps, cos, sin,
+            cache.position, length, cache.layers[0].k, cache.layers[0].v, b["koff"], b["voff"],
             b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d, self.Hkv,
             b["nsplit"], b["split"], STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
-            HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), launch_cooperative_grid=True)
+            HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None,
+            launch_cooperative_grid=True)
         return x.view(1, 1, -1).clone()
