@@ -58,8 +58,13 @@ def test_chain_matches_reference(stages, warps):
 
 
 @hopper
-@pytest.mark.parametrize("kvheads", [4, 2])  # 2 query heads per kv head as llama3_1.8b, and 4
-def test_llama_decode_step_kernel_matches_the_triton_path(kvheads):
+@pytest.mark.parametrize("kvheads,kv_ring,length", [
+    (2, True, 80),  # 2 query heads per kv head as llama3_1.8b; keys and values through the ring
+    (4, True, 80),
+    (2, False, 80),  # the consumer warps load them
+    (2, True, 8000),  # splits of two 64-key tiles
+])
+def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, length, monkeypatch):
     """`fused_decode` "gluon" (every block in one kernel, RoPE, cache write and attention included)
     against the per-kernel Triton path, on a 2-block Llama with the kernel's head shapes."""
     import sys
@@ -77,12 +82,35 @@ def test_llama_decode_step_kernel_matches_the_triton_path(kvheads):
     model.init_weights()
     model = model.to(torch.bfloat16).eval()
     assert gc.LlamaStepKernel.unsupported(model) == ""
-    ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(1)).cuda()
+    monkeypatch.setattr(gc.LlamaStepKernel, "KV_RING", kv_ring)
+    ids = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(1)).cuda()
+    prefill = length - 10
     with torch.no_grad():
-        ref = decode_logits(model, ids, 70, "triton")
-        got = decode_logits(model, ids, 70, "gluon")
-    assert model._gluon_decode_step[1] is not None  # the kernel ran
-    torch.testing.assert_close(got[:, 70:].float(), ref[:, 70:].float(), atol=5e-2, rtol=3e-2)  # bf16 rounding
+        ref = decode_logits(model, ids, prefill, "triton")
+        got = decode_logits(model, ids, prefill, "gluon")
+    step = model._gluon_decode_step[1]
+    assert step is not None  # the kernel ran
+    if kv_ring:  # the caches are one tensor each (KVState.stacked): the ring path was taken
+        assert all(b["kv_descriptors"] is not None for b in step._buffers.values())
+    torch.testing.assert_close(got[:, prefill:].float(), ref[:, prefill:].float(), atol=5e-2, rtol=3e-2)  # bf16
+
+
+def test_kv_descriptors_need_one_tensor_for_all_layers():
+    """The step kernel streams keys and values through its ring only when every layer's cache is a
+    consecutive view of one tensor (KVCache.for_llama); separately allocated layers get None."""
+    from avengers.inference.kv_cache import KVState
+
+    class Cache:
+        def __init__(self, layers):
+            self.layers = layers
+
+    stacked = Cache(KVState.stacked(3, 1, 2, 128, 128, dtype=torch.bfloat16))
+    k_d, v_d = gc.LlamaStepKernel._kv_descriptors(stacked)
+    assert list(k_d.shape) == [3 * 2 * 128 * 128 // gc.ITEM_K, gc.CHUNKS, gc.CW] and k_d.base.data_ptr() == \
+        stacked.layers[0].k.data_ptr()
+    assert gc.LlamaStepKernel._kv_descriptors(Cache([KVState(1, 2, 128, 128, dtype=torch.bfloat16)
+                                                     for _ in range(3)])) is None
+    assert gc.LlamaStepKernel._kv_descriptors(Cache(KVState.stacked(3, 1, 2, 96, 128, dtype=torch.bfloat16))) is None
 
 
 def test_pack_rope_pairs_put_a_rotation_pair_in_one_column_of_the_epilogue():

@@ -44,6 +44,22 @@ def test_cache_bytes_measured_from_tensors(tiny):
     assert cache.nbytes_per_sequence() == 2 * KV_CHUNK * per_token
 
 
+def test_llama_caches_are_consecutive_views_of_one_tensor(tiny):
+    """KVState.stacked: every layer's keys (values) a view of one [L, B, H_kv, S, d] tensor, layer
+    after layer, so one TMA descriptor covers all (gluon_chain's decode step); writes reach it."""
+    _, model = tiny
+    cache = model.allocate_cache(2, KV_CHUNK)
+    for name in ("k", "v"):
+        views = [getattr(s, name) for s in cache.layers]
+        whole = views[0]._base
+        assert whole is not None and whole.shape == (len(views), *views[0].shape) and whole.is_contiguous()
+        for i, t in enumerate(views):
+            assert t._base is whole and t.data_ptr() == whole.data_ptr() + i * t.numel() * t.element_size()
+    cache.layers[1].update(torch.ones(2, cache.layers[1].k.shape[1], 3, cache.layers[1].k.shape[3]),
+                           torch.ones(2, cache.layers[1].v.shape[1], 3, cache.layers[1].v.shape[3]), 0)
+    assert cache.layers[1].k._base[1, :, :, :3].eq(1).all() and cache.layers[0].k.eq(0).all()
+
+
 @pytest.mark.parametrize("length", [1, 77, 256])
 def test_decode_attention_matches_sdpa(length):
     g = torch.Generator().manual_seed(length)

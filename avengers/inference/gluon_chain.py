@@ -80,21 +80,26 @@ def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES:
 
 
 @gluon.jit
-def _loader(w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES: gl.constexpr,
-            STAMPS: gl.constexpr, DECODE: gl.constexpr):
+def _loader(w_d, w2_d, k_d, v_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S, NSPLIT, SPLIT,
+            STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
     order (stamp 0: when the phase's last copy was issued; DECODE: 5 phases a block, the attention
-    phase, which has no weights, stamped with the QKV copies)."""
+    phase stamped when its keys and values are issued, with KV_RING, else with the QKV copies)."""
     pid = gl.program_id(0)
     per_layer = NQKV + D + 2 * HID
     kd = D // _IK
     i = 0
+    length = 0
+    if KV_RING:
+        length = gl.load(Length).to(gl.int32)  # TMA coordinates are 32-bit
     for layer in range(n_layers):
         row0 = layer * per_layer
         ph = layer * (4 + DECODE)
         i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES)
         _stamp(Stamps, pid, ph, 0, STAMPS)
         if DECODE:
+            if KV_RING:
+                i = _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES)
             _stamp(Stamps, pid, ph + 1, 0, STAMPS)
         i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES)
         _stamp(Stamps, pid, ph + 1 + DECODE, 0, STAMPS)
@@ -194,13 +199,29 @@ def _rope_store(y, rb, ga, gb, Cos, Sin, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV,
 
 
 @gluon.jit
-def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, G: gl.constexpr,
-                    HD: gl.constexpr, BK: gl.constexpr, num_warps: gl.constexpr):
+def _online_tile(q, k, v, valid, m, l, acc):
+    """One tile of keys (k, v [warp, 1, key, HD] fp32; valid [warp, 1, key]) into the running max
+    m [warp, G], per-lane sums l [warp, G, key] and outputs acc [warp, G, key, HD]."""
+    sc = gl.where(valid, gl.sum(q * k, 3), float("-inf"))  # [warp, G, key]
+    m_new = gl.maximum(m, gl.max(sc, 2))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp may have no key below end yet
+    alpha = gl.expand_dims(gl.exp(m - m_use), 2)  # [warp, G, 1]
+    p = gl.exp(sc - gl.expand_dims(m_use, 2))
+    return m_new, l * alpha + p, acc * gl.expand_dims(alpha, 3) + gl.expand_dims(p, 3) * v
+
+
+@gluon.jit
+def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, ring, ready, empty, i,
+                    G: gl.constexpr, HD: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                    KV_RING: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 of split-K attention for kv head h, split sp (triton_decode.partial_item, batch 1): the
     G query heads' unnormalised output, running max and sum over keys [sp SPLIT, +SPLIT) below
     `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d)).
     Each warp keeps its own running max/sum/output over its BK keys of every tile, so a tile's
-    reductions stay inside a warp; the warps are merged once, at the end."""
+    reductions stay inside a warp; the warps are merged once, at the end. KV_RING: the keys and
+    values come through the ring (the loader copied them, 64 keys a stage, K then V; the stage
+    holding this step's key may predate its write, so that key is read from the cache); else
+    plain loads, the next tile's issued before this tile's maths. Returns the ring position."""
     # [warp, query head, key, head dim]: 8 lanes x 4 along the head dim, 4 lanes along the keys
     L: gl.constexpr = gl.BlockedLayout([1, G, 1, 4], [1, 1, 4, 8], [num_warps, 1, 1, 1], [3, 2, 1, 0])
     LKV: gl.constexpr = gl.SliceLayout(1, L)  # [warp, key, head dim]
@@ -214,9 +235,9 @@ def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, 
     q = gl.expand_dims(gl.expand_dims(q, 0), 2)  # [1, G, 1, HD]
     w3 = gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(2, LKV)))
     n3 = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKV)))
-    d3 = gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(1, LKV)))
+    d3 = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(1, LKV))), 0), 1)
     key = gl.expand_dims(gl.expand_dims(w3, 1) * BK + gl.expand_dims(n3, 0), 2)  # [warp, key, 1]: key in tile
-    at = key * skn + h * skh + gl.expand_dims(gl.expand_dims(d3, 0), 1)
+    at = key * skn + h * skh + d3
     ws = gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(1, LS)))
     ns = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS)))
     key_s = gl.expand_dims(gl.expand_dims(ws, 1) * BK + gl.expand_dims(ns, 0), 1)  # [warp, 1, key]
@@ -226,23 +247,38 @@ def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, 
     # per lane (its key of the tile): sums over the keys wait until the end, saving shuffles per tile
     l = gl.zeros([num_warps, G, BK], gl.float32, layout=LS)
     acc = gl.zeros([num_warps, G, BK, HD], gl.float32, L)
-    # the next tile's loads are issued before this tile's maths (twice the bytes in flight)
-    k_next = gl.load(Kb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
-    v_next = gl.load(Vb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
-    for off in range(start, end, TILE):
-        k = gl.expand_dims(k_next.to(gl.float32), 1)  # [warp, 1, key, HD]
-        v = gl.expand_dims(v_next.to(gl.float32), 1)
-        nxt = off + TILE
-        k_next = gl.load(Kb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
-        v_next = gl.load(Vb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
-        sc = gl.where(off + key_s < end, gl.sum(q * k, 3), float("-inf"))  # [warp, G, key]
-        m_new = gl.maximum(m, gl.max(sc, 2))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp may have no key below end yet
-        alpha = gl.expand_dims(gl.exp(m - m_use), 2)  # [warp, G, 1]
-        p = gl.exp(sc - gl.expand_dims(m_use, 2))
-        l = l * alpha + p
-        acc = acc * gl.expand_dims(alpha, 3) + gl.expand_dims(p, 3) * v
-        m = m_new
+    if KV_RING:
+        gl.static_assert(2 * TILE * HD == _R * _IK, "a ring stage holds two tiles of keys")
+        plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # of a half stage, row-major
+        k_now = gl.load(Kb + pos * skn + h * skh + d3, cache_modifier=".cg").to(gl.float32)  # [1, 1, HD]
+        v_now = gl.load(Vb + pos * skn + h * skh + d3, cache_modifier=".cg").to(gl.float32)
+        for t0 in range(start, end, 2 * TILE):
+            sk = i % STAGES
+            sv = (i + 1) % STAGES
+            mbarrier.wait(ready.index(sk), (i // STAGES) & 1)
+            mbarrier.wait(ready.index(sv), ((i + 1) // STAGES) & 1)
+            ks = ring.index(sk)._reinterpret(gl.bfloat16, [2, num_warps, BK, HD], plain)
+            vs = ring.index(sv)._reinterpret(gl.bfloat16, [2, num_warps, BK, HD], plain)
+            for half in gl.static_range(2):
+                off = t0 + half * TILE
+                k = gl.where(off + key == pos, k_now, ks.index(half).load(LKV).to(gl.float32))
+                v = gl.where(off + key == pos, v_now, vs.index(half).load(LKV).to(gl.float32))
+                m, l, acc = _online_tile(q, gl.expand_dims(k, 1), gl.expand_dims(v, 1), off + key_s < end, m, l, acc)
+            gl.thread_barrier()  # every warp has read both stages before they are handed back
+            fence_async_shared()
+            mbarrier.arrive(empty.index(sk), count=1)
+            mbarrier.arrive(empty.index(sv), count=1)
+            i += 2
+    else:
+        k_next = gl.load(Kb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
+        v_next = gl.load(Vb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
+        for off in range(start, end, TILE):
+            k = gl.expand_dims(k_next.to(gl.float32), 1)  # [warp, 1, key, HD]
+            v = gl.expand_dims(v_next.to(gl.float32), 1)
+            nxt = off + TILE
+            k_next = gl.load(Kb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
+            v_next = gl.load(Vb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
+            m, l, acc = _online_tile(q, k, v, off + key_s < end, m, l, acc)
     # merge the warps (an empty split keeps m = -inf: the merge pass gives it weight 0)
     m_all = gl.max(m, 0)  # [G]
     scale = gl.exp(m - gl.expand_dims(gl.where(m_all == float("-inf"), 0.0, m_all), 0))  # [warp, G]
@@ -254,6 +290,29 @@ def _attention_item(Q, Kb, Vb, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, 
     gm = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, LS)))
     gl.store(PM + row + gm, m_all)
     gl.store(PL + row + gm, l_all)
+    return i
+
+
+@gluon.jit
+def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES: gl.constexpr):
+    """The loader's share of a block's attention (KV_RING): for this program's items (kv head,
+    split), in the consumer's order, 64 keys of K then of V per stage (cache rows viewed as
+    [8 keys, 4, 256] boxes; S, the cache length, a multiple of 64)."""
+    for item in range(pid, HKV * NSPLIT, P):
+        start = (item % NSPLIT) * SPLIT
+        end = gl.minimum(start + SPLIT, length)
+        row0 = (layer * HKV + item // NSPLIT) * (S // 8)
+        for t0 in range(start, end, 64):
+            for which in gl.static_range(2):
+                s = i % STAGES
+                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), _R * _IK * 2)
+                if which == 0:
+                    tma.async_copy_global_to_shared(k_d, [row0 + t0 // 8, 0, 0], ready.index(s), ring.index(s))
+                else:
+                    tma.async_copy_global_to_shared(v_d, [row0 + t0 // 8, 0, 0], ready.index(s), ring.index(s))
+                i += 1
+    return i
 
 
 @gluon.jit
@@ -284,7 +343,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
               Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
               DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
-              num_warps: gl.constexpr):
+              KV_RING: gl.constexpr, num_warps: gl.constexpr):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
     passed, 2 input row in shared memory, 3 phase done."""
     # [row group, row, chunk, column]: a warp reduces whole rows (no cross-warp reduction), 8 columns
@@ -329,8 +388,8 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
             _stamp(Stamps, pid, phase, 2, ON)
             for item in range(pid, HKV * NSPLIT, P):
                 h = item // NSPLIT
-                _attention_item(Qkv, Kb, Vb, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn, G, HD,
-                                4, num_warps)
+                i = _attention_item(Qkv, Kb, Vb, pos, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn,
+                                    ring, ready, empty, i, G, HD, 4, STAGES, KV_RING, num_warps)
                 gl.thread_barrier()  # every thread's partial is stored before the release below
                 if gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel") == NSPLIT - 1:
                     _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G, HD, BLOCK_S, LA)
@@ -362,9 +421,10 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
 @gluon.jit
 def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D, HID, eps, Stamps,
                   Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
+                  k_d, v_d, S,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
-                  HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16):
+                  HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False):
     P = gl.num_programs(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
     xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -376,8 +436,9 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
     gl.warp_specialize([
         (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
                      Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
-                     STAGES, SYNC, MATH, STAMPS, DECODE, G, HD, BLOCK_S, num_warps)),
-        (_loader, (w_d, w2_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, STAGES, STAMPS, DECODE)),
+                     STAGES, SYNC, MATH, STAMPS, DECODE, G, HD, BLOCK_S, KV_RING, num_warps)),
+        (_loader, (w_d, w2_d, k_d, v_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S, NSPLIT,
+                   SPLIT, STAGES, STAMPS, DECODE, KV_RING)),
     ], [1], [40])
 
 
@@ -453,7 +514,7 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
     _chain_kernel[(programs,)](w_d, w2_d, x, qkv, h2, a, count, ln_w, ff_ln_w, n_layers, nqkv, D, hid, eps,
                                stamps if stamps is not None else count,
                                none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0, 1, 1,
-                               STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
+                               w_d, w_d, 0, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
                                STAMPS=stamps is not None,
                                launch_cooperative_grid=True)
 
@@ -461,11 +522,15 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
 class LlamaStepKernel:
     """A Llama's batch-1 decode step through all its blocks as one kernel (`fused_decode` "gluon"):
     the chain above with RoPE and the cache write in the QKV epilogue and an attention phase
-    (split-K, plain loads; the program that finishes a kv head's last split merges it) before Wo.
-    Holds a packed copy of the block weights (2.6 GB for llama3_1.8b) and the step's buffers."""
+    (split-K; the program that finishes a kv head's last split merges it) before Wo. The keys and
+    values stream through the weights' ring (the loader copies them right after the block's QKV
+    weights) when the caches are one tensor (KVState.stacked) and KV_RING is set; else the
+    consumer warps load them. Holds a packed copy of the block weights (2.6 GB for llama3_1.8b)
+    and the step's buffers."""
 
     STAGES = 12
     NUM_WARPS = 8
+    KV_RING = True
 
     def __init__(self, model):
         from avengers.inference.triton_decode import sm_count
@@ -544,6 +609,7 @@ class LlamaStepKernel:
             bf = dict(device=dev, dtype=torch.bfloat16)
             self._buffers = {key: dict(  # one cache at a time
                 koff=self._offsets([s.k for s in cache.layers]), voff=self._offsets([s.v for s in cache.layers]),
+                kv_descriptors=self._kv_descriptors(cache),
                 skh=k0.stride(1), skn=k0.stride(2), split=split, nsplit=nsplit,
                 x=torch.empty(self.D, **bf), qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
                 a=torch.empty(self.hid, **bf), attn=torch.empty(self.H * self.d, **bf),
@@ -552,6 +618,24 @@ class LlamaStepKernel:
                 pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
                 pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32))}
         return self._buffers[key]
+
+    @staticmethod
+    def _kv_descriptors(cache):
+        """TMA descriptors over all blocks' keys and values as [rows of 8 keys, 4, 256] (what the
+        loader copies), or None where the caches are not consecutive views of one tensor each."""
+        out = []
+        for name in ("k", "v"):
+            views = [getattr(s, name) for s in cache.layers]
+            whole = views[0]._base
+            step = views[0].numel() * views[0].element_size()
+            if (whole is None or not whole.is_contiguous() or whole.numel() != len(views) * views[0].numel()
+                    or any(t._base is not whole or t.data_ptr() != whole.data_ptr() + i * step
+                           for i, t in enumerate(views))
+                    or views[0].shape[2] % 64):
+                return None
+            rows = whole.view(-1, CHUNKS, CW)
+            out.append(TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [ROWS, CHUNKS, CW], _layout()))
+        return out
 
     @staticmethod
     def _offsets(caches: list[torch.Tensor]) -> torch.Tensor:
@@ -566,6 +650,7 @@ class LlamaStepKernel:
         """h [1, 1, D] (the embedded token) -> h after the last block; writes every block's key and
         value at cache.position. cos/sin [H + H_kv, d/2] fp32 (with the query scale), length: 0-dim."""
         b = self._buffers_for(cache)
+        kv = b["kv_descriptors"] if self.KV_RING else None
         x = b["x"]
         x.copy_(h.view(-1))
         b["count"].zero_()
@@ -574,7 +659,8 @@ class LlamaStepKernel:
             self.nqkv, self.D, self.hid, self.eps, b["count"] if self.stamps is None else self.stamps, cos, sin,
             cache.position, length, cache.layers[0].k, cache.layers[0].v, b["koff"], b["voff"],
             b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d, self.Hkv,
-            b["nsplit"], b["split"], STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
+            b["nsplit"], b["split"], *(kv or (self.w_d, self.w_d)), cache.layers[0].k.shape[2],
+            STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
             HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None,
-            launch_cooperative_grid=True)
+            KV_RING=kv is not None, launch_cooperative_grid=True)
         return x.view(1, 1, -1).clone()

@@ -24,10 +24,19 @@ class KVState:
     """One attention layer's keys and values: [B, H_kv, max_seq_len, head_dim] each."""
 
     def __init__(self, batch_size: int, kv_heads: int, max_seq_len: int, head_dim: int,
-                 device=None, dtype=None):
+                 device=None, dtype=None, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
         shape = (batch_size, kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=dtype) if k is None else k
+        self.v = torch.zeros(shape, device=device, dtype=dtype) if v is None else v
+
+    @classmethod
+    def stacked(cls, n: int, batch_size: int, kv_heads: int, max_seq_len: int, head_dim: int,
+                device=None, dtype=None) -> list["KVState"]:
+        """n layers' states as views of one [n, B, H_kv, max_seq_len, d] tensor each for keys and
+        values (one TMA descriptor covers every layer's cache: gluon_chain's decode step)."""
+        shape = (n, batch_size, kv_heads, max_seq_len, head_dim)
+        k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        return [cls(batch_size, kv_heads, max_seq_len, head_dim, k=k[i], v=v[i]) for i in range(n)]
 
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write [B, H_kv, T, d] at positions start..start+T-1; return views of positions 0..start+T-1."""
@@ -82,8 +91,7 @@ class KVCache(InferenceCache):
         head_dim = cfg.emb_dim // cfg.nheads
         kv_heads = cfg.kvheads or cfg.nheads
         length = padded_len(max_seq_len)
-        layers = [KVState(batch_size, kv_heads, length, head_dim, device=device, dtype=dtype)
-                  for _ in range(cfg.nlayers)]
+        layers = KVState.stacked(cfg.nlayers, batch_size, kv_heads, length, head_dim, device=device, dtype=dtype)
         scale = torch.ones(cfg.nheads + kv_heads, 1, device=device)
         scale[: cfg.nheads] = head_dim**-0.5
         return cls(layers, batch_size, max_seq_len, rope_table(head_dim, cfg.rope_theta, length, device), scale)
