@@ -611,7 +611,7 @@ class LlamaStepKernel:
                 koff=self._offsets([s.k for s in cache.layers]), voff=self._offsets([s.v for s in cache.layers]),
                 kv_descriptors=self._kv_descriptors(cache),
                 skh=k0.stride(1), skn=k0.stride(2), split=split, nsplit=nsplit,
-                x=torch.empty(self.D, **bf), qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
+                qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
                 a=torch.empty(self.hid, **bf), attn=torch.empty(self.H * self.d, **bf),
                 count=torch.zeros(2 + L * self.Hkv, device=dev, dtype=torch.int32),
                 pacc=torch.empty(self.Hkv * nsplit * G, self.d, device=dev, dtype=torch.float32),
@@ -647,12 +647,11 @@ class LlamaStepKernel:
                             dtype=torch.int64)
 
     def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor):
-        """h [1, 1, D] (the embedded token) -> h after the last block; writes every block's key and
+        """h [1, 1, D] (the embedded token; overwritten) -> h after the last block; writes every block's key and
         value at cache.position. cos/sin [H + H_kv, d/2] fp32 (with the query scale), length: 0-dim."""
         b = self._buffers_for(cache)
         kv = b["kv_descriptors"] if self.KV_RING else None
-        x = b["x"]
-        x.copy_(h.view(-1))
+        x = h.reshape(-1).contiguous()  # the kernel updates the residual stream in place: no copies
         b["count"].zero_()
         _chain_kernel[(self.programs,)](
             self.w_d, self.w2_d, x, b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
@@ -663,4 +662,4 @@ class LlamaStepKernel:
             STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
             HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None,
             KV_RING=kv is not None, launch_cooperative_grid=True)
-        return x.view(1, 1, -1).clone()
+        return x.view(1, 1, -1)
