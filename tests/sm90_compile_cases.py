@@ -111,7 +111,7 @@ def cases():
     chain_types = {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
                    "FfLnW": bf, "eps": "fp32", "Stamps": "*i64", "Cos": f32, "Sin": f32, "Pos": "*i64", "Length": "*i64",
                    "K0": bf, "V0": bf, "KOff": "*i64", "VOff": "*i64", "Attn": bf, "PAcc": f32, "PM": f32, "PL": f32,
-                   "k_d": desc, "v_d": desc}
+                   "k_d": desc, "v_d": desc, "h_d": desc, "Logits": bf, "DecNormW": bf, "head_eps": "fp32"}
     for warps in (4, 8) if gc.GLUON_API else ():  # written for Triton 3.6's Gluon
         yield f"gluon GEMV chain ({warps} consumer warps)", functools.partial(
             compile_gluon_case, gc._chain_kernel, chain_types,
@@ -123,7 +123,7 @@ def cases():
             compile_gluon_case, gc._chain_kernel, chain_types,
             dict(STAGES=gc.LlamaStepKernel.STAGES, num_warps=gc.LlamaStepKernel.NUM_WARPS, SYNC=True, MATH=True, STAMPS=False,
                  DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring), gc.LlamaStepKernel.NUM_WARPS,
-            ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S"))
+            ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"))
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(
         compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)

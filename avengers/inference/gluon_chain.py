@@ -80,11 +80,12 @@ def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES:
 
 
 @gluon.jit
-def _loader(w_d, w2_d, k_d, v_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S, NSPLIT, SPLIT,
-            STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr):
+def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S, NSPLIT,
+            SPLIT, V, STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
     order (stamp 0: when the phase's last copy was issued; DECODE: 5 phases a block, the attention
-    phase stamped when its keys and values are issued, with KV_RING, else with the QKV copies)."""
+    phase stamped when its keys and values are issued, with KV_RING, else with the QKV copies, and
+    the LM head after the last block)."""
     pid = gl.program_id(0)
     per_layer = NQKV + D + 2 * HID
     kd = D // _IK
@@ -107,6 +108,9 @@ def _loader(w_d, w2_d, k_d, v_d, ring, ready, empty, n_layers, P, NQKV, D, HID, 
         _stamp(Stamps, pid, ph + 2 + DECODE, 0, STAMPS)
         i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES)
         _stamp(Stamps, pid, ph + 3 + DECODE, 0, STAMPS)
+    if DECODE:  # the LM head
+        i = _load_phase(h_d, 0, V // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        _stamp(Stamps, pid, n_layers * 5, 0, STAMPS)
 
 
 # the Triton kernels' grid barrier (triton_grid.py), called from Gluon. Measured slower on the H200:
@@ -342,6 +346,7 @@ def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G: gl.constexpr, HD: gl.cons
 def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
               Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
+              Logits, DecNormW, V, head_eps,
               DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
               KV_RING: gl.constexpr, num_warps: gl.constexpr):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
@@ -416,12 +421,19 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
             res = gl.load(H2 + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
             gl.store(X + rb * _R + offs, (y + res).to(gl.bfloat16))
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
+    if DECODE:
+        # 5. logits = rmsnorm(x) @ Whead^T (the final norm's own weight and eps)
+        _enter(xbuf, X, DecNormW, D, head_eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
+        for rb in range(pid, V // _R, P):
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+            gl.store(Logits + rb * _R + offs, y.to(gl.bfloat16))
+        _stamp(Stamps, pid, phase, 3, ON)
 
 
 @gluon.jit
 def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D, HID, eps, Stamps,
                   Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
-                  k_d, v_d, S,
+                  k_d, v_d, S, h_d, Logits, DecNormW, V, head_eps,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
                   HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False):
@@ -436,9 +448,10 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
     gl.warp_specialize([
         (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
                      Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
-                     STAGES, SYNC, MATH, STAMPS, DECODE, G, HD, BLOCK_S, KV_RING, num_warps)),
-        (_loader, (w_d, w2_d, k_d, v_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S, NSPLIT,
-                   SPLIT, STAGES, STAMPS, DECODE, KV_RING)),
+                     STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, DECODE, G, HD, BLOCK_S, KV_RING,
+                     num_warps)),
+        (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S,
+                   NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING)),
     ], [1], [40])
 
 
@@ -514,7 +527,7 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
     _chain_kernel[(programs,)](w_d, w2_d, x, qkv, h2, a, count, ln_w, ff_ln_w, n_layers, nqkv, D, hid, eps,
                                stamps if stamps is not None else count,
                                none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0, 1, 1,
-                               w_d, w_d, 0, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
+                               w_d, w_d, 0, w_d, none, none, 0, 0.0, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
                                STAMPS=stamps is not None,
                                launch_cooperative_grid=True)
 
@@ -522,7 +535,8 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
 class LlamaStepKernel:
     """A Llama's batch-1 decode step through all its blocks as one kernel (`fused_decode` "gluon"):
     the chain above with RoPE and the cache write in the QKV epilogue and an attention phase
-    (split-K; the program that finishes a kv head's last split merges it) before Wo. The keys and
+    (split-K; the program that finishes a kv head's last split merges it) before Wo, and the final
+    norm + LM head after the last block (its weight streamed in place). The keys and
     values stream through the weights' ring (the loader copies them right after the block's QKV
     weights) when the caches are one tensor (KVState.stacked) and KV_RING is set; else the
     consumer warps load them. Holds a packed copy of the block weights (2.6 GB for llama3_1.8b)
@@ -545,12 +559,16 @@ class LlamaStepKernel:
                                [l.ff_sub_layer.wg1_fused.weight for l in layers],
                                [l.ff_sub_layer.w2.weight for l in layers], rope_pairs=True)
         self.w_d, self.w2_d = descriptors(self.w, self.w2)
+        head = model.head.weight  # streamed in place (not packed): [V, D] rows are the kernel's items already
+        self.V = head.shape[0]
+        self.head_d = descriptors(head, head)[0]
+        self.dec_norm, self.head_eps = model.base_model.dec_norm.weight, model.base_model.dec_norm.eps
         self.ln = torch.stack([l.ln.weight for l in layers]).contiguous()
         self.ffln = torch.stack([l.ff_ln.weight for l in layers]).contiguous()
         self.programs = sm_count(self.w.device)
         self._buffers = {}
         # profiling: an int64 [programs, 4096, 4] tensor gets the phases' timestamps (`chain`'s slots;
-        # phase = block * 5 + k, k: QKV, attention, Wo, gate/up, W2)
+        # phase = block * 5 + k, k: QKV, attention, Wo, gate/up, W2; then the LM head)
         self.stamps = None
 
     @staticmethod
@@ -588,6 +606,11 @@ class LlamaStepKernel:
             return "needs plain RMS norms and bias-free fused projections in every block"
         if len({l.ln.eps for l in layers} | {l.ff_ln.eps for l in layers}) != 1:
             return "needs one norm eps in every block"
+        head = model.head
+        if not is_plain_rms_norm(model.base_model.dec_norm) or getattr(head, "bias", None) is not None \
+                or head.weight.shape[0] % ROWS or not head.weight.is_contiguous():
+            return (f"needs a plain final RMS norm and a bias-free, contiguous LM head with a multiple of {ROWS} "
+                    f"rows, got {tuple(head.weight.shape)}")
         if a0.emb_kq_per_head != 128 or a0.nheads * 128 != D or a0.nheads % a0.kvheads \
                 or a0.nheads // a0.kvheads not in (2, 4, 8):
             return (f"needs heads of 128 covering the width and 2, 4 or 8 query heads per kv head, got "
@@ -647,19 +670,21 @@ class LlamaStepKernel:
                             dtype=torch.int64)
 
     def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor):
-        """h [1, 1, D] (the embedded token; overwritten) -> h after the last block; writes every block's key and
-        value at cache.position. cos/sin [H + H_kv, d/2] fp32 (with the query scale), length: 0-dim."""
+        """h [1, 1, D] (the embedded token; overwritten) -> logits [1, 1, V] (bf16); writes every
+        block's key and value at cache.position. cos/sin [H + H_kv, d/2] fp32 (with the query
+        scale), length: 0-dim."""
         b = self._buffers_for(cache)
         kv = b["kv_descriptors"] if self.KV_RING else None
         x = h.reshape(-1).contiguous()  # the kernel updates the residual stream in place: no copies
+        logits = torch.empty(self.V, device=x.device, dtype=torch.bfloat16)
         b["count"].zero_()
         _chain_kernel[(self.programs,)](
             self.w_d, self.w2_d, x, b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
             self.nqkv, self.D, self.hid, self.eps, b["count"] if self.stamps is None else self.stamps, cos, sin,
             cache.position, length, cache.layers[0].k, cache.layers[0].v, b["koff"], b["voff"],
             b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d, self.Hkv,
-            b["nsplit"], b["split"], *(kv or (self.w_d, self.w_d)), cache.layers[0].k.shape[2],
-            STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
+            b["nsplit"], b["split"], *(kv or (self.w_d, self.w_d)), cache.layers[0].k.shape[2], self.head_d, logits,
+            self.dec_norm, self.V, self.head_eps, STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
             HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None,
             KV_RING=kv is not None, launch_cooperative_grid=True)
-        return x.view(1, 1, -1)
+        return logits.view(1, 1, -1)

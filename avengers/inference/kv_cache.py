@@ -167,9 +167,11 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
         from avengers.inference.gluon_chain import LlamaStepKernel
 
         step = LlamaStepKernel.for_model(model)
-    if step is not None:  # every block in one kernel
-        h = step(h, cache, cos, sin, decode[0])
-    for layer, state in zip(base.layers, cache.layers if step is None else []):
+    if step is not None:  # every block and the LM head in one kernel
+        logits = step(h, cache, cos, sin, decode[0])
+        cache.advance(T)
+        return logits
+    for layer, state in zip(base.layers, cache.layers):
         if fused and eligible(layer):
             h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(
                 q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]), decode[0])
