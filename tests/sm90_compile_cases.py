@@ -109,9 +109,9 @@ def cases():
 
     desc = f"tensordesc<bf16[{gc.ROWS},{gc.CHUNKS},{gc.CW}],{gc._layout()!r}>"
     chain_types = {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
-                   "FfLnW": bf, "eps": "fp32", "Stamps": "*i64", "Cos": f32, "Sin": f32, "Pos": "*i64", "Length": "*i64",
+                   "FfLnW": bf, "eps": "fp32", "Stamps": "*i64", "Rope": f32, "q_scale": "fp32", "Pos": "*i64", "Tok": "*i64",
                    "K0": bf, "V0": bf, "KOff": "*i64", "VOff": "*i64", "Attn": bf, "PAcc": f32, "PM": f32, "PL": f32,
-                   "k_d": desc, "v_d": desc, "h_d": desc, "Logits": bf, "DecNormW": bf, "head_eps": "fp32"}
+                   "k_d": desc, "v_d": desc, "h_d": desc, "Logits": bf, "DecNormW": bf, "head_eps": "fp32", "Emb": bf}
     for warps in (4, 8) if gc.GLUON_API else ():  # written for Triton 3.6's Gluon
         yield f"gluon GEMV chain ({warps} consumer warps)", functools.partial(
             compile_gluon_case, gc._chain_kernel, chain_types,

@@ -90,9 +90,67 @@ def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, leng
         got = decode_logits(model, ids, prefill, "gluon")
     step = model._gluon_decode_step[1]
     assert step is not None  # the kernel ran
+    b = next(iter(step._buffers.values()))
     if kv_ring:  # the caches are one tensor each (KVState.stacked): the ring path was taken
-        assert all(b["kv_descriptors"] is not None for b in step._buffers.values())
+        assert b["kv_descriptors"] is not None
+    # no grid barrier gave up (count[1]) and the last program out reset every counter
+    assert int(b["count"].abs().sum()) == 0, b["count"].tolist()
     torch.testing.assert_close(got[:, prefill:].float(), ref[:, prefill:].float(), atol=5e-2, rtol=3e-2)  # bf16
+
+
+class _Bind:
+    """Stands in for `_chain_kernel[grid]`: binds a launch's arguments to the kernel's Python
+    signature (names and count) instead of compiling it, and keeps them."""
+
+    def __init__(self):
+        import inspect
+
+        self.signature, self.calls = inspect.signature(gc._chain_kernel.fn), []
+
+    def __getitem__(self, grid):
+        def launch(*args, launch_cooperative_grid, **kwargs):
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.calls.append(bound.arguments)
+        return launch
+
+
+@pytest.mark.skipif(not gc.GLUON_API, reason="written for Triton 3.6's Gluon")
+def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
+    """chain() and LlamaStepKernel call one kernel with ~40 positional arguments: each must land on
+    the parameter it is meant for (checked on the CPU, without compiling)."""
+    from avengers.inference import triton_decode
+    from avengers.models.registry import get_model_spec
+
+    bind = _Bind()
+    monkeypatch.setattr(gc, "_chain_kernel", bind)
+    ws, (ln, ffln) = _weights(2, 1024, 48, 1024, "cpu")
+    w, w2 = gc.pack(*(list(t) for t in ws))
+    w_d, w2_d = gc.descriptors(w, w2)
+    x = torch.zeros(1024, dtype=torch.bfloat16)
+    bufs = (torch.zeros(48), torch.zeros(1024), torch.zeros(1024), torch.zeros(2, dtype=torch.int32))
+    gc.chain(w_d, w2_d, x, ln, ffln, bufs, 2, 48, 1024, 1e-5, 4)
+    a = bind.calls[-1]
+    assert a["X"] is x and a["Count"] is bufs[3] and (a["n_layers"], a["NQKV"], a["D"], a["HID"]) == (2, 48, 1024, 1024)
+    assert not a["DECODE"] and a["k_d"] is w_d and a["V"] == 0
+
+    monkeypatch.setattr(triton_decode, "sm_count", lambda device: 8)
+    spec = get_model_spec("llama3_1.8b").replace(nlayers=2, emb_dim=1024, nheads=8, kvheads=2, src_vocab_size=512,
+                                                    hidden_grow_factor=4.0)
+    model = spec.build("cpu").to(torch.bfloat16)
+    step = gc.LlamaStepKernel(model)
+    cache = model.allocate_cache(1, 256)
+    tokens = torch.tensor([[7]])
+    logits = step(tokens, cache)
+    a = bind.calls[-1]
+    b = next(iter(step._buffers.values()))
+    assert logits.shape == (1, 1, 512) and a["Logits"].data_ptr() == logits.data_ptr()
+    assert a["Tok"] is tokens and a["Pos"] is cache.position and a["Emb"] is model.base_model.embedding.weight
+    assert a["Rope"] is b["rope"] and a["q_scale"] == 128 ** -0.5 and a["X"] is b["x"] and a["Count"] is b["count"]
+    assert (a["NQ"], a["NK"], a["HKV"], a["S"], a["V"]) == (8 * 128, 2 * 128, 2, cache.layers[0].k.shape[2], 512)
+    assert (a["NSPLIT"], a["SPLIT"]) == (b["nsplit"], b["split"]) and a["KV_RING"] and a["G"] == 4
+    assert a["DecNormW"] is model.base_model.dec_norm.weight and a["head_eps"] == model.base_model.dec_norm.eps
+    assert a["K0"] is cache.layers[0].k and a["KOff"] is b["koff"] and a["k_d"] is b["kv_descriptors"][0]
 
 
 def test_kv_descriptors_need_one_tensor_for_all_layers():

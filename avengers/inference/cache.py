@@ -43,9 +43,11 @@ class InferenceCache:
         first = next(_tensors(layers, set()), None)
         self.position = torch.zeros((), dtype=torch.long, device=first.device if first is not None else None)
 
-    def advance(self, n_tokens: int) -> None:
+    def advance(self, n_tokens: int, on_device: bool = True) -> None:
+        """n_tokens more are cached; on_device=False: a kernel has already advanced `position`."""
         self.seq_len += n_tokens
-        self.position += n_tokens
+        if on_device:
+            self.position += n_tokens
         if self.seq_len > self.max_seq_len:
             raise ValueError(
                 f"cache holds at most max_seq_len={self.max_seq_len} tokens, got {self.seq_len}; "

@@ -80,7 +80,7 @@ def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES:
 
 
 @gluon.jit
-def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S, NSPLIT,
+def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S, NSPLIT,
             SPLIT, V, STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
     order (stamp 0: when the phase's last copy was issued; DECODE: 5 phases a block, the attention
@@ -92,7 +92,7 @@ def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, 
     i = 0
     length = 0
     if KV_RING:
-        length = gl.load(Length).to(gl.int32)  # TMA coordinates are 32-bit
+        length = gl.load(Pos).to(gl.int32) + 1  # TMA coordinates are 32-bit
     for layer in range(n_layers):
         row0 = layer * per_layer
         ph = layer * (4 + DECODE)
@@ -180,17 +180,20 @@ def _leave(Count, phase, pid, Stamps, SYNC: gl.constexpr, ON: gl.constexpr):
 
 
 @gluon.jit
-def _rope_store(y, rb, ga, gb, Cos, Sin, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV, HD: gl.constexpr):
+def _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV, HD: gl.constexpr):
     """The QKV epilogue of row block rb (rows packed [0, 2, 4, 6, 1, 3, 5, 7]: y[0, b] and y[1, b] are a
     rotation pair): query rows rotated into Q, key rows rotated and value rows copied into this
-    block's caches at `pos` (triton_gemv.rope_operands + rope_store, batch 1)."""
+    block's caches at `pos` (triton_gemv.rope_operands + rope_store, batch 1). Rope: the cache's
+    table as fp32 [positions, HD / 2, (cos, sin)]; the query's angles carry q_scale (1/sqrt(d))."""
     y = y.to(gl.bfloat16).to(gl.float32)  # torch rounds the matmul output before rotating
     x0 = gl.sum(gl.where(ga == 0, y, 0.0), 0)
     x1 = gl.sum(gl.where(ga == 1, y, 0.0), 0)
     pair = rb * (_R // 2) + gb
     rot = pair * 2 < NQ + NK
-    c = gl.load(Cos + pair, mask=rot, other=1.0)
-    s = gl.load(Sin + pair, mask=rot, other=0.0)
+    at = (pos * (HD // 2) + pair % (HD // 2)) * 2
+    scale = gl.where(pair * 2 < NQ, q_scale, 1.0)
+    c = gl.load(Rope + at, mask=rot, other=1.0) * scale
+    s = gl.load(Rope + at + 1, mask=rot, other=0.0) * scale
     for a in gl.static_range(2):
         row = pair * 2 + a
         val = (x0 * c - x1 * s) if a == 0 else (x0 * s + x1 * c)
@@ -344,9 +347,9 @@ def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G: gl.constexpr, HD: gl.cons
 
 @gluon.jit
 def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
-              Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
+              Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
-              Logits, DecNormW, V, head_eps,
+              Logits, DecNormW, V, head_eps, Emb,
               DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
               KV_RING: gl.constexpr, num_warps: gl.constexpr):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
@@ -370,7 +373,8 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
     length = 0
     if DECODE:
         pos = gl.load(Pos)
-        length = gl.load(Length)
+        length = pos + 1
+        emb_row = Emb + gl.load(Tok) * D  # the token's embedding: block 0's input row
     for layer in range(n_layers):
         if DECODE:
             # this block's caches, as element offsets from block 0's (16-byte aligned: vector loads)
@@ -378,11 +382,15 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
             Vb = V0 + gl.multiple_of(gl.load(VOff + layer), 8)
         # 1. qkv = rmsnorm(x) @ Wqkv^T (DECODE: RoPE, q to Qkv, k and v into the caches; else Wo reads q);
         # x comes from the launch for the first block
-        _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
+        Xin = X  # this block's input row (DECODE: block 0's is the token's embedding row)
+        if DECODE:
+            if layer == 0:
+                Xin = emb_row
+        _enter(xbuf, Xin, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
         for rb in range(pid, NQKV // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             if DECODE:
-                _rope_store(y, rb, ga, gb, Cos, Sin, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, HD)
+                _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, HD)
             else:
                 gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
@@ -403,7 +411,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
         _enter(xbuf, Attn if DECODE else Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
-            res = gl.load(X + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
+            res = gl.load(Xin + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
             gl.store(H2 + rb * _R + offs, (y + res).to(gl.bfloat16))
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
@@ -428,12 +436,22 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             gl.store(Logits + rb * _R + offs, y.to(gl.bfloat16))
         _stamp(Stamps, pid, phase, 3, ON)
+        # the last program out resets the counters for the next launch and advances the position
+        # (every program has passed its last barrier and read the position by then)
+        gl.thread_barrier()
+        n_count = 3 + n_layers * HKV  # barrier, gave-up flag (kept), attention heads, this exit counter
+        if gl.atomic_add(Count + n_count - 1, 1, sem="acq_rel") == P - 1:
+            LC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+            for c0 in range(0, n_count, 32 * num_warps):
+                o = c0 + gl.arange(0, 32 * num_warps, layout=LC)
+                gl.store(Count + o, gl.zeros([32 * num_warps], gl.int32, LC), mask=(o < n_count) & (o != 1))
+            gl.store(Pos, pos + 1)
 
 
 @gluon.jit
 def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D, HID, eps, Stamps,
-                  Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
-                  k_d, v_d, S, h_d, Logits, DecNormW, V, head_eps,
+                  Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT,
+                  SPLIT, k_d, v_d, S, h_d, Logits, DecNormW, V, head_eps, Emb,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
                   HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False):
@@ -447,10 +465,10 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
         (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
-                     Cos, Sin, Pos, Length, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
-                     STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, DECODE, G, HD, BLOCK_S, KV_RING,
+                     Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT,
+                     SPLIT, STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, Emb, DECODE, G, HD, BLOCK_S, KV_RING,
                      num_warps)),
-        (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Length, HKV, S,
+        (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S,
                    NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING)),
     ], [1], [40])
 
@@ -526,8 +544,8 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
     none = count  # pointer arguments the chain does not use
     _chain_kernel[(programs,)](w_d, w2_d, x, qkv, h2, a, count, ln_w, ff_ln_w, n_layers, nqkv, D, hid, eps,
                                stamps if stamps is not None else count,
-                               none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0, 1, 1,
-                               w_d, w_d, 0, w_d, none, none, 0, 0.0, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
+                               none, 1.0, none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0,
+                               1, 1, w_d, w_d, 0, w_d, none, none, 0, 0.0, none, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
                                STAMPS=stamps is not None,
                                launch_cooperative_grid=True)
 
@@ -563,6 +581,7 @@ class LlamaStepKernel:
         self.V = head.shape[0]
         self.head_d = descriptors(head, head)[0]
         self.dec_norm, self.head_eps = model.base_model.dec_norm.weight, model.base_model.dec_norm.eps
+        self.emb = model.base_model.embedding.weight
         self.ln = torch.stack([l.ln.weight for l in layers]).contiguous()
         self.ffln = torch.stack([l.ff_ln.weight for l in layers]).contiguous()
         self.programs = sm_count(self.w.device)
@@ -575,7 +594,7 @@ class LlamaStepKernel:
     def for_model(model) -> "LlamaStepKernel | None":
         """The model's step, or None where the kernel does not apply (logged). Built once per set of
         weights: a model moved or cast (the bench checks in fp32, then times bf16) is looked at again."""
-        w = model.base_model.layers[0].attn.in_proj.qkv_fused.weight
+        w = next(model.parameters())
         key = (w.data_ptr(), w.dtype, w.device)
         step = getattr(model, "_gluon_decode_step", None)
         if step is None or step[0] != key:
@@ -634,9 +653,12 @@ class LlamaStepKernel:
                 koff=self._offsets([s.k for s in cache.layers]), voff=self._offsets([s.v for s in cache.layers]),
                 kv_descriptors=self._kv_descriptors(cache),
                 skh=k0.stride(1), skn=k0.stride(2), split=split, nsplit=nsplit,
-                qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
+                x=torch.empty(self.D, **bf), qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
+                rope=torch.view_as_real(cache.rope).contiguous(),  # [positions, d / 2, (cos, sin)] fp32
                 a=torch.empty(self.hid, **bf), attn=torch.empty(self.H * self.d, **bf),
-                count=torch.zeros(2 + L * self.Hkv, device=dev, dtype=torch.int32),
+                # grid barrier, gave-up flag, one per (block, kv head), the exit counter; zero between
+                # launches (the kernel's last program resets them)
+                count=torch.zeros(3 + L * self.Hkv, device=dev, dtype=torch.int32),
                 pacc=torch.empty(self.Hkv * nsplit * G, self.d, device=dev, dtype=torch.float32),
                 pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
                 pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32))}
@@ -669,22 +691,22 @@ class LlamaStepKernel:
         return torch.tensor([(t.data_ptr() - base) // t.element_size() for t in caches], device=caches[0].device,
                             dtype=torch.int64)
 
-    def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, length: torch.Tensor):
-        """h [1, 1, D] (the embedded token; overwritten) -> logits [1, 1, V] (bf16); writes every
-        block's key and value at cache.position. cos/sin [H + H_kv, d/2] fp32 (with the query
-        scale), length: 0-dim."""
+    def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """tokens [1, 1] (int64) -> logits [1, 1, V] (bf16): the whole decode step at cache.position,
+        which the kernel advances (the caller advances cache.seq_len: `advance(1, on_device=False)`).
+        Embedding, RoPE angles (from the cache's table), every block's key and value write, and
+        resetting its own counters for the next launch happen inside the kernel: one launch a step."""
         b = self._buffers_for(cache)
         kv = b["kv_descriptors"] if self.KV_RING else None
-        x = h.reshape(-1).contiguous()  # the kernel updates the residual stream in place: no copies
-        logits = torch.empty(self.V, device=x.device, dtype=torch.bfloat16)
-        b["count"].zero_()
+        logits = torch.empty(self.V, device=tokens.device, dtype=torch.bfloat16)
         _chain_kernel[(self.programs,)](
-            self.w_d, self.w2_d, x, b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
-            self.nqkv, self.D, self.hid, self.eps, b["count"] if self.stamps is None else self.stamps, cos, sin,
-            cache.position, length, cache.layers[0].k, cache.layers[0].v, b["koff"], b["voff"],
-            b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d, self.Hkv,
-            b["nsplit"], b["split"], *(kv or (self.w_d, self.w_d)), cache.layers[0].k.shape[2], self.head_d, logits,
-            self.dec_norm, self.V, self.head_eps, STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv,
-            HD=self.d, BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None,
-            KV_RING=kv is not None, launch_cooperative_grid=True)
+            self.w_d, self.w2_d, b["x"], b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
+            self.nqkv, self.D, self.hid, self.eps, b["count"] if self.stamps is None else self.stamps,
+            b["rope"], self.d ** -0.5, cache.position, tokens, cache.layers[0].k, cache.layers[0].v, b["koff"],
+            b["voff"], b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d,
+            self.Hkv, b["nsplit"], b["split"], *(kv or (self.w_d, self.w_d)), cache.layers[0].k.shape[2], self.head_d,
+            logits, self.dec_norm, self.V, self.head_eps, self.emb,
+            STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv, HD=self.d,
+            BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None, KV_RING=kv is not None,
+            launch_cooperative_grid=True)
         return logits.view(1, 1, -1)

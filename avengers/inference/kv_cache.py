@@ -150,6 +150,14 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     T = x.shape[1]
     if cache.seq_len + T > cache.max_seq_len:
         raise ValueError(f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, {T} more given")
+    if T == 1 and fused_decode_mode() == "gluon" and x.shape[0] == 1 and x.is_cuda:
+        from avengers.inference.gluon_chain import LlamaStepKernel
+
+        step = LlamaStepKernel.for_model(model)
+        if step is not None:  # the whole step in one kernel: embedding, every block, the LM head
+            logits = step(x, cache)
+            cache.advance(1, on_device=False)  # the kernel advanced cache.position
+            return logits
     if T == 1:
         cis = cache.rope.index_select(0, cache.position.view(1))
         length = cache.position + 1
@@ -162,15 +170,6 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     fused = decode is not None and fused_decode_mode() != "off"
     if fused:  # once per step, not per layer
         cos, sin = (t.contiguous() for t in torch.view_as_real(cis[0]).unbind(-1))
-    step = None
-    if fused and fused_decode_mode() == "gluon" and x.shape[0] == 1 and h.is_cuda:
-        from avengers.inference.gluon_chain import LlamaStepKernel
-
-        step = LlamaStepKernel.for_model(model)
-    if step is not None:  # every block and the LM head in one kernel
-        logits = step(h, cache, cos, sin, decode[0])
-        cache.advance(T)
-        return logits
     for layer, state in zip(base.layers, cache.layers):
         if fused and eligible(layer):
             h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(
