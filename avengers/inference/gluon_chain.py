@@ -143,30 +143,33 @@ def _rows(ring, ready, empty, xbuf, i, k_items, STAGES: gl.constexpr, L4: gl.con
 
 
 @gluon.jit
-def _fill_x(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr):
-    """The input row into xbuf (bf16, [_MAXK * _CH, _CW]): X [K] as stored, or rmsnorm(X) * NormW
-    rounded to bf16 (NORM). X was written by other programs: read past L1."""
+def _row_index(K, LX: gl.constexpr):
+    """Offsets and mask of a K-element row in xbuf's [_MAXK * _CH, _CW] shape."""
     r = gl.arange(0, _MAXK * _CH, layout=gl.SliceLayout(1, LX))
     e = gl.arange(0, _CW, layout=gl.SliceLayout(0, LX))
     idx = gl.expand_dims(r, 1) * _CW + gl.expand_dims(e, 0)
-    ok = idx < K
-    x = gl.load(X + idx, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)
-    if NORM:
-        rstd = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, 1), 0) / K + eps)
-        x = x * rstd * gl.load(NormW + idx, mask=ok, other=0.0).to(gl.float32)
-    xbuf.store(x.to(gl.bfloat16))
-    gl.thread_barrier()
+    return idx, idx < K
 
 
 @gluon.jit
 def _enter(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr, Count, phase, P, wait, pid, Stamps,
            SYNC: gl.constexpr, ON: gl.constexpr):
-    """Start a phase: pass its grid barrier (when `wait`), then put its input row into xbuf."""
+    """Start a phase: pass its grid barrier (when `wait`), then put its input row into xbuf: X [K]
+    as stored, or rmsnorm(X) * NormW rounded to bf16 (NORM). The norm weights do not depend on the
+    barrier: their load is issued before it, so its latency is not added to the row's."""
+    idx, ok = _row_index(K, LX)
+    if NORM:
+        w = gl.load(NormW + idx, mask=ok, other=0.0)
     if SYNC:
         if wait:
             _grid_wait(Count, phase * P)
     _stamp(Stamps, pid, phase, 1, ON)
-    _fill_x(xbuf, X, NormW, K, eps, NORM, LX)
+    x = gl.load(X + idx, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)  # other programs' stores
+    if NORM:
+        rstd = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, 1), 0) / K + eps)
+        x = x * rstd * w.to(gl.float32)
+    xbuf.store(x.to(gl.bfloat16))
+    gl.thread_barrier()
     _stamp(Stamps, pid, phase, 2, ON)
 
 
