@@ -413,8 +413,9 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
         # 2. h2 = x + attention @ Wo^T (the probe chain: q @ Wo^T)
         _enter(xbuf, Attn if DECODE else Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
+            res = gl.load(Xin + rb * _R + offs, cache_modifier=".cg")  # issued before the reduction
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
-            res = gl.load(Xin + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
+            res = res.to(gl.float32)
             gl.store(H2 + rb * _R + offs, (y + res).to(gl.bfloat16))
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
@@ -428,8 +429,9 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
         # 4. x = h2 + a @ W2^T
         _enter(xbuf, A, A, HID, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
+            res = gl.load(H2 + rb * _R + offs, cache_modifier=".cg")
             y, i = _rows(ring, ready, empty, xbuf, i, HID // _IK, STAGES, L4, MATH)
-            res = gl.load(H2 + rb * _R + offs, cache_modifier=".cg").to(gl.float32)
+            res = res.to(gl.float32)
             gl.store(X + rb * _R + offs, (y + res).to(gl.bfloat16))
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
     if DECODE:
