@@ -117,12 +117,14 @@ def cases():
             compile_gluon_case, gc._chain_kernel, chain_types,
             dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8, DECODE=False, G=4, HD=128,
                  BLOCK_S=16), warps, ("NQKV", "D", "HID"))
-    for g, ring in [(2, True), (4, True), (2, False)] if gc.GLUON_API else ():  # llama3_1.8b: 2 query heads per kv head
+    step_types = {**chain_types, **{n: "*i32" for n in ("X", "Qkv", "H2", "A", "Attn")}}  # tagged rows
+    for g, ring, poll in [(2, True, True), (4, True, True), (2, False, True), (2, True, False)] if gc.GLUON_API else ():
         yield (f"gluon decode step ({g} query heads per kv head, keys and values "
-               f"{'through the ring' if ring else 'loaded by the consumer'})"), functools.partial(
-            compile_gluon_case, gc._chain_kernel, chain_types,
-            dict(STAGES=gc.LlamaStepKernel.STAGES, num_warps=gc.LlamaStepKernel.NUM_WARPS, SYNC=True, MATH=True, STAMPS=False,
-                 DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring), gc.LlamaStepKernel.NUM_WARPS,
+               f"{'through the ring' if ring else 'loaded by the consumer'}, "
+               f"{'tags polled' if poll else 'grid barriers'})"), functools.partial(
+            compile_gluon_case, gc._chain_kernel, step_types,
+            dict(STAGES=gc.LlamaStepKernel.STAGES, num_warps=gc.LlamaStepKernel.NUM_WARPS, SYNC=not poll, MATH=True,
+                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll), gc.LlamaStepKernel.NUM_WARPS,
             ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"))
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(

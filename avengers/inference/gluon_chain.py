@@ -151,9 +151,52 @@ def _row_index(K, LX: gl.constexpr):
     return idx, idx < K
 
 
+MAX_POLLS = gl.constexpr(1 << 20)  # polls of a tagged row before a reader gives up (sets Count[1]) instead of hanging
+
+
+@gluon.jit
+def _tag(tbase, phase):
+    """Phase `phase`'s tag in the launch whose phases start at tbase: 15 bits of the phase's index
+    among all launches', top bit set, so that a zeroed buffer never looks written."""
+    return ((tbase + phase) & 0x7FFF) | 0x8000
+
+
+@gluon.jit
+def _put(ptr, offs, y, tag, mask, FMT: gl.constexpr):
+    """Store y rounded to bf16; FMT (the decode step's buffers): as int32 words, the bf16 bits low
+    and this phase's 16-bit tag high, so that a reader sees value and tag together."""
+    v = y.to(gl.bfloat16)
+    if FMT:
+        bits = v.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        gl.store(ptr + offs, bits | (tag << 16), mask=mask)
+    else:
+        gl.store(ptr + offs, v, mask=mask)
+
+
+@gluon.jit
+def _get(ptr, offs, mask, tag, Count, FMT: gl.constexpr, POLL: gl.constexpr):
+    """Load a 2-D block of a row stored by _put, as fp32 (other programs' stores: read past L1).
+    POLL: reload until every element carries `tag` (its writers' phase of this launch), the
+    decode step's alternative to a grid barrier; after MAX_POLLS it sets Count[1] and goes on."""
+    if FMT:
+        raw = gl.load(ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+        if POLL:
+            polls = 0
+            ready = gl.min(gl.min(gl.where(mask, ((raw >> 16) & 0xFFFF) == tag, True).to(gl.int32), 1), 0)
+            while (ready == 0) & (polls < MAX_POLLS):
+                raw = gl.load(ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+                ready = gl.min(gl.min(gl.where(mask, ((raw >> 16) & 0xFFFF) == tag, True).to(gl.int32), 1), 0)
+                polls += 1
+            if polls == MAX_POLLS:
+                gl.atomic_xchg(Count + 1, 1)
+        return (raw & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
+    else:
+        return gl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
+
+
 @gluon.jit
 def _enter(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr, Count, phase, P, wait, pid, Stamps,
-           SYNC: gl.constexpr, ON: gl.constexpr):
+           SYNC: gl.constexpr, ON: gl.constexpr, tag=0, FMT: gl.constexpr = False, POLL: gl.constexpr = False):
     """Start a phase: pass its grid barrier (when `wait`), then put its input row into xbuf: X [K]
     as stored, or rmsnorm(X) * NormW rounded to bf16 (NORM). The norm weights do not depend on the
     barrier: their load is issued before it, so its latency is not added to the row's."""
@@ -164,7 +207,7 @@ def _enter(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr, Count, 
         if wait:
             _grid_wait(Count, phase * P)
     _stamp(Stamps, pid, phase, 1, ON)
-    x = gl.load(X + idx, mask=ok, other=0.0, cache_modifier=".cg").to(gl.float32)  # other programs' stores
+    x = _get(X, idx, ok, tag, Count, FMT, POLL)  # other programs' stores
     if NORM:
         rstd = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, 1), 0) / K + eps)
         x = x * rstd * w.to(gl.float32)
@@ -183,11 +226,12 @@ def _leave(Count, phase, pid, Stamps, SYNC: gl.constexpr, ON: gl.constexpr):
 
 
 @gluon.jit
-def _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV, HD: gl.constexpr):
+def _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV, tag, HD: gl.constexpr):
     """The QKV epilogue of row block rb (rows packed [0, 2, 4, 6, 1, 3, 5, 7]: y[0, b] and y[1, b] are a
     rotation pair): query rows rotated into Q, key rows rotated and value rows copied into this
     block's caches at `pos` (triton_gemv.rope_operands + rope_store, batch 1). Rope: the cache's
-    table as fp32 [positions, HD / 2, (cos, sin)]; the query's angles carry q_scale (1/sqrt(d))."""
+    table as fp32 [positions, HD / 2, (cos, sin)]; the query's angles carry q_scale (1/sqrt(d)).
+    Every row also goes to Q (_put, tagged): the attention reads this step's key and value there."""
     y = y.to(gl.bfloat16).to(gl.float32)  # torch rounds the matmul output before rotating
     x0 = gl.sum(gl.where(ga == 0, y, 0.0), 0)
     x1 = gl.sum(gl.where(ga == 1, y, 0.0), 0)
@@ -200,8 +244,8 @@ def _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Q, Kb, Vb, skh, skn, NQ, NK, 
     for a in gl.static_range(2):
         row = pair * 2 + a
         val = (x0 * c - x1 * s) if a == 0 else (x0 * s + x1 * c)
+        _put(Q, row, val, tag, row < NQKV, True)
         val = val.to(gl.bfloat16)
-        gl.store(Q + row, val, mask=row < NQ)
         kr = row - NQ
         gl.store(Kb + (kr // HD) * skh + pos * skn + kr % HD, val, mask=(kr >= 0) & (kr < NK))
         vr = row - NQ - NK
@@ -222,16 +266,17 @@ def _online_tile(q, k, v, valid, m, l, acc):
 
 @gluon.jit
 def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, ring, ready, empty, i,
-                    G: gl.constexpr, HD: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                    KV_RING: gl.constexpr, num_warps: gl.constexpr):
+                    NQ, NK, tag, Count, G: gl.constexpr, HD: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                    KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr):
     """Pass 1 of split-K attention for kv head h, split sp (triton_decode.partial_item, batch 1): the
     G query heads' unnormalised output, running max and sum over keys [sp SPLIT, +SPLIT) below
     `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d)).
     Each warp keeps its own running max/sum/output over its BK keys of every tile, so a tile's
-    reductions stay inside a warp; the warps are merged once, at the end. KV_RING: the keys and
-    values come through the ring (the loader copied them, 64 keys a stage, K then V; the stage
-    holding this step's key may predate its write, so that key is read from the cache); else
-    plain loads, the next tile's issued before this tile's maths. Returns the ring position."""
+    reductions stay inside a warp; the warps are merged once, at the end. The query and this
+    step's key and value come from Q (the QKV phase's tagged output; POLL: waiting for their tag);
+    older keys from the cache, KV_RING: through the ring (the loader copied them, 64 keys a stage,
+    K then V), else plain loads, the next tile's issued before this tile's maths. Returns the ring
+    position."""
     # [warp, query head, key, head dim]: 8 lanes x 4 along the head dim, 4 lanes along the keys
     L: gl.constexpr = gl.BlockedLayout([1, G, 1, 4], [1, 1, 4, 8], [num_warps, 1, 1, 1], [3, 2, 1, 0])
     LKV: gl.constexpr = gl.SliceLayout(1, L)  # [warp, key, head dim]
@@ -241,8 +286,12 @@ def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, 
     TILE: gl.constexpr = num_warps * BK
     g = gl.arange(0, G, layout=gl.SliceLayout(1, LQ))
     d = gl.arange(0, HD, layout=gl.SliceLayout(0, LQ))
-    q = gl.load(Q + gl.expand_dims(h * G + g, 1) * HD + gl.expand_dims(d, 0), cache_modifier=".cg").to(gl.float32)
+    q = _get(Q, gl.expand_dims(h * G + g, 1) * HD + gl.expand_dims(d, 0), True, tag, Count, True, POLL)
     q = gl.expand_dims(gl.expand_dims(q, 0), 2)  # [1, G, 1, HD]
+    LKD: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L))  # [1, head dim] of LKV's last two dims
+    dn = gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, LKD)), 0)
+    k_now = gl.expand_dims(_get(Q, NQ + h * HD + dn, True, tag, Count, True, POLL), 0)  # [1, 1, HD]
+    v_now = gl.expand_dims(_get(Q, NQ + NK + h * HD + dn, True, tag, Count, True, POLL), 0)
     w3 = gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(2, LKV)))
     n3 = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKV)))
     d3 = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(1, LKV))), 0), 1)
@@ -260,8 +309,6 @@ def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, 
     if KV_RING:
         gl.static_assert(2 * TILE * HD == _R * _IK, "a ring stage holds two tiles of keys")
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # of a half stage, row-major
-        k_now = gl.load(Kb + pos * skn + h * skh + d3, cache_modifier=".cg").to(gl.float32)  # [1, 1, HD]
-        v_now = gl.load(Vb + pos * skn + h * skh + d3, cache_modifier=".cg").to(gl.float32)
         for t0 in range(start, end, 2 * TILE):
             sk = i % STAGES
             sv = (i + 1) % STAGES
@@ -283,8 +330,9 @@ def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, 
         k_next = gl.load(Kb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
         v_next = gl.load(Vb + start * skn + at, mask=start + key < end, other=0.0, cache_modifier=".cg")
         for off in range(start, end, TILE):
-            k = gl.expand_dims(k_next.to(gl.float32), 1)  # [warp, 1, key, HD]
-            v = gl.expand_dims(v_next.to(gl.float32), 1)
+            # this step's key and value from Q: the cache row may not show the QKV phase's write yet
+            k = gl.expand_dims(gl.where(off + key == pos, k_now, k_next.to(gl.float32)), 1)  # [warp, 1, key, HD]
+            v = gl.expand_dims(gl.where(off + key == pos, v_now, v_next.to(gl.float32)), 1)
             nxt = off + TILE
             k_next = gl.load(Kb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
             v_next = gl.load(Vb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
@@ -326,9 +374,9 @@ def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready
 
 
 @gluon.jit
-def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
+def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, tag, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
                      LA: gl.constexpr):
-    """Pass 2 for kv head h (triton_decode.merge_item): its G query heads' outputs into Attn."""
+    """Pass 2 for kv head h (triton_decode.merge_item): its G query heads' outputs into Attn (tagged)."""
     LSG: gl.constexpr = gl.SliceLayout(2, LA)  # [BLOCK_S, G]
     L3: gl.constexpr = LA  # [BLOCK_S, G, HD]
     sidx = gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, LSG))
@@ -345,7 +393,7 @@ def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G: gl.constexpr, HD: gl.cons
     den = gl.convert_layout(gl.sum(l * w, 0), gl.SliceLayout(1, gl.SliceLayout(0, L3)))
     out = num / gl.expand_dims(den, 1)
     gq = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3)))
-    gl.store(Attn + gl.expand_dims(h * G + gq, 1) * HD + gl.expand_dims(d, 0), out.to(gl.bfloat16))
+    _put(Attn, gl.expand_dims(h * G + gq, 1) * HD + gl.expand_dims(d, 0), out, tag, True, True)
 
 
 @gluon.jit
@@ -354,7 +402,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
               Logits, DecNormW, V, head_eps, Emb,
               DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
-              KV_RING: gl.constexpr, num_warps: gl.constexpr):
+              KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
     passed, 2 input row in shared memory, 3 phase done."""
     # [row group, row, chunk, column]: a warp reduces whole rows (no cross-warp reduction), 8 columns
@@ -374,82 +422,104 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
     phase = 0
     pos = 0
     length = 0
+    tbase = 0
+    n_count = 3 + n_layers * HKV  # barrier, gave-up flag (kept), attention heads, exit; then the launch count
     if DECODE:
         pos = gl.load(Pos)
         length = pos + 1
         emb_row = Emb + gl.load(Tok) * D  # the token's embedding: block 0's input row
+        # this launch's phases start at tbase among all launches' (the tags, _tag)
+        tbase = gl.load(Count + n_count) * (5 * n_layers + 1)
     for layer in range(n_layers):
+        # 1. qkv = rmsnorm(x) @ Wqkv^T (DECODE: RoPE, q, k, v to Qkv (tagged), k and v into the caches;
+        # else Wo reads q); x comes from the launch (DECODE: the embedding row) for the first block
         if DECODE:
             # this block's caches, as element offsets from block 0's (16-byte aligned: vector loads)
             Kb = K0 + gl.multiple_of(gl.load(KOff + layer), 8)
             Vb = V0 + gl.multiple_of(gl.load(VOff + layer), 8)
-        # 1. qkv = rmsnorm(x) @ Wqkv^T (DECODE: RoPE, q to Qkv, k and v into the caches; else Wo reads q);
-        # x comes from the launch for the first block
-        Xin = X  # this block's input row (DECODE: block 0's is the token's embedding row)
-        if DECODE:
             if layer == 0:
-                Xin = emb_row
-        _enter(xbuf, Xin, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
+                _enter(xbuf, emb_row, LnW, D, eps, True, LX, Count, phase, P, False, pid, Stamps, SYNC, ON)
+            else:
+                _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
+                       _tag(tbase, phase - 1), True, POLL)
+        else:
+            _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
         for rb in range(pid, NQKV // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             if DECODE:
-                _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, HD)
+                _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV,
+                            _tag(tbase, phase), HD)
             else:
                 gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         if DECODE:
-            # 1b. attention: items (kv head, split); the program finishing a head's last split merges it
-            _grid_wait(Count, phase * P)
+            # 1b. attention: items (kv head, split); the program finishing a head's last split merges it.
+            # POLL: no barrier, an item waits for its own head's q, k and v only
+            if SYNC:
+                _grid_wait(Count, phase * P)
             _stamp(Stamps, pid, phase, 1, ON)
             _stamp(Stamps, pid, phase, 2, ON)
             for item in range(pid, HKV * NSPLIT, P):
                 h = item // NSPLIT
                 i = _attention_item(Qkv, Kb, Vb, pos, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn,
-                                    ring, ready, empty, i, G, HD, 4, STAGES, KV_RING, num_warps)
+                                    ring, ready, empty, i, NQ, NK, _tag(tbase, phase - 1), Count, G, HD, 4,
+                                    STAGES, KV_RING, POLL, num_warps)
                 gl.thread_barrier()  # every thread's partial is stored before the release below
                 if gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel") == NSPLIT - 1:
-                    _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, G, HD, BLOCK_S, LA)
-            phase = _leave(Count, phase, pid, Stamps, True, ON)
+                    _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, _tag(tbase, phase), G, HD, BLOCK_S, LA)
+            phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 2. h2 = x + attention @ Wo^T (the probe chain: q @ Wo^T)
-        _enter(xbuf, Attn if DECODE else Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
+        if DECODE:
+            _enter(xbuf, Attn, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
+                   _tag(tbase, phase - 1), True, POLL)
+        else:
+            _enter(xbuf, Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
-            res = gl.load(Xin + rb * _R + offs, cache_modifier=".cg")  # issued before the reduction
+            # the residual's load is issued before the reduction
+            if DECODE:
+                if layer == 0:
+                    res = _get(emb_row, rb * _R + offs, True, 0, Count, False, False)
+                else:
+                    res = _get(X, rb * _R + offs, True, _tag(tbase, phase - 3), Count, True, POLL)
+            else:
+                res = _get(X, rb * _R + offs, True, 0, Count, False, False)
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
-            res = res.to(gl.float32)
-            gl.store(H2 + rb * _R + offs, (y + res).to(gl.bfloat16))
+            _put(H2, rb * _R + offs, y + res, _tag(tbase, phase), True, DECODE)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
-        _enter(xbuf, H2, FfLnW + layer * D, D, eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
+        _enter(xbuf, H2, FfLnW + layer * D, D, eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
+               _tag(tbase, phase - 1), DECODE, POLL)
         for rb in range(pid, 2 * HID // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             g = gl.sum(gl.where(ga == 0, y, 0.0), 0)
             u = gl.sum(gl.where(ga == 1, y, 0.0), 0)
-            gl.store(A + rb * (_R // 2) + gb, (g / (1.0 + gl.exp(-g)) * u).to(gl.bfloat16))
+            _put(A, rb * (_R // 2) + gb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), True, DECODE)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 4. x = h2 + a @ W2^T
-        _enter(xbuf, A, A, HID, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
+        _enter(xbuf, A, A, HID, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
+               _tag(tbase, phase - 1), DECODE, POLL)
         for rb in range(pid, D // _R, P):
-            res = gl.load(H2 + rb * _R + offs, cache_modifier=".cg")
+            res = _get(H2, rb * _R + offs, True, _tag(tbase, phase - 2), Count, DECODE, POLL)
             y, i = _rows(ring, ready, empty, xbuf, i, HID // _IK, STAGES, L4, MATH)
-            res = res.to(gl.float32)
-            gl.store(X + rb * _R + offs, (y + res).to(gl.bfloat16))
+            _put(X, rb * _R + offs, y + res, _tag(tbase, phase), True, DECODE)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
     if DECODE:
         # 5. logits = rmsnorm(x) @ Whead^T (the final norm's own weight and eps)
-        _enter(xbuf, X, DecNormW, D, head_eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
+        _enter(xbuf, X, DecNormW, D, head_eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
+               _tag(tbase, phase - 1), True, POLL)
         for rb in range(pid, V // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             gl.store(Logits + rb * _R + offs, y.to(gl.bfloat16))
         _stamp(Stamps, pid, phase, 3, ON)
-        # the last program out resets the counters for the next launch and advances the position
-        # (every program has passed its last barrier and read the position by then)
+        # the last program out resets the counters for the next launch, counts the launch (the
+        # tags' base) and advances the position (every program has read both by then)
         gl.thread_barrier()
-        n_count = 3 + n_layers * HKV  # barrier, gave-up flag (kept), attention heads, this exit counter
         if gl.atomic_add(Count + n_count - 1, 1, sem="acq_rel") == P - 1:
             LC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
             for c0 in range(0, n_count, 32 * num_warps):
                 o = c0 + gl.arange(0, 32 * num_warps, layout=LC)
                 gl.store(Count + o, gl.zeros([32 * num_warps], gl.int32, LC), mask=(o < n_count) & (o != 1))
+            gl.store(Count + n_count, gl.load(Count + n_count) + 1)
             gl.store(Pos, pos + 1)
 
 
@@ -459,7 +529,8 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
                   SPLIT, k_d, v_d, S, h_d, Logits, DecNormW, V, head_eps, Emb,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
-                  HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False):
+                  HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False,
+                  POLL: gl.constexpr = False):
     P = gl.num_programs(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
     xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -472,7 +543,7 @@ def _chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D
         (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
                      Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT,
                      SPLIT, STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, Emb, DECODE, G, HD, BLOCK_S, KV_RING,
-                     num_warps)),
+                     POLL, num_warps)),
         (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S,
                    NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING)),
     ], [1], [40])
@@ -562,12 +633,15 @@ class LlamaStepKernel:
     norm + LM head after the last block (its weight streamed in place). The keys and
     values stream through the weights' ring (the loader copies them right after the block's QKV
     weights) when the caches are one tensor (KVState.stacked) and KV_RING is set; else the
-    consumer warps load them. Holds a packed copy of the block weights (2.6 GB for llama3_1.8b)
+    consumer warps load them. Between phases no grid barrier (TAGGED): each row is stored with its
+    phase's tag next to every value, and a phase polls its input row until all tags are this
+    launch's (the attention items only their own head's q, k and v). Holds a packed copy of the block weights (2.6 GB for llama3_1.8b)
     and the step's buffers."""
 
     STAGES = 12
     NUM_WARPS = 8
     KV_RING = True
+    TAGGED = True  # phases wait for their input rows' tags; False: a grid barrier between phases
 
     def __init__(self, model):
         from avengers.inference.triton_decode import sm_count
@@ -653,17 +727,18 @@ class LlamaStepKernel:
             k0 = cache.layers[0].k
             split, nsplit = num_splits(1, self.Hkv, S, dev, programs=max(1, self.programs // self.Hkv) * self.Hkv)
             G = self.H // self.Hkv
-            bf = dict(device=dev, dtype=torch.bfloat16)
+            i32 = dict(device=dev, dtype=torch.int32)
             self._buffers = {key: dict(  # one cache at a time
                 koff=self._offsets([s.k for s in cache.layers]), voff=self._offsets([s.v for s in cache.layers]),
                 kv_descriptors=self._kv_descriptors(cache),
                 skh=k0.stride(1), skn=k0.stride(2), split=split, nsplit=nsplit,
-                x=torch.empty(self.D, **bf), qkv=torch.empty(self.nqkv, **bf), h2=torch.empty(self.D, **bf),
+                # rows between phases as int32 words: bf16 bits and the writing phase's tag (_put)
+                x=torch.zeros(self.D, **i32), qkv=torch.zeros(self.nqkv, **i32), h2=torch.zeros(self.D, **i32),
                 rope=torch.view_as_real(cache.rope).contiguous(),  # [positions, d / 2, (cos, sin)] fp32
-                a=torch.empty(self.hid, **bf), attn=torch.empty(self.H * self.d, **bf),
-                # grid barrier, gave-up flag, one per (block, kv head), the exit counter; zero between
-                # launches (the kernel's last program resets them)
-                count=torch.zeros(3 + L * self.Hkv, device=dev, dtype=torch.int32),
+                a=torch.zeros(self.hid, **i32), attn=torch.zeros(self.H * self.d, **i32),
+                # grid barrier, gave-up flag, one per (block, kv head), the exit counter (zero between
+                # launches: the kernel's last program resets them), then the launch count (the tags' base)
+                count=torch.zeros(4 + L * self.Hkv, **i32),
                 pacc=torch.empty(self.Hkv * nsplit * G, self.d, device=dev, dtype=torch.float32),
                 pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
                 pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32))}
@@ -713,5 +788,5 @@ class LlamaStepKernel:
             logits, self.dec_norm, self.V, self.head_eps, self.emb,
             STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv, HD=self.d,
             BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None, KV_RING=kv is not None,
-            launch_cooperative_grid=True)
+            SYNC=not self.TAGGED, POLL=self.TAGGED, launch_cooperative_grid=True)
         return logits.view(1, 1, -1)
