@@ -9,12 +9,15 @@ into a ring of shared-memory stages, throttled only by free stages, while the co
 at the grid barriers, put their input row into shared memory and reduce the staged weights against
 it. Every weight item is one TMA box of ROWS rows x ITEM_K columns (16 KB in bf16).
 
-Not yet wired into the model: RoPE, the cache write and attention are missing (the Wo phase reads
-the q rows of the QKV output instead of attention's output), so `chain` computes
-`chain_reference`, not a Llama step. benchmarks/gpu_gluon_chain_probe.py times it against the
-per-kernel Triton GEMVs on the same weights. Weights are packed once (`pack`): every block's
-[Wqkv; Wo; Wg1 with gate and up rows interleaved in groups of ROWS // 2] stacked into one
-[rows, D] matrix, and every W2 into [L * D, hidden].
+Two entry points share the kernel. `chain` runs the GEMVs alone (the Wo phase reads the q rows of
+the QKV output; `chain_reference` is its torch twin), for benchmarks/gpu_gluon_chain_probe.py.
+`LlamaStepKernel` (DECODE, `fused_decode` "gluon") is a whole batch-1 decode step in one launch:
+the token's embedding row, RoPE and the cache write in the QKV epilogue, a split-K attention phase
+whose keys and values stream through the same ring, and the final norm + LM head; instead of grid
+barriers, the rows passed between phases carry their phase's tag and readers poll for it. Weights
+are packed once (`pack`): every block's [Wqkv; Wo; Wg1 with gate and up rows interleaved in groups
+of ROWS // 2] stacked into one [rows, D] matrix, and every W2 into [L * D, hidden]; the LM head is
+streamed in place.
 """
 
 from __future__ import annotations
