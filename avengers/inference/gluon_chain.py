@@ -70,15 +70,22 @@ def _stamp(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr):
 
 
 @gluon.jit
+def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr):
+    """Ring position i: wait for its stage to be free, then TMA-copy desc's box at [row, chunk, 0]
+    into it. Returns i + 1."""
+    s = i % STAGES
+    mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+    mbarrier.expect(ready.index(s), _R * _IK * 2)
+    tma.async_copy_global_to_shared(desc, [row, chunk, 0], ready.index(s), ring.index(s))
+    return i + 1
+
+
+@gluon.jit
 def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES: gl.constexpr):
     """This program's row blocks pid, pid + P, ... of one GEMV, K item by K item, into the ring."""
     for rb in range(pid, nrb, P):
         for kc in range(k_items):
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), _R * _IK * 2)
-            tma.async_copy_global_to_shared(desc, [row0 + rb * _R, kc * _CH, 0], ready.index(s), ring.index(s))
-            i += 1
+            i = _copy(desc, row0 + rb * _R, kc * _CH, ring, ready, empty, i, STAGES)
     return i
 
 
@@ -364,15 +371,8 @@ def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready
         end = gl.minimum(start + SPLIT, length)
         row0 = (layer * HKV + item // NSPLIT) * (S // 8)
         for t0 in range(start, end, 64):
-            for which in gl.static_range(2):
-                s = i % STAGES
-                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), _R * _IK * 2)
-                if which == 0:
-                    tma.async_copy_global_to_shared(k_d, [row0 + t0 // 8, 0, 0], ready.index(s), ring.index(s))
-                else:
-                    tma.async_copy_global_to_shared(v_d, [row0 + t0 // 8, 0, 0], ready.index(s), ring.index(s))
-                i += 1
+            i = _copy(k_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES)
+            i = _copy(v_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES)
     return i
 
 
