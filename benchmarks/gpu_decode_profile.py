@@ -13,7 +13,8 @@
    and `_s` (a global-timer stamp per program at every phase end: where the kernel's time goes;
    for gluon, the Gluon step kernel's per-phase profile as gpu_gluon_chain_probe.py's `--stamps`;
    gluon's `_p`: keys and values loaded by the consumer warps, not streamed through the ring;
-   `_b`: grid barriers between the phases instead of tagged rows),
+   `_tags`: tagged rows polled between the phases instead of grid barriers; `_n<splits>`: the
+   attention's split plan for that many programs per kv head),
    e.g. persistent_t16384_w8_d4_s. Every mode autotunes the GEMVs anew (`--keep_gemv_picks`: the
    first mode's picks for all, so an A/B of another knob is not moved by the GEMV picks); rows
    name the picks.
@@ -162,7 +163,9 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
 
             gluon_step = LlamaStepKernel.for_model(model)
             LlamaStepKernel.KV_RING = "p" not in flags
-            LlamaStepKernel.TAGGED = "b" not in flags
+            LlamaStepKernel.TAGGED = "tags" in flags
+            n = next((int(f[1:]) for f in flags if f[:1] == "n" and f[1:].isdigit()), None)
+            LlamaStepKernel.SPLIT_PROGRAMS = n and n * model.base_model.layers[0].attn.kvheads
             if gluon_step is not None and "s" in flags:
                 gluon_step.stamps = torch.zeros(gluon_step.programs, 4096, 4, dtype=torch.int64, device=dev)
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)
@@ -205,7 +208,7 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
     if any(m.startswith("gluon") for m in modes):
         from avengers.inference.gluon_chain import LlamaStepKernel
 
-        LlamaStepKernel.KV_RING = LlamaStepKernel.TAGGED = True
+        LlamaStepKernel.KV_RING, LlamaStepKernel.TAGGED, LlamaStepKernel.SPLIT_PROGRAMS = True, False, None
     for knob, value in defaults.items():
         setattr(triton_block, knob, value)
     triton_decode.ITEMS_PER_SM = items_per_sm

@@ -57,23 +57,8 @@ def test_chain_matches_reference(stages, warps):
     assert err < 2e-2, err
 
 
-@hopper
-@pytest.mark.parametrize("kvheads,kv_ring,tagged,length", [
-    (2, True, True, 80),  # 2 query heads per kv head as llama3_1.8b; keys and values through the ring
-    (4, True, True, 80),
-    (2, False, True, 80),  # the consumer warps load them
-    (2, True, False, 80),  # grid barriers between the phases instead of tags
-    (2, True, True, 8000),  # splits of two 64-key tiles
-])
-def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagged, length, monkeypatch):
-    """`fused_decode` "gluon" (every block in one kernel, RoPE, cache write and attention included)
-    against the per-kernel Triton path, on a 2-block Llama with the kernel's head shapes."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from decode_helpers import decode_logits
-
+def _small_llama(kvheads: int):
+    """A 2-block llama3_1.8b (bf16, CUDA) with the kernel's head shapes: 8 heads of 128, width 1024."""
     from avengers.models.registry import get_model_spec
 
     torch.manual_seed(0)
@@ -81,15 +66,40 @@ def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagg
                                                     hidden_grow_factor=4.0)
     model = spec.build("cuda")
     model.init_weights()
-    model = model.to(torch.bfloat16).eval()
+    return model.to(torch.bfloat16).eval()
+
+
+def _decode_logits(*args):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode_helpers import decode_logits
+
+    with torch.no_grad():
+        return decode_logits(*args)
+
+
+@hopper
+@pytest.mark.parametrize("kvheads,kv_ring,tagged,length", [
+    (2, True, False, 80),  # 2 query heads per kv head as llama3_1.8b; keys and values through the ring
+    (4, True, False, 80),
+    (2, False, False, 80),  # the consumer warps load them
+    (2, True, True, 80),  # tagged rows polled between the phases instead of grid barriers
+    (2, False, True, 80),
+    (2, True, False, 8000),  # splits of two 64-key tiles
+])
+def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagged, length, monkeypatch):
+    """`fused_decode` "gluon" (every block in one kernel, RoPE, cache write and attention included)
+    against the per-kernel Triton path, on a 2-block Llama with the kernel's head shapes."""
+    model = _small_llama(kvheads)
     assert gc.LlamaStepKernel.unsupported(model) == ""
     monkeypatch.setattr(gc.LlamaStepKernel, "KV_RING", kv_ring)
     monkeypatch.setattr(gc.LlamaStepKernel, "TAGGED", tagged)
     ids = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(1)).cuda()
     prefill = length - 10
-    with torch.no_grad():
-        ref = decode_logits(model, ids, prefill, "triton")
-        got = decode_logits(model, ids, prefill, "gluon")
+    ref = _decode_logits(model, ids, prefill, "triton")
+    got = _decode_logits(model, ids, prefill, "gluon")
     step = model._gluon_decode_step[1]
     assert step is not None  # the kernel ran
     b = next(iter(step._buffers.values()))
@@ -97,8 +107,20 @@ def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagg
         assert b["kv_descriptors"] is not None
     # no barrier or tag poll gave up (count[1]), the last program out reset every counter, and
     # counted the launches (the tags' base): one per decoded token
+    assert step.gave_up(b["count"], 2) == ""
     assert int(b["count"][:-1].abs().sum()) == 0 and int(b["count"][-1]) == 10, b["count"].tolist()
     torch.testing.assert_close(got[:, prefill:].float(), ref[:, prefill:].float(), atol=5e-2, rtol=3e-2)  # bf16
+
+
+@hopper
+def test_caches_over_the_token_limit_take_the_triton_path(monkeypatch):
+    model = _small_llama(2)
+    monkeypatch.setattr(gc.LlamaStepKernel, "MAX_CACHE_TOKENS", 64)  # the test's cache holds 80
+    ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(1)).cuda()
+    ref = _decode_logits(model, ids, 70, "triton")
+    got = _decode_logits(model, ids, 70, "gluon")
+    assert model._gluon_decode_step[1]._buffers == {}  # the step kernel never ran
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)  # the same kernels
 
 
 class _Bind:
@@ -152,7 +174,7 @@ def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
     assert a["Rope"] is b["rope"] and a["q_scale"] == 128 ** -0.5 and a["X"] is b["x"] and a["Count"] is b["count"]
     assert (a["NQ"], a["NK"], a["HKV"], a["S"], a["V"]) == (8 * 128, 2 * 128, 2, cache.layers[0].k.shape[2], 512)
     assert (a["NSPLIT"], a["SPLIT"]) == (b["nsplit"], b["split"]) and a["KV_RING"] and a["G"] == 4
-    assert a["POLL"] and not a["SYNC"] and a["Attn"] is b["attn"] and b["count"].numel() == 4 + 2 * 2
+    assert a["SYNC"] and not a["POLL"] and a["Attn"] is b["attn"] and b["count"].numel() == 4 + 2 * 2
     assert a["DecNormW"] is model.base_model.dec_norm.weight and a["head_eps"] == model.base_model.dec_norm.eps
     assert a["K0"] is cache.layers[0].k and a["KOff"] is b["koff"] and a["k_d"] is b["kv_descriptors"][0]
 

@@ -343,7 +343,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--fused_decode", default=None, choices=FUSED_DECODE_MODES,
                    help="decode steps through fused functions: torch.compile'd (inductor), Triton GEMV kernels "
                         "with the norms/SwiGLU/residuals fused (triton: batch 1, every family; larger batches "
-                        "as inductor), or one persistent Triton kernel per Llama block (persistent, batch 1)")
+                        "as inductor), one persistent Triton kernel per Llama block (persistent, batch 1), or a "
+                        "Llama's whole batch-1 step as one Gluon kernel (gluon: Hopper, caches up to 32k tokens; "
+                        "the fastest batch-1 Llama path there; else as triton)")
     p.add_argument("--compile", action="store_true",
                    help="same as --fused_decode inductor (Llama blocks, telescoping steps and Mamba-2 conv steps "
                         "torch.compile'd)")

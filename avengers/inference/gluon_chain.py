@@ -187,18 +187,22 @@ def _put(ptr, offs, y, tag, mask, FMT: gl.constexpr):
 def _get(ptr, offs, mask, tag, Count, FMT: gl.constexpr, POLL: gl.constexpr):
     """Load a 2-D block of a row stored by _put, as fp32 (other programs' stores: read past L1).
     POLL: reload until every element carries `tag` (its writers' phase of this launch), the
-    decode step's alternative to a grid barrier; after MAX_POLLS it sets Count[1] and goes on."""
+    decode step's alternative to a grid barrier; after MAX_POLLS it records the wait in Count[1]
+    (LlamaStepKernel.gave_up) and goes on."""
     if FMT:
         raw = gl.load(ptr + offs, mask=mask, other=0, cache_modifier=".cg")
         if POLL:
             polls = 0
             ready = gl.min(gl.min(gl.where(mask, ((raw >> 16) & 0xFFFF) == tag, True).to(gl.int32), 1), 0)
             while (ready == 0) & (polls < MAX_POLLS):
-                raw = gl.load(ptr + offs, mask=mask, other=0, cache_modifier=".cg")
+                # volatile: without a CTA barrier in the loop (a row block one warp reduces), the
+                # compiler otherwise hoists a plain load out of it and polls a register forever
+                raw = gl.load(ptr + offs, mask=mask, other=0, volatile=True)
                 ready = gl.min(gl.min(gl.where(mask, ((raw >> 16) & 0xFFFF) == tag, True).to(gl.int32), 1), 0)
                 polls += 1
-            if polls == MAX_POLLS:
-                gl.atomic_xchg(Count + 1, 1)
+            if polls == MAX_POLLS:  # Count[1]: the tag waited for (high half) and the lowest one seen instead
+                seen = gl.min(gl.min(gl.where(mask, (raw >> 16) & 0xFFFF, 0xFFFF), 1), 0)
+                gl.atomic_xchg(Count + 1, (tag << 16) | seen)
         return (raw & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
     else:
         return gl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
@@ -636,15 +640,22 @@ class LlamaStepKernel:
     norm + LM head after the last block (its weight streamed in place). The keys and
     values stream through the weights' ring (the loader copies them right after the block's QKV
     weights) when the caches are one tensor (KVState.stacked) and KV_RING is set; else the
-    consumer warps load them. Between phases no grid barrier (TAGGED): each row is stored with its
-    phase's tag next to every value, and a phase polls its input row until all tags are this
-    launch's (the attention items only their own head's q, k and v). Holds a packed copy of the block weights (2.6 GB for llama3_1.8b)
-    and the step's buffers."""
+    consumer warps load them. Between phases a grid barrier, or (TAGGED) none: each row is stored
+    with its phase's tag next to every value, and a phase polls its input row until all tags are
+    this launch's (the attention items only their own head's q, k and v); measured slower on the
+    H200 (1.42 vs 1.21 ms at 1k, 2.39 vs 1.94 ms at 32k: docs/benchmarks.md), the polls' traffic
+    costing more than the barriers they replace. Holds a packed copy of the block weights (2.6 GB
+    for llama3_1.8b) and the step's buffers."""
 
     STAGES = 12
     NUM_WARPS = 8
     KV_RING = True
-    TAGGED = True  # phases wait for their input rows' tags; False: a grid barrier between phases
+    TAGGED = False  # True: phases wait for their input rows' tags instead of a grid barrier
+    # longer caches take the per-kernel Triton path: there reading the cache dominates, and its
+    # split-K attention kernel (every warp of every SM loading keys) outruns this kernel's attention
+    # phase (H200, llama3_1.8b: 1.92 vs 2.06 ms at 32k, 2.77 vs 2.75 at 64k, 4.29 vs 4.15 at 128k)
+    MAX_CACHE_TOKENS = 32768
+    SPLIT_PROGRAMS = None  # programs the attention's split plan fills (None: the SMs, rounded to kv heads)
 
     def __init__(self, model):
         from avengers.inference.triton_decode import sm_count
@@ -724,11 +735,12 @@ class LlamaStepKernel:
         """Per-cache buffers (made on the first, uncaptured decode step of that cache)."""
         from avengers.inference.triton_decode import num_splits
 
-        key = tuple(t.data_ptr() for s in cache.layers for t in (s.k, s.v))
+        programs = self.SPLIT_PROGRAMS or max(1, self.programs // self.Hkv) * self.Hkv
+        key = (programs, *(t.data_ptr() for s in cache.layers for t in (s.k, s.v)))
         if key not in self._buffers:
             dev, L, S = self.w.device, len(cache.layers), cache.layers[0].k.shape[2]
             k0 = cache.layers[0].k
-            split, nsplit = num_splits(1, self.Hkv, S, dev, programs=max(1, self.programs // self.Hkv) * self.Hkv)
+            split, nsplit = num_splits(1, self.Hkv, S, dev, programs=programs)
             G = self.H // self.Hkv
             i32 = dict(device=dev, dtype=torch.int32)
             self._buffers = {key: dict(  # one cache at a time
@@ -746,6 +758,23 @@ class LlamaStepKernel:
                 pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
                 pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32))}
         return self._buffers[key]
+
+    def gave_up(self, count: torch.Tensor, n_layers: int) -> str:
+        """What a poll that gave up waited for (count: a step buffer's counters; "" if none did):
+        the phase whose tag it waited for and the oldest tag its row carried instead."""
+        word = int(count[1]) & 0xFFFFFFFF
+        if word <= 1:
+            return "a grid barrier gave up" if word else ""
+        per = 5 * n_layers + 1
+        kinds = ("QKV", "attention", "Wo", "gate/up", "W2")
+
+        def phase(tag):
+            if not tag & 0x8000:
+                return "nothing (never written)"
+            launch, k = divmod(tag & 0x7FFF, per)
+            return f"launch {launch}'s " + ("LM head" if k == per - 1 else f"block {k // 5} {kinds[k % 5]}")
+
+        return f"a poll waited for {phase(word >> 16)} and saw {phase(word & 0xFFFF)}"
 
     @staticmethod
     def _kv_descriptors(cache):

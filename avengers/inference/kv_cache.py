@@ -154,7 +154,8 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
         from avengers.inference.gluon_chain import LlamaStepKernel
 
         step = LlamaStepKernel.for_model(model)
-        if step is not None:  # the whole step in one kernel: embedding, every block, the LM head
+        if step is not None and cache.max_seq_len <= step.MAX_CACHE_TOKENS:
+            # the whole step in one kernel: embedding, every block, the LM head
             logits = step(x, cache)
             cache.advance(1, on_device=False)  # the kernel advanced cache.position
             return logits

@@ -39,7 +39,8 @@ def set_fused_decode(mode: str) -> None:
     steps take MambaLM._triton_decode and TelescopingLlama._triton_step), or as one persistent
     Triton kernel per block (triton_block.py, "persistent"; same fallback), or a Llama's whole
     batch-1 step through its blocks as one Gluon kernel (gluon_chain.LlamaStepKernel, "gluon"; other
-    models and batches as "triton"); "off": the per-module path in kv_cache.py."""
+    models, batches and caches over LlamaStepKernel.MAX_CACHE_TOKENS as "triton"); "off": the
+    per-module path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
         raise ValueError(f"fused decode mode must be one of {FUSED_DECODE_MODES}, got {mode!r}")
     _state["mode"] = mode
