@@ -159,7 +159,7 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
         set_fused_decode(base)
         gluon_step = None
         if base == "gluon":  # the step kernel (None: it does not take this model; logged why)
-            from avengers.inference.gluon_chain import LlamaStepKernel
+            from avengers.inference.gluon_step import LlamaStepKernel
 
             gluon_step = LlamaStepKernel.for_model(model)
             LlamaStepKernel.KV_RING = "p" not in flags
@@ -206,7 +206,7 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
     set_fused_decode("off")
     set_pdl(True)
     if any(m.startswith("gluon") for m in modes):
-        from avengers.inference.gluon_chain import LlamaStepKernel
+        from avengers.inference.gluon_step import LlamaStepKernel
 
         LlamaStepKernel.KV_RING, LlamaStepKernel.TAGGED, LlamaStepKernel.SPLIT_PROGRAMS = True, False, None
     for knob, value in defaults.items():

@@ -106,15 +106,16 @@ def cases():
              BLOCK_G=16, BLOCK=128, BLOCK_S=16, PRECISION="tf32", DYNAMIC_BOUND=True, STATIC_SPAN=0, STAMPS=False,
              STAGES=tb.STAGES), ("eps", "ff_eps"), tb.NUM_WARPS)
     from avengers.inference import gluon_chain as gc
+    from avengers.inference.gluon_step import LlamaStepKernel
 
-    desc = f"tensordesc<bf16[{gc.ROWS},{gc.CHUNKS},{gc.CW}],{gc._layout()!r}>"
+    desc = f"tensordesc<bf16[{gc.ROWS},{gc.CHUNKS},{gc.CW}],{gc.box_layout()!r}>"
     chain_types = {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
                    "FfLnW": bf, "eps": "fp32", "Stamps": "*i64", "Rope": f32, "q_scale": "fp32", "Pos": "*i64", "Tok": "*i64",
                    "K0": bf, "V0": bf, "KOff": "*i64", "VOff": "*i64", "Attn": bf, "PAcc": f32, "PM": f32, "PL": f32,
                    "k_d": desc, "v_d": desc, "h_d": desc, "Logits": bf, "DecNormW": bf, "head_eps": "fp32", "Emb": bf}
     for warps in (4, 8) if gc.GLUON_API else ():  # written for Triton 3.6's Gluon
         yield f"gluon GEMV chain ({warps} consumer warps)", functools.partial(
-            compile_gluon_case, gc._chain_kernel, chain_types,
+            compile_gluon_case, gc.chain_kernel, chain_types,
             dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8, DECODE=False, G=4, HD=128,
                  BLOCK_S=16), warps, ("NQKV", "D", "HID"))
     step_types = {**chain_types, **{n: "*i32" for n in ("X", "Qkv", "H2", "A", "Attn")}}  # tagged rows
@@ -122,9 +123,9 @@ def cases():
         yield (f"gluon decode step ({g} query heads per kv head, keys and values "
                f"{'through the ring' if ring else 'loaded by the consumer'}, "
                f"{'tags polled' if poll else 'grid barriers'})"), functools.partial(
-            _no_hoisted_polls, compile_gluon_case, gc._chain_kernel, step_types,
-            dict(STAGES=gc.LlamaStepKernel.STAGES, num_warps=gc.LlamaStepKernel.NUM_WARPS, SYNC=not poll, MATH=True,
-                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll), gc.LlamaStepKernel.NUM_WARPS,
+            _no_hoisted_polls, compile_gluon_case, gc.chain_kernel, step_types,
+            dict(STAGES=LlamaStepKernel.STAGES, num_warps=LlamaStepKernel.NUM_WARPS, SYNC=not poll, MATH=True,
+                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll), LlamaStepKernel.NUM_WARPS,
             ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"))
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(

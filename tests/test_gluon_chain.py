@@ -1,5 +1,6 @@
 """The warp-specialised Gluon GEMV chain (avengers/inference/gluon_chain.py) against its torch
-reference on a Hopper GPU, and its weight packing anywhere Gluon imports."""
+reference and the whole decode step (gluon_step.py) against the Triton path on a Hopper GPU; the
+weight packing and the host wrappers' arguments anywhere Gluon imports."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="no Gluon in this triton")
 
 from avengers.inference import gluon_chain as gc  # noqa: E402
+from avengers.inference.gluon_step import LlamaStepKernel  # noqa: E402
 
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9
                             or not gc.GLUON_API, reason="needs a Hopper (sm_90+) GPU and Triton 3.6's Gluon")
@@ -93,9 +95,9 @@ def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagg
     """`fused_decode` "gluon" (every block in one kernel, RoPE, cache write and attention included)
     against the per-kernel Triton path, on a 2-block Llama with the kernel's head shapes."""
     model = _small_llama(kvheads)
-    assert gc.LlamaStepKernel.unsupported(model) == ""
-    monkeypatch.setattr(gc.LlamaStepKernel, "KV_RING", kv_ring)
-    monkeypatch.setattr(gc.LlamaStepKernel, "TAGGED", tagged)
+    assert LlamaStepKernel.unsupported(model) == ""
+    monkeypatch.setattr(LlamaStepKernel, "KV_RING", kv_ring)
+    monkeypatch.setattr(LlamaStepKernel, "TAGGED", tagged)
     ids = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(1)).cuda()
     prefill = length - 10
     ref = _decode_logits(model, ids, prefill, "triton")
@@ -115,7 +117,7 @@ def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagg
 @hopper
 def test_caches_over_the_token_limit_take_the_triton_path(monkeypatch):
     model = _small_llama(2)
-    monkeypatch.setattr(gc.LlamaStepKernel, "MAX_CACHE_TOKENS", 64)  # the test's cache holds 80
+    monkeypatch.setattr(LlamaStepKernel, "MAX_CACHE_TOKENS", 64)  # the test's cache holds 80
     ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(1)).cuda()
     ref = _decode_logits(model, ids, 70, "triton")
     got = _decode_logits(model, ids, 70, "gluon")
@@ -124,13 +126,13 @@ def test_caches_over_the_token_limit_take_the_triton_path(monkeypatch):
 
 
 class _Bind:
-    """Stands in for `_chain_kernel[grid]`: binds a launch's arguments to the kernel's Python
+    """Stands in for `chain_kernel[grid]`: binds a launch's arguments to the kernel's Python
     signature (names and count) instead of compiling it, and keeps them."""
 
     def __init__(self):
         import inspect
 
-        self.signature, self.calls = inspect.signature(gc._chain_kernel.fn), []
+        self.signature, self.calls = inspect.signature(gc.chain_kernel.fn), []
 
     def __getitem__(self, grid):
         def launch(*args, launch_cooperative_grid, **kwargs):
@@ -148,7 +150,7 @@ def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
     from avengers.models.registry import get_model_spec
 
     bind = _Bind()
-    monkeypatch.setattr(gc, "_chain_kernel", bind)
+    monkeypatch.setattr(gc, "chain_kernel", bind)
     ws, (ln, ffln) = _weights(2, 1024, 48, 1024, "cpu")
     w, w2 = gc.pack(*(list(t) for t in ws))
     w_d, w2_d = gc.descriptors(w, w2)
@@ -163,7 +165,7 @@ def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
     spec = get_model_spec("llama3_1.8b").replace(nlayers=2, emb_dim=1024, nheads=8, kvheads=2, src_vocab_size=512,
                                                     hidden_grow_factor=4.0)
     model = spec.build("cpu").to(torch.bfloat16)
-    step = gc.LlamaStepKernel(model)
+    step = LlamaStepKernel(model)
     cache = model.allocate_cache(1, 256)
     tokens = torch.tensor([[7]])
     logits = step(tokens, cache)
@@ -189,12 +191,12 @@ def test_kv_descriptors_need_one_tensor_for_all_layers():
             self.layers = layers
 
     stacked = Cache(KVState.stacked(3, 1, 2, 128, 128, dtype=torch.bfloat16))
-    k_d, v_d = gc.LlamaStepKernel._kv_descriptors(stacked)
+    k_d, v_d = LlamaStepKernel._kv_descriptors(stacked)
     assert list(k_d.shape) == [3 * 2 * 128 * 128 // gc.ITEM_K, gc.CHUNKS, gc.CW] and k_d.base.data_ptr() == \
         stacked.layers[0].k.data_ptr()
-    assert gc.LlamaStepKernel._kv_descriptors(Cache([KVState(1, 2, 128, 128, dtype=torch.bfloat16)
+    assert LlamaStepKernel._kv_descriptors(Cache([KVState(1, 2, 128, 128, dtype=torch.bfloat16)
                                                      for _ in range(3)])) is None
-    assert gc.LlamaStepKernel._kv_descriptors(Cache(KVState.stacked(3, 1, 2, 96, 128, dtype=torch.bfloat16))) is None
+    assert LlamaStepKernel._kv_descriptors(Cache(KVState.stacked(3, 1, 2, 96, 128, dtype=torch.bfloat16))) is None
 
 
 def test_pack_rope_pairs_put_a_rotation_pair_in_one_column_of_the_epilogue():

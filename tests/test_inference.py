@@ -46,7 +46,7 @@ def test_cache_bytes_measured_from_tensors(tiny):
 
 def test_llama_caches_are_consecutive_views_of_one_tensor(tiny):
     """KVState.stacked: every layer's keys (values) a view of one [L, B, H_kv, S, d] tensor, layer
-    after layer, so one TMA descriptor covers all (gluon_chain's decode step); writes reach it."""
+    after layer, so one TMA descriptor covers all (gluon_step's decode kernel); writes reach it."""
     _, model = tiny
     cache = model.allocate_cache(2, KV_CHUNK)
     for name in ("k", "v"):

@@ -33,7 +33,7 @@ class KVState:
     def stacked(cls, n: int, batch_size: int, kv_heads: int, max_seq_len: int, head_dim: int,
                 device=None, dtype=None) -> list["KVState"]:
         """n layers' states as views of one [n, B, H_kv, max_seq_len, d] tensor each for keys and
-        values (one TMA descriptor covers every layer's cache: gluon_chain's decode step)."""
+        values (one TMA descriptor covers every layer's cache: gluon_step's decode kernel)."""
         shape = (n, batch_size, kv_heads, max_seq_len, head_dim)
         k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         return [cls(batch_size, kv_heads, max_seq_len, head_dim, k=k[i], v=v[i]) for i in range(n)]
@@ -151,7 +151,7 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
     if cache.seq_len + T > cache.max_seq_len:
         raise ValueError(f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, {T} more given")
     if T == 1 and fused_decode_mode() == "gluon" and x.shape[0] == 1 and x.is_cuda:
-        from avengers.inference.gluon_chain import LlamaStepKernel
+        from avengers.inference.gluon_step import LlamaStepKernel
 
         step = LlamaStepKernel.for_model(model)
         if step is not None and cache.max_seq_len <= step.MAX_CACHE_TOKENS:

@@ -38,7 +38,7 @@ def set_fused_decode(mode: str) -> None:
     above GEMV_STEP_MAX_BATCH take the inductor functions; Mamba-2, hybrid and telescoping models'
     steps take MambaLM._triton_decode and TelescopingLlama._triton_step), or as one persistent
     Triton kernel per block (triton_block.py, "persistent"; same fallback), or a Llama's whole
-    batch-1 step through its blocks as one Gluon kernel (gluon_chain.LlamaStepKernel, "gluon"; other
+    batch-1 step through its blocks as one Gluon kernel (gluon_step.LlamaStepKernel, "gluon"; other
     models, batches and caches over LlamaStepKernel.MAX_CACHE_TOKENS as "triton"); "off": the
     per-module path in kv_cache.py."""
     if mode not in FUSED_DECODE_MODES:
