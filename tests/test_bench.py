@@ -7,7 +7,7 @@ import torch
 
 from avengers.inference import bench, kv_cache
 from avengers.inference.bench import BenchConfig, parse_args, parse_size, run
-from avengers.inference.check import DecodeMismatch, check_cached_decode
+from avengers.inference.check import DecodeMismatch, check_cached_decode, check_timed_dtype
 from avengers.models.registry import list_variants
 
 
@@ -67,6 +67,26 @@ def test_check_covers_paths_taken_at_batch_one_only(tiny, monkeypatch):
     monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x if x.shape[0] == 1 else rope(x, cis))
     with pytest.raises(DecodeMismatch, match="differs from the full forward"):
         check_cached_decode(model, spec.vocab_size, torch.device("cpu"))
+
+
+def test_timed_dtype_check_passes_bf16_rounding_and_catches_a_broken_decode(tmp_path, monkeypatch):
+    """Below fp32 the bench also checks the batch-1 path it times in that dtype (fused_decode
+    "gluon" serves bf16 only): bf16 noise (~1% of the top logit) passes, positions ignored do not."""
+    rc = bench.main(["--device", "cpu", "--dtype", "bf16", "--variants", "llama3_tiny", "--contexts", "128",
+                     "--batch_sizes", "1", "--steps", "1", "--warmup", "1", "--no_max_batch", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "inference_bench.json").read_text())
+    err = report["variants"]["llama3_tiny"]["check"]["dtype_rel_err"]
+    assert rc == 0 and 0 < err < 0.05
+    assert "bf16 batch 1 vs full forward" in (tmp_path / "inference_bench.md").read_text()
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("llama3_tiny")
+    model = spec.build("cpu")
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x)  # positions ignored
+    with pytest.raises(DecodeMismatch, match="in torch.bfloat16 differs from the full forward"):
+        check_timed_dtype(model, spec.vocab_size, torch.device("cpu"))
 
 
 def test_failed_variant_is_reported_and_exit_code_nonzero(monkeypatch, tmp_path):

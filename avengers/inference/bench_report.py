@@ -59,7 +59,10 @@ def markdown_table(report: dict) -> str:
     for name, v in report["variants"].items():
         chk = v.get("check") or {}
         lines.append(f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "
-                     f"graph vs eager {_fmt(chk.get('graph_rel_err'))}, chunked prefill {chk.get('chunked_prefill')}"
+                     f"graph vs eager {_fmt(chk.get('graph_rel_err'))}"
+                     + (f", {report['config']['dtype']} batch 1 vs full forward {_fmt(chk['dtype_rel_err'])}"
+                        if chk.get("dtype_rel_err") is not None else "")
+                     + f", chunked prefill {chk.get('chunked_prefill')}"
                      + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
                      + f", decode timed {v.get('decode_mode', 'n/a')}"
                      + "".join(f"; {n}" for n in chk.get("notes", []))

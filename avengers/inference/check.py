@@ -20,6 +20,7 @@ class CheckResult:
     chunked_prefill: bool  # whether a two-chunk prefill also matches (else the bench prefills in one call)
     chunked_note: str = ""
     graph_rel_err: float | None = None  # graph replay vs eager decode, in the bench dtype
+    dtype_rel_err: float | None = None  # batch-1 prefill + decode vs full forward in the bench dtype (below fp32)
     decode_mode: str = "eager"  # how the bench times decode: "cuda_graph" once the graph check passed
     notes: list[str] = field(default_factory=list)
 
@@ -88,4 +89,21 @@ def check_graph_decode(model: nn.Module, vocab_size: int, device: torch.device, 
             f"CUDA-graph decode differs from eager decode: max relative error {err:.3g} > tol {tol:g} "
             "(does the model read its decode position from cache.position?)"
         )
+    return err
+
+
+@torch.no_grad()
+def check_timed_dtype(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
+                      prefill: int = 32, tol: float = 0.1, seed: int = 2) -> float:
+    """Batch-1 prefill + decode vs the full forward in the model's own dtype (the one the bench
+    times), for decode paths that serve only low precision and so miss the fp32 check (e.g.
+    fused_decode "gluon", bf16 only). Loose by necessity: bf16 rounding alone differs by ~1% of
+    the largest logit (tiny models on the CPU: 0.7-1.1%); a broken kernel lands far above tol.
+    Returns the max relative error."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (1, length), generator=g).to(device)
+    err = _rel(_cached_logits(model, ids, [prefill]), model(ids))
+    if not err <= tol:
+        raise DecodeMismatch(f"batch-1 decode in {next(model.parameters()).dtype} differs from the full forward: "
+                             f"max relative error {err:.3g} > tol {tol:g}")
     return err

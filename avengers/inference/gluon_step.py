@@ -49,9 +49,10 @@ class LlamaStepKernel:
         self.D, self.hid = layers[0].ln.weight.shape[0], f0.hidden_dim
         self.nqkv = (self.H + 2 * self.Hkv) * self.d
         self.eps = layers[0].ln.eps
-        self.w, self.w2 = gc.pack([l.attn.in_proj.qkv_fused.weight for l in layers], [l.attn.dense.weight for l in layers],
-                               [l.ff_sub_layer.wg1_fused.weight for l in layers],
-                               [l.ff_sub_layer.w2.weight for l in layers], rope_pairs=True)
+        self.w, self.w2 = gc.pack([l.attn.in_proj.qkv_fused.weight for l in layers],
+                                  [l.attn.dense.weight for l in layers],
+                                  [l.ff_sub_layer.wg1_fused.weight for l in layers],
+                                  [l.ff_sub_layer.w2.weight for l in layers], rope_pairs=True)
         self.w_d, self.w2_d = gc.descriptors(self.w, self.w2)
         head = model.head.weight  # streamed in place (not packed): [V, D] rows are the kernel's items already
         self.V = head.shape[0]
