@@ -7,7 +7,7 @@ import torch
 
 from avengers.inference import bench, kv_cache
 from avengers.inference.bench import BenchConfig, parse_args, parse_size, run
-from avengers.inference.check import DecodeMismatch, check_cached_decode, check_timed_dtype
+from avengers.inference.check import DecodeMismatch, check_cached_decode, check_timed_dtype, timed_dtype_case
 from avengers.models.registry import list_variants
 
 
@@ -78,15 +78,19 @@ def test_timed_dtype_check_passes_bf16_rounding_and_catches_a_broken_decode(tmp_
     err = report["variants"]["llama3_tiny"]["check"]["dtype_rel_err"]
     assert rc == 0 and 0 < err < 0.05
     assert "bf16 batch 1 vs full forward" in (tmp_path / "inference_bench.md").read_text()
+    assert err <= report["variants"]["llama3_tiny"]["check"]["dtype_tol"]
     from avengers.models.registry import get_model_spec
 
     spec = get_model_spec("llama3_tiny")
     model = spec.build("cpu")
     model.init_weights()
-    model = model.to(torch.bfloat16).eval()
+    case = timed_dtype_case(model.eval(), spec.vocab_size, torch.device("cpu"))
+    model = model.to(torch.bfloat16)
+    err, tol = check_timed_dtype(model, *case)
+    assert err < tol < 0.05
     monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x)  # positions ignored
     with pytest.raises(DecodeMismatch, match="in torch.bfloat16 differs from the full forward"):
-        check_timed_dtype(model, spec.vocab_size, torch.device("cpu"))
+        check_timed_dtype(model, *case)
 
 
 def test_failed_variant_is_reported_and_exit_code_nonzero(monkeypatch, tmp_path):

@@ -30,7 +30,7 @@ from avengers.inference import llama_compiled
 from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
 from avengers.inference.cache import InferenceCache
 from avengers.inference.check import (CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode,
-                                      check_timed_dtype)
+                                      check_timed_dtype, timed_dtype_case)
 from avengers.inference.graphs import DecodeStep
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
 from avengers.inference.llama_compiled import FUSED_DECODE_MODES, set_fused_decode
@@ -208,9 +208,10 @@ def _run_checks(model: nn.Module, vocab: int, device: torch.device, dtype: torch
     tol = cfg.check_tol or (1e-2 if on_cuda else 1e-4)
     model.float()
     check = check_cached_decode(model, vocab, device, tol=tol, seed=cfg.seed)
+    case = timed_dtype_case(model, vocab, device, seed=cfg.seed + 2) if dtype != torch.float32 else None
     model.to(dtype)
-    if dtype != torch.float32:  # the timed dtype's own batch-1 path (some serve bf16 only)
-        check.dtype_rel_err = check_timed_dtype(model, vocab, device, seed=cfg.seed + 2)
+    if case is not None:  # the timed dtype's own batch-1 path (some serve bf16 only)
+        check.dtype_rel_err, check.dtype_tol = check_timed_dtype(model, *case)
     if on_cuda and cfg.cuda_graph:
         try:
             check.graph_rel_err = check_graph_decode(model, vocab, device, seed=cfg.seed + 1)

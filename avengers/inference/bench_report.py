@@ -60,7 +60,8 @@ def markdown_table(report: dict) -> str:
         chk = v.get("check") or {}
         lines.append(f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "
                      f"graph vs eager {_fmt(chk.get('graph_rel_err'))}"
-                     + (f", {report['config']['dtype']} batch 1 vs full forward {_fmt(chk['dtype_rel_err'])}"
+                     + (f", {report['config']['dtype']} batch 1 vs full forward {_fmt(chk['dtype_rel_err'])} "
+                        f"(tol {_fmt(chk.get('dtype_tol'))})"
                         if chk.get("dtype_rel_err") is not None else "")
                      + f", chunked prefill {chk.get('chunked_prefill')}"
                      + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
