@@ -139,6 +139,11 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
     knobs = ("TILE_ELEMENTS", "NUM_WARPS", "PROGRAMS_PER_SM", "STAGES")
     defaults = {k: getattr(triton_block, k) for k in knobs}
     items_per_sm = triton_decode.ITEMS_PER_SM
+    step_knobs = {}  # the Gluon step kernel's class knobs, restored after the modes
+    if any(m.startswith("gluon") for m in modes):
+        from avengers.inference.gluon_step import LlamaStepKernel
+
+        step_knobs = {k: getattr(LlamaStepKernel, k) for k in ("KV_RING", "TAGGED", "SPLIT_PROGRAMS")}
     gemv_kernels = gemv_tuning.decode_gemv_kernels()
     gemv_configs = {name: k.configs for name, k in gemv_kernels.items()}
     for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w8_g2_s": see the module docstring
@@ -159,8 +164,6 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
         set_fused_decode(base)
         gluon_step = None
         if base == "gluon":  # the step kernel (None: it does not take this model; logged why)
-            from avengers.inference.gluon_step import LlamaStepKernel
-
             gluon_step = LlamaStepKernel.for_model(model)
             LlamaStepKernel.KV_RING = "p" not in flags
             LlamaStepKernel.TAGGED = "tags" in flags
@@ -205,10 +208,8 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
         torch.cuda.empty_cache()
     set_fused_decode("off")
     set_pdl(True)
-    if any(m.startswith("gluon") for m in modes):
-        from avengers.inference.gluon_step import LlamaStepKernel
-
-        LlamaStepKernel.KV_RING, LlamaStepKernel.TAGGED, LlamaStepKernel.SPLIT_PROGRAMS = True, False, None
+    for name, value in step_knobs.items():
+        setattr(LlamaStepKernel, name, value)
     for knob, value in defaults.items():
         setattr(triton_block, knob, value)
     triton_decode.ITEMS_PER_SM = items_per_sm

@@ -40,8 +40,8 @@ def graph_ms(fn, reps=50):
 
 def phase_profile(t, names=("qkv", "wo", "gate_up", "w2")):
     """Per phase kind (`names`: a block's phases in order), means over blocks (us) from stamps t
-    [programs, phases, 4]: the barrier (last
-    program done with the previous phase -> median program past the barrier), the input row, the
+    [programs, phases, 4]: the barrier (last program done with the previous phase -> median
+    program past the barrier), the input row, the
     median and slowest program's reduction, and how far the loaders were ahead (median program's
     barrier pass minus its loader's last copy of the previous phase: > 0, that phase's copies were
     already under way)."""

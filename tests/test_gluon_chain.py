@@ -7,6 +7,8 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="no Gluon in this triton")
 
+from decode_helpers import decode_logits  # noqa: E402
+
 from avengers.inference import gluon_chain as gc  # noqa: E402
 from avengers.inference.gluon_step import LlamaStepKernel  # noqa: E402
 
@@ -71,17 +73,6 @@ def _small_llama(kvheads: int):
     return model.to(torch.bfloat16).eval()
 
 
-def _decode_logits(*args):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from decode_helpers import decode_logits
-
-    with torch.no_grad():
-        return decode_logits(*args)
-
-
 @hopper
 @pytest.mark.parametrize("kvheads,kv_ring,tagged,length", [
     (2, True, False, 80),  # 2 query heads per kv head as llama3_1.8b; keys and values through the ring
@@ -100,8 +91,8 @@ def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagg
     monkeypatch.setattr(LlamaStepKernel, "TAGGED", tagged)
     ids = torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(1)).cuda()
     prefill = length - 10
-    ref = _decode_logits(model, ids, prefill, "triton")
-    got = _decode_logits(model, ids, prefill, "gluon")
+    ref = decode_logits(model, ids, prefill, "triton")
+    got = decode_logits(model, ids, prefill, "gluon")
     step = model._gluon_decode_step[1]
     assert step is not None  # the kernel ran
     b = next(iter(step._buffers.values()))
@@ -119,8 +110,8 @@ def test_caches_over_the_token_limit_take_the_triton_path(monkeypatch):
     model = _small_llama(2)
     monkeypatch.setattr(LlamaStepKernel, "MAX_CACHE_TOKENS", 64)  # the test's cache holds 80
     ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(1)).cuda()
-    ref = _decode_logits(model, ids, 70, "triton")
-    got = _decode_logits(model, ids, 70, "gluon")
+    ref = decode_logits(model, ids, 70, "triton")
+    got = decode_logits(model, ids, 70, "gluon")
     assert model._gluon_decode_step[1]._buffers == {}  # the step kernel never ran
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)  # the same kernels
 

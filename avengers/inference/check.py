@@ -93,7 +93,6 @@ def check_graph_decode(model: nn.Module, vocab_size: int, device: torch.device, 
     return err
 
 
-
 @torch.no_grad()
 def timed_dtype_case(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
                      seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
