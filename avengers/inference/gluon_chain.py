@@ -27,7 +27,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.language._standard import _import_from_triton
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -38,9 +38,12 @@ CHUNKS = 4  # TMA box: [ROWS, CHUNKS, CW] = ROWS rows of ITEM_K columns
 CW = 256  # TMA boxes are at most 256 elements per dimension
 ITEM_K = CHUNKS * CW
 MAX_K_ITEMS = 8  # the input row buffer holds K <= MAX_K_ITEMS * ITEM_K
+# row blocks a program parks per phase (gate/up, QKV with RoPE) for one epilogue at the phase's end
+MAX_PARKED = 16
 # the same, as constants the kernels can read
 _R, _CH, _CW, _IK = gl.constexpr(ROWS), gl.constexpr(CHUNKS), gl.constexpr(CW), gl.constexpr(ITEM_K)
 _MAXK = gl.constexpr(MAX_K_ITEMS)
+_MP = gl.constexpr(MAX_PARKED)
 
 
 # Written against Triton 3.6's Gluon (the one torch 2.11 ships); later releases renamed
@@ -67,28 +70,42 @@ def _stamp(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr):
 
 
 @gluon.jit
-def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr):
+def _stamp_after(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr, dep):
+    """Stamps[pid, 2048 + ph, slot] = the global timer once `dep` (an int32 scalar computed from the
+    data waited for) is there: the attention phase's detail profile."""
+    if ON:
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=gl.int64, is_pure=False,
+                                      pack=1)
+        gl.store(Stamps + (pid * 4096 + 2048 + ph) * 4 + slot, t)
+
+
+@gluon.jit
+def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr = True):
     """Ring position i: wait for its stage to be free, then TMA-copy desc's box at [row, chunk, 0]
     into it. Returns i + 1."""
     s = i % STAGES
     mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-    mbarrier.expect(ready.index(s), _R * _IK * 2)
-    tma.async_copy_global_to_shared(desc, [row, chunk, 0], ready.index(s), ring.index(s))
+    if LOAD:
+        mbarrier.expect(ready.index(s), _R * _IK * 2)
+        tma.async_copy_global_to_shared(desc, [row, chunk, 0], ready.index(s), ring.index(s))
+    else:  # timing only: the stage keeps stale contents
+        mbarrier.arrive(ready.index(s), count=1)
     return i + 1
 
 
 @gluon.jit
-def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES: gl.constexpr):
+def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr):
     """This program's row blocks pid, pid + P, ... of one GEMV, K item by K item, into the ring."""
     for rb in range(pid, nrb, P):
         for kc in range(k_items):
-            i = _copy(desc, row0 + rb * _R, kc * _CH, ring, ready, empty, i, STAGES)
+            i = _copy(desc, row0 + rb * _R, kc * _CH, ring, ready, empty, i, STAGES, LOAD)
     return i
 
 
 @gluon.jit
 def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S, NSPLIT,
-            SPLIT, V, STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr):
+            SPLIT, V, STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr,
+            LOAD: gl.constexpr):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
     order (stamp 0: when the phase's last copy was issued; DECODE: 5 phases a block, the attention
     phase stamped when its keys and values are issued, with KV_RING, else with the QKV copies, and
@@ -103,20 +120,20 @@ def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, 
     for layer in range(n_layers):
         row0 = layer * per_layer
         ph = layer * (4 + DECODE)
-        i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
         _stamp(Stamps, pid, ph, 0, STAMPS)
         if DECODE:
             if KV_RING:
-                i = _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES)
+                i = _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES, LOAD)
             _stamp(Stamps, pid, ph + 1, 0, STAMPS)
-        i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
         _stamp(Stamps, pid, ph + 1 + DECODE, 0, STAMPS)
-        i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
         _stamp(Stamps, pid, ph + 2 + DECODE, 0, STAMPS)
-        i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES)
+        i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES, LOAD)
         _stamp(Stamps, pid, ph + 3 + DECODE, 0, STAMPS)
     if DECODE:  # the LM head
-        i = _load_phase(h_d, 0, V // _R, kd, pid, P, ring, ready, empty, i, STAGES)
+        i = _load_phase(h_d, 0, V // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
         _stamp(Stamps, pid, n_layers * 5, 0, STAMPS)
 
 
@@ -139,14 +156,15 @@ def _rows(ring, ready, empty, xbuf, i, k_items, STAGES: gl.constexpr, L4: gl.con
             stage, xs = _views(ring.index(s), xbuf)
             w = stage.load(L4)
             x = xs.index(kc).load(gl.SliceLayout(0, gl.SliceLayout(0, L4)))
-            gl.thread_barrier()  # every warp has read the stage before it is handed back to the loader
-            fence_async_shared()
+            # every warp has read the stage before it is handed back to the loader (reads before an
+            # async-proxy write need no proxy fence, as in CUTLASS's TMA pipelines)
+            gl.thread_barrier()
             mbarrier.arrive(empty.index(s), count=1)
             acc += w.to(gl.float32) * gl.expand_dims(gl.expand_dims(x.to(gl.float32), 0), 0)
         else:
             mbarrier.arrive(empty.index(s), count=1)
         i += 1
-    return gl.sum(gl.sum(acc, 3), 2), i
+    return gl.sum(gl.sum(acc, 2), 2), i  # chunks in-thread first: one shuffle tree per row
 
 
 @gluon.jit
@@ -237,30 +255,57 @@ def _leave(Count, phase, pid, Stamps, SYNC: gl.constexpr, ON: gl.constexpr):
 
 
 @gluon.jit
-def _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV, tag, HD: gl.constexpr):
-    """The QKV epilogue of row block rb (rows packed [0, 2, 4, 6, 1, 3, 5, 7]: y[0, b] and y[1, b] are a
-    rotation pair): query rows rotated into Q, key rows rotated and value rows copied into this
-    block's caches at `pos` (triton_gemv.rope_operands + rope_store, batch 1). Rope: the cache's
-    table as fp32 [positions, HD / 2, (cos, sin)]; the query's angles carry q_scale (1/sqrt(d)).
-    Every row also goes to Q (_put, tagged): the attention reads this step's key and value there."""
-    y = y.to(gl.bfloat16).to(gl.float32)  # torch rounds the matmul output before rotating
-    x0 = gl.sum(gl.where(ga == 0, y, 0.0), 0)
-    x1 = gl.sum(gl.where(ga == 1, y, 0.0), 0)
+def _rope_angles(rb, gb, Rope, q_scale, pos, NQ, NK, HD: gl.constexpr):
+    """(cos, sin) of row blocks rb's rotation pairs gb at `pos` (1, 0 for value rows). Rope: the
+    cache's table as fp32 [positions, HD / 2, (cos, sin)]; the query's angles carry q_scale
+    (1/sqrt(d)). The same in every block: loaded once a launch."""
     pair = rb * (_R // 2) + gb
     rot = pair * 2 < NQ + NK
     at = (pos * (HD // 2) + pair % (HD // 2)) * 2
     scale = gl.where(pair * 2 < NQ, q_scale, 1.0)
-    c = gl.load(Rope + at, mask=rot, other=1.0) * scale
-    s = gl.load(Rope + at + 1, mask=rot, other=0.0) * scale
+    return gl.load(Rope + at, mask=rot, other=1.0) * scale, gl.load(Rope + at + 1, mask=rot, other=0.0) * scale
+
+
+@gluon.jit
+def _park(ybuf, j, y):
+    """Row block sums y [2, _R // 2] into parking slot j; returns j + 1. Epilogues that pair rows
+    held by different warps (SwiGLU, RoPE) run once a phase over all its parked row blocks
+    (_parked), instead of a cross-warp reduction with CTA barriers after every row block."""
+    slots = ybuf._reinterpret(gl.float32, [_MP, 2, _R // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    slots.index(j).store(y)
+    return j + 1
+
+
+@gluon.jit
+def _parked(ybuf, LB: gl.constexpr):
+    """The phase's parked row sums as (first, second) [slot, _R // 2]: rows a * _R // 2 + b of
+    every parked row block, a = 0 and 1 (other warps stored them: a CTA barrier first)."""
+    gl.thread_barrier()
+    yy = ybuf.load(LB)
+    a = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, LB))), 0), 2)
+    return gl.sum(gl.where(a == 0, yy, 0.0), 1), gl.sum(gl.where(a == 1, yy, 0.0), 1)
+
+
+@gluon.jit
+def _rope_store(x0, x1, rb, gb, c, s, pos, Q, Kb, Vb, skh, skn, NQ, NK, NQKV, tag, HD: gl.constexpr):
+    """The QKV epilogue of the parked row blocks rb [slot, 1] (rows packed [0, 2, 4, 6, 1, 3, 5, 7]:
+    x0[j, b] and x1[j, b] are a rotation pair): query rows rotated into Q, key rows rotated and value
+    rows copied into this block's caches at `pos` (triton_gemv.rope_operands + rope_store, batch
+    1), by the angles c, s (_rope_angles). Every row also goes to Q (_put, tagged): the attention
+    reads this step's key and value there."""
+    x0 = x0.to(gl.bfloat16).to(gl.float32)  # torch rounds the matmul output before rotating
+    x1 = x1.to(gl.bfloat16).to(gl.float32)
+    pair = rb * (_R // 2) + gb
+    ok = rb < NQKV // _R
     for a in gl.static_range(2):
         row = pair * 2 + a
         val = (x0 * c - x1 * s) if a == 0 else (x0 * s + x1 * c)
-        _put(Q, row, val, tag, row < NQKV, True)
+        _put(Q, row, val, tag, ok, True)
         val = val.to(gl.bfloat16)
         kr = row - NQ
-        gl.store(Kb + (kr // HD) * skh + pos * skn + kr % HD, val, mask=(kr >= 0) & (kr < NK))
+        gl.store(Kb + (kr // HD) * skh + pos * skn + kr % HD, val, mask=ok & (kr >= 0) & (kr < NK))
         vr = row - NQ - NK
-        gl.store(Vb + (vr // HD) * skh + pos * skn + vr % HD, val, mask=(vr >= 0) & (row < NQKV))
+        gl.store(Vb + (vr // HD) * skh + pos * skn + vr % HD, val, mask=ok & (vr >= 0))
 
 
 @gluon.jit
@@ -276,9 +321,10 @@ def _online_tile(q, k, v, valid, m, l, acc):
 
 
 @gluon.jit
-def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, ring, ready, empty, i,
+def _attention_item(xbuf, ybuf, Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, ring, ready, empty, i,
                     NQ, NK, tag, Count, G: gl.constexpr, HD: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                    KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr):
+                    KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr, Stamps=None, pid=0, ph=0,
+                    ON: gl.constexpr = False):
     """Pass 1 of split-K attention for kv head h, split sp (triton_decode.partial_item, batch 1): the
     G query heads' unnormalised output, running max and sum over keys [sp SPLIT, +SPLIT) below
     `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d)).
@@ -303,6 +349,9 @@ def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, 
     dn = gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, LKD)), 0)
     k_now = gl.expand_dims(_get(Q, NQ + h * HD + dn, True, tag, Count, True, POLL), 0)  # [1, 1, HD]
     v_now = gl.expand_dims(_get(Q, NQ + NK + h * HD + dn, True, tag, Count, True, POLL), 0)
+    if ON:
+        _stamp_after(Stamps, pid, ph, 0, ON, (gl.sum(gl.sum(gl.sum(gl.sum(q, 3), 2), 1), 0) + gl.sum(gl.sum(gl.sum(k_now, 2), 1), 0)
+                                              + gl.sum(gl.sum(gl.sum(v_now, 2), 1), 0)).to(gl.int32))
     w3 = gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(2, LKV)))
     n3 = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKV)))
     d3 = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(1, LKV))), 0), 1)
@@ -333,7 +382,6 @@ def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, 
                 v = gl.where(off + key == pos, v_now, vs.index(half).load(LKV).to(gl.float32))
                 m, l, acc = _online_tile(q, gl.expand_dims(k, 1), gl.expand_dims(v, 1), off + key_s < end, m, l, acc)
             gl.thread_barrier()  # every warp has read both stages before they are handed back
-            fence_async_shared()
             mbarrier.arrive(empty.index(sk), count=1)
             mbarrier.arrive(empty.index(sv), count=1)
             i += 2
@@ -349,21 +397,47 @@ def _attention_item(Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, 
             v_next = gl.load(Vb + nxt * skn + at, mask=nxt + key < end, other=0.0, cache_modifier=".cg")
             m, l, acc = _online_tile(q, k, v, off + key_s < end, m, l, acc)
     # merge the warps (an empty split keeps m = -inf: the merge pass gives it weight 0)
-    m_all = gl.max(m, 0)  # [G]
-    scale = gl.exp(m - gl.expand_dims(gl.where(m_all == float("-inf"), 0.0, m_all), 0))  # [warp, G]
-    l_all = gl.sum(gl.sum(l, 2) * scale, 0)
-    acc_w = gl.sum(acc, 2)  # [warp, G, HD]
-    out = gl.sum(acc_w * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(2, LO)), 2), 0)  # [G, HD]
+    if ON:
+        _stamp_after(Stamps, pid, ph, 1, ON, gl.sum(gl.sum(gl.sum(l, 2), 1), 0).to(gl.int32))
     row = (h * NSPLIT + sp) * G
-    gl.store(PAcc + gl.expand_dims(row + g, 1) * HD + gl.expand_dims(d, 0), out)
-    gm = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, LS)))
+    if G * num_warps * HD * 4 <= _MAXK * _CH * _CW * 2:
+        # through shared memory (the idle input row buffer): every warp's state stored once, one CTA
+        # barrier, then the warps merged in-thread, where reductions over warps would cost a barrier
+        # round each
+        LM: gl.constexpr = gl.BlockedLayout([num_warps, 1, 1], [1, 1, 32], [1, 2, num_warps // 2], [2, 1, 0])
+        LMG: gl.constexpr = gl.SliceLayout(2, LM)  # [warp, G]
+        acc_s = xbuf._reinterpret(gl.float32, [num_warps, G, HD], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+        ml_s = ybuf._reinterpret(gl.float32, [2, num_warps, G], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        acc_s.store(gl.sum(acc, 2))
+        ml_s.index(0).store(m)
+        ml_s.index(1).store(gl.sum(l, 2))
+        gl.thread_barrier()
+        m = ml_s.index(0).load(LMG)
+        m_all = gl.max(m, 0)  # [G]
+        scale = gl.exp(m - gl.expand_dims(gl.where(m_all == float("-inf"), 0.0, m_all), 0))  # [warp, G]
+        l_all = gl.sum(ml_s.index(1).load(LMG) * scale, 0)
+        out = gl.sum(acc_s.load(LM) * gl.expand_dims(scale, 2), 0)  # [G, HD]
+        gl.thread_barrier()  # read before the buffers are written again
+        go = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(0, LM)))
+        do = gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(0, LM)))
+        gl.store(PAcc + gl.expand_dims(row + go, 1) * HD + gl.expand_dims(do, 0), out)
+        gm = gl.arange(0, G, layout=gl.SliceLayout(0, LMG))
+    else:
+        m_all = gl.max(m, 0)  # [G]
+        scale = gl.exp(m - gl.expand_dims(gl.where(m_all == float("-inf"), 0.0, m_all), 0))  # [warp, G]
+        l_all = gl.sum(gl.sum(l, 2) * scale, 0)
+        acc_w = gl.sum(acc, 2)  # [warp, G, HD]
+        out = gl.sum(acc_w * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(2, LO)), 2), 0)  # [G, HD]
+        gl.store(PAcc + gl.expand_dims(row + g, 1) * HD + gl.expand_dims(d, 0), out)
+        gm = gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, LS)))
     gl.store(PM + row + gm, m_all)
     gl.store(PL + row + gm, l_all)
     return i
 
 
 @gluon.jit
-def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES: gl.constexpr):
+def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES: gl.constexpr,
+             LOAD: gl.constexpr):
     """The loader's share of a block's attention (KV_RING): for this program's items (kv head,
     split), in the consumer's order, 64 keys of K then of V per stage (cache rows viewed as
     [8 keys, 4, 256] boxes; S, the cache length, a multiple of 64)."""
@@ -372,41 +446,41 @@ def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready
         end = gl.minimum(start + SPLIT, length)
         row0 = (layer * HKV + item // NSPLIT) * (S // 8)
         for t0 in range(start, end, 64):
-            i = _copy(k_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES)
-            i = _copy(v_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES)
+            i = _copy(k_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD)
+            i = _copy(v_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD)
     return i
 
 
 @gluon.jit
 def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, tag, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
-                     LA: gl.constexpr):
-    """Pass 2 for kv head h (triton_decode.merge_item): its G query heads' outputs into Attn (tagged)."""
-    LSG: gl.constexpr = gl.SliceLayout(2, LA)  # [BLOCK_S, G]
-    L3: gl.constexpr = LA  # [BLOCK_S, G, HD]
-    sidx = gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, LSG))
-    g = gl.arange(0, G, layout=gl.SliceLayout(0, LSG))
+                     num_warps: gl.constexpr):
+    """Pass 2 for kv head h (triton_decode.merge_item): its G query heads' outputs into Attn (tagged).
+    Every thread holds all splits of one (query head, dim) element: the sums over splits are in-thread."""
+    LM: gl.constexpr = gl.BlockedLayout([BLOCK_S, 1, 1], [1, 1, 32], [1, 2, num_warps // 2], [2, 1, 0])
+    LMS: gl.constexpr = gl.SliceLayout(2, LM)  # [BLOCK_S, G]
+    sidx = gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, LMS))
+    g = gl.arange(0, G, layout=gl.SliceLayout(0, LMS))
     ok = gl.expand_dims(sidx < NSPLIT, 1)
     row = gl.expand_dims((h * NSPLIT + sidx) * G, 1) + gl.expand_dims(g, 0)  # [BLOCK_S, G]
+    d = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(0, LM))), 0), 0)
+    acc = gl.load(PAcc + gl.expand_dims(row, 2) * HD + d, mask=gl.expand_dims(ok, 2), other=0.0,
+                  cache_modifier=".cg")  # [BLOCK_S, G, HD]
     m = gl.load(PM + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
     l = gl.load(PL + row, mask=ok, other=0.0, cache_modifier=".cg")
     w = gl.exp(m - gl.expand_dims(gl.max(m, 0), 0))  # empty splits: m = -inf, weight 0
-    d = gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3)))
-    at = gl.expand_dims(row, 2) * HD + gl.expand_dims(gl.expand_dims(d, 0), 0)
-    acc = gl.load(PAcc + at, mask=gl.expand_dims(ok, 2), other=0.0, cache_modifier=".cg")  # [BLOCK_S, G, HD]
     num = gl.sum(acc * gl.expand_dims(w, 2), 0)  # [G, HD]
-    den = gl.convert_layout(gl.sum(l * w, 0), gl.SliceLayout(1, gl.SliceLayout(0, L3)))
-    out = num / gl.expand_dims(den, 1)
-    gq = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3)))
-    _put(Attn, gl.expand_dims(h * G + gq, 1) * HD + gl.expand_dims(d, 0), out, tag, True, True)
+    den = gl.sum(gl.expand_dims(l * w, 2), 0)  # [G, 1]
+    gq = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(0, LM))), 1)
+    _put(Attn, (h * G + gq) * HD + gl.sum(d, 0), num / den, tag, True, True)
 
 
 @gluon.jit
-def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
+def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
               Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
               Logits, DecNormW, V, head_eps, Emb,
               DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
-              KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr):
+              KV_RING: gl.constexpr, POLL: gl.constexpr, PARK: gl.constexpr, num_warps: gl.constexpr):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
     passed, 2 input row in shared memory, 3 phase done."""
     # [row group, row, chunk, column]: a warp reduces whole rows (no cross-warp reduction), 8 columns
@@ -414,14 +488,17 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
     L4: gl.constexpr = gl.BlockedLayout([8 // num_warps, 1, _CH, 8], [1, 1, 1, 32], [num_warps // 4, 4, 1, 1],
                                         [3, 2, 1, 0])
     LX: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-    LY: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+    LY: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(2, L4))
     pid = gl.program_id(0)
     kd = D // _IK
     ga = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(1, LY)), 1)
     gb = gl.arange(0, _R // 2, layout=gl.SliceLayout(0, LY))
     offs = ga * (_R // 2) + gl.expand_dims(gb, 0)  # [2, _R // 2]: the rows of a block
-    # decode: [query heads of a kv head, keys or splits, head dim]
-    LA: gl.constexpr = gl.BlockedLayout([G, 1, 4], [1, 4, 8], [1, num_warps, 1], [2, 1, 0])
+    # parked row blocks [slot, a, b] (_park), a in-thread; slot j is row block pid + j * P
+    LB: gl.constexpr = gl.BlockedLayout([1, 2, 1], [8, 1, 4], [num_warps, 1, 1], [2, 1, 0])
+    LB2: gl.constexpr = gl.SliceLayout(1, LB)
+    pb = gl.expand_dims(pid + gl.arange(0, _MP, layout=gl.SliceLayout(1, LB2)) * P, 1)  # [slot, 1]
+    bb = gl.expand_dims(gl.arange(0, _R // 2, layout=gl.SliceLayout(0, LB2)), 0)  # [1, _R // 2]
     i = 0
     phase = 0
     pos = 0
@@ -434,6 +511,7 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
         emb_row = Emb + gl.load(Tok) * D  # the token's embedding: block 0's input row
         # this launch's phases start at tbase among all launches' (the tags, _tag)
         tbase = gl.load(Count + n_count) * (5 * n_layers + 1)
+        rope_c, rope_s = _rope_angles(pb, bb, Rope, q_scale, pos, NQ, NK, HD)
     for layer in range(n_layers):
         # 1. qkv = rmsnorm(x) @ Wqkv^T (DECODE: RoPE, q, k, v to Qkv (tagged), k and v into the caches;
         # else Wo reads q); x comes from the launch (DECODE: the embedding row) for the first block
@@ -448,13 +526,24 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
                        _tag(tbase, phase - 1), True, POLL)
         else:
             _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
+        j = 0
         for rb in range(pid, NQKV // _R, P):
+            if DECODE:
+                if (PARK & 1) == 0:
+                    c, s = _rope_angles(rb, gl.expand_dims(gb, 0), Rope, q_scale, pos, NQ, NK, HD)
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             if DECODE:
-                _rope_store(y, rb, ga, gb, Rope, q_scale, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV,
-                            _tag(tbase, phase), HD)
+                if PARK & 1:
+                    j = _park(ybuf, j, y)
+                else:
+                    _rope_store(gl.expand_dims(gl.sum(gl.where(ga == 0, y, 0.0), 0), 0),
+                                gl.expand_dims(gl.sum(gl.where(ga == 1, y, 0.0), 0), 0), rb, gl.expand_dims(gb, 0),
+                                c, s, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, _tag(tbase, phase), HD)
             else:
                 gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
+        if DECODE and (PARK & 1):
+            x0, x1 = _parked(ybuf, LB)
+            _rope_store(x0, x1, pb, bb, rope_c, rope_s, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, _tag(tbase, phase), HD)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         if DECODE:
             # 1b. attention: items (kv head, split); the program finishing a head's last split merges it.
@@ -465,12 +554,16 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
             _stamp(Stamps, pid, phase, 2, ON)
             for item in range(pid, HKV * NSPLIT, P):
                 h = item // NSPLIT
-                i = _attention_item(Qkv, Kb, Vb, pos, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn,
+                i = _attention_item(xbuf, ybuf, Qkv, Kb, Vb, pos, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn,
                                     ring, ready, empty, i, NQ, NK, _tag(tbase, phase - 1), Count, G, HD, 4,
-                                    STAGES, KV_RING, POLL, num_warps)
+                                    STAGES, KV_RING, POLL, num_warps, Stamps, pid, phase, ON)
                 gl.thread_barrier()  # every thread's partial is stored before the release below
-                if gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel") == NSPLIT - 1:
-                    _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, _tag(tbase, phase), G, HD, BLOCK_S, LA)
+                _stamp(Stamps, pid, 2048 + phase, 2, ON)
+                arrived = gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel")
+                if ON:
+                    _stamp_after(Stamps, pid, phase, 3, ON, arrived)
+                if arrived == NSPLIT - 1:
+                    _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, _tag(tbase, phase), G, HD, BLOCK_S, num_warps)
             phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 2. h2 = x + attention @ Wo^T (the probe chain: q @ Wo^T)
         if DECODE:
@@ -493,11 +586,18 @@ def _consumer(ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_laye
         # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
         _enter(xbuf, H2, FfLnW + layer * D, D, eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
                _tag(tbase, phase - 1), DECODE, POLL)
+        j = 0
         for rb in range(pid, 2 * HID // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
-            g = gl.sum(gl.where(ga == 0, y, 0.0), 0)
-            u = gl.sum(gl.where(ga == 1, y, 0.0), 0)
-            _put(A, rb * (_R // 2) + gb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), True, DECODE)
+            if PARK & 2:
+                j = _park(ybuf, j, y)
+            else:
+                g = gl.sum(gl.where(ga == 0, y, 0.0), 0)
+                u = gl.sum(gl.where(ga == 1, y, 0.0), 0)
+                _put(A, rb * (_R // 2) + gb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), True, DECODE)
+        if PARK & 2:
+            g, u = _parked(ybuf, LB)
+            _put(A, pb * (_R // 2) + bb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), pb < 2 * HID // _R, DECODE)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 4. x = h2 + a @ W2^T
         _enter(xbuf, A, A, HID, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
@@ -534,22 +634,23 @@ def chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
                   HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False,
-                  POLL: gl.constexpr = False):
+                  POLL: gl.constexpr = False, LOAD: gl.constexpr = True, PARK: gl.constexpr = 3):
     P = gl.num_programs(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
     xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    ybuf = gl.allocate_shared_memory(gl.float32, [_MP, 2, _R // 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     gl.warp_specialize([
-        (_consumer, (ring, ready, empty, xbuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
+        (_consumer, (ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
                      Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT,
                      SPLIT, STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, Emb, DECODE, G, HD, BLOCK_S, KV_RING,
-                     POLL, num_warps)),
+                     POLL, PARK, num_warps)),
         (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S,
-                   NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING)),
+                   NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING, LOAD)),
     ], [1], [40])
 
 
@@ -569,6 +670,11 @@ def chain_reference(x: torch.Tensor, qkv_w, wo, wg1, w2, ln_w, ff_ln_w, eps: flo
         a = (torch.nn.functional.silu(gu[:hid]) * gu[hid:]).bfloat16().float()
         x = (h2 + down.float() @ a).bfloat16().float()
     return x.bfloat16()
+
+
+def parked_row_blocks(rows: int, programs: int) -> int:
+    """Row blocks a program parks in a phase of `rows` weight rows (at most MAX_PARKED)."""
+    return -(-rows // ROWS // programs)
 
 
 def box_layout():
@@ -616,6 +722,9 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
     if D % ITEM_K or hid % ITEM_K or nqkv % ROWS or D > MAX_K_ITEMS * ITEM_K or hid > MAX_K_ITEMS * ITEM_K:
         raise ValueError(f"gluon chain: D={D}, hidden={hid} must be multiples of {ITEM_K} up to "
                          f"{MAX_K_ITEMS * ITEM_K}, NQKV={nqkv} a multiple of {ROWS}")
+    if parked_row_blocks(2 * hid, programs) > MAX_PARKED:
+        raise ValueError(f"gluon chain: {programs} programs park {parked_row_blocks(2 * hid, programs)} gate/up row "
+                         f"blocks each at hidden={hid}, at most {MAX_PARKED}")
     if stamps is not None and (stamps.shape != (programs, 4096, 4) or stamps.dtype != torch.int64 or 4 * n_layers > 4096):
         raise ValueError(f"stamps must be int64 [{programs}, 4096, 4] (at most 1024 blocks), got "
                          f"{stamps.dtype} {tuple(stamps.shape)} for {n_layers} blocks")
@@ -626,5 +735,5 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
                                stamps if stamps is not None else count,
                                none, 1.0, none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0,
                                1, 1, w_d, w_d, 0, w_d, none, none, 0, 0.0, none, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
-                               STAMPS=stamps is not None,
+                               STAMPS=stamps is not None, PARK=2,
                                launch_cooperative_grid=True)

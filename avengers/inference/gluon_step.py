@@ -38,6 +38,9 @@ class LlamaStepKernel:
     # split-K attention kernel (every warp of every SM loading keys) outruns this kernel's attention
     # phase (H200, llama3_1.8b: 1.92 vs 2.06 ms at 32k, 2.77 vs 2.75 at 64k, 4.29 vs 4.15 at 128k)
     MAX_CACHE_TOKENS = 32768
+    LOAD = True  # False (timing only): no weight or K/V copies, stale ring stages
+    MATH = True  # False (timing only): stages released unread
+    PARK = 3  # epilogues once a phase over parked row blocks: 1 QKV (RoPE), 2 gate/up (SwiGLU)
     SPLIT_PROGRAMS = None  # programs the attention's split plan fills (None: the SMs, rounded to kv heads)
 
     def __init__(self, model):
@@ -113,6 +116,13 @@ class LlamaStepKernel:
                     f"{a0.nheads} heads of {a0.emb_kq_per_head} ({a0.kvheads} kv heads) at width {D}")
         if D % gc.ITEM_K or hid % gc.ITEM_K or max(D, hid) > gc.MAX_K_ITEMS * gc.ITEM_K:
             return f"needs width {D} and hidden size {hid} to be multiples of {gc.ITEM_K} up to {gc.MAX_K_ITEMS * gc.ITEM_K}"
+        from avengers.inference.triton_decode import sm_count
+
+        programs, nqkv = sm_count(p.device), (a0.nheads + 2 * a0.kvheads) * a0.emb_kq_per_head
+        parked = max(gc.parked_row_blocks(2 * hid, programs), gc.parked_row_blocks(nqkv, programs))
+        if parked > gc.MAX_PARKED:
+            return (f"needs at most {gc.MAX_PARKED} gate/up or QKV row blocks of {gc.ROWS} rows per SM, "
+                    f"got {parked} on {programs} SMs")
         return ""
 
     def _buffers_for(self, cache):
@@ -205,5 +215,5 @@ class LlamaStepKernel:
             logits, self.dec_norm, self.V, self.head_eps, self.emb,
             STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv, HD=self.d,
             BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None, KV_RING=kv is not None,
-            SYNC=not self.TAGGED, POLL=self.TAGGED, launch_cooperative_grid=True)
+            SYNC=not self.TAGGED, POLL=self.TAGGED, LOAD=self.LOAD, MATH=self.MATH, PARK=self.PARK, launch_cooperative_grid=True)
         return logits.view(1, 1, -1)
