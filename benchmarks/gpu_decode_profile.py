@@ -14,7 +14,7 @@
    for gluon, the Gluon step kernel's per-phase profile as gpu_gluon_chain_probe.py's `--stamps`;
    gluon's `_p`: keys and values loaded by the consumer warps, not streamed through the ring;
    `_tags`: tagged rows polled between the phases instead of grid barriers; `_n<splits>`: the
-   attention's split plan for that many programs per kv head; `_park<bits>`: LlamaStepKernel.PARK;
+   attention's split plan for that many programs per kv head;
    timing only, wrong results: `_noload`, no weight or K/V copies (what the consumer warps alone
    cost), `_nomath`, staged weights released unread; `_s` also times the attention phase's steps,
    `attention_detail`),
@@ -146,7 +146,7 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
     if any(m.startswith("gluon") for m in modes):
         from avengers.inference.gluon_step import LlamaStepKernel
 
-        step_knobs = {k: getattr(LlamaStepKernel, k) for k in ("KV_RING", "TAGGED", "SPLIT_PROGRAMS", "LOAD", "MATH", "PARK")}
+        step_knobs = {k: getattr(LlamaStepKernel, k) for k in ("KV_RING", "TAGGED", "SPLIT_PROGRAMS", "LOAD", "MATH")}
     gemv_kernels = gemv_tuning.decode_gemv_kernels()
     gemv_configs = {name: k.configs for name, k in gemv_kernels.items()}
     for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w8_g2_s": see the module docstring
@@ -172,7 +172,6 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
             LlamaStepKernel.TAGGED = "tags" in flags
             LlamaStepKernel.LOAD = "noload" not in flags
             LlamaStepKernel.MATH = "nomath" not in flags
-            LlamaStepKernel.PARK = next((int(f[4:]) for f in flags if f[:4] == "park" and f[4:].isdigit()), 3)
             n = next((int(f[1:]) for f in flags if f[:1] == "n" and f[1:].isdigit()), None)
             LlamaStepKernel.SPLIT_PROGRAMS = n and n * model.base_model.layers[0].attn.kvheads
             if gluon_step is not None and "s" in flags:
@@ -227,6 +226,8 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
 
 
 def attention_detail(t, layers: int) -> dict:
+    from avengers.inference.gluon_chain import DETAIL_STAMPS
+
     """The Gluon step's attention phase in steps (us; medians over the programs with an item, then
     means over blocks; *_max: the slowest program): barrier passed -> q, k, v loaded -> keys done ->
     partials stored -> head counter returned -> phase left (the merging program: _max)."""
@@ -234,7 +235,7 @@ def attention_detail(t, layers: int) -> dict:
     rows = []
     for layer in range(layers):
         ph = layer * 5 + 1
-        d = t[:, 2048 + ph]
+        d = t[:, DETAIL_STAMPS + ph]
         ok = d[:, 0] > 0
         marks = torch.stack([t[:, ph, 2], d[:, 0], d[:, 1], d[:, 2], d[:, 3], t[:, ph, 3]], 1)[ok]
         steps = marks[:, 1:] - marks[:, :-1]

@@ -117,7 +117,7 @@ def cases():
         yield f"gluon GEMV chain ({warps} consumer warps)", functools.partial(
             compile_gluon_case, gc.chain_kernel, chain_types,
             dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8, DECODE=False, G=4, HD=128,
-                 BLOCK_S=16, PARK=2), warps, ("NQKV", "D", "HID"))
+                 BLOCK_S=16), warps, ("NQKV", "D", "HID"))
     step_types = {**chain_types, **{n: "*i32" for n in ("X", "Qkv", "H2", "A", "Attn")}}  # tagged rows
     for g, ring, poll in [(2, True, False), (4, True, False), (2, False, False), (2, True, True)] if gc.GLUON_API else ():
         yield (f"gluon decode step ({g} query heads per kv head, keys and values "
@@ -125,8 +125,7 @@ def cases():
                f"{'tags polled' if poll else 'grid barriers'})"), functools.partial(
             _no_hoisted_polls, compile_gluon_case, gc.chain_kernel, step_types,
             dict(STAGES=LlamaStepKernel.STAGES, num_warps=LlamaStepKernel.NUM_WARPS, SYNC=not poll, MATH=True,
-                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll, PARK=LlamaStepKernel.PARK),
-            LlamaStepKernel.NUM_WARPS,
+                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll), LlamaStepKernel.NUM_WARPS,
             ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"))
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(

@@ -150,7 +150,7 @@ def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
     gc.chain(w_d, w2_d, x, ln, ffln, bufs, 2, 48, 1024, 1e-5, 16)
     a = bind.calls[-1]
     assert a["X"] is x and a["Count"] is bufs[3] and (a["n_layers"], a["NQKV"], a["D"], a["HID"]) == (2, 48, 1024, 1024)
-    assert not a["DECODE"] and a["k_d"] is w_d and a["V"] == 0 and a["PARK"] == 2
+    assert not a["DECODE"] and a["k_d"] is w_d and a["V"] == 0
     # 4 programs would each park 64 gate/up row blocks in the kernel's 16 slots: refused before launch
     with pytest.raises(ValueError, match="park 64 gate/up row blocks"):
         gc.chain(w_d, w2_d, x, ln, ffln, bufs, 2, 48, 1024, 1e-5, 4)
@@ -171,7 +171,7 @@ def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
     assert (a["NQ"], a["NK"], a["HKV"], a["S"], a["V"]) == (8 * 128, 2 * 128, 2, cache.layers[0].k.shape[2], 512)
     assert (a["NSPLIT"], a["SPLIT"]) == (b["nsplit"], b["split"]) and a["KV_RING"] and a["G"] == 4
     assert a["SYNC"] and not a["POLL"] and a["Attn"] is b["attn"] and b["count"].numel() == 4 + 2 * 2
-    assert a["PARK"] == LlamaStepKernel.PARK and a["LOAD"] and a["MATH"]
+    assert a["LOAD"] and a["MATH"]
     assert a["DecNormW"] is model.base_model.dec_norm.weight and a["head_eps"] == model.base_model.dec_norm.eps
     assert a["K0"] is cache.layers[0].k and a["KOff"] is b["koff"] and a["k_d"] is b["kv_descriptors"][0]
 

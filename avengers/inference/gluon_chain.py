@@ -69,14 +69,18 @@ def _stamp(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr):
         gl.store(Stamps + (pid * 4096 + ph) * 4 + slot, t)
 
 
+DETAIL_STAMPS = 2048  # Stamps[:, DETAIL_STAMPS + phase]: the attention phase's steps (_stamp_after)
+_DETAIL = gl.constexpr(DETAIL_STAMPS)
+
+
 @gluon.jit
 def _stamp_after(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr, dep):
-    """Stamps[pid, 2048 + ph, slot] = the global timer once `dep` (an int32 scalar computed from the
-    data waited for) is there: the attention phase's detail profile."""
+    """Stamps[pid, DETAIL_STAMPS + ph, slot] = the global timer once `dep` (an int32 scalar computed
+    from the data waited for) is there: the attention phase's detail profile."""
     if ON:
         t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=gl.int64, is_pure=False,
                                       pack=1)
-        gl.store(Stamps + (pid * 4096 + 2048 + ph) * 4 + slot, t)
+        gl.store(Stamps + (pid * 4096 + _DETAIL + ph) * 4 + slot, t)
 
 
 @gluon.jit
@@ -480,7 +484,7 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
               STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
               Logits, DecNormW, V, head_eps, Emb,
               DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
-              KV_RING: gl.constexpr, POLL: gl.constexpr, PARK: gl.constexpr, num_warps: gl.constexpr):
+              KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
     passed, 2 input row in shared memory, 3 phase done."""
     # [row group, row, chunk, column]: a warp reduces whole rows (no cross-warp reduction), 8 columns
@@ -528,20 +532,12 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
             _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
         j = 0
         for rb in range(pid, NQKV // _R, P):
-            if DECODE:
-                if (PARK & 1) == 0:
-                    c, s = _rope_angles(rb, gl.expand_dims(gb, 0), Rope, q_scale, pos, NQ, NK, HD)
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             if DECODE:
-                if PARK & 1:
-                    j = _park(ybuf, j, y)
-                else:
-                    _rope_store(gl.expand_dims(gl.sum(gl.where(ga == 0, y, 0.0), 0), 0),
-                                gl.expand_dims(gl.sum(gl.where(ga == 1, y, 0.0), 0), 0), rb, gl.expand_dims(gb, 0),
-                                c, s, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, _tag(tbase, phase), HD)
+                j = _park(ybuf, j, y)
             else:
                 gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
-        if DECODE and (PARK & 1):
+        if DECODE:
             x0, x1 = _parked(ybuf, LB)
             _rope_store(x0, x1, pb, bb, rope_c, rope_s, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, _tag(tbase, phase), HD)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
@@ -558,7 +554,7 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
                                     ring, ready, empty, i, NQ, NK, _tag(tbase, phase - 1), Count, G, HD, 4,
                                     STAGES, KV_RING, POLL, num_warps, Stamps, pid, phase, ON)
                 gl.thread_barrier()  # every thread's partial is stored before the release below
-                _stamp(Stamps, pid, 2048 + phase, 2, ON)
+                _stamp(Stamps, pid, _DETAIL + phase, 2, ON)
                 arrived = gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel")
                 if ON:
                     _stamp_after(Stamps, pid, phase, 3, ON, arrived)
@@ -589,15 +585,9 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
         j = 0
         for rb in range(pid, 2 * HID // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
-            if PARK & 2:
-                j = _park(ybuf, j, y)
-            else:
-                g = gl.sum(gl.where(ga == 0, y, 0.0), 0)
-                u = gl.sum(gl.where(ga == 1, y, 0.0), 0)
-                _put(A, rb * (_R // 2) + gb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), True, DECODE)
-        if PARK & 2:
-            g, u = _parked(ybuf, LB)
-            _put(A, pb * (_R // 2) + bb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), pb < 2 * HID // _R, DECODE)
+            j = _park(ybuf, j, y)
+        g, u = _parked(ybuf, LB)
+        _put(A, pb * (_R // 2) + bb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), pb < 2 * HID // _R, DECODE)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 4. x = h2 + a @ W2^T
         _enter(xbuf, A, A, HID, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
@@ -634,7 +624,7 @@ def chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
                   HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False,
-                  POLL: gl.constexpr = False, LOAD: gl.constexpr = True, PARK: gl.constexpr = 3):
+                  POLL: gl.constexpr = False, LOAD: gl.constexpr = True):
     P = gl.num_programs(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
     xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -648,7 +638,7 @@ def chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D,
         (_consumer, (ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
                      Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT,
                      SPLIT, STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, Emb, DECODE, G, HD, BLOCK_S, KV_RING,
-                     POLL, PARK, num_warps)),
+                     POLL, num_warps)),
         (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S,
                    NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING, LOAD)),
     ], [1], [40])
@@ -735,5 +725,5 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
                                stamps if stamps is not None else count,
                                none, 1.0, none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0,
                                1, 1, w_d, w_d, 0, w_d, none, none, 0, 0.0, none, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
-                               STAMPS=stamps is not None, PARK=2,
+                               STAMPS=stamps is not None,
                                launch_cooperative_grid=True)

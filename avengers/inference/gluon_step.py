@@ -40,7 +40,6 @@ class LlamaStepKernel:
     MAX_CACHE_TOKENS = 32768
     LOAD = True  # False (timing only): no weight or K/V copies, stale ring stages
     MATH = True  # False (timing only): stages released unread
-    PARK = 3  # epilogues once a phase over parked row blocks: 1 QKV (RoPE), 2 gate/up (SwiGLU)
     SPLIT_PROGRAMS = None  # programs the attention's split plan fills (None: the SMs, rounded to kv heads)
 
     def __init__(self, model):
@@ -215,5 +214,6 @@ class LlamaStepKernel:
             logits, self.dec_norm, self.V, self.head_eps, self.emb,
             STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv, HD=self.d,
             BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None, KV_RING=kv is not None,
-            SYNC=not self.TAGGED, POLL=self.TAGGED, LOAD=self.LOAD, MATH=self.MATH, PARK=self.PARK, launch_cooperative_grid=True)
+            SYNC=not self.TAGGED, POLL=self.TAGGED,
+            LOAD=self.LOAD, MATH=self.MATH, launch_cooperative_grid=True)
         return logits.view(1, 1, -1)
