@@ -14,7 +14,8 @@
    for gluon, the Gluon step kernel's per-phase profile as gpu_gluon_chain_probe.py's `--stamps`;
    gluon's `_p`: keys and values loaded by the consumer warps, not streamed through the ring;
    `_tags`: tagged rows polled between the phases instead of grid barriers; `_n<splits>`: the
-   attention's split plan for that many programs per kv head;
+   attention's split plan for that many programs per kv head; `_f<copies>`: the loader's copies
+   in flight (LlamaStepKernel.INFLIGHT, 0: up to the ring's stages);
    timing only, wrong results: `_noload`, no weight or K/V copies (what the consumer warps alone
    cost), `_nomath`, staged weights released unread; `_s` also times the attention phase's steps,
    `attention_detail`),
@@ -146,7 +147,8 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
     if any(m.startswith("gluon") for m in modes):
         from avengers.inference.gluon_step import LlamaStepKernel
 
-        step_knobs = {k: getattr(LlamaStepKernel, k) for k in ("KV_RING", "TAGGED", "SPLIT_PROGRAMS", "LOAD", "MATH")}
+        step_knobs = {k: getattr(LlamaStepKernel, k) for k in ("KV_RING", "TAGGED", "SPLIT_PROGRAMS", "LOAD", "MATH",
+                                                                "INFLIGHT")}
     gemv_kernels = gemv_tuning.decode_gemv_kernels()
     gemv_configs = {name: k.configs for name, k in gemv_kernels.items()}
     for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w8_g2_s": see the module docstring
@@ -174,6 +176,8 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
             LlamaStepKernel.MATH = "nomath" not in flags
             n = next((int(f[1:]) for f in flags if f[:1] == "n" and f[1:].isdigit()), None)
             LlamaStepKernel.SPLIT_PROGRAMS = n and n * model.base_model.layers[0].attn.kvheads
+            LlamaStepKernel.INFLIGHT = next((int(f[1:]) for f in flags if f[:1] == "f" and f[1:].isdigit()),
+                                            step_knobs["INFLIGHT"])
             if gluon_step is not None and "s" in flags:
                 gluon_step.stamps = torch.zeros(gluon_step.programs, 4096, 4, dtype=torch.int64, device=dev)
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)

@@ -125,7 +125,8 @@ def cases():
                f"{'tags polled' if poll else 'grid barriers'})"), functools.partial(
             _no_hoisted_polls, compile_gluon_case, gc.chain_kernel, step_types,
             dict(STAGES=LlamaStepKernel.STAGES, num_warps=LlamaStepKernel.NUM_WARPS, SYNC=not poll, MATH=True,
-                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll), LlamaStepKernel.NUM_WARPS,
+                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll,
+                 INFLIGHT=LlamaStepKernel.INFLIGHT), LlamaStepKernel.NUM_WARPS,
             ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"))
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield "causal conv forward", functools.partial(

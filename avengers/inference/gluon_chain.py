@@ -5,9 +5,11 @@ Why (docs/benchmarks.md): at batch 1 a Llama step is a chain of GEMVs whose weig
 on the token, but at every kernel (or grid-barrier phase) boundary the weight stream stops until
 the previous phase's output is there. Here it never stops: in every program (one per SM) a
 one-warp loader partition walks the weights of all blocks in step order and copies them with TMA
-into a ring of shared-memory stages, throttled only by free stages, while the consumer warps wait
-at the grid barriers, put their input row into shared memory and reduce the staged weights against
-it. Every weight item is one TMA box of ROWS rows x ITEM_K columns (16 KB in bf16).
+into a ring of shared-memory stages, throttled by free stages (and, INFLIGHT, by the copies not
+yet landed: the decode step keeps two in flight, so that the barriers' atomics do not queue behind
+a deep stream), while the consumer warps wait at the grid barriers, put their input row into
+shared memory and reduce the staged weights against it. Every weight item is one TMA box of ROWS
+rows x ITEM_K columns (16 KB in bf16).
 
 Two entry points share the kernel. `chain` runs the GEMVs alone (the Wo phase reads the q rows of
 the QKV output; `chain_reference` is its torch twin), for benchmarks/gpu_gluon_chain_probe.py.
@@ -84,10 +86,15 @@ def _stamp_after(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr, dep):
 
 
 @gluon.jit
-def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr = True):
-    """Ring position i: wait for its stage to be free, then TMA-copy desc's box at [row, chunk, 0]
-    into it. Returns i + 1."""
+def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr = True,
+          INFLIGHT: gl.constexpr = 0):
+    """Ring position i: wait for its stage to be free (INFLIGHT > 0: and for copy i - INFLIGHT to
+    have landed), then TMA-copy desc's box at [row, chunk, 0] into it. Returns i + 1."""
     s = i % STAGES
+    if INFLIGHT > 0:
+        if i >= INFLIGHT:
+            j = i - INFLIGHT
+            mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
     mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
     if LOAD:
         mbarrier.expect(ready.index(s), _R * _IK * 2)
@@ -98,18 +105,19 @@ def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: g
 
 
 @gluon.jit
-def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr):
+def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr,
+                INFLIGHT: gl.constexpr):
     """This program's row blocks pid, pid + P, ... of one GEMV, K item by K item, into the ring."""
     for rb in range(pid, nrb, P):
         for kc in range(k_items):
-            i = _copy(desc, row0 + rb * _R, kc * _CH, ring, ready, empty, i, STAGES, LOAD)
+            i = _copy(desc, row0 + rb * _R, kc * _CH, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
     return i
 
 
 @gluon.jit
 def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S, NSPLIT,
             SPLIT, V, STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr,
-            LOAD: gl.constexpr):
+            LOAD: gl.constexpr, INFLIGHT: gl.constexpr):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
     order (stamp 0: when the phase's last copy was issued; DECODE: 5 phases a block, the attention
     phase stamped when its keys and values are issued, with KV_RING, else with the QKV copies, and
@@ -124,20 +132,21 @@ def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, 
     for layer in range(n_layers):
         row0 = layer * per_layer
         ph = layer * (4 + DECODE)
-        i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
+        i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
         _stamp(Stamps, pid, ph, 0, STAMPS)
         if DECODE:
             if KV_RING:
-                i = _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES, LOAD)
+                i = _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES, LOAD,
+                             INFLIGHT)
             _stamp(Stamps, pid, ph + 1, 0, STAMPS)
-        i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
+        i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
         _stamp(Stamps, pid, ph + 1 + DECODE, 0, STAMPS)
-        i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
+        i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
         _stamp(Stamps, pid, ph + 2 + DECODE, 0, STAMPS)
-        i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES, LOAD)
+        i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
         _stamp(Stamps, pid, ph + 3 + DECODE, 0, STAMPS)
     if DECODE:  # the LM head
-        i = _load_phase(h_d, 0, V // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD)
+        i = _load_phase(h_d, 0, V // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
         _stamp(Stamps, pid, n_layers * 5, 0, STAMPS)
 
 
@@ -441,7 +450,7 @@ def _attention_item(xbuf, ybuf, Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPL
 
 @gluon.jit
 def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES: gl.constexpr,
-             LOAD: gl.constexpr):
+             LOAD: gl.constexpr, INFLIGHT: gl.constexpr):
     """The loader's share of a block's attention (KV_RING): for this program's items (kv head,
     split), in the consumer's order, 64 keys of K then of V per stage (cache rows viewed as
     [8 keys, 4, 256] boxes; S, the cache length, a multiple of 64)."""
@@ -450,8 +459,8 @@ def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready
         end = gl.minimum(start + SPLIT, length)
         row0 = (layer * HKV + item // NSPLIT) * (S // 8)
         for t0 in range(start, end, 64):
-            i = _copy(k_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD)
-            i = _copy(v_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD)
+            i = _copy(k_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+            i = _copy(v_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
     return i
 
 
@@ -624,7 +633,7 @@ def chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D,
                   STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
                   STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
                   HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False,
-                  POLL: gl.constexpr = False, LOAD: gl.constexpr = True):
+                  POLL: gl.constexpr = False, LOAD: gl.constexpr = True, INFLIGHT: gl.constexpr = 0):
     P = gl.num_programs(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
     xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -640,7 +649,7 @@ def chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D,
                      SPLIT, STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, Emb, DECODE, G, HD, BLOCK_S, KV_RING,
                      POLL, num_warps)),
         (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S,
-                   NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING, LOAD)),
+                   NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING, LOAD, INFLIGHT)),
     ], [1], [40])
 
 

@@ -40,6 +40,10 @@ class LlamaStepKernel:
     MAX_CACHE_TOKENS = 32768
     LOAD = True  # False (timing only): no weight or K/V copies, stale ring stages
     MATH = True  # False (timing only): stages released unread
+    # the loader keeps at most this many copies (16 KB each) in flight: with the ring's 12 allowed,
+    # the grid barriers' atomics and the attention's loads queue behind the stream (H200, llama3_1.8b:
+    # 1.004 vs 1.081 ms at 1k, 1.392 vs 1.466 at 16k; 1 starves the stream: docs/benchmarks.md)
+    INFLIGHT = 2
     SPLIT_PROGRAMS = None  # programs the attention's split plan fills (None: the SMs, rounded to kv heads)
 
     def __init__(self, model):
@@ -215,5 +219,5 @@ class LlamaStepKernel:
             STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv, HD=self.d,
             BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None, KV_RING=kv is not None,
             SYNC=not self.TAGGED, POLL=self.TAGGED,
-            LOAD=self.LOAD, MATH=self.MATH, launch_cooperative_grid=True)
+            LOAD=self.LOAD, MATH=self.MATH, INFLIGHT=self.INFLIGHT, launch_cooperative_grid=True)
         return logits.view(1, 1, -1)
