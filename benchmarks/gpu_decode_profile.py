@@ -155,10 +155,10 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
         base, *flags = mode.split("_")
         set_pdl("pdl" in flags)
         for knob, letter in zip(knobs, "twgd"):
-            value = next((int(f[1:]) for f in flags if f[:1] == letter and f[1:].isdigit()), defaults[knob])
+            value = flag_number(flags, letter, defaults[knob])
             setattr(triton_block, knob, value)
-        triton_decode.ITEMS_PER_SM = next((int(f[1:]) for f in flags if f[:1] == "a" and f[1:].isdigit()), items_per_sm)
-        bk = next((int(f[1:]) for f in flags if f[:1] == "k" and f[1:].isdigit()), None)
+        triton_decode.ITEMS_PER_SM = flag_number(flags, "a", items_per_sm)
+        bk = flag_number(flags, "k")
         for name, kernel in gemv_kernels.items():
             kernel.configs = [c for c in gemv_configs[name] if bk is None or c.kwargs["BK"] == bk] or gemv_configs[name]
             if bk is not None or not keep_gemv_picks:
@@ -174,10 +174,9 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
             LlamaStepKernel.TAGGED = "tags" in flags
             LlamaStepKernel.LOAD = "noload" not in flags
             LlamaStepKernel.MATH = "nomath" not in flags
-            n = next((int(f[1:]) for f in flags if f[:1] == "n" and f[1:].isdigit()), None)
+            n = flag_number(flags, "n")
             LlamaStepKernel.SPLIT_PROGRAMS = n and n * model.base_model.layers[0].attn.kvheads
-            LlamaStepKernel.INFLIGHT = next((int(f[1:]) for f in flags if f[:1] == "f" and f[1:].isdigit()),
-                                            step_knobs["INFLIGHT"])
+            LlamaStepKernel.INFLIGHT = flag_number(flags, "f", step_knobs["INFLIGHT"])
             if gluon_step is not None and "s" in flags:
                 gluon_step.stamps = torch.zeros(gluon_step.programs, 4096, 4, dtype=torch.int64, device=dev)
         cache = model.allocate_cache(1, context, dev, torch.bfloat16)
@@ -227,6 +226,11 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
         kernel.configs = gemv_configs[name]
     triton_block.STAMPS = None
     return rows
+
+
+def flag_number(flags: list[str], letter: str, default=None):
+    """n of a mode's flag `<letter><n>` (e.g. "t16384" for "t"), else default."""
+    return next((int(f[1:]) for f in flags if f[:1] == letter and f[1:].isdigit()), default)
 
 
 def attention_detail(t, layers: int) -> dict:

@@ -6,8 +6,8 @@ on the token, but at every kernel (or grid-barrier phase) boundary the weight st
 the previous phase's output is there. Here it never stops: in every program (one per SM) a
 one-warp loader partition walks the weights of all blocks in step order and copies them with TMA
 into a ring of shared-memory stages, throttled by free stages (and, INFLIGHT, by the copies not
-yet landed: the decode step keeps two in flight, so that the barriers' atomics do not queue behind
-a deep stream), while the consumer warps wait at the grid barriers, put their input row into
+yet landed: the decode step keeps LlamaStepKernel.INFLIGHT in flight, so that the barriers'
+atomics do not queue behind a deep stream), while the consumer warps wait at the grid barriers, put their input row into
 shared memory and reduce the staged weights against it. Every weight item is one TMA box of ROWS
 rows x ITEM_K columns (16 KB in bf16).
 
