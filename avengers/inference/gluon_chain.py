@@ -7,9 +7,9 @@ the previous phase's output is there. Here it never stops: in every program (one
 one-warp loader partition walks the weights of all blocks in step order and copies them with TMA
 into a ring of shared-memory stages, throttled by free stages (and, INFLIGHT, by the copies not
 yet landed: the decode step keeps LlamaStepKernel.INFLIGHT in flight, so that the barriers'
-atomics do not queue behind a deep stream), while the consumer warps wait at the grid barriers, put their input row into
-shared memory and reduce the staged weights against it. Every weight item is one TMA box of ROWS
-rows x ITEM_K columns (16 KB in bf16).
+atomics do not queue behind a deep stream), while the consumer warps wait at the grid barriers,
+put their input row into shared memory and reduce the staged weights against it. Every weight
+item is one TMA box of ROWS rows x ITEM_K columns (16 KB in bf16).
 
 Two entry points share the kernel. `chain` runs the GEMVs alone (the Wo phase reads the q rows of
 the QKV output; `chain_reference` is its torch twin), for benchmarks/gpu_gluon_chain_probe.py.
