@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-triton install gpu-install clean
+.PHONY: demo test test-triton test-gpu lint format install gpu-install clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt pytest
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -28,6 +28,18 @@ test: $(STAMP)
 test-triton: $(STAMP)
 	test -d .triton-site || $(PY) -m pip install -q --no-deps --target .triton-site triton
 	TRITON_INTERPRET=1 PYTHONPATH=.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_inference_triton.py tests/test_causal_conv_triton.py tests/test_triton_gemv.py tests/test_triton_block.py tests/test_stream_read.py tests/test_decode_attention_bench.py tests/test_gemv_tuning.py tests/test_sm90_compile.py tests/test_gluon_chain.py
+
+# Every gpu-marked test; run on a CUDA host after `make gpu-install`.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 gpu-install: $(STAMP)
 	$(PY) -m pip install -q packaging ninja

@@ -15,7 +15,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Union
 
@@ -52,7 +52,7 @@ class TrainConfig:
     # --- parallelism (fms-fsdp) ---
     sharding_strategy: str = "hsdp"
     fsdp_activation_checkpointing: bool = False
-    selective_checkpointing: Union[float, str] = 1  # a fraction of blocks, e.g. 1/3 (parsed, never eval'd)
+    selective_checkpointing: float | str = 1  # a fraction of blocks, e.g. 1/3 (parsed, never eval'd)
     mixed_precision: bool = True  # GPU only: bf16 params/compute, fp32 master weights and reductions
     low_cpu_fsdp: bool = False  # build on the meta device, materialise shards, then init_weights
     # --- training (fms-fsdp) ---
@@ -130,9 +130,7 @@ def parse_fraction(value: Any) -> float:
     try:
         return float(Fraction(str(value).strip()))
     except (ValueError, ZeroDivisionError):
-        raise ConfigError(
-            f"selective_checkpointing={value!r}: expected a fraction such as 1, 0.5 or 1/3"
-        ) from None
+        raise ConfigError(f"selective_checkpointing={value!r}: expected a fraction such as 1, 0.5 or 1/3") from None
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -264,16 +262,30 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
         spec = get_model_spec(cfg.model_variant)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    need(cfg.sharding_strategy in SHARDING_STRATEGIES,
-         f"sharding_strategy={cfg.sharding_strategy!r}: expected one of {', '.join(SHARDING_STRATEGIES)}")
-    need(cfg.training_stage in TRAINING_STAGES,
-         f"training_stage={cfg.training_stage!r}: expected one of {', '.join(TRAINING_STAGES)}")
-    need(cfg.tracker is None or cfg.tracker in TRACKERS,
-         f"tracker={cfg.tracker!r}: expected None or one of {', '.join(TRACKERS)}")
+    need(
+        cfg.sharding_strategy in SHARDING_STRATEGIES,
+        f"sharding_strategy={cfg.sharding_strategy!r}: expected one of {', '.join(SHARDING_STRATEGIES)}",
+    )
+    need(
+        cfg.training_stage in TRAINING_STAGES,
+        f"training_stage={cfg.training_stage!r}: expected one of {', '.join(TRAINING_STAGES)}",
+    )
+    need(
+        cfg.tracker is None or cfg.tracker in TRACKERS,
+        f"tracker={cfg.tracker!r}: expected None or one of {', '.join(TRACKERS)}",
+    )
     need(cfg.file_type in FILE_TYPES, f"file_type={cfg.file_type!r}: expected one of {', '.join(FILE_TYPES)}")
     need(cfg.device in DEVICES, f"device={cfg.device!r}: expected one of {', '.join(DEVICES)}")
-    for name in ("batch_size", "num_steps", "seq_length", "report_interval", "checkpoint_interval",
-                 "grad_accum_steps", "logical_shards", "compile_cache_size_limit"):
+    for name in (
+        "batch_size",
+        "num_steps",
+        "seq_length",
+        "report_interval",
+        "checkpoint_interval",
+        "grad_accum_steps",
+        "logical_shards",
+        "compile_cache_size_limit",
+    ):
         need(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)}: expected an integer >= 1")
     for name in ("num_workers", "ckpt_keep_last", "shuffle_buffer", "min_doc_length"):
         need(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)}: expected an integer >= 0")
@@ -284,29 +296,41 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
         need(0 <= getattr(cfg, name) < 1, f"{name}={getattr(cfg, name)}: expected a number in [0, 1)")
     need(cfg.adam_eps > 0, f"adam_eps={cfg.adam_eps}: expected a positive number")
     if cfg.warmup_steps is not None:
-        need(0 <= cfg.warmup_steps <= cfg.num_steps,
-             f"warmup_steps={cfg.warmup_steps}: expected None or an integer in [0, num_steps={cfg.num_steps}]")
+        need(
+            0 <= cfg.warmup_steps <= cfg.num_steps,
+            f"warmup_steps={cfg.warmup_steps}: expected None or an integer in [0, num_steps={cfg.num_steps}]",
+        )
     if cfg.stop_at_step is not None:
-        need(1 <= cfg.stop_at_step <= cfg.num_steps,
-             f"stop_at_step={cfg.stop_at_step}: expected None or an integer in [1, num_steps={cfg.num_steps}]")
+        need(
+            1 <= cfg.stop_at_step <= cfg.num_steps,
+            f"stop_at_step={cfg.stop_at_step}: expected None or an integer in [1, num_steps={cfg.num_steps}]",
+        )
     parse_fraction(cfg.selective_checkpointing)
     if cfg.vocab_size is not None:
-        need(1 <= cfg.vocab_size <= spec.vocab_size,
-             f"vocab_size={cfg.vocab_size}: the dummy data must fit model_variant {cfg.model_variant!r}'s "
-             f"vocabulary of {spec.vocab_size} (use a value in [1, {spec.vocab_size}] or None)")
+        need(
+            1 <= cfg.vocab_size <= spec.vocab_size,
+            f"vocab_size={cfg.vocab_size}: the dummy data must fit model_variant {cfg.model_variant!r}'s "
+            f"vocabulary of {spec.vocab_size} (use a value in [1, {spec.vocab_size}] or None)",
+        )
     if cfg.hsdp_shard_size is not None:
-        need(cfg.hsdp_shard_size >= 1 and world_size % cfg.hsdp_shard_size == 0,
-             f"hsdp_shard_size={cfg.hsdp_shard_size}: expected a divisor of the world size {world_size}")
+        need(
+            cfg.hsdp_shard_size >= 1 and world_size % cfg.hsdp_shard_size == 0,
+            f"hsdp_shard_size={cfg.hsdp_shard_size}: expected a divisor of the world size {world_size}",
+        )
     elif cfg.sharding_strategy == "hsdp" and local_world_size:
-        need(world_size % local_world_size == 0,
-             f"sharding_strategy=hsdp: world size {world_size} is not a multiple of the processes per node "
-             f"{local_world_size}; set hsdp_shard_size to a divisor of {world_size}")
+        need(
+            world_size % local_world_size == 0,
+            f"sharding_strategy=hsdp: world size {world_size} is not a multiple of the processes per node "
+            f"{local_world_size}; set hsdp_shard_size to a divisor of {world_size}",
+        )
     if not cfg.use_dummy_dataset:
         datasets, weights = _csv(cfg.datasets), _csv(cfg.weights)
         if weights and datasets:
-            need(len(weights) == len(datasets),
-                 f"weights={cfg.weights!r} has {len(weights)} values but datasets={cfg.datasets!r} names "
-                 f"{len(datasets)}: give one weight per dataset (or weights=None for equal weights)")
+            need(
+                len(weights) == len(datasets),
+                f"weights={cfg.weights!r} has {len(weights)} values but datasets={cfg.datasets!r} names "
+                f"{len(datasets)}: give one weight per dataset (or weights=None for equal weights)",
+            )
         for w in weights:
             try:
                 ok = float(w) >= 0
@@ -316,10 +340,14 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
         if weights:
             need(sum(float(w) for w in weights) > 0, f"weights={cfg.weights!r}: at least one weight must be > 0")
         loaders = world_size * max(cfg.num_workers, 1)
-        need(cfg.logical_shards % loaders == 0,
-             f"logical_shards={cfg.logical_shards} is not divisible by world size x max(num_workers, 1) = "
-             f"{world_size} x {max(cfg.num_workers, 1)} = {loaders}; use a multiple of {loaders}")
+        need(
+            cfg.logical_shards % loaders == 0,
+            f"logical_shards={cfg.logical_shards} is not divisible by world size x max(num_workers, 1) = "
+            f"{world_size} x {max(cfg.num_workers, 1)} = {loaders}; use a multiple of {loaders}",
+        )
         for name in ("bos_token", "eos_token", "bol_token", "eol_token"):
             tok = getattr(cfg, name)
-            need(tok is None or 0 <= tok < spec.vocab_size,
-                 f"{name}={tok}: expected None or a token id in [0, {spec.vocab_size})")
+            need(
+                tok is None or 0 <= tok < spec.vocab_size,
+                f"{name}={tok}: expected None or a token id in [0, {spec.vocab_size})",
+            )

@@ -17,15 +17,21 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-TELE11 = ("arc_challenge,arc_easy,boolq,copa,hellaswag,openbookqa,piqa,sciq,winogrande,"
-          "truthfulqa_mc2,social_iqa")
+TELE11 = "arc_challenge,arc_easy,boolq,copa,hellaswag,openbookqa,piqa,sciq,winogrande,truthfulqa_mc2,social_iqa"
 
 
 class AvengersLM(LM):
     """lm-eval model adapter over a model that follows the registry contract plus an HF tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int, batch_size: int = 8,
-                 device: str | torch.device = "cpu", add_bos: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_length: int,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        add_bos: int | None = None,
+    ):
         super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -48,20 +54,19 @@ class AvengersLM(LM):
         """Sum of log p(continuation | context) and whether it is the greedy continuation."""
         results: list[tuple[float, bool]] = []
         for start in range(0, len(pairs), self.batch_size):
-            batch = pairs[start:start + self.batch_size]
-            seqs = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in batch]
+            batch = pairs[start : start + self.batch_size]
+            seqs = [(ctx + cont)[-(self.max_length + 1) :] for ctx, cont in batch]
             width = max(len(s) for s in seqs) - 1
             inputs = torch.zeros(len(seqs), width, dtype=torch.long)
             for i, s in enumerate(seqs):
-                inputs[i, :len(s) - 1] = torch.tensor(s[:-1])  # right padding: causal, so harmless
+                inputs[i, : len(s) - 1] = torch.tensor(s[:-1])  # right padding: causal, so harmless
             logprobs = F.log_softmax(self.model(inputs.to(self._device)).float(), dim=-1).cpu()
             for i, ((_, cont), s) in enumerate(zip(batch, seqs)):
                 n = len(cont)
                 pos = torch.arange(len(s) - 1 - n, len(s) - 1)
                 target = torch.tensor(s[-n:])
                 lp = logprobs[i, pos]
-                results.append((lp.gather(-1, target[:, None]).sum().item(),
-                                bool((lp.argmax(-1) == target).all())))
+                results.append((lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
         return results
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -99,11 +104,15 @@ class AvengersLM(LM):
             until = gen_kwargs.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            ids = self._encode(context)[-(self.max_length - max_new):] or self._prefix()
+            ids = self._encode(context)[-(self.max_length - max_new) :] or self._prefix()
             prompt = torch.tensor([ids], device=self._device)
-            new = generate(self.model, prompt, max_new_tokens=max_new,
-                           temperature=float(gen_kwargs.get("temperature", 0.0)),
-                           eos_token_id=self.tokenizer.eos_token_id)[0, len(ids):]
+            new = generate(
+                self.model,
+                prompt,
+                max_new_tokens=max_new,
+                temperature=float(gen_kwargs.get("temperature", 0.0)),
+                eos_token_id=self.tokenizer.eos_token_id,
+            )[0, len(ids) :]
             text = self.tokenizer.decode(new.tolist(), skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop)[0]
@@ -111,9 +120,17 @@ class AvengersLM(LM):
         return out
 
 
-def evaluate(ckpt: str, tasks: str = TELE11, batch_size: int = 8, num_fewshot: int | None = None,
-             limit: int | None = None, device: str | None = None, tokenizer: str | None = None,
-             include_path: str | None = None, output: str | None = None) -> dict:
+def evaluate(
+    ckpt: str,
+    tasks: str = TELE11,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    tokenizer: str | None = None,
+    include_path: str | None = None,
+    output: str | None = None,
+) -> dict:
     """Score a checkpoint with lm-eval; writes `<ckpt>/eval/results.json` unless `output` is given."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -127,12 +144,25 @@ def evaluate(ckpt: str, tasks: str = TELE11, batch_size: int = 8, num_fewshot: i
     tok = AutoTokenizer.from_pretrained(tokenizer or cfg.tokenizer_path)
     if device != "cpu":
         model = model.to(torch.bfloat16)
-    lm = AvengersLM(model, tok, max_length=cfg.seq_length, batch_size=batch_size, device=device,
-                    add_bos=cfg.bos_token if cfg.bos_token is not None else cfg.eos_token)
-    results = lm_eval.simple_evaluate(model=lm, tasks=task_list, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=TaskManager(include_path=include_path))
-    summary = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-               for task, metrics in results["results"].items()}
+    lm = AvengersLM(
+        model,
+        tok,
+        max_length=cfg.seq_length,
+        batch_size=batch_size,
+        device=device,
+        add_bos=cfg.bos_token if cfg.bos_token is not None else cfg.eos_token,
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=task_list,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=TaskManager(include_path=include_path),
+    )
+    summary = {
+        task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for task, metrics in results["results"].items()
+    }
     output = output or os.path.join(ckpt, "eval", "results.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:

@@ -45,17 +45,19 @@ def llama_to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         src, dst = f"base_model.layers.{i}.", f"model.layers.{i}."
         q, k, v = sd[src + "attn.in_proj.qkv_fused.weight"].split([q_rows, kv_rows, kv_rows])
         gate, up = sd[src + "ff_sub_layer.wg1_fused.weight"].split([hidden, hidden])
-        out.update({
-            dst + "self_attn.q_proj.weight": _fms_to_hf_rope(q, head_dim),
-            dst + "self_attn.k_proj.weight": _fms_to_hf_rope(k, head_dim),
-            dst + "self_attn.v_proj.weight": v,
-            dst + "self_attn.o_proj.weight": sd[src + "attn.dense.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": sd[src + "ff_sub_layer.w2.weight"],
-            dst + "input_layernorm.weight": sd[src + "ln.weight"],
-            dst + "post_attention_layernorm.weight": sd[src + "ff_ln.weight"],
-        })
+        out.update(
+            {
+                dst + "self_attn.q_proj.weight": _fms_to_hf_rope(q, head_dim),
+                dst + "self_attn.k_proj.weight": _fms_to_hf_rope(k, head_dim),
+                dst + "self_attn.v_proj.weight": v,
+                dst + "self_attn.o_proj.weight": sd[src + "attn.dense.weight"],
+                dst + "mlp.gate_proj.weight": gate,
+                dst + "mlp.up_proj.weight": up,
+                dst + "mlp.down_proj.weight": sd[src + "ff_sub_layer.w2.weight"],
+                dst + "input_layernorm.weight": sd[src + "ln.weight"],
+                dst + "post_attention_layernorm.weight": sd[src + "ff_ln.weight"],
+            }
+        )
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -83,8 +85,14 @@ def llama_hf_config(model: torch.nn.Module, bos_token_id: int | None, eos_token_
     )
 
 
-def export_llama_to_hf(model: torch.nn.Module, out_dir: str, *, bos_token_id: int | None = None,
-                       eos_token_id: int | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
+def export_llama_to_hf(
+    model: torch.nn.Module,
+    out_dir: str,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> str:
     from transformers import LlamaForCausalLM
 
     hf_config = llama_hf_config(model, bos_token_id, eos_token_id)

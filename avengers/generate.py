@@ -68,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model_variant", help="registry variant with random weights")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
     p.add_argument("--prompt_ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (default: the checkpoint's tokenizer_path)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer.json or a folder holding one (default: the checkpoint's tokenizer_path)"
+    )
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None)
@@ -79,20 +81,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--cuda_graph", action="store_true", help="replay the decode step from a CUDA graph")
-    p.add_argument("--fused_decode", choices=FUSED_DECODE_MODES, default="off",
-                   help="decode-step path (docs/inference.md): inductor = torch.compile'd Llama blocks, "
-                        "telescoping steps and Mamba-2 conv steps; triton = fused Triton GEMVs (CUDA, batch 1; "
-                        "larger batches as inductor)")
+    p.add_argument(
+        "--fused_decode",
+        choices=FUSED_DECODE_MODES,
+        default="off",
+        help="decode-step path (docs/inference.md): inductor = torch.compile'd Llama blocks, "
+        "telescoping steps and Mamba-2 conv steps; triton = fused Triton GEMVs (CUDA, batch 1; "
+        "larger batches as inductor)",
+    )
     p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_ids:
         p.error("give at least one --prompt or --prompt_ids")
     if args.compile:
         args.fused_decode = "inductor"
-    if (args.fused_decode in ("triton", "persistent", "gluon") and not args.device.startswith("cuda")
-            and os.environ.get("TRITON_INTERPRET") != "1"):
-        p.error(f"--fused_decode {args.fused_decode} runs Triton kernels: it needs a CUDA --device "
-                f"(or TRITON_INTERPRET=1 and triton installed), got --device {args.device}")
+    if (
+        args.fused_decode in ("triton", "persistent", "gluon")
+        and not args.device.startswith("cuda")
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
+        p.error(
+            f"--fused_decode {args.fused_decode} runs Triton kernels: it needs a CUDA --device "
+            f"(or TRITON_INTERPRET=1 and triton installed), got --device {args.device}"
+        )
     return args
 
 
@@ -100,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, tokenizer, bos, eos = load(args)
     if args.prompt and tokenizer is None:
-        raise SystemExit("--prompt needs a tokenizer: pass --tokenizer or a --ckpt whose config has tokenizer_path "
-                         "(or give token ids with --prompt_ids)")
+        raise SystemExit(
+            "--prompt needs a tokenizer: pass --tokenizer or a --ckpt whose config has tokenizer_path "
+            "(or give token ids with --prompt_ids)"
+        )
     eos = None if args.no_eos else (args.eos_token_id if args.eos_token_id is not None else eos)
     prompts: list[tuple[str, list[int]]] = []
     for text in args.prompt:
@@ -125,8 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     with fused_decode(args.fused_decode):
         for length, idx in by_len.items():  # one batch per prompt length: no padding (see generate's docstring)
             batch = torch.tensor([prompts[i][1] for i in idx], dtype=torch.long, device=args.device)
-            out = generate(model, batch, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos,
-                           generator=gen, cuda_graph=args.cuda_graph)
+            out = generate(
+                model,
+                batch,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                eos,
+                generator=gen,
+                cuda_graph=args.cuda_graph,
+            )
             for row, i in zip(out.tolist(), idx):
                 results[i] = row[length:]
     for i, (prompt, _) in enumerate(prompts):

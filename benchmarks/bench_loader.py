@@ -48,8 +48,13 @@ def measure(cfg, seconds: float) -> dict:
         x, y = next(it)
         n += x.numel()
     dt = time.perf_counter() - t1
-    return {"num_workers": cfg.num_workers, "shuffle_buffer": cfg.shuffle_buffer, "first_batch_s": round(first, 3),
-            "tokens_per_s": round(n / dt), "batches": n // x.numel()}
+    return {
+        "num_workers": cfg.num_workers,
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "first_batch_s": round(first, 3),
+        "tokens_per_s": round(n / dt),
+        "batches": n // x.numel(),
+    }
 
 
 def main() -> None:
@@ -64,10 +69,25 @@ def main() -> None:
         t = time.perf_counter()
         write_corpus(root, a.tokens)
         print(f"corpus: {a.tokens / 1e6:.0f}M tokens written in {time.perf_counter() - t:.1f} s")
-        base = dict(data_path=str(root), file_type="arrow", col_name="tokens", tokenizer_path=None,
-                    datasets="web,books", weights="3,1", seq_length=4096, vocab_size=128_256, bos_token=None,
-                    eos_token=128_000, bol_token=None, eol_token=None, strip_tokens="", logical_shards=64,
-                    seed=2023, batch_size=2, min_doc_length=3)
+        base = dict(
+            data_path=str(root),
+            file_type="arrow",
+            col_name="tokens",
+            tokenizer_path=None,
+            datasets="web,books",
+            weights="3,1",
+            seq_length=4096,
+            vocab_size=128_256,
+            bos_token=None,
+            eos_token=128_000,
+            bol_token=None,
+            eol_token=None,
+            strip_tokens="",
+            logical_shards=64,
+            seed=2023,
+            batch_size=2,
+            min_doc_length=3,
+        )
         results = []
         for nw in (int(w) for w in a.workers.split(",")):
             for buf in (0, 1000):
@@ -75,8 +95,10 @@ def main() -> None:
                 validate_data_config(cfg, 1, 128_256)
                 r = measure(cfg, a.seconds)
                 results.append(r)
-                print(f"num_workers={nw} shuffle_buffer={buf:5d}: {r['tokens_per_s'] / 1e6:6.2f} M tokens/s per rank "
-                      f"(first batch {r['first_batch_s']:.2f} s)")
+                print(
+                    f"num_workers={nw} shuffle_buffer={buf:5d}: {r['tokens_per_s'] / 1e6:6.2f} M tokens/s per rank "
+                    f"(first batch {r['first_batch_s']:.2f} s)"
+                )
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "loader.json"), "w") as f:
         json.dump({"seq_length": 4096, "batch_size": 2, "results": results}, f, indent=1)

@@ -74,11 +74,15 @@ def main() -> None:
     a = p.parse_args()
     docs = texts() * a.repeat
     mb = sum(len(t.encode()) for t in docs) / 1e6
+
     def raw_once() -> tuple[int, float, float]:
         tok = load_tokenizer(a.tokenizer)  # fresh, like prepare's: BPE's word cache starts empty
         t, c = time.perf_counter(), cpu_seconds()
-        n = sum(len(e.ids) for i in range(0, len(docs), 256)
-                for e in tok.encode_batch_fast(docs[i:i + 256], add_special_tokens=False))
+        n = sum(
+            len(e.ids)
+            for i in range(0, len(docs), 256)
+            for e in tok.encode_batch_fast(docs[i : i + 256], add_special_tokens=False)
+        )
         return n, n / (time.perf_counter() - t), n / (cpu_seconds() - c)
 
     n_raw = raw_once()[0]
@@ -95,15 +99,31 @@ def main() -> None:
             _, wall, cpu = raw_once()
             best["raw"], best["raw_cpu"] = max(best["raw"], wall), max(best["raw_cpu"], cpu)
             for workers in cores:
-                args = build_parser().parse_args(["--source", "local", "--input", str(src), "--output",
-                                                  str(Path(tmp) / f"out{workers}"), "--dataset", "bench",
-                                                  "--tokenizer", a.tokenizer, "--workers", str(workers),
-                                                  "--docs_per_shard", str(max(1, len(docs) // (4 * workers))),
-                                                  "--overwrite", "--quiet"])
+                args = build_parser().parse_args(
+                    [
+                        "--source",
+                        "local",
+                        "--input",
+                        str(src),
+                        "--output",
+                        str(Path(tmp) / f"out{workers}"),
+                        "--dataset",
+                        "bench",
+                        "--tokenizer",
+                        a.tokenizer,
+                        "--workers",
+                        str(workers),
+                        "--docs_per_shard",
+                        str(max(1, len(docs) // (4 * workers))),
+                        "--overwrite",
+                        "--quiet",
+                    ]
+                )
                 timed: list[TimedTokenizer] = []
                 if workers == 1:  # in-process: measure the tokenizer's share of prepare's own CPU time
-                    prepare_mod.load_tokenizer = lambda spec: timed.append(TimedTokenizer(load_tokenizer(spec))) \
-                        or timed[-1]
+                    prepare_mod.load_tokenizer = lambda spec: (
+                        timed.append(TimedTokenizer(load_tokenizer(spec))) or timed[-1]
+                    )
                 t, c = time.perf_counter(), cpu_seconds()
                 stats = prepare(args)
                 dt, dc = time.perf_counter() - t, cpu_seconds() - c
@@ -116,19 +136,25 @@ def main() -> None:
                 best[f"w{workers}_cpu"] = max(best.get(f"w{workers}_cpu", 0.0), n / dc)
     raw, raw_cpu = best["raw"], best["raw_cpu"]
     res["raw_tokens_per_s_1core"], res["raw_tokens_per_cpu_s"] = round(raw), round(raw_cpu)
-    print(f"raw tokenizers encode_batch_fast, 1 core: {raw / 1e6:.3f} M tokens/s wall, "
-          f"{raw_cpu / 1e6:.3f} M tokens per CPU-second")
+    print(
+        f"raw tokenizers encode_batch_fast, 1 core: {raw / 1e6:.3f} M tokens/s wall, "
+        f"{raw_cpu / 1e6:.3f} M tokens per CPU-second"
+    )
     res["prepare_workers1_tokenizer_share_of_cpu"] = round(best["share"], 3)
-    print(f"prepare --workers 1 spends {best['share']:.1%} of its CPU time inside encode_batch_fast "
-          f"(= its speed relative to raw encoding on one core, measured within one run)")
+    print(
+        f"prepare --workers 1 spends {best['share']:.1%} of its CPU time inside encode_batch_fast "
+        f"(= its speed relative to raw encoding on one core, measured within one run)"
+    )
     for workers in cores:
         r, rc = best[f"w{workers}"], best[f"w{workers}_cpu"]
         res[f"prepare_workers{workers}_tokens_per_s"] = round(r)
         res[f"prepare_workers{workers}_tokens_per_cpu_s"] = round(rc)
         res[f"prepare_workers{workers}_per_core_ratio_wall"] = round(r / workers / raw, 3)
         res[f"prepare_workers{workers}_per_core_ratio_cpu"] = round(rc / raw_cpu, 3)
-        print(f"prepare --workers {workers}: {r / 1e6:.3f} M tokens/s wall = {r / workers / raw:.2f}x raw per core; "
-              f"{rc / 1e6:.3f} M tokens per CPU-second = {rc / raw_cpu:.2f}x raw")
+        print(
+            f"prepare --workers {workers}: {r / 1e6:.3f} M tokens/s wall = {r / workers / raw:.2f}x raw per core; "
+            f"{rc / 1e6:.3f} M tokens per CPU-second = {rc / raw_cpu:.2f}x raw"
+        )
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "prepare.json"), "w") as f:
         json.dump(res, f, indent=1)

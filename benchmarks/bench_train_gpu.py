@@ -50,8 +50,9 @@ def bare_loop(spec, device, batch: int, seq: int, warmup: int, steps: int, compi
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda" or None
+    )
     x = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
     inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
@@ -77,17 +78,30 @@ def bare_loop(spec, device, batch: int, seq: int, warmup: int, steps: int, compi
     return batch * seq * steps / elapsed
 
 
-def trainer_run(variant: str, batch: int, seq: int, warmup: int, steps: int, compile_blocks: bool,
-                device: str) -> tuple[float, dict]:
+def trainer_run(
+    variant: str, batch: int, seq: int, warmup: int, steps: int, compile_blocks: bool, device: str
+) -> tuple[float, dict]:
     """Tokens/s/GPU of the trainer over the reports after the warm-up window."""
     from avengers.train.trainer import train
 
     run = tempfile.mkdtemp(prefix="bench_train_")
-    cfg = make_config(model_variant=variant, use_dummy_dataset=True, batch_size=batch, seq_length=seq,
-                      num_steps=warmup + steps, report_interval=warmup if steps % warmup == 0 else steps,
-                      checkpoint_interval=10**9, save_final_checkpoint=False, use_torch_compile=compile_blocks,
-                      sharding_strategy="fsdp", ckpt_save_path=run, device=device, learning_rate=3e-4,
-                      num_workers=0, low_cpu_fsdp=True)
+    cfg = make_config(
+        model_variant=variant,
+        use_dummy_dataset=True,
+        batch_size=batch,
+        seq_length=seq,
+        num_steps=warmup + steps,
+        report_interval=warmup if steps % warmup == 0 else steps,
+        checkpoint_interval=10**9,
+        save_final_checkpoint=False,
+        use_torch_compile=compile_blocks,
+        sharding_strategy="fsdp",
+        ckpt_save_path=run,
+        device=device,
+        learning_rate=3e-4,
+        num_workers=0,
+        low_cpu_fsdp=True,
+    )
     if steps % warmup != 0:
         raise SystemExit(f"--steps={steps} must be a multiple of --warmup={warmup} (the trainer's report window)")
     train(cfg)
@@ -131,19 +145,37 @@ def main() -> None:
     t_bare = time.perf_counter() - t0
     print(f"bare loop: {bare:,.0f} tokens/s/GPU, MFU {_pct(mfu(flops, bare, peak))} ({t_bare:.0f} s)", flush=True)
     t0 = time.perf_counter()
-    trainer, last = trainer_run(args.variant, args.batch_size, args.seq_length, args.warmup, args.steps,
-                                compile_blocks, "cuda" if device.type == "cuda" else "cpu")
+    trainer, last = trainer_run(
+        args.variant,
+        args.batch_size,
+        args.seq_length,
+        args.warmup,
+        args.steps,
+        compile_blocks,
+        "cuda" if device.type == "cuda" else "cpu",
+    )
     t_trainer = time.perf_counter() - t0
     print(f"trainer:   {trainer:,.0f} tokens/s/GPU, MFU {_pct(mfu(flops, trainer, peak))} ({t_trainer:.0f} s)")
     print(f"trainer / bare = {trainer / bare:.3f}")
     result = {
-        "variant": args.variant, "batch_size": args.batch_size, "seq_length": args.seq_length,
-        "warmup_steps": args.warmup, "timed_steps": args.steps, "compile": compile_blocks,
-        "mixed_precision_bf16": mixed, "device": torch.cuda.get_device_name(device) if mixed else "cpu",
-        "torch": torch.__version__, "flops_per_token": flops, "peak_flops": peak,
+        "variant": args.variant,
+        "batch_size": args.batch_size,
+        "seq_length": args.seq_length,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "compile": compile_blocks,
+        "mixed_precision_bf16": mixed,
+        "device": torch.cuda.get_device_name(device) if mixed else "cpu",
+        "torch": torch.__version__,
+        "flops_per_token": flops,
+        "peak_flops": peak,
         "bare": {"tokens_per_s_per_gpu": bare, "mfu": mfu(flops, bare, peak), "wall_s": t_bare},
-        "trainer": {"tokens_per_s_per_gpu": trainer, "mfu": mfu(flops, trainer, peak), "wall_s": t_trainer,
-                    "last_report": last},
+        "trainer": {
+            "tokens_per_s_per_gpu": trainer,
+            "mfu": mfu(flops, trainer, peak),
+            "wall_s": t_trainer,
+            "last_report": last,
+        },
         "trainer_over_bare": trainer / bare,
     }
     os.makedirs(args.out, exist_ok=True)

@@ -47,15 +47,54 @@ def attention_call(q, k, v, length, nsplit: int, block: int, warps: int, stages:
 
     def partial():
         td._partial_kernel.fn[(B * Hkv, nsplit)](
-            q, k, v, length, acc, m, l_sum, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), Hkv, G, split, nsplit, D**-0.5, D=D,
-            BLOCK_G=max(16, triton.next_power_of_2(G)), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0, GDC=False, BLOCK=block,
-            num_warps=warps, num_stages=stages)
+            q,
+            k,
+            v,
+            length,
+            acc,
+            m,
+            l_sum,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            Hkv,
+            G,
+            split,
+            nsplit,
+            D**-0.5,
+            D=D,
+            BLOCK_G=max(16, triton.next_power_of_2(G)),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DYNAMIC_BOUND=not interpret,
+            STATIC_SPAN=split if interpret else 0,
+            GDC=False,
+            BLOCK=block,
+            num_warps=warps,
+            num_stages=stages,
+        )
 
     def merge():
-        td._merge_kernel[(B * H,)](acc, m, l_sum, out, out.stride(0), out.stride(1), Hkv, G, nsplit, D=D,
-                                   BLOCK_S=triton.next_power_of_2(nsplit), GDC=False, num_warps=4)
+        td._merge_kernel[(B * H,)](
+            acc,
+            m,
+            l_sum,
+            out,
+            out.stride(0),
+            out.stride(1),
+            Hkv,
+            G,
+            nsplit,
+            D=D,
+            BLOCK_S=triton.next_power_of_2(nsplit),
+            GDC=False,
+            num_warps=4,
+        )
+
     return {"partial": partial, "merge": merge, "out": out, "nsplit": nsplit, "split": split}
 
 
@@ -63,8 +102,13 @@ def context_part(cfg, context: int, batch: int, layers: int, sms: int, args) -> 
     head_dim = cfg.emb_dim // cfg.nheads
     kvh = cfg.kvheads or cfg.nheads
     S = context + 64  # the bench's buffer: context plus decode steps
-    kv = [(torch.randn(batch, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16),
-           torch.randn(batch, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16)) for _ in range(layers)]
+    kv = [
+        (
+            torch.randn(batch, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16),
+            torch.randn(batch, kvh, S, head_dim, device="cuda", dtype=torch.bfloat16),
+        )
+        for _ in range(layers)
+    ]
     q = torch.randn(batch, cfg.nheads, head_dim, device="cuda", dtype=torch.bfloat16)
     length = torch.tensor(context, device="cuda")
     cache_bytes = 2 * 2 * batch * kvh * context * head_dim  # K and V read per layer
@@ -75,9 +119,14 @@ def context_part(cfg, context: int, batch: int, layers: int, sms: int, args) -> 
 
     default_us = _graph_us([lambda k=k, v=v: td.decode_attention_triton(q, k, v, length) for k, v in kv])
     split, nsplit = td.num_splits(batch, kvh, S, q.device)
-    res = {"context": context, "batch": batch, "layers": layers, "cache_MB_per_layer": round(cache_bytes / 1e6, 2),
-           "roofline_us": round(cache_bytes / 4.8e6, 2),
-           "default": {"nsplit": nsplit, "split": split, "us": round(default_us, 2), "TBs": tbs(default_us)}}
+    res = {
+        "context": context,
+        "batch": batch,
+        "layers": layers,
+        "cache_MB_per_layer": round(cache_bytes / 1e6, 2),
+        "roofline_us": round(cache_bytes / 4.8e6, 2),
+        "default": {"nsplit": nsplit, "split": split, "us": round(default_us, 2), "TBs": tbs(default_us)},
+    }
     print(json.dumps(res), flush=True)
     rows = []
     for n, block, warps, stages in itertools.product(args.splits, args.blocks, args.warps, args.stages):
@@ -93,9 +142,17 @@ def context_part(cfg, context: int, batch: int, layers: int, sms: int, args) -> 
         torch.cuda.synchronize()
         part_us = _graph_us([c["partial"] for c in calls])
         both_us = _graph_us([f for c in calls for f in (c["partial"], c["merge"])]) * 2
-        row = {"nsplit": calls[0]["nsplit"], "split": calls[0]["split"], "block": block, "warps": warps,
-               "stages": stages, "partial_us": round(part_us, 2), "partial_TBs": tbs(part_us),
-               "us": round(both_us, 2), "TBs": tbs(both_us)}
+        row = {
+            "nsplit": calls[0]["nsplit"],
+            "split": calls[0]["split"],
+            "block": block,
+            "warps": warps,
+            "stages": stages,
+            "partial_us": round(part_us, 2),
+            "partial_TBs": tbs(part_us),
+            "us": round(both_us, 2),
+            "TBs": tbs(both_us),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     res["sweep"] = rows
@@ -106,8 +163,13 @@ def context_part(cfg, context: int, batch: int, layers: int, sms: int, args) -> 
     res["best"] = best
     res["best_vs_default_max_abs_diff"] = float((check["out"].float() - ref).abs().max())
     res["read_floor"] = {k: v for k, v in sweep(f"kv@{context}", cache_bytes // 2, sms).items() if k != "all"}
-    summary = {"context": context, "best": best, "default_us": res["default"]["us"],
-               "floor_us": res["read_floor"]["best"]["us"], "diff": res["best_vs_default_max_abs_diff"]}
+    summary = {
+        "context": context,
+        "best": best,
+        "default_us": res["default"]["us"],
+        "floor_us": res["read_floor"]["best"]["us"],
+        "diff": res["best_vs_default_max_abs_diff"],
+    }
     print(json.dumps(summary), flush=True)
     del kv
     torch.cuda.empty_cache()
@@ -129,7 +191,9 @@ def main() -> int:
         setattr(a, name, [int(x) for x in getattr(a, name).split(",")])
     cfg = get_model_spec(a.variant).config
     sms = td.sm_count(torch.device("cuda"))
-    print(f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}", flush=True
+    )
     results = {"device": torch.cuda.get_device_name(), "variant": a.variant, "contexts": []}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     for ctx in (parse_size(c) for c in a.contexts.split(",")):

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avengers.inference.bench import H200_BANDWIDTH_GBS, weight_bytes_per_step  # noqa: E402
 from avengers.inference.graphs import DecodeStep  # noqa: E402
-from avengers.inference.llama_compiled import set_fused_decode  # noqa: E402
 from avengers.inference.kv_cache import KVState  # noqa: E402
+from avengers.inference.llama_compiled import set_fused_decode  # noqa: E402
 from avengers.inference.triton_pdl import set_pdl  # noqa: E402
 from avengers.models.registry import get_model_spec  # noqa: E402
 from benchmarks.profiling import profile_step  # noqa: E402
@@ -92,17 +92,23 @@ def gemv_part(model, batch: int) -> list[dict]:
     ln, eps = layer.ln.weight, layer.ln.eps
     head = model.head.weight
     cases = {
-        "norm+qkv": (attn.in_proj.qkv_fused.weight,
-                     lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w),
-                     lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps)),
+        "norm+qkv": (
+            attn.in_proj.qkv_fused.weight,
+            lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w),
+            lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps),
+        ),
         "wo+residual": (attn.dense.weight, lambda w: x + F.linear(o, w), lambda w: tg.gemv(o, w, residual=x)),
-        "norm+wg1+swiglu": (ff.wg1_fused.weight,
-                            lambda w: (lambda g: F.silu(g[0]) * g[1])(
-                                F.linear(F.rms_norm(x, (D,), ln, eps), w).split(hid, -1)),
-                            lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps, swiglu=True)),
+        "norm+wg1+swiglu": (
+            ff.wg1_fused.weight,
+            lambda w: (lambda g: F.silu(g[0]) * g[1])(F.linear(F.rms_norm(x, (D,), ln, eps), w).split(hid, -1)),
+            lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps, swiglu=True),
+        ),
         "w2+residual": (ff.w2.weight, lambda w: x + F.linear(a, w), lambda w: tg.gemv(a, w, residual=x)),
-        "norm+lm_head": (head, lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w),
-                         lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps)),
+        "norm+lm_head": (
+            head,
+            lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w),
+            lambda w: tg.gemv(x, w, norm_weight=ln, eps=eps),
+        ),
     }
     # the QKV GEMV as the decode step runs it: RoPE and the key/value cache write in its epilogue
     H, Hkv, d = attn.nheads, attn.kvheads, attn.emb_kq_per_head
@@ -111,9 +117,12 @@ def gemv_part(model, batch: int) -> list[dict]:
     pos = torch.tensor(5, device=dev)
     qkv_w = attn.in_proj.qkv_fused.weight
     cases["norm+qkv+rope+cache"] = (
-        qkv_w, lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w)[:, : H * d],
-        lambda w: tg.decode_pre_write(x.view(batch, 1, D), ln, eps, w, cos, sin, H, Hkv, d, state,
-                                      pos).reshape(batch, -1))
+        qkv_w,
+        lambda w: F.linear(F.rms_norm(x, (D,), ln, eps), w)[:, : H * d],
+        lambda w: tg.decode_pre_write(x.view(batch, 1, D), ln, eps, w, cos, sin, H, Hkv, d, state, pos).reshape(
+            batch, -1
+        ),
+    )
     rows = []
     for name, (w, ref, fused) in cases.items():
         err = ((fused(w).float() - ref(w).float()).abs().max() / ref(w).float().abs().max()).item()
@@ -125,10 +134,20 @@ def gemv_part(model, batch: int) -> list[dict]:
         t_pdl = graph_us(lambda: fused(w))
         kernel = tg._qkv_rope_kernel if "rope" in name else tg._gemv_kernel
         cfg = getattr(kernel, "best_config", None)
-        row = {"op": name, "batch": batch, "weight_shape": list(w.shape), "torch_us": round(t_ref, 2),
-               "triton_us": round(t_fused, 2), "triton_pdl_us": round(t_pdl, 2), "torch_GBs": round(gb / t_ref * 1e6),
-               "triton_GBs": round(gb / t_fused * 1e6), "triton_pdl_GBs": round(gb / t_pdl * 1e6),
-               "roofline_us": round(gb / H200_BANDWIDTH_GBS * 1e6, 2), "max_rel_err": err, "config": f"{cfg.kwargs} warps={cfg.num_warps}" if cfg else None}
+        row = {
+            "op": name,
+            "batch": batch,
+            "weight_shape": list(w.shape),
+            "torch_us": round(t_ref, 2),
+            "triton_us": round(t_fused, 2),
+            "triton_pdl_us": round(t_pdl, 2),
+            "torch_GBs": round(gb / t_ref * 1e6),
+            "triton_GBs": round(gb / t_fused * 1e6),
+            "triton_pdl_GBs": round(gb / t_pdl * 1e6),
+            "roofline_us": round(gb / H200_BANDWIDTH_GBS * 1e6, 2),
+            "max_rel_err": err,
+            "config": f"{cfg.kwargs} warps={cfg.num_warps}" if cfg else None,
+        }
         rows.append(row)
         log(json.dumps(row))
     return rows
@@ -147,8 +166,9 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
     if any(m.startswith("gluon") for m in modes):
         from avengers.inference.gluon_step import LlamaStepKernel
 
-        step_knobs = {k: getattr(LlamaStepKernel, k) for k in ("KV_RING", "TAGGED", "SPLIT_PROGRAMS", "LOAD", "MATH",
-                                                                "INFLIGHT")}
+        step_knobs = {
+            k: getattr(LlamaStepKernel, k) for k in ("KV_RING", "TAGGED", "SPLIT_PROGRAMS", "LOAD", "MATH", "INFLIGHT")
+        }
     gemv_kernels = gemv_tuning.decode_gemv_kernels()
     gemv_configs = {name: k.configs for name, k in gemv_kernels.items()}
     for mode in modes:  # "triton_pdl": with PDL; "persistent_t16384_w8_g2_s": see the module docstring
@@ -195,11 +215,20 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
         roof = bytes_ / (H200_BANDWIDTH_GBS * 1e9) * 1e3
         reps = 5
         prof = profile_step(lambda: [step(tokens) for _ in range(reps)], dev, OUT, f"{mode}_ctx{context}")
-        row = {"mode": mode, "context": context, "step_ms": round(ms, 4), "roofline_ms": round(roof, 4),
-               "x_roofline": round(ms / roof, 3), "kernel_ms_per_step": round(prof["kernel_ms"] / reps, 4),
-               "launches_per_step": prof["kernel_launches"] // reps}
-        row["gemv_configs"] = {f"{name}{key[:2]}": gemv_tuning.describe(c)
-                               for name, kernel in gemv_kernels.items() for key, c in kernel.cache.items()}
+        row = {
+            "mode": mode,
+            "context": context,
+            "step_ms": round(ms, 4),
+            "roofline_ms": round(roof, 4),
+            "x_roofline": round(ms / roof, 3),
+            "kernel_ms_per_step": round(prof["kernel_ms"] / reps, 4),
+            "launches_per_step": prof["kernel_launches"] // reps,
+        }
+        row["gemv_configs"] = {
+            f"{name}{key[:2]}": gemv_tuning.describe(c)
+            for name, kernel in gemv_kernels.items()
+            for key, c in kernel.cache.items()
+        }
         if triton_block.STAMPS is not None:
             row["phase_end_us"] = phase_ends(triton_block.STAMPS)
         if base == "gluon":
@@ -209,7 +238,9 @@ def step_part(model, spec, context: int, modes: list[str], steps: int, keep_gemv
 
                 n = len(model.base_model.layers) * len(GLUON_PHASES)
                 row["phases"] = phase_profile(gluon_step.stamps[:, :n].cpu().double() / 1e3, GLUON_PHASES)
-                row["attention_detail"] = attention_detail(gluon_step.stamps.cpu().double() / 1e3, n // len(GLUON_PHASES))
+                row["attention_detail"] = attention_detail(
+                    gluon_step.stamps.cpu().double() / 1e3, n // len(GLUON_PHASES)
+                )
                 gluon_step.stamps = None
         rows.append(row)
         log(json.dumps(row))
@@ -261,8 +292,14 @@ def phase_ends(stamps: torch.Tensor) -> dict:
     the last persistent block kernel run: the max is the critical path, max - min the skew."""
     t = stamps[:, : len(PHASES) + 1].cpu().double()
     t = (t - t[:, 0].min()) / 1e3
-    return {name: [round(t[:, i + 1].min().item(), 2), round(t[:, i + 1].median().item(), 2),
-                   round(t[:, i + 1].max().item(), 2)] for i, name in enumerate(PHASES)}
+    return {
+        name: [
+            round(t[:, i + 1].min().item(), 2),
+            round(t[:, i + 1].median().item(), 2),
+            round(t[:, i + 1].max().item(), 2),
+        ]
+        for i, name in enumerate(PHASES)
+    }
 
 
 def main() -> int:

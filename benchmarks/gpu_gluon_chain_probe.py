@@ -54,12 +54,23 @@ def phase_profile(t, names=("qkv", "wo", "gate_up", "w2")):
                 continue
             done_prev = t[:, ph - 1, 3].max()
             passed = t[:, ph, 1]
-            rows.append([(passed.median() - done_prev).item(), (t[:, ph, 2] - passed).median().item(),
-                         (t[:, ph, 3] - t[:, ph, 2]).median().item(), (t[:, ph, 3] - t[:, ph, 2]).max().item(),
-                         (passed - t[:, ph - 1, 0]).median().item(), (t[:, ph, 3].max() - done_prev).item()])
+            rows.append(
+                [
+                    (passed.median() - done_prev).item(),
+                    (t[:, ph, 2] - passed).median().item(),
+                    (t[:, ph, 3] - t[:, ph, 2]).median().item(),
+                    (t[:, ph, 3] - t[:, ph, 2]).max().item(),
+                    (passed - t[:, ph - 1, 0]).median().item(),
+                    (t[:, ph, 3].max() - done_prev).item(),
+                ]
+            )
         m = torch.tensor(rows).mean(0).tolist()
-        out[name] = dict(zip(("barrier_us", "input_row_us", "reduce_median_us", "reduce_max_us", "loader_lead_us",
-                              "phase_us"), [round(v, 2) for v in m]))
+        out[name] = dict(
+            zip(
+                ("barrier_us", "input_row_us", "reduce_median_us", "reduce_max_us", "loader_lead_us", "phase_us"),
+                [round(v, 2) for v in m],
+            )
+        )
     out["step_us"] = round((t[:, :, 3].max() - t[:, :, 1:].min()).item(), 1)
     return out
 
@@ -67,23 +78,34 @@ def phase_profile(t, names=("qkv", "wo", "gate_up", "w2")):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_out")
-    ap.add_argument("--variants", default="12:8:1:1",
-                    help="comma list of ring stages:consumer warps:grid barriers (0/1):maths (0/1)")
+    ap.add_argument(
+        "--variants",
+        default="12:8:1:1",
+        help="comma list of ring stages:consumer warps:grid barriers (0/1):maths (0/1)",
+    )
     ap.add_argument("--skip_per_kernel", action="store_true")
     ap.add_argument("--stamps", action="store_true", help="also profile the first variant's phases (per-phase stamps)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
-    ws = [torch.randn(L, n, k, device=dev, dtype=torch.bfloat16) * 0.02
-          for n, k in ((NQKV, D), (D, D), (2 * HID, D), (D, HID))]
+    ws = [
+        torch.randn(L, n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        for n, k in ((NQKV, D), (D, D), (2 * HID, D), (D, HID))
+    ]
     ln = 1 + 0.1 * torch.randn(L, D, device=dev, dtype=torch.bfloat16)
     ffln = 1 + 0.1 * torch.randn(L, D, device=dev, dtype=torch.bfloat16)
     x0 = torch.randn(D, device=dev, dtype=torch.bfloat16)
     ref = gc.chain_reference(x0, *ws, ln, ffln, EPS).float()
     weight_bytes = sum(w.numel() * 2 for w in ws)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "weight_bytes": weight_bytes,
-           "read_ms_at_4.8TBps": weight_bytes / 4.8e9, "runs": []}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "weight_bytes": weight_bytes,
+        "read_ms_at_4.8TBps": weight_bytes / 4.8e9,
+        "runs": [],
+    }
 
     def rel_err(out):
         return ((out.float() - ref).norm() / ref.norm()).item()
@@ -92,14 +114,25 @@ def main():
         t = time.time()
         err = rel_err(per_kernel(x0.clone(), ws, ln, ffln))
         ms = graph_ms(lambda: per_kernel(x0.clone(), ws, ln, ffln))
-        res["runs"].append({"path": "per-kernel Triton GEMVs (PDL)", "rel_err": err, "ms_best_median": ms,
-                            "TBps": weight_bytes / ms[0] / 1e9, "setup_s": time.time() - t})
+        res["runs"].append(
+            {
+                "path": "per-kernel Triton GEMVs (PDL)",
+                "rel_err": err,
+                "ms_best_median": ms,
+                "TBps": weight_bytes / ms[0] / 1e9,
+                "setup_s": time.time() - t,
+            }
+        )
         print(res["runs"][-1], flush=True)
     w, w2 = gc.pack(list(ws[0]), list(ws[1]), list(ws[2]), list(ws[3]))
     w_d, w2_d = gc.descriptors(w, w2)
     progs = sm_count(torch.device(dev))
-    bufs = (torch.empty(NQKV, device=dev, dtype=torch.bfloat16), torch.empty(D, device=dev, dtype=torch.bfloat16),
-            torch.empty(HID, device=dev, dtype=torch.bfloat16), torch.zeros(2, device=dev, dtype=torch.int32))
+    bufs = (
+        torch.empty(NQKV, device=dev, dtype=torch.bfloat16),
+        torch.empty(D, device=dev, dtype=torch.bfloat16),
+        torch.empty(HID, device=dev, dtype=torch.bfloat16),
+        torch.zeros(2, device=dev, dtype=torch.int32),
+    )
     for v in args.variants.split(","):
         stages, warps, sync, maths = (int(f) for f in v.split(":"))
         kw = dict(stages=stages, num_warps=warps, sync=bool(sync), math=bool(maths))
@@ -109,17 +142,39 @@ def main():
         torch.cuda.synchronize()
         err, gave_up = rel_err(x), int(bufs[3][1].item())
         ms = graph_ms(lambda: gc.chain(w_d, w2_d, x, ln, ffln, bufs, L, NQKV, HID, EPS, progs, **kw))
-        res["runs"].append({"path": f"gluon chain {kw}", "rel_err": err, "barrier_gave_up": gave_up,
-                            "ms_best_median": ms, "TBps": weight_bytes / ms[0] / 1e9, "setup_s": time.time() - t})
+        res["runs"].append(
+            {
+                "path": f"gluon chain {kw}",
+                "rel_err": err,
+                "barrier_gave_up": gave_up,
+                "ms_best_median": ms,
+                "TBps": weight_bytes / ms[0] / 1e9,
+                "setup_s": time.time() - t,
+            }
+        )
         print(res["runs"][-1], flush=True)
     if args.stamps:
         stages, warps, _, _ = (int(f) for f in args.variants.split(",")[0].split(":"))
         stamps = torch.zeros(progs, 4096, 4, device=dev, dtype=torch.int64)
         for _ in range(3):  # the last of three back-to-back steps
-            gc.chain(w_d, w2_d, x0.clone(), ln, ffln, bufs, L, NQKV, HID, EPS, progs, stages=stages, num_warps=warps,
-                     stamps=stamps)
+            gc.chain(
+                w_d,
+                w2_d,
+                x0.clone(),
+                ln,
+                ffln,
+                bufs,
+                L,
+                NQKV,
+                HID,
+                EPS,
+                progs,
+                stages=stages,
+                num_warps=warps,
+                stamps=stamps,
+            )
         torch.cuda.synchronize()
-        res["phases"] = phase_profile(stamps[:, :4 * L].cpu().double() / 1e3)
+        res["phases"] = phase_profile(stamps[:, : 4 * L].cpu().double() / 1e3)
         print(json.dumps(res["phases"], indent=1), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "gluon_chain_probe.json").write_text(json.dumps(res, indent=1))

@@ -38,8 +38,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avengers.models import get_model_spec  # noqa: E402
-from avengers.models import mamba_kernels  # noqa: E402
+from avengers.models import (
+    get_model_spec,  # noqa: E402
+    mamba_kernels,  # noqa: E402
+)
 from avengers.models.mamba import MambaConfig  # noqa: E402
 from benchmarks.profiling import profile_step  # noqa: E402
 
@@ -80,6 +82,7 @@ def free() -> None:
 def mamba_ssm_available() -> bool:
     try:
         import mamba_ssm  # noqa: F401
+
         return torch.cuda.is_available()
     except ImportError:
         return False
@@ -114,13 +117,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- part 1: kernel path vs reference path -------------------------------------------------
 
+
 def part_check(device, smoke: bool) -> dict:
     torch.manual_seed(0)
     base = get_model_spec("hybrid_tiny")
     if not smoke:  # Mamba-2 defaults (d_state 128, headdim 64, chunk 256): Triton compiles are reused in `train`
-        base = base.replace(d_model=512, n_layer=6, attn_layer_idx=(2, 5), attn_num_heads=8, attn_num_heads_kv=4,
-                            attn_head_dim=64, attn_rotary_emb_dim=32, d_intermediate=1024, d_state=128, headdim=64,
-                            chunk_size=256)
+        base = base.replace(
+            d_model=512,
+            n_layer=6,
+            attn_layer_idx=(2, 5),
+            attn_num_heads=8,
+            attn_num_heads_kv=4,
+            attn_head_dim=64,
+            attn_rotary_emb_dim=32,
+            d_intermediate=1024,
+            d_state=128,
+            headdim=64,
+            chunk_size=256,
+        )
     fast_mode = "mamba_ssm" if mamba_ssm_available() else "reference"
     B, S = (2, 1024) if not smoke else (2, 40)
     ref = build_ours(base.replace(kernels="reference"), device)
@@ -150,9 +164,11 @@ def part_check(device, smoke: bool) -> dict:
     res["bf16_grad_rel_err_worst"] = worst
     # kernel path: prefill (initial/final states) + selective_state_update decode vs full forward, fp32
     with torch.no_grad():
-        full = fast(x[:, :S // 2 + 16])
+        full = fast(x[:, : S // 2 + 16])
         cache = fast.allocate_cache(B, S // 2 + 16)
-        parts = [fast(x[:, :S // 2], cache=cache)] + [fast(x[:, t:t + 1], cache=cache) for t in range(S // 2, S // 2 + 16)]
+        parts = [fast(x[:, : S // 2], cache=cache)] + [
+            fast(x[:, t : t + 1], cache=cache) for t in range(S // 2, S // 2 + 16)
+        ]
         res["decode_vs_full_rel_err"] = rel(torch.cat(parts, 1), full)
     if device.type == "cuda":  # the decode step replayed from a CUDA graph (state updated in place)
         from avengers.inference.check import check_graph_decode
@@ -174,13 +190,18 @@ def part_check(device, smoke: bool) -> dict:
             res["vs_mamba_ssm_bf16_logits_rel_err"] = rel(lo, lt)
             res["vs_mamba_ssm_bf16_loss_abs_diff"] = abs(
                 F.cross_entropy(lo.float().flatten(0, 1), y.flatten()).item()
-                - F.cross_entropy(lt.float().flatten(0, 1), y.flatten()).item())
+                - F.cross_entropy(lt.float().flatten(0, 1), y.flatten()).item()
+            )
         del ours, theirs
     # bf16 tolerance: 3e-2 of the largest |logit| is about 4 bf16 ulps there. The "fp32" kernel path
     # still runs TF32 dots inside the Triton SSD kernels, hence the 1e-2 bound on fp32 comparisons.
     res["criteria"] = "bf16 logits rel <= 3e-2, |loss diff| <= 1e-2, fp32 logits and decode rel <= 1e-2"
-    res["pass"] = bool(res["bf16_logits_rel_err"] <= 3e-2 and res["bf16_loss_abs_diff"] <= 1e-2
-                       and res["fp32_logits_rel_err"] <= 1e-2 and res["decode_vs_full_rel_err"] <= 1e-2)
+    res["pass"] = bool(
+        res["bf16_logits_rel_err"] <= 3e-2
+        and res["bf16_loss_abs_diff"] <= 1e-2
+        and res["fp32_logits_rel_err"] <= 1e-2
+        and res["decode_vs_full_rel_err"] <= 1e-2
+    )
     del ref, fast, grads
     free()
     return res
@@ -188,19 +209,25 @@ def part_check(device, smoke: bool) -> dict:
 
 # ---- part 2: training throughput and profiles ----------------------------------------------
 
+
 def gap_report(tag: str, slow: dict, fast: dict) -> dict:
     """Kernels whose total time differs most between two profiles of the same model."""
     a = {r["name"]: r for r in slow["_rows"]}
     b = {r["name"]: r for r in fast["_rows"]}
     names = set(a) | set(b)
     diffs = sorted(((a.get(n, {}).get("ms", 0.0) - b.get(n, {}).get("ms", 0.0), n) for n in names), reverse=True)
-    cls = {k: round(slow["by_class_ms"].get(k, 0) - fast["by_class_ms"].get(k, 0), 1)
-           for k in set(slow["by_class_ms"]) | set(fast["by_class_ms"])}
-    lines = [f"{tag}: one training step, minus the all-bf16 one",
-             f"wall {slow['profiled_step_wall_ms'] - fast['profiled_step_wall_ms']:+.1f} ms, "
-             f"kernels {slow['kernel_ms'] - fast['kernel_ms']:+.1f} ms",
-             "by class (ms): " + json.dumps(dict(sorted(cls.items(), key=lambda kv: -abs(kv[1])))), "",
-             "largest per-kernel differences (ms, calls slow/fast):"]
+    cls = {
+        k: round(slow["by_class_ms"].get(k, 0) - fast["by_class_ms"].get(k, 0), 1)
+        for k in set(slow["by_class_ms"]) | set(fast["by_class_ms"])
+    }
+    lines = [
+        f"{tag}: one training step, minus the all-bf16 one",
+        f"wall {slow['profiled_step_wall_ms'] - fast['profiled_step_wall_ms']:+.1f} ms, "
+        f"kernels {slow['kernel_ms'] - fast['kernel_ms']:+.1f} ms",
+        "by class (ms): " + json.dumps(dict(sorted(cls.items(), key=lambda kv: -abs(kv[1])))),
+        "",
+        "largest per-kernel differences (ms, calls slow/fast):",
+    ]
     for d, n in diffs[:15] + diffs[-5:]:
         lines.append(f"{d:+9.2f}  {a.get(n, {}).get('calls', 0):5d}/{b.get(n, {}).get('calls', 0):<5d} {n[:140]}")
     (OUT / f"gap_{tag}.txt").write_text("\n".join(lines) + "\n")
@@ -269,13 +296,20 @@ def time_steps(step, device, warmup: int, steps: int, tokens_per_step: int) -> d
         loss = step()
     sync(device)
     dt = (time.perf_counter() - t1) / steps
-    out = {"tokens_per_s": round(tokens_per_step / dt), "step_ms": round(dt * 1e3, 1),
-           "first_step_s": round(first or 0.0, 1), "loss": round(float(loss.detach()), 4)}
+    out = {
+        "tokens_per_s": round(tokens_per_step / dt),
+        "step_ms": round(dt * 1e3, 1),
+        "first_step_s": round(first or 0.0, 1),
+        "loss": round(float(loss.detach()), 4),
+    }
     if device.type == "cuda":  # allocator retries (free + re-malloc under pressure) stall the GPU
         stats = torch.cuda.memory_stats()
-        out.update(peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
-                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 1),
-                   alloc_retries=stats.get("num_alloc_retries", 0), cuda_mallocs=stats.get("num_device_alloc", 0))
+        out.update(
+            peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 1),
+            alloc_retries=stats.get("num_alloc_retries", 0),
+            cuda_mallocs=stats.get("num_device_alloc", 0),
+        )
     return out
 
 
@@ -283,10 +317,21 @@ def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dic
     spec = get_model_spec("mamba2_tiny" if smoke else "mamba2_1.3b")
     B, S = (2, 64) if smoke else (4, 4096)
     warmup, steps = (1, 2) if smoke else (3, 6)
-    res: dict = {"variant": spec.name, "params": spec.num_params(), "batch": B, "seq": S,
-                 "flops_per_token": spec.flops_per_token(S)}
-    configs = [("ours", "fp32_autocast"), ("mamba_ssm", "fp32_autocast"), ("ours", "bf16"), ("mamba_ssm", "bf16"),
-               ("ours", "bf16_fp32_master"), ("ours", "fsdp2_mp")]
+    res: dict = {
+        "variant": spec.name,
+        "params": spec.num_params(),
+        "batch": B,
+        "seq": S,
+        "flops_per_token": spec.flops_per_token(S),
+    }
+    configs = [
+        ("ours", "fp32_autocast"),
+        ("mamba_ssm", "fp32_autocast"),
+        ("ours", "bf16"),
+        ("mamba_ssm", "bf16"),
+        ("ours", "bf16_fp32_master"),
+        ("ours", "fsdp2_mp"),
+    ]
     profiles: dict = {}
     for impl, mode in configs:
         tag = f"{impl}_{mode}"
@@ -307,7 +352,9 @@ def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dic
             if profile:
                 profiles[tag] = profile_step(step, device, OUT, tag)
                 res[tag]["profile"] = {k: v for k, v in profiles[tag].items() if k != "_rows"}
-            log(f"train {tag}: {res[tag] if not isinstance(res[tag], dict) else {k: v for k, v in res[tag].items() if k != 'profile'}}")
+            log(
+                f"train {tag}: {res[tag] if not isinstance(res[tag], dict) else {k: v for k, v in res[tag].items() if k != 'profile'}}"
+            )
         except Exception as e:  # one failing configuration must not hide the others' numbers
             res[tag] = f"failed: {type(e).__name__}: {e}"
             log(traceback.format_exc())
@@ -315,8 +362,12 @@ def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dic
             model = step = None
             free()
         save()
-    for slow_tag, fast_tag in (("ours_fp32_autocast", "ours_bf16"), ("mamba_ssm_fp32_autocast", "mamba_ssm_bf16"),
-                               ("ours_bf16_fp32_master", "ours_bf16"), ("ours_fsdp2_mp", "ours_bf16")):
+    for slow_tag, fast_tag in (
+        ("ours_fp32_autocast", "ours_bf16"),
+        ("mamba_ssm_fp32_autocast", "mamba_ssm_bf16"),
+        ("ours_bf16_fp32_master", "ours_bf16"),
+        ("ours_fsdp2_mp", "ours_bf16"),
+    ):
         slow, fast = profiles.get(slow_tag), profiles.get(fast_tag)
         if slow and fast:
             res[f"gap_{slow_tag}"] = gap_report(slow_tag, slow, fast)
@@ -328,17 +379,23 @@ def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dic
 
 # ---- part: one hybrid attention block vs one Mamba-2 block -------------------------------------
 
+
 def part_attn(device, smoke: bool) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from avengers.models.mamba import MambaBlock, Mamba2Mixer
+    from avengers.models.mamba import Mamba2Mixer, MambaBlock
 
     spec = get_model_spec("hybrid_tiny" if smoke else "mamba_1.5b")
     cfg = spec.config
     B, S = (2, 64) if smoke else (4, 4096)
     kernels = mamba_kernels.select_kernels(device, cfg.kernels)
-    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    backends = {
+        "default": None,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     res: dict = {"variant": spec.name, "batch": B, "seq": S}
     idx = cfg.attn_layer_idx[0]
     for kind, layer_idx in (("mamba", idx + 1), ("attention", idx)):
@@ -367,8 +424,11 @@ def part_attn(device, smoke: bool) -> dict:
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
                     prof = profile_step(step, device, OUT, f"attn_{kind}_{name}")
                 attn_kernels = [r["name"][:120] for r in prof["_rows"] if r["class"] == "attention"][:4]
-                res[f"{kind}_{name}"] = {"fwd_bwd_ms": round(ms, 2), "peak_gib_above_inputs": peak,
-                                         "attention_kernels": attn_kernels}
+                res[f"{kind}_{name}"] = {
+                    "fwd_bwd_ms": round(ms, 2),
+                    "peak_gib_above_inputs": peak,
+                    "attention_kernels": attn_kernels,
+                }
             except Exception as e:  # a backend that does not support the shape says so
                 res[f"{kind}_{name}"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
             log(f"attn {kind}_{name}: {res[f'{kind}_{name}']}")
@@ -378,6 +438,7 @@ def part_attn(device, smoke: bool) -> dict:
 
 
 # ---- part 3: torch.compile per block ---------------------------------------------------------
+
 
 def explain_block(block, d_model: int, device, dtype, ours: bool) -> dict:
     torch._dynamo.reset()
@@ -389,8 +450,12 @@ def explain_block(block, d_model: int, device, dtype, ours: bool) -> dict:
     for r in ex.break_reasons[:6]:
         where = r.user_stack[-1] if getattr(r, "user_stack", None) else None
         reasons.append(f"{r.reason} @ {where.filename.split('/')[-1]}:{where.lineno}" if where else str(r.reason))
-    return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count, "ops": ex.op_count,
-            "first_break_reasons": reasons}
+    return {
+        "graphs": ex.graph_count,
+        "graph_breaks": ex.graph_break_count,
+        "ops": ex.op_count,
+        "first_break_reasons": reasons,
+    }
 
 
 def part_compile(device, smoke: bool, budget: Budget) -> dict:
@@ -404,8 +469,11 @@ def part_compile(device, smoke: bool, budget: Budget) -> dict:
     configs = [("ours", "eager", None, "bf16"), ("ours", "compiled", "custom_op", "bf16")]
     if have_ssm:
         configs += [("mamba_ssm", "compiled", None, "bf16")]
-    configs += [("ours", "compiled", "opaque", "bf16"), ("ours", "compiled", "traced", "bf16"),
-                ("ours", "compiled", "custom_op", "fp32_autocast")]
+    configs += [
+        ("ours", "compiled", "opaque", "bf16"),
+        ("ours", "compiled", "traced", "bf16"),
+        ("ours", "compiled", "custom_op", "fp32_autocast"),
+    ]
     if have_ssm:
         configs += [("mamba_ssm", "eager", None, "bf16")]
     for impl, how, cmode, mode in configs:
@@ -421,8 +489,9 @@ def part_compile(device, smoke: bool, budget: Budget) -> dict:
             model = build_ours(spec, device, dtype) if impl == "ours" else ssm_model(spec.config, device, dtype)
             if how == "compiled" and mode == "bf16":
                 try:
-                    res[f"{tag}_explain"] = explain_block(model.backbone.layers[0], spec.config.d_model, device,
-                                                          torch.bfloat16, impl == "ours")
+                    res[f"{tag}_explain"] = explain_block(
+                        model.backbone.layers[0], spec.config.d_model, device, torch.bfloat16, impl == "ours"
+                    )
                 except Exception as e:  # the timing below is still worth having
                     res[f"{tag}_explain"] = f"failed: {type(e).__name__}: {e}"
                 torch._dynamo.reset()
@@ -450,8 +519,11 @@ def main() -> None:
     p.add_argument("--budget_s", type=float, default=330.0, help="skip what would not fit (default 5.5 min)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: exercise every code path quickly")
     p.add_argument("--no_profile", action="store_true")
-    p.add_argument("--expandable_segments", action="store_true",
-                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (compare alloc_retries with and without)")
+    p.add_argument(
+        "--expandable_segments",
+        action="store_true",
+        help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (compare alloc_retries with and without)",
+    )
     args = p.parse_args()
     if args.expandable_segments:  # read when the CUDA allocator starts, i.e. at the first CUDA call below
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -465,17 +537,24 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
     budget = Budget(args.budget_s)
-    RESULTS.update(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   mamba_ssm=mamba_ssm_available(), smoke=args.smoke,
-                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    RESULTS.update(
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        mamba_ssm=mamba_ssm_available(),
+        smoke=args.smoke,
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     if mamba_ssm_available():
         import mamba_ssm
 
         RESULTS["mamba_ssm_version"] = mamba_ssm.__version__
-    for part, fn in (("check", lambda: part_check(device, args.smoke)),
-                     ("train", lambda: part_train(device, args.smoke, budget, not args.no_profile)),
-                     ("attn", lambda: part_attn(device, args.smoke)),
-                     ("compile", lambda: part_compile(device, args.smoke, budget))):
+    for part, fn in (
+        ("check", lambda: part_check(device, args.smoke)),
+        ("train", lambda: part_train(device, args.smoke, budget, not args.no_profile)),
+        ("attn", lambda: part_attn(device, args.smoke)),
+        ("compile", lambda: part_compile(device, args.smoke, budget)),
+    ):
         if part not in parts:
             continue
         t0 = time.perf_counter()

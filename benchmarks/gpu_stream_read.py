@@ -40,8 +40,18 @@ from avengers.models.registry import get_model_spec  # noqa: E402
 
 
 @triton.jit
-def _read_kernel(X, V, Out, n_tiles, TILE: tl.constexpr, STAGES: tl.constexpr, GDC: tl.constexpr,
-                 MODE: tl.constexpr, K: tl.constexpr, KC: tl.constexpr = 256):
+def _read_kernel(
+    X,
+    V,
+    Out,
+    n_tiles,
+    TILE: tl.constexpr,
+    STAGES: tl.constexpr,
+    GDC: tl.constexpr,
+    MODE: tl.constexpr,
+    K: tl.constexpr,
+    KC: tl.constexpr = 256,
+):
     """MODE "read": sum every element (one reduction at the end). "gemv": each tile is TILE / K
     rows of K, each row's dot product with the vector V stored (a reduction per tile, as the
     decode GEMVs do). "mma": the same products by tl.dot over K chunks of KC, V padded to 16 rows
@@ -72,8 +82,17 @@ def _read_kernel(X, V, Out, n_tiles, TILE: tl.constexpr, STAGES: tl.constexpr, G
         tl.store(Out + pid, tl.sum(acc))
 
 
-def _launcher(numel: int, per_sm: int | None, tile: int, stages: int, warps: int, pdl: bool, sms: int,
-              mode: str = "read", k: int = 16):
+def _launcher(
+    numel: int,
+    per_sm: int | None,
+    tile: int,
+    stages: int,
+    warps: int,
+    pdl: bool,
+    sms: int,
+    mode: str = "read",
+    k: int = 16,
+):
     """A function reading a buffer of `numel` bf16 (per_sm None: one program per tile) in `mode`
     (rows of k elements for "gemv" and "mma")."""
     n_tiles = numel // tile
@@ -81,8 +100,9 @@ def _launcher(numel: int, per_sm: int | None, tile: int, stages: int, warps: int
     out = torch.empty(grid if mode == "read" else numel // k, device="cuda", dtype=torch.float32)  # per program / row
     v = torch.randn(k, device="cuda").to(torch.bfloat16)
     kw = {"launch_pdl": True} if pdl else {}
-    return lambda buf: _read_kernel[(grid,)](buf, v, out, n_tiles, TILE=tile, STAGES=stages, GDC=pdl, MODE=mode,
-                                            K=k, KC=min(256, k), num_warps=warps, **kw)
+    return lambda buf: _read_kernel[(grid,)](
+        buf, v, out, n_tiles, TILE=tile, STAGES=stages, GDC=pdl, MODE=mode, K=k, KC=min(256, k), num_warps=warps, **kw
+    )
 
 
 def _graph_us(calls: list, reps: int = 5) -> float:
@@ -128,9 +148,18 @@ def sweep(name: str, numel: int, sms: int, mode: str = "read", k: int = 16) -> d
     cfg = (None if best["per_sm"] == "all" else best["per_sm"], best["tile"], best["stages"], best["warps"])
     read_pdl = _launcher(numel, *cfg, True, sms, mode, k)
     pdl_us = _graph_us([lambda b=b: read_pdl(b) for b in itertools.islice(itertools.cycle(bufs), 50)])
-    res = {"matrix": name, "mode": mode, "MB": round(2 * numel / 1e6, 1), "roofline_us": round(roof_us, 2), "best": best,
-           "best_TBs": round(2 * numel / best["us"] / 1e6, 2), "best_pdl_us": round(pdl_us, 2),
-           "best_pdl_TBs": round(2 * numel / pdl_us / 1e6, 2), "config": cfg, "all": rows}
+    res = {
+        "matrix": name,
+        "mode": mode,
+        "MB": round(2 * numel / 1e6, 1),
+        "roofline_us": round(roof_us, 2),
+        "best": best,
+        "best_TBs": round(2 * numel / best["us"] / 1e6, 2),
+        "best_pdl_us": round(pdl_us, 2),
+        "best_pdl_TBs": round(2 * numel / pdl_us / 1e6, 2),
+        "config": cfg,
+        "all": rows,
+    }
     print(json.dumps({k: v for k, v in res.items() if k != "all"}), flush=True)
     del bufs
     return res
@@ -164,20 +193,26 @@ def main() -> int:
     a = p.parse_args()
     model = get_model_spec(a.variant).build(torch.device("meta"))  # shapes only
     layer = model.base_model.layers[0]
-    weights = {"qkv": layer.attn.in_proj.qkv_fused.weight, "wo": layer.attn.dense.weight,
-               "gate/up": layer.ff_sub_layer.wg1_fused.weight, "w2": layer.ff_sub_layer.w2.weight,
-               "lm_head": model.head.weight}
+    weights = {
+        "qkv": layer.attn.in_proj.qkv_fused.weight,
+        "wo": layer.attn.dense.weight,
+        "gate/up": layer.ff_sub_layer.wg1_fused.weight,
+        "w2": layer.ff_sub_layer.w2.weight,
+        "lm_head": model.head.weight,
+    }
     shapes = {name: w.numel() for name, w in weights.items()}
     layers = len(model.base_model.layers)
     sms = sm_count(torch.device("cuda"))
-    print(f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}",
-          flush=True)
+    print(
+        f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}", flush=True
+    )
     results = {"device": torch.cuda.get_device_name(), "sizes": [sweep(n, k, sms) for n, k in shapes.items()]}
     best = {r["matrix"]: r["config"] for r in results["sizes"]}
     results["step"] = step_reads(shapes, best, layers, sms)
     for mode in filter(None, a.modes.split(",")):  # the GEMV maths on top of the reads, where rows are a power of two
-        results[mode] = [sweep(n, w.numel(), sms, mode, w.shape[1]) for n, w in weights.items()
-                         if w.shape[1] & (w.shape[1] - 1) == 0]
+        results[mode] = [
+            sweep(n, w.numel(), sms, mode, w.shape[1]) for n, w in weights.items() if w.shape[1] & (w.shape[1] - 1) == 0
+        ]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
     return 0

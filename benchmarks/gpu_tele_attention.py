@@ -32,10 +32,12 @@ from avengers.models.telescoping_flex import flex_attention_nodes  # noqa: E402
 
 def timed(fn, grad: bool, iters: int, device: torch.device, inputs: list[torch.Tensor]) -> float:
     """Median ms of fn(*inputs) (and its backward with grad)."""
+
     def once():
         out = fn(*inputs)
         if grad:
             out.backward(torch.ones_like(out))
+
     for _ in range(3):
         once()
     times = []
@@ -74,8 +76,12 @@ def main() -> None:
             t0 = time.perf_counter()
             fwd = timed(fn, False, args.iters, device, inputs)
             both = timed(fn, True, args.iters, device, inputs) if grad else None
-            rows[name] = {"fwd_ms": round(fwd, 3), "fwd_bwd_ms": both and round(both, 3), "blocks_per_qblock": blocks,
-                          "setup_s": round(time.perf_counter() - t0, 1)}
+            rows[name] = {
+                "fwd_ms": round(fwd, 3),
+                "fwd_bwd_ms": both and round(both, 3),
+                "blocks_per_qblock": blocks,
+                "setup_s": round(time.perf_counter() - t0, 1),
+            }
         except Exception as e:  # report and go on with the other layouts
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(f"{name}: {rows[name]}", flush=True)
@@ -89,28 +95,46 @@ def main() -> None:
             o = TeleOptions(C, FMAP_PRESETS[fmap], mask_empty=mask_empty)
             plan = get_plan(n, C, opts.fmap, device, flex=True, flex_block_q=block_q)
             q, k, v = rand(B, n, H, d), rand(B, Hkv, plan.num_nodes, d), rand(B, Hkv, plan.num_nodes, d)
-            fn = (lambda q, k, v, plan=plan, o=o: flex_attention_nodes(q, k, v, plan, o))
+            fn = lambda q, k, v, plan=plan, o=o: flex_attention_nodes(q, k, v, plan, o)
             if device.type == "cuda":
                 fn = torch.compile(fn, fullgraph=True)
             kv_blocks = plan.block_mask.kv_num_blocks.float().mean().item()
             full = plan.block_mask.full_kv_num_blocks
-            blocks = {"partial": round(kv_blocks, 2), "full": round(full.float().mean().item(), 2) if full is not None else 0,
-                      "columns": len(plan.layout.birth)}
+            blocks = {
+                "partial": round(kv_blocks, 2),
+                "full": round(full.float().mean().item(), 2) if full is not None else 0,
+                "columns": len(plan.layout.birth),
+            }
             record(f"tele_block_q{block_q}_mask_empty{mask_empty}", fn, [q, k, v], blocks)
 
     causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, device=str(device))
     q, k, v = rand(B, H, n, d), rand(B, Hkv, n, d), rand(B, Hkv, n, d)
-    fl = (lambda q, k, v: flex_attention(q, k, v, block_mask=causal, enable_gqa=True))
-    record("flex_causal_tele_shape", torch.compile(fl, fullgraph=True) if device.type == "cuda" else fl, [q, k, v],
-           {"partial": round(causal.kv_num_blocks.float().mean().item(), 2),
-            "full": round(causal.full_kv_num_blocks.float().mean().item(), 2)})
+    fl = lambda q, k, v: flex_attention(q, k, v, block_mask=causal, enable_gqa=True)
+    record(
+        "flex_causal_tele_shape",
+        torch.compile(fl, fullgraph=True) if device.type == "cuda" else fl,
+        [q, k, v],
+        {
+            "partial": round(causal.kv_num_blocks.float().mean().item(), 2),
+            "full": round(causal.full_kv_num_blocks.float().mean().item(), 2),
+        },
+    )
     Hl, Hkvl, dl = (16, 8, 128) if not args.smoke else (4, 2, 16)
     q, k, v = rand(B, Hl, n, dl), rand(B, Hkvl, n, dl), rand(B, Hkvl, n, dl)
-    record("sdpa_causal_llama_shape", lambda q, k, v: F.scaled_dot_product_attention(
-        q, k.repeat_interleave(Hl // Hkvl, 1), v.repeat_interleave(Hl // Hkvl, 1), is_causal=True), [q, k, v])
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shape": dict(B=B, n=n, H=H, Hkv=Hkv, d=d, C=C),
-            "dtype": str(dtype)}
+    record(
+        "sdpa_causal_llama_shape",
+        lambda q, k, v: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(Hl // Hkvl, 1), v.repeat_interleave(Hl // Hkvl, 1), is_causal=True
+        ),
+        [q, k, v],
+    )
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "shape": dict(B=B, n=n, H=H, Hkv=Hkv, d=d, C=C),
+        "dtype": str(dtype),
+    }
     (out_dir / "tele_attention.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     print(json.dumps(info))
 

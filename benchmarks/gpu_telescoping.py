@@ -34,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avengers.models import get_model_spec  # noqa: E402
 from avengers.models.telescoping import (  # noqa: E402
-    FMAP_PRESETS, TeleOptions, get_plan, rope, telescoping_parallel, window,
+    FMAP_PRESETS,
+    TeleOptions,
+    get_plan,
+    rope,
+    telescoping_parallel,
+    window,
 )
 from benchmarks.profiling import profile_step  # noqa: E402
 
@@ -64,8 +69,11 @@ def equivalence(device: torch.device, smoke: bool) -> dict:
     if smoke:
         cases = [("c8", 8, 150, 16, False, (torch.float32, torch.bfloat16)), ("c8", 8, 150, 16, True, (torch.float32,))]
     else:
-        cases = [("c64", 64, 700, 64, False, (torch.float32,)), ("c64", 64, 700, 64, True, (torch.bfloat16,)),
-                 ("c128", 128, 2100, 64, False, (torch.bfloat16,))]
+        cases = [
+            ("c64", 64, 700, 64, False, (torch.float32,)),
+            ("c64", 64, 700, 64, True, (torch.bfloat16,)),
+            ("c128", 128, 2100, 64, False, (torch.bfloat16,)),
+        ]
     for name, C, n, d, mask_empty, dtypes in cases:
         t0 = time.perf_counter()
         fmap = FMAP_PRESETS[name]
@@ -74,8 +82,9 @@ def equivalence(device: torch.device, smoke: bool) -> dict:
         opts = TeleOptions(C, fmap, mask_empty=mask_empty)
         ref_plan = get_plan(n, C, fmap, device)
         flex_plan = get_plan(n, C, fmap, device, flex=True)
-        ref64, _ = telescoping_parallel(*(x.to(device) for x in (q, k, v, w)), ref_plan, opts,
-                                        *(g.to(device) for g in gains), impl="gather")
+        ref64, _ = telescoping_parallel(
+            *(x.to(device) for x in (q, k, v, w)), ref_plan, opts, *(g.to(device) for g in gains), impl="gather"
+        )
         row = {}
         for dtype in dtypes:
             grad = dtype == torch.float32 and device.type == "cuda"  # no flex backward on CPU
@@ -86,15 +95,19 @@ def equivalence(device: torch.device, smoke: bool) -> dict:
             out_g, _ = telescoping_parallel(ins_g[0].to(dtype), *ins_g[1:], ref_plan, opts, *gs, impl="gather")
             out_f, _ = telescoping_parallel(ins_f[0].to(dtype), *ins_f[1:], flex_plan, opts, *gs, impl="flex")
             err = (out_f.double() - ref64).abs()
-            entry = {"flex_vs_fp64_max": err.max().item(), "flex_vs_fp64_mean": err.mean().item(),
-                     "flex_vs_gather_max": (out_f.double() - out_g.double()).abs().max().item()}
+            entry = {
+                "flex_vs_fp64_max": err.max().item(),
+                "flex_vs_fp64_mean": err.mean().item(),
+                "flex_vs_gather_max": (out_f.double() - out_g.double()).abs().max().item(),
+            }
             if grad:
                 go = torch.randn_like(out_g)
                 (out_g * go).sum().backward()
                 (out_f * go).sum().backward()
                 entry["grad_max_rel_err"] = max(
                     ((a.grad - b.grad).abs().max() / a.grad.abs().max().clamp_min(1e-30)).item()
-                    for a, b in zip(ins_g, ins_f))
+                    for a, b in zip(ins_g, ins_f)
+                )
             if dtype == torch.float32:
                 entry["ok"] = entry["flex_vs_gather_max"] < 1e-3 and entry.get("grad_max_rel_err", 0) < 1e-3
             else:
@@ -121,7 +134,8 @@ def equivalence(device: torch.device, smoke: bool) -> dict:
     results["model_logits_flex_vs_gather_max"] = diff
     results["model_logits_ok"] = diff < 1e-3 * max(1.0, logits["gather"].abs().max().item())
     results["all_ok"] = results["model_logits_ok"] and all(
-        e["ok"] for r in results.values() if isinstance(r, dict) for e in r.values())
+        e["ok"] for r in results.values() if isinstance(r, dict) for e in r.values()
+    )
     log(f"[equiv] 2-layer {spec.name} n={n} fp32 logits flex vs gather: max |diff| {diff:.3g}")
     del model, logits
     return results
@@ -150,8 +164,16 @@ def variant_spec(entry: str):
     return dataclasses.replace(spec, config=dataclasses.replace(spec.config, **changes))
 
 
-def train_cost(name: str, device: torch.device, seq: int, batch: int, steps: int, warmup: int,
-               compile_blocks: bool, profile_dir: Path | None = None) -> dict:
+def train_cost(
+    name: str,
+    device: torch.device,
+    seq: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    compile_blocks: bool,
+    profile_dir: Path | None = None,
+) -> dict:
     spec = variant_spec(name)
     _free(device)
     torch.manual_seed(0)
@@ -196,12 +218,25 @@ def train_cost(name: str, device: torch.device, seq: int, batch: int, steps: int
     if profile_dir is not None:
         prof = profile_step(step, device, profile_dir, name.replace(":", "_").replace("=", "-").replace(";", "_"))
         prof.pop("_rows")
-    out = {"variant": name, "params": sum(p.numel() for p in model.parameters()), "seq": seq, "batch": batch,
-           "compile": compile_blocks, "warmup_s": warm_s, "step_s_median": median, "step_s_all": times,
-           "tokens_per_s": batch * seq / median, "peak_mem_gib": peak / 2**30, "loss": loss,
-           "flops_per_token": spec.flops_per_token(seq), "profile": prof}
-    log(f"[train] {name}: {median * 1e3:.1f} ms/step, {out['tokens_per_s'] / 1e3:.1f}k tok/s, "
-        f"peak {out['peak_mem_gib']:.1f} GiB, warmup {warm_s:.0f} s, loss {loss:.3f}")
+    out = {
+        "variant": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seq": seq,
+        "batch": batch,
+        "compile": compile_blocks,
+        "warmup_s": warm_s,
+        "step_s_median": median,
+        "step_s_all": times,
+        "tokens_per_s": batch * seq / median,
+        "peak_mem_gib": peak / 2**30,
+        "loss": loss,
+        "flops_per_token": spec.flops_per_token(seq),
+        "profile": prof,
+    }
+    log(
+        f"[train] {name}: {median * 1e3:.1f} ms/step, {out['tokens_per_s'] / 1e3:.1f}k tok/s, "
+        f"peak {out['peak_mem_gib']:.1f} GiB, warmup {warm_s:.0f} s, loss {loss:.3f}"
+    )
     del model, opt
     _free(device)
     return out
@@ -220,7 +255,10 @@ def decode(device: torch.device, smoke: bool) -> dict:
             sizes[L] = cache.nbytes_per_sequence()
             del cache
         results["cache_bytes_per_sequence"][name] = sizes
-        log(f"[decode] {name} bf16 cache bytes/sequence: " + ", ".join(f"{L}: {b / 2**20:.2f} MiB" for L, b in sizes.items()))
+        log(
+            f"[decode] {name} bf16 cache bytes/sequence: "
+            + ", ".join(f"{L}: {b / 2**20:.2f} MiB" for L, b in sizes.items())
+        )
     # prefill + decode == full forward, then decode latency (bf16 weights)
     spec = get_model_spec(tele_name)
     if smoke:
@@ -235,20 +273,29 @@ def decode(device: torch.device, smoke: bool) -> dict:
     with torch.no_grad():
         full = model(x).float()
         cache = model.allocate_cache(1, prompt + extra, device=device, dtype=torch.bfloat16)
-        parts = [model(x[:, :prompt], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(prompt, prompt + extra)]
+        parts = [model(x[:, :prompt], cache=cache)] + [
+            model(x[:, i : i + 1], cache=cache) for i in range(prompt, prompt + extra)
+        ]
         stepped = torch.cat(parts, 1).float()
         err = (stepped - full).abs()
         agree = (stepped.argmax(-1) == full.argmax(-1)).float().mean().item()
-        results["decode_check"] = {"prompt": prompt, "steps": extra, "max_abs": err.max().item(),
-                                   "mean_abs": err.mean().item(), "argmax_agreement": agree,
-                                   "window": window(C, spec.config.tele_options().fmap)}
-        log(f"[decode] prefill {prompt} + {extra} steps vs full forward (bf16): max {err.max():.3g}, "
-            f"mean {err.mean():.3g}, argmax agreement {agree:.3f}")
+        results["decode_check"] = {
+            "prompt": prompt,
+            "steps": extra,
+            "max_abs": err.max().item(),
+            "mean_abs": err.mean().item(),
+            "argmax_agreement": agree,
+            "window": window(C, spec.config.tele_options().fmap),
+        }
+        log(
+            f"[decode] prefill {prompt} + {extra} steps vs full forward (bf16): max {err.max():.3g}, "
+            f"mean {err.mean():.3g}, argmax agreement {agree:.3f}"
+        )
         latency = {}
-        for batch in ((1, 4) if smoke else (1, 16)):
+        for batch in (1, 4) if smoke else (1, 16):
             cache = model.allocate_cache(batch, prompt + 64, device=device, dtype=torch.bfloat16)
             model(x[:1, :prompt].expand(batch, -1), cache=cache)
-            tok = x[:1, prompt:prompt + 1].expand(batch, -1)
+            tok = x[:1, prompt : prompt + 1].expand(batch, -1)
             for _ in range(3):
                 model(tok, cache=cache)
             _sync(device)
@@ -272,7 +319,7 @@ def decode(device: torch.device, smoke: bool) -> dict:
                     model(x[:1, :prompt].expand(batch, -1), cache=cache)
                     with fused_decode(mode):  # "inductor": each layer's step_core torch.compile'd, then captured
                         steps.append(DecodeStep(model, cache, cuda_graph=use_graph))
-                toks = [x[:1, prompt + i:prompt + i + 1].expand(batch, -1) for i in range(16)]
+                toks = [x[:1, prompt + i : prompt + i + 1].expand(batch, -1) for i in range(16)]
                 eager = torch.stack([steps[0](t).float() for t in toks])
                 for step, out in ((steps[1], graph), (steps[2], compiled)):
                     replay = torch.stack([step(t).float() for t in toks])
@@ -283,8 +330,10 @@ def decode(device: torch.device, smoke: bool) -> dict:
                         step(toks[0])
                     _sync(device)
                     out[batch] = {"graph_vs_eager_rel_err": rel, "step_s": (time.perf_counter() - t) / 32}
-                    log(f"[decode] {spec.name} batch {batch} CUDA graph{' + compiled step' if out is compiled else ''}: "
-                        f"{out[batch]['step_s'] * 1e3:.2f} ms/step, vs eager rel err {rel:.2g}")
+                    log(
+                        f"[decode] {spec.name} batch {batch} CUDA graph{' + compiled step' if out is compiled else ''}: "
+                        f"{out[batch]['step_s'] * 1e3:.2f} ms/step, vs eager rel err {rel:.2g}"
+                    )
                 del steps
             results["cuda_graph"], results["cuda_graph_compiled"] = graph, compiled
     return results
@@ -300,8 +349,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: equiv,train,decode")
-    ap.add_argument("--train_variants", default="llama3_1.8b_4k,tele128_llama3_1.8b",
-                    help="baseline first, then telescoping variants; 'name:field=value;field=value' overrides config")
+    ap.add_argument(
+        "--train_variants",
+        default="llama3_1.8b_4k,tele128_llama3_1.8b",
+        help="baseline first, then telescoping variants; 'name:field=value;field=value' overrides config",
+    )
     ap.add_argument("--profile", action="store_true", help="profile one training step of each variant")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -310,8 +362,12 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv[1:]}
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "argv": sys.argv[1:],
+    }
     log(f"[info] {json.dumps(info)}")
     result: dict = {"info": info}
     # each flex shape/dtype compiles once; keep dynamo from falling back to the dense eager path
@@ -326,20 +382,37 @@ def main() -> None:
             pairs, seq, batch, comp = ("llama3_tiny", "tele_tiny"), 128, 2, False
         else:
             pairs, seq, batch, comp = args.train_variants.split(","), args.seq, args.batch, args.compile
-        runs = [train_cost(n, device, seq, batch, args.steps if not args.smoke else 2,
-                           args.warmup if not args.smoke else 1, comp, out_dir if args.profile else None)
-                for n in pairs]
+        runs = [
+            train_cost(
+                n,
+                device,
+                seq,
+                batch,
+                args.steps if not args.smoke else 2,
+                args.warmup if not args.smoke else 1,
+                comp,
+                out_dir if args.profile else None,
+            )
+            for n in pairs
+        ]
         base, tele = runs[:2]
         for extra in runs[2:]:
-            log(f"[train] {extra['variant']} / {base['variant']}: step time "
-                f"{extra['step_s_median'] / base['step_s_median']:.3f}x")
-        ratio = {"step_time": tele["step_s_median"] / base["step_s_median"],
-                 "peak_mem": tele["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] else None}
-        ratio["meets_targets"] = (None if ratio["peak_mem"] is None
-                                  else ratio["step_time"] <= 1.25 and ratio["peak_mem"] <= 1.1)
+            log(
+                f"[train] {extra['variant']} / {base['variant']}: step time "
+                f"{extra['step_s_median'] / base['step_s_median']:.3f}x"
+            )
+        ratio = {
+            "step_time": tele["step_s_median"] / base["step_s_median"],
+            "peak_mem": tele["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] else None,
+        }
+        ratio["meets_targets"] = (
+            None if ratio["peak_mem"] is None else ratio["step_time"] <= 1.25 and ratio["peak_mem"] <= 1.1
+        )
         result["train"] = {"llama": base, "tele": tele, "ratio": ratio, "more": runs[2:]}
-        log(f"[train] tele / llama: step time {ratio['step_time']:.3f}x (target <= 1.25), peak memory "
-            f"{ratio['peak_mem'] if ratio['peak_mem'] is None else round(ratio['peak_mem'], 3)}x (target <= 1.1)")
+        log(
+            f"[train] tele / llama: step time {ratio['step_time']:.3f}x (target <= 1.25), peak memory "
+            f"{ratio['peak_mem'] if ratio['peak_mem'] is None else round(ratio['peak_mem'], 3)}x (target <= 1.1)"
+        )
     if "decode" not in skip:
         t1 = time.perf_counter()
         result["decode"] = decode(device, args.smoke)
@@ -358,45 +431,72 @@ def markdown(result: dict) -> str:
     lines = [f"{info['device']}, torch {info['torch']}, {info['date']}, `{' '.join(info['argv']) or '(defaults)'}`", ""]
     eq = result.get("equivalence")
     if eq:
-        lines += ["| flex vs reference | dtype | max abs err | mean abs err vs fp64 | grad max rel err | ok |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "| flex vs reference | dtype | max abs err | mean abs err vs fp64 | grad max rel err | ok |",
+            "|---|---|---|---|---|---|",
+        ]
         for key, row in eq.items():
             if isinstance(row, dict):
                 for dt, e in row.items():
                     err = e["flex_vs_gather_max"] if dt == "float32" else e["flex_vs_fp64_max"]
-                    lines.append(f"| {key} | {dt} | {err:.2e} | {e['flex_vs_fp64_mean']:.2e} | "
-                                 f"{e.get('grad_max_rel_err', float('nan')):.2e} | {e['ok']} |")
-        lines += [f"| 2-layer model logits, flex vs gather | float32 | {eq['model_logits_flex_vs_gather_max']:.2e} "
-                  f"| | | {eq['model_logits_ok']} |", ""]
+                    lines.append(
+                        f"| {key} | {dt} | {err:.2e} | {e['flex_vs_fp64_mean']:.2e} | "
+                        f"{e.get('grad_max_rel_err', float('nan')):.2e} | {e['ok']} |"
+                    )
+        lines += [
+            f"| 2-layer model logits, flex vs gather | float32 | {eq['model_logits_flex_vs_gather_max']:.2e} "
+            f"| | | {eq['model_logits_ok']} |",
+            "",
+        ]
     tr = result.get("train")
     if tr:
-        lines += ["| training step | params | ms/step (median) | tokens/s | peak GiB | warm-up s |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| training step | params | ms/step (median) | tokens/s | peak GiB | warm-up s |",
+            "|---|---|---|---|---|---|",
+        ]
         for run in (tr["llama"], tr["tele"], *tr.get("more", [])):
-            lines.append(f"| {run['variant']} (seq {run['seq']}, batch {run['batch']}, compile {run['compile']}) | "
-                         f"{run['params'] / 1e9:.3f}B | {run['step_s_median'] * 1e3:.1f} | {run['tokens_per_s']:.0f} | "
-                         f"{run['peak_mem_gib']:.1f} | {run['warmup_s']:.0f} |")
+            lines.append(
+                f"| {run['variant']} (seq {run['seq']}, batch {run['batch']}, compile {run['compile']}) | "
+                f"{run['params'] / 1e9:.3f}B | {run['step_s_median'] * 1e3:.1f} | {run['tokens_per_s']:.0f} | "
+                f"{run['peak_mem_gib']:.1f} | {run['warmup_s']:.0f} |"
+            )
         r = tr["ratio"]
         mem = "n/a" if r["peak_mem"] is None else f"{r['peak_mem']:.3f}x"
-        lines += ["", f"Telescoping / Llama: step time {r['step_time']:.3f}x (target <= 1.25), peak memory {mem} "
-                      f"(target <= 1.1); targets met: {r['meets_targets']}.", ""]
+        lines += [
+            "",
+            f"Telescoping / Llama: step time {r['step_time']:.3f}x (target <= 1.25), peak memory {mem} "
+            f"(target <= 1.1); targets met: {r['meets_targets']}.",
+            "",
+        ]
     dec = result.get("decode")
     if dec:
         sizes = dec["cache_bytes_per_sequence"]
         contexts = list(next(iter(sizes.values())))
-        lines += ["| bf16 cache MiB per sequence | " + " | ".join(f"{c} tokens" for c in contexts) + " |",
-                  "|---" * (len(contexts) + 1) + "|"]
+        lines += [
+            "| bf16 cache MiB per sequence | " + " | ".join(f"{c} tokens" for c in contexts) + " |",
+            "|---" * (len(contexts) + 1) + "|",
+        ]
         for name, row in sizes.items():
             lines.append(f"| {name} | " + " | ".join(f"{row[c] / 2**20:.2f}" for c in contexts) + " |")
         chk = dec["decode_check"]
-        lines += ["", f"Prefill {chk['prompt']} + {chk['steps']} decode steps vs full forward (bf16, window "
-                      f"{chk['window']}): max abs {chk['max_abs']:.3g}, mean abs {chk['mean_abs']:.3g}, argmax "
-                      f"agreement {chk['argmax_agreement']:.3f}. Eager decode: " + ", ".join(
-                          f"batch {b} {s * 1e3:.2f} ms/step" for b, s in dec["step_latency_s"].items()) + "."]
+        lines += [
+            "",
+            f"Prefill {chk['prompt']} + {chk['steps']} decode steps vs full forward (bf16, window "
+            f"{chk['window']}): max abs {chk['max_abs']:.3g}, mean abs {chk['mean_abs']:.3g}, argmax "
+            f"agreement {chk['argmax_agreement']:.3f}. Eager decode: "
+            + ", ".join(f"batch {b} {s * 1e3:.2f} ms/step" for b, s in dec["step_latency_s"].items())
+            + ".",
+        ]
         for key, label in (("cuda_graph", "CUDA-graph decode"), ("cuda_graph_compiled", "with the compiled step")):
             if key in dec:
-                lines.append(f"{label}: " + ", ".join(
-                    f"batch {b} {g['step_s'] * 1e3:.2f} ms/step (rel err vs eager {g['graph_vs_eager_rel_err']:.1e})"
-                    for b, g in dec[key].items()) + ".")
+                lines.append(
+                    f"{label}: "
+                    + ", ".join(
+                        f"batch {b} {g['step_s'] * 1e3:.2f} ms/step (rel err vs eager {g['graph_vs_eager_rel_err']:.1e})"
+                        for b, g in dec[key].items()
+                    )
+                    + "."
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -70,12 +70,18 @@ def profile_step(step: Callable[[], object], device: torch.device, out_dir: Path
     for r in rows:
         by_class[r["class"]] = by_class.get(r["class"], 0.0) + r["ms"]
     total = sum(r["ms"] for r in rows)
-    summary = {"profiled_step_wall_ms": round(wall, 1), "kernel_ms": round(total, 1),
-               "kernel_launches": sum(r["calls"] for r in rows),
-               "by_class_ms": {k: round(v, 1) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])}}
+    summary = {
+        "profiled_step_wall_ms": round(wall, 1),
+        "kernel_ms": round(total, 1),
+        "kernel_launches": sum(r["calls"] for r in rows),
+        "by_class_ms": {k: round(v, 1) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+    }
     (out_dir / f"profile_{tag}.json").write_text(json.dumps({"summary": summary, "kernels": rows[:60]}, indent=1))
-    lines = [f"{tag}: profiled step {wall:.1f} ms wall, {total:.1f} ms in kernels, "
-             f"{summary['kernel_launches']} launches", "time by class (ms): " + json.dumps(summary["by_class_ms"]), ""]
+    lines = [
+        f"{tag}: profiled step {wall:.1f} ms wall, {total:.1f} ms in kernels, {summary['kernel_launches']} launches",
+        "time by class (ms): " + json.dumps(summary["by_class_ms"]),
+        "",
+    ]
     lines += [f"{r['ms']:9.2f} ms {r['calls']:6d}x  [{r['class']}] {r['name'][:150]}" for r in rows[:40]]
     (out_dir / f"profile_{tag}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:25]), flush=True)

@@ -15,8 +15,10 @@ def decode_logits(model, ids: torch.Tensor, prefill: int, mode: str = "off", dty
     B, T = ids.shape
     with fused_decode(mode):
         cache = model.allocate_cache(B, T, dtype=dtype) if dtype is not None else model.allocate_cache(B, T)
-        return torch.cat([model(ids[:, :prefill], cache=cache)]
-                         + [model(ids[:, i:i + 1], cache=cache) for i in range(prefill, T)], 1)
+        return torch.cat(
+            [model(ids[:, :prefill], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(prefill, T)],
+            1,
+        )
 
 
 def track_compiled(monkeypatch, module, name: str):

@@ -27,8 +27,15 @@ from triton.compiler import ASTSource  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
-                 num_warps: int = 4, num_stages: int = 3, divisible: tuple[str, ...] = ()):
+def compile_case(
+    kernel,
+    pointers: dict[str, str],
+    constexprs: dict,
+    floats: tuple[str, ...] = (),
+    num_warps: int = 4,
+    num_stages: int = 3,
+    divisible: tuple[str, ...] = (),
+):
     """Compile `kernel` (a JITFunction, or an autotuner's .fn) with pointer args typed as given,
     `floats` as fp32 scalars, every other non-constexpr argument as i32 (`divisible`: _compile)."""
     fn = kernel
@@ -42,8 +49,9 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, floats: tup
     return _compile(ASTSource, fn, types, constexprs, divisible, {"num_warps": num_warps, "num_stages": num_stages})
 
 
-def compile_gluon_case(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4,
-                       divisible: tuple[str, ...] = ()):
+def compile_gluon_case(
+    kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, divisible: tuple[str, ...] = ()
+):
     """compile_case for a Gluon kernel: `types` names every non-i32 argument's type (tensor
     descriptors as 'tensordesc<...>')."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -56,16 +64,18 @@ def _compile(source, fn, types: dict[str, str], constexprs: dict, divisible: tup
     and the integer arguments `divisible` (multiples of 16 at every launch) marked so."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in divisible}
+    attrs = {
+        (names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n].startswith("*") or n in divisible
+    }
     src = source(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=TARGET, options=options)
 
 
 def cases():
+    import gpu_stream_read
+
     from avengers.inference import triton_block, triton_decode, triton_gemv
     from avengers.models import causal_conv_triton
-    import gpu_stream_read
 
     bf, f32 = "*bf16", "*fp32"
     gemv = triton_gemv._gemv_kernel
@@ -77,67 +87,226 @@ def cases():
         ("gemv fp32 residual (Mamba-2 out_proj)", 1, bf, f32, False, False, True, 2, 2048, 8),
         ("gemv batch 8 norm+swiglu", 8, bf, bf, True, True, False, 2, 1024, 4),
     ]:
-        yield name, functools.partial(
-            compile_case, gemv, {"X": x, "NormW": bf, "W": bf, "Res": out, "Out": out},
-            dict(BB=bb, B=bb, NORM=norm, SWIGLU=swiglu, RESIDUAL=res, GDC=True, BN=bn, BK=bk), ("eps",), w)
-    yield "qkv + rope + cache write", functools.partial(
-        compile_case, triton_gemv._qkv_rope_kernel,
-        {"X": bf, "NormW": bf, "W": bf, "Cos": f32, "Sin": f32, "Q": bf, "Kc": bf, "Vc": bf, "Pos": "*i64"},
-        dict(BB=1, B=1, GDC=True, BN=4, BK=1024), ("eps",), 2)
+        yield (
+            name,
+            functools.partial(
+                compile_case,
+                gemv,
+                {"X": x, "NormW": bf, "W": bf, "Res": out, "Out": out},
+                dict(BB=bb, B=bb, NORM=norm, SWIGLU=swiglu, RESIDUAL=res, GDC=True, BN=bn, BK=bk),
+                ("eps",),
+                w,
+            ),
+        )
+    yield (
+        "qkv + rope + cache write",
+        functools.partial(
+            compile_case,
+            triton_gemv._qkv_rope_kernel,
+            {"X": bf, "NormW": bf, "W": bf, "Cos": f32, "Sin": f32, "Q": bf, "Kc": bf, "Vc": bf, "Pos": "*i64"},
+            dict(BB=1, B=1, GDC=True, BN=4, BK=1024),
+            ("eps",),
+            2,
+        ),
+    )
     attn_ptrs = {"Q": bf, "K": bf, "V": bf, "Length": "*i64", "Acc": f32, "M": f32, "L": f32}
     for block, stages in [(64, 2), (128, 3)]:
-        yield f"attention split pass (BLOCK {block}, {stages} stages)", functools.partial(
-            compile_case, triton_decode._partial_kernel, attn_ptrs,
-            dict(D=128, BLOCK_G=16, PRECISION="tf32", DYNAMIC_BOUND=True, STATIC_SPAN=0, GDC=True, BLOCK=block),
-            ("scale",), 4, stages)
-    yield "attention merge", functools.partial(
-        compile_case, triton_decode._merge_kernel, {"Acc": f32, "M": f32, "L": f32, "Out": bf},
-        dict(D=128, BLOCK_S=16, GDC=True))
+        yield (
+            f"attention split pass (BLOCK {block}, {stages} stages)",
+            functools.partial(
+                compile_case,
+                triton_decode._partial_kernel,
+                attn_ptrs,
+                dict(D=128, BLOCK_G=16, PRECISION="tf32", DYNAMIC_BOUND=True, STATIC_SPAN=0, GDC=True, BLOCK=block),
+                ("scale",),
+                4,
+                stages,
+            ),
+        )
+    yield (
+        "attention merge",
+        functools.partial(
+            compile_case,
+            triton_decode._merge_kernel,
+            {"Acc": f32, "M": f32, "L": f32, "Out": bf},
+            dict(D=128, BLOCK_S=16, GDC=True),
+        ),
+    )
     D, hidden, d, H, Hkv = 2048, 7168, 128, 16, 8  # llama3_1.8b
     NQ = H * d
     tb = triton_block
-    yield "persistent decode block", functools.partial(
-        compile_case, tb._block_kernel,
-        {"X": bf, "LnW": bf, "Wqkv": bf, "Cos": f32, "Sin": f32, "Kc": bf, "Vc": bf, "Pos": "*i64", "Length": "*i64",
-         "Wo": bf, "FfLnW": bf, "Wg1": bf, "W2": bf, "Q": bf, "Acc": f32, "M": f32, "L": f32, "Attn": bf, "H2": bf,
-         "A": bf, "Out": bf, "Count": "*i32", "Stamps": "*i32"},
-        dict(G=H // Hkv, BB=1, B=1, HEAD_DIM=d, BN_QKV=tb._tile_rows(D), BN_O=tb._tile_rows(NQ),
-             BN_UP=tb._tile_rows(D, swiglu=True), BN_DOWN=tb._tile_rows(hidden), BK_D=D, BK_Q=NQ, BK_HID=8192,
-             BLOCK_G=16, BLOCK=128, BLOCK_S=16, PRECISION="tf32", DYNAMIC_BOUND=True, STATIC_SPAN=0, STAMPS=False,
-             STAGES=tb.STAGES), ("eps", "ff_eps"), tb.NUM_WARPS)
+    yield (
+        "persistent decode block",
+        functools.partial(
+            compile_case,
+            tb._block_kernel,
+            {
+                "X": bf,
+                "LnW": bf,
+                "Wqkv": bf,
+                "Cos": f32,
+                "Sin": f32,
+                "Kc": bf,
+                "Vc": bf,
+                "Pos": "*i64",
+                "Length": "*i64",
+                "Wo": bf,
+                "FfLnW": bf,
+                "Wg1": bf,
+                "W2": bf,
+                "Q": bf,
+                "Acc": f32,
+                "M": f32,
+                "L": f32,
+                "Attn": bf,
+                "H2": bf,
+                "A": bf,
+                "Out": bf,
+                "Count": "*i32",
+                "Stamps": "*i32",
+            },
+            dict(
+                G=H // Hkv,
+                BB=1,
+                B=1,
+                HEAD_DIM=d,
+                BN_QKV=tb._tile_rows(D),
+                BN_O=tb._tile_rows(NQ),
+                BN_UP=tb._tile_rows(D, swiglu=True),
+                BN_DOWN=tb._tile_rows(hidden),
+                BK_D=D,
+                BK_Q=NQ,
+                BK_HID=8192,
+                BLOCK_G=16,
+                BLOCK=128,
+                BLOCK_S=16,
+                PRECISION="tf32",
+                DYNAMIC_BOUND=True,
+                STATIC_SPAN=0,
+                STAMPS=False,
+                STAGES=tb.STAGES,
+            ),
+            ("eps", "ff_eps"),
+            tb.NUM_WARPS,
+        ),
+    )
     from avengers.inference import gluon_chain as gc
     from avengers.inference.gluon_step import LlamaStepKernel
 
     desc = f"tensordesc<bf16[{gc.ROWS},{gc.CHUNKS},{gc.CW}],{gc.box_layout()!r}>"
-    chain_types = {"w_d": desc, "w2_d": desc, "X": bf, "Qkv": bf, "H2": bf, "A": bf, "Count": "*i32", "LnW": bf,
-                   "FfLnW": bf, "eps": "fp32", "Stamps": "*i64", "Rope": f32, "q_scale": "fp32", "Pos": "*i64", "Tok": "*i64",
-                   "K0": bf, "V0": bf, "KOff": "*i64", "VOff": "*i64", "Attn": bf, "PAcc": f32, "PM": f32, "PL": f32,
-                   "k_d": desc, "v_d": desc, "h_d": desc, "Logits": bf, "DecNormW": bf, "head_eps": "fp32", "Emb": bf}
+    chain_types = {
+        "w_d": desc,
+        "w2_d": desc,
+        "X": bf,
+        "Qkv": bf,
+        "H2": bf,
+        "A": bf,
+        "Count": "*i32",
+        "LnW": bf,
+        "FfLnW": bf,
+        "eps": "fp32",
+        "Stamps": "*i64",
+        "Rope": f32,
+        "q_scale": "fp32",
+        "Pos": "*i64",
+        "Tok": "*i64",
+        "K0": bf,
+        "V0": bf,
+        "KOff": "*i64",
+        "VOff": "*i64",
+        "Attn": bf,
+        "PAcc": f32,
+        "PM": f32,
+        "PL": f32,
+        "k_d": desc,
+        "v_d": desc,
+        "h_d": desc,
+        "Logits": bf,
+        "DecNormW": bf,
+        "head_eps": "fp32",
+        "Emb": bf,
+    }
     for warps in (4, 8) if gc.GLUON_API else ():  # written for Triton 3.6's Gluon
-        yield f"gluon GEMV chain ({warps} consumer warps)", functools.partial(
-            compile_gluon_case, gc.chain_kernel, chain_types,
-            dict(STAGES=12, num_warps=warps, SYNC=True, MATH=True, STAMPS=warps == 8, DECODE=False, G=4, HD=128,
-                 BLOCK_S=16), warps, ("NQKV", "D", "HID"))
+        yield (
+            f"gluon GEMV chain ({warps} consumer warps)",
+            functools.partial(
+                compile_gluon_case,
+                gc.chain_kernel,
+                chain_types,
+                dict(
+                    STAGES=12,
+                    num_warps=warps,
+                    SYNC=True,
+                    MATH=True,
+                    STAMPS=warps == 8,
+                    DECODE=False,
+                    G=4,
+                    HD=128,
+                    BLOCK_S=16,
+                ),
+                warps,
+                ("NQKV", "D", "HID"),
+            ),
+        )
     step_types = {**chain_types, **{n: "*i32" for n in ("X", "Qkv", "H2", "A", "Attn")}}  # tagged rows
-    for g, ring, poll in [(2, True, False), (4, True, False), (2, False, False), (2, True, True)] if gc.GLUON_API else ():
-        yield (f"gluon decode step ({g} query heads per kv head, keys and values "
-               f"{'through the ring' if ring else 'loaded by the consumer'}, "
-               f"{'tags polled' if poll else 'grid barriers'})"), functools.partial(
-            _no_hoisted_polls, compile_gluon_case, gc.chain_kernel, step_types,
-            dict(STAGES=LlamaStepKernel.STAGES, num_warps=LlamaStepKernel.NUM_WARPS, SYNC=not poll, MATH=True,
-                 STAMPS=False, DECODE=True, G=g, HD=128, BLOCK_S=16, KV_RING=ring, POLL=poll,
-                 INFLIGHT=LlamaStepKernel.INFLIGHT), LlamaStepKernel.NUM_WARPS,
-            ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"))
+    for g, ring, poll in (
+        [(2, True, False), (4, True, False), (2, False, False), (2, True, True)] if gc.GLUON_API else ()
+    ):
+        yield (
+            (
+                f"gluon decode step ({g} query heads per kv head, keys and values "
+                f"{'through the ring' if ring else 'loaded by the consumer'}, "
+                f"{'tags polled' if poll else 'grid barriers'})"
+            ),
+            functools.partial(
+                _no_hoisted_polls,
+                compile_gluon_case,
+                gc.chain_kernel,
+                step_types,
+                dict(
+                    STAGES=LlamaStepKernel.STAGES,
+                    num_warps=LlamaStepKernel.NUM_WARPS,
+                    SYNC=not poll,
+                    MATH=True,
+                    STAMPS=False,
+                    DECODE=True,
+                    G=g,
+                    HD=128,
+                    BLOCK_S=16,
+                    KV_RING=ring,
+                    POLL=poll,
+                    INFLIGHT=LlamaStepKernel.INFLIGHT,
+                ),
+                LlamaStepKernel.NUM_WARPS,
+                ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"),
+            ),
+        )
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
-    yield "causal conv forward", functools.partial(
-        compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv)
-    yield "causal conv backward", functools.partial(
-        compile_case, causal_conv_triton._bwd_kernel,
-        {"X": bf, "Wt": bf, "Bias": bf, "G": bf, "DX": bf, "DWp": f32, "DBp": f32}, conv)
+    yield (
+        "causal conv forward",
+        functools.partial(
+            compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv
+        ),
+    )
+    yield (
+        "causal conv backward",
+        functools.partial(
+            compile_case,
+            causal_conv_triton._bwd_kernel,
+            {"X": bf, "Wt": bf, "Bias": bf, "G": bf, "DX": bf, "DWp": f32, "DBp": f32},
+            conv,
+        ),
+    )
     for mode, k in [("read", 16), ("gemv", 2048), ("mma", 2048)]:
-        yield f"stream read ({mode})", functools.partial(
-            compile_case, gpu_stream_read._read_kernel, {"X": bf, "V": bf, "Out": f32},
-            dict(TILE=32768 if mode == "mma" else 8192, STAGES=3, GDC=True, MODE=mode, K=k, KC=min(256, k)))
+        yield (
+            f"stream read ({mode})",
+            functools.partial(
+                compile_case,
+                gpu_stream_read._read_kernel,
+                {"X": bf, "V": bf, "Out": f32},
+                dict(TILE=32768 if mode == "mma" else 8192, STAGES=3, GDC=True, MODE=mode, K=k, KC=min(256, k)),
+            ),
+        )
 
 
 def _no_hoisted_polls(compile_fn, *args):
@@ -168,20 +337,32 @@ def resource_usage(kernel) -> dict:
             f.flush()
             out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
         found = dict(re.findall(r"\b(REG|STACK):(\d+)", out))
-    return {"registers": int(found["REG"]) if "REG" in found else None,
-            "stack_bytes": int(found["STACK"]) if "STACK" in found else None}
+    return {
+        "registers": int(found["REG"]) if "REG" in found else None,
+        "stack_bytes": int(found["STACK"]) if "STACK" in found else None,
+    }
 
 
-LOOP_OPS = {"spill_loads": "LDL", "spill_stores": "STL", "global_loads": "LDG", "shared_loads": "LDS",
-            "cta_barriers": "BAR.SYNC", "shuffles": "SHFL", "exp2": "MUFU.EX2", "ffma": "FFMA"}
+LOOP_OPS = {
+    "spill_loads": "LDL",
+    "spill_stores": "STL",
+    "global_loads": "LDG",
+    "shared_loads": "LDS",
+    "cta_barriers": "BAR.SYNC",
+    "shuffles": "SHFL",
+    "exp2": "MUFU.EX2",
+    "ffma": "FFMA",
+}
 
 
 def loops(kernel) -> list[dict]:
     """Every backward branch in a compiled kernel's SASS as a loop body: its instruction count and
     how many of them are each of LOOP_OPS, i.e. where spills, barriers and loads sit (the body of
     an outer loop includes its inner loops)."""
-    return [{"instructions": len(body), **{k: sum(op in b for b in body) for k, op in LOOP_OPS.items()}}
-            for body in _loop_bodies(kernel)]
+    return [
+        {"instructions": len(body), **{k: sum(op in b for b in body) for k, op in LOOP_OPS.items()}}
+        for body in _loop_bodies(kernel)
+    ]
 
 
 def hoisted_polls(kernel, max_polls: int) -> int:
@@ -190,8 +371,10 @@ def hoisted_polls(kernel, max_polls: int) -> int:
     import re
 
     limit = re.compile(rf"\b{hex(max_polls - 1)}\b")
-    return sum(any(limit.search(b) for b in body) and not any(re.search(r"\bLDG\.", b) for b in body)
-               for body in _loop_bodies(kernel))
+    return sum(
+        any(limit.search(b) for b in body) and not any(re.search(r"\bLDG\.", b) for b in body)
+        for body in _loop_bodies(kernel)
+    )
 
 
 def _loop_bodies(kernel) -> list[list[str]]:
@@ -217,7 +400,7 @@ def _loop_bodies(kernel) -> list[list[str]]:
     for end, line in enumerate(code):
         m = re.search(r"BRA\b.*?(L_x_\d+)", line)
         if m and labels.get(m.group(1), end + 1) <= end:
-            found.append(code[labels[m.group(1)]:end + 1])
+            found.append(code[labels[m.group(1)] : end + 1])
     return found
 
 
@@ -231,7 +414,9 @@ def main() -> int:
     args = ap.parse_args()
 
     if "nvidia" not in backends:
-        print(json.dumps({"case": "backend", "ok": False, "error": f"triton has no nvidia backend: {sorted(backends)}"}))
+        print(
+            json.dumps({"case": "backend", "ok": False, "error": f"triton has no nvidia backend: {sorted(backends)}"})
+        )
         return 3
     failed = 0
     for name, run in cases():
@@ -244,8 +429,10 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - report every case, then fail
             failed += 1
             msg = str(e).strip().splitlines()
-            print(json.dumps({"case": name, "ok": False, "error": f"{type(e).__name__}: {' | '.join(msg[-6:])}"}),
-                  flush=True)
+            print(
+                json.dumps({"case": name, "ok": False, "error": f"{type(e).__name__}: {' | '.join(msg[-6:])}"}),
+                flush=True,
+            )
     return 1 if failed else 0
 
 

@@ -14,14 +14,31 @@ from avengers.models.registry import list_variants
 def test_smoke_every_tiny_variant(tmp_path):
     variants = [v for v in list_variants() if "tiny" in v]
     assert "llama3_tiny" in variants
-    cfg = parse_args(["--device", "cpu", "--contexts", "128,256", "--batch_sizes", "1,2", "--steps", "2",
-                      "--warmup", "1", "--bandwidth_gbs", "20", "--out", str(tmp_path)])
+    cfg = parse_args(
+        [
+            "--device",
+            "cpu",
+            "--contexts",
+            "128,256",
+            "--batch_sizes",
+            "1,2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--bandwidth_gbs",
+            "20",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert cfg.variants == variants
     report = run(cfg)
     assert not any(v.get("failed") for v in report["variants"].values()), report["variants"]
     rows = report["rows"]
     assert {(r["variant"], r["context"], r["batch"]) for r in rows} == {
-        (v, c, b) for v in variants for c in (128, 256) for b in (1, 2)}
+        (v, c, b) for v in variants for c in (128, 256) for b in (1, 2)
+    }
     for r in rows:
         assert r["decode_tok_s"] > 0 and r["prefill_s"] > 0 and r["roofline_ratio"] > 0
         assert r["cache_bytes"] == pytest.approx(r["batch"] * r["cache_bytes_per_seq"])
@@ -36,12 +53,19 @@ def test_smoke_every_tiny_variant(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
     # --merge: a rerun of one variant replaces that variant's rows; the targets are recomputed
-    rerun = {**saved, "variants": {"llama3_tiny": saved["variants"]["llama3_tiny"]},
-             "rows": [{**r, "decode_tok_s": 2 * r["decode_tok_s"]} for r in saved["rows"] if r["variant"] == "llama3_tiny"]}
+    rerun = {
+        **saved,
+        "variants": {"llama3_tiny": saved["variants"]["llama3_tiny"]},
+        "rows": [{**r, "decode_tok_s": 2 * r["decode_tok_s"]} for r in saved["rows"] if r["variant"] == "llama3_tiny"],
+    }
     (tmp_path / "rerun.json").write_text(json.dumps(rerun))
     merged_dir = tmp_path / "merged"
-    assert bench.main(["--merge", str(tmp_path / "inference_bench.json"), str(tmp_path / "rerun.json"),
-                       "--out", str(merged_dir)]) == 0
+    assert (
+        bench.main(
+            ["--merge", str(tmp_path / "inference_bench.json"), str(tmp_path / "rerun.json"), "--out", str(merged_dir)]
+        )
+        == 0
+    )
     merged = json.loads((merged_dir / "inference_bench.json").read_text())
     assert len(merged["rows"]) == len(rows) and set(merged["variants"]) == set(variants)
     by_key = {(r["variant"], r["context"], r["batch"]): r["decode_tok_s"] for r in merged["rows"]}
@@ -72,8 +96,27 @@ def test_check_covers_paths_taken_at_batch_one_only(tiny, monkeypatch):
 def test_timed_dtype_check_passes_bf16_rounding_and_catches_a_broken_decode(tmp_path, monkeypatch):
     """Below fp32 the bench also checks the batch-1 path it times in that dtype (fused_decode
     "gluon" serves bf16 only): bf16 noise (~1% of the top logit) passes, positions ignored do not."""
-    rc = bench.main(["--device", "cpu", "--dtype", "bf16", "--variants", "llama3_tiny", "--contexts", "128",
-                     "--batch_sizes", "1", "--steps", "1", "--warmup", "1", "--no_max_batch", "--out", str(tmp_path)])
+    rc = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--variants",
+            "llama3_tiny",
+            "--contexts",
+            "128",
+            "--batch_sizes",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--no_max_batch",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     report = json.loads((tmp_path / "inference_bench.json").read_text())
     err = report["variants"]["llama3_tiny"]["check"]["dtype_rel_err"]
     assert rc == 0 and 0 < err < 0.05
@@ -95,8 +138,9 @@ def test_timed_dtype_check_passes_bf16_rounding_and_catches_a_broken_decode(tmp_
 
 def test_failed_variant_is_reported_and_exit_code_nonzero(monkeypatch, tmp_path):
     monkeypatch.setattr(kv_cache, "apply_rope", lambda x, cis: x)
-    rc = bench.main(["--device", "cpu", "--variants", "llama3_tiny", "--contexts", "128", "--steps", "1",
-                     "--out", str(tmp_path)])
+    rc = bench.main(
+        ["--device", "cpu", "--variants", "llama3_tiny", "--contexts", "128", "--steps", "1", "--out", str(tmp_path)]
+    )
     report = json.loads((tmp_path / "inference_bench.json").read_text())
     assert rc == 1 and report["variants"]["llama3_tiny"]["failed"] and report["rows"] == []
 
@@ -110,7 +154,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="every context must be"):
         BenchConfig(variants=["llama3_tiny"], contexts=[8], batch_sizes=[1], device="cpu").validate()
     with pytest.raises(ValueError, match="fused_decode must be one of"):
-        BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", fused_decode="tvm").validate()
+        BenchConfig(
+            variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", fused_decode="tvm"
+        ).validate()
     assert parse_args(["--device", "cpu", "--compile"]).fused_decode == "inductor"
     assert parse_args(["--device", "cpu", "--fused_decode", "triton"]).fused_decode == "triton"
     assert parse_args(["--device", "cpu"]).fused_decode == "off"

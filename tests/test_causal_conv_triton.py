@@ -6,7 +6,6 @@ TRITON_INTERPRET=1 is set (fp32 only there).
 
 import pytest
 import torch
-
 from triton_helpers import triton_device
 
 DEVICE = triton_device()
@@ -21,7 +20,7 @@ def _inputs(B, L, C, width, dtype, with_bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     # the mixer's layout: a column slice of a wider [b, l, *] projection, seen as [b, channels, l]
     wide = torch.randn(B, L, C + 37, generator=g)
-    x = wide[..., 5:5 + C].to(DEVICE, dtype).transpose(1, 2)
+    x = wide[..., 5 : 5 + C].to(DEVICE, dtype).transpose(1, 2)
     weight = (0.5 * torch.randn(C, 1, width, generator=g)).to(DEVICE, dtype)
     bias = (0.5 * torch.randn(C, generator=g)).to(DEVICE, dtype) if with_bias else None
     return x, weight, bias
@@ -57,8 +56,9 @@ def test_bf16_close_to_fp32_reference():
 def test_channel_first_input_and_layout_errors():
     x, weight, bias = _inputs(2, 20, 24, 4, torch.float32, True)
     x_cf = x.contiguous()  # [b, channels, l] contiguous: channels are not unit-stride
-    torch.testing.assert_close(triton_causal_conv(x_cf, weight, bias, True), ref_causal_conv(x_cf, weight, bias, True),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        triton_causal_conv(x_cf, weight, bias, True), ref_causal_conv(x_cf, weight, bias, True), atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="unit channel stride"):
         CausalConvChannelLast.apply(x_cf.transpose(1, 2), weight, bias, True)
     with pytest.raises(ValueError, match="weight has 16 channels"):
@@ -95,5 +95,7 @@ def test_self_test_passes_and_catches_a_broken_kernel(monkeypatch):
     assert causal_conv_triton.self_test(DEVICE)
     with torch.no_grad():  # first use inside a decode or an eval must not fall back
         assert causal_conv_triton.self_test(DEVICE)
-    monkeypatch.setattr(causal_conv_triton, "triton_causal_conv", lambda x, w, b, silu: ref_causal_conv(x, w, b, silu) * 1.1)
+    monkeypatch.setattr(
+        causal_conv_triton, "triton_causal_conv", lambda x, w, b, silu: ref_causal_conv(x, w, b, silu) * 1.1
+    )
     assert not causal_conv_triton.self_test(DEVICE)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 import io
-from pathlib import Path
 import types
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -41,10 +41,27 @@ def make_corpus(root, spec: dict[str, list[int]], seed: int = 0, meta: bool = Tr
 
 
 def config(root, **kw) -> types.SimpleNamespace:
-    base = dict(data_path=str(root), file_type="arrow", col_name="tokens", tokenizer_path=None, datasets="a,b",
-                weights="1,1", seq_length=32, vocab_size=100_000, bos_token=None, eos_token=1, bol_token=None,
-                eol_token=None, strip_tokens="", logical_shards=12, num_workers=0, seed=7, batch_size=3,
-                shuffle_buffer=0, min_doc_length=3)
+    base = dict(
+        data_path=str(root),
+        file_type="arrow",
+        col_name="tokens",
+        tokenizer_path=None,
+        datasets="a,b",
+        weights="1,1",
+        seq_length=32,
+        vocab_size=100_000,
+        bos_token=None,
+        eos_token=1,
+        bol_token=None,
+        eol_token=None,
+        strip_tokens="",
+        logical_shards=12,
+        num_workers=0,
+        seed=7,
+        batch_size=3,
+        shuffle_buffer=0,
+        min_doc_length=3,
+    )
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -125,7 +142,7 @@ def test_weights_3_to_1_realised_within_one_percent(corpus):
     cfg = config(root, weights="3,1", eos_token=None, seq_length=256, batch_size=8, logical_shards=4)
     a_max = int(max(d.max() for d in docs["a"]))
     n_a = n_b = 0
-    for x, y in iter(build_dataloader(cfg, 0, 1)):
+    for _x, y in iter(build_dataloader(cfg, 0, 1)):
         n_a += int((y <= a_max).sum())
         n_b += int((y > a_max).sum())
         if n_a + n_b >= 200_000:
@@ -144,8 +161,17 @@ def test_shard_from_independent_pyarrow_writer(tmp_path):
             w.write_batch(pa.record_batch([pa.array(d, type=pa.uint32())], schema=schema))
     r = shards.ShardReader(tmp_path / "ds" / "x.arrow")
     assert r.num_docs == 3 and [r.doc(i).tolist() for i in range(3)] == docs
-    cfg = config(tmp_path, datasets="ds", weights=None, logical_shards=1, seq_length=7, batch_size=1,
-                 bos_token=5, eos_token=6, min_doc_length=3)
+    cfg = config(
+        tmp_path,
+        datasets="ds",
+        weights=None,
+        logical_shards=1,
+        seq_length=7,
+        batch_size=1,
+        bos_token=5,
+        eos_token=6,
+        min_doc_length=3,
+    )
     lines = torch.cat(lines_of(list(build_dataloader(cfg, 0, 1, epochs=1)))).flatten().tolist()
     lines = [t for t in lines if t >= 0]
     # each document: [bos] + body (stripped of its own bos/eos) + [eos]
@@ -212,8 +238,17 @@ def test_hf_parquet_tokenized_on_the_fly_matches_arrow(tmp_path):
     (tmp_path / "fw").mkdir()
     table = pq.read_table(sample / "fineweb-edu-sample.parquet").slice(0, 12)
     pq.write_table(table, tmp_path / "fw" / "x.parquet", row_group_size=5)
-    cfg = config(tmp_path, datasets="fw", weights=None, file_type="hf_parquet", col_name="text", logical_shards=2,
-                 tokenizer_path=str(sample / "tokenizer"), seq_length=64, eos_token=1)
+    cfg = config(
+        tmp_path,
+        datasets="fw",
+        weights=None,
+        file_type="hf_parquet",
+        col_name="text",
+        logical_shards=2,
+        tokenizer_path=str(sample / "tokenizer"),
+        seq_length=64,
+        eos_token=1,
+    )
     validate_data_config(cfg, 1, 4096)
     got = torch.cat(lines_of(list(build_dataloader(cfg, 0, 1, epochs=1)))).flatten()
     tok = Tokenizer.from_file(str(sample / "tokenizer" / "tokenizer.json"))

@@ -42,8 +42,18 @@ def read_counts(out):
 
 def test_sample_files_follow_the_source_schemas():
     cols = pq.read_schema(PARQUET).names
-    assert cols == ["text", "id", "dump", "url", "file_path", "language", "language_score", "token_count",
-                    "score", "int_score"]
+    assert cols == [
+        "text",
+        "id",
+        "dump",
+        "url",
+        "file_path",
+        "language",
+        "language_score",
+        "token_count",
+        "score",
+        "int_score",
+    ]
     with gzip.open(DOLMA, "rt") as f:
         row = json.loads(f.readline())
     assert {"id", "text", "source", "added", "created"} <= set(row)
@@ -54,8 +64,21 @@ def test_prepare_sample_parquet_and_jsongz_counts_and_resume(tmp_path):
     texts = {"fineweb-edu-sample": pq.read_table(PARQUET, columns=["text"]).column(0).to_pylist()}
     with gzip.open(DOLMA, "rt") as f:
         texts["dolma-sample"] = [json.loads(line)["text"] for line in f]
-    prepare(args(out, "--source", "local", "--input", str(PARQUET), "--dataset", "fineweb-edu-sample",
-                 "--docs_per_shard", "100", "--workers", "2"))
+    prepare(
+        args(
+            out,
+            "--source",
+            "local",
+            "--input",
+            str(PARQUET),
+            "--dataset",
+            "fineweb-edu-sample",
+            "--docs_per_shard",
+            "100",
+            "--workers",
+            "2",
+        )
+    )
     prepare(args(out, "--source", "local", "--input", str(DOLMA), "--dataset", "dolma-sample", "--workers", "1"))
     rows = read_counts(out)
     for name, (docs, tokens) in EXPECTED.items():
@@ -78,15 +101,39 @@ def test_prepare_sample_parquet_and_jsongz_counts_and_resume(tmp_path):
     kept_mtime = (ds / "part-00000.arrow").stat().st_mtime_ns
     (ds / "part-00001.arrow").unlink()
     (ds / "part-00002.arrow").rename(ds / "part-00002.arrow.tmp")
-    prepare(args(out, "--source", "local", "--input", str(PARQUET), "--dataset", "fineweb-edu-sample",
-                 "--docs_per_shard", "100", "--workers", "1"))
+    prepare(
+        args(
+            out,
+            "--source",
+            "local",
+            "--input",
+            str(PARQUET),
+            "--dataset",
+            "fineweb-edu-sample",
+            "--docs_per_shard",
+            "100",
+            "--workers",
+            "1",
+        )
+    )
     assert {p.name: p.read_bytes() for p in ds.glob("*.arrow")} == before
     assert not list(ds.glob("*.tmp"))
     assert (ds / "part-00000.arrow").stat().st_mtime_ns == kept_mtime
     assert read_counts(out) == rows
     with pytest.raises(PrepareError, match="other settings"):
-        prepare(args(out, "--source", "local", "--input", str(PARQUET), "--dataset", "fineweb-edu-sample",
-                     "--docs_per_shard", "50"))
+        prepare(
+            args(
+                out,
+                "--source",
+                "local",
+                "--input",
+                str(PARQUET),
+                "--dataset",
+                "fineweb-edu-sample",
+                "--docs_per_shard",
+                "50",
+            )
+        )
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -100,17 +147,31 @@ def test_clear_errors(tmp_path, capsys):
         prepare(args(tmp_path / "o", "--source", "local", "--input", str(tmp_path / "missing.parquet")))
 
 
-@pytest.mark.parametrize("source, flags, message", [
-    ("local", ["--input", str(DOLMA), "--tokenizer", "meta-llama/Meta-Llama-3-8B"],
-     "could not be loaded from the Hugging Face Hub or its cache"),
-    ("fineweb-edu", ["--config", "sample-10BT", "--tokenizer", str(TOKENIZER)],
-     "cannot stream HuggingFaceFW/fineweb-edu config 'sample-10BT'"),
-    ("dolma", ["--dolma_sources", "wiki", "--tokenizer", str(TOKENIZER)], "cannot stream allenai/dolma"),
-])
+@pytest.mark.parametrize(
+    "source, flags, message",
+    [
+        (
+            "local",
+            ["--input", str(DOLMA), "--tokenizer", "meta-llama/Meta-Llama-3-8B"],
+            "could not be loaded from the Hugging Face Hub or its cache",
+        ),
+        (
+            "fineweb-edu",
+            ["--config", "sample-10BT", "--tokenizer", str(TOKENIZER)],
+            "cannot stream HuggingFaceFW/fineweb-edu config 'sample-10BT'",
+        ),
+        ("dolma", ["--dolma_sources", "wiki", "--tokenizer", str(TOKENIZER)], "cannot stream allenai/dolma"),
+    ],
+)
 def test_hub_unreachable_errors(tmp_path, source, flags, message):
     # a fresh process, so HF_HUB_OFFLINE is read by huggingface_hub at import (no network retries)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "avengers.data.prepare", "--source", source, "--output",
-                        str(tmp_path), *flags], capture_output=True, text=True, env=env, timeout=120,
-                       cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-m", "avengers.data.prepare", "--source", source, "--output", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]

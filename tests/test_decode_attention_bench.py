@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from triton_helpers import triton_device
 
 DEVICE = triton_device()

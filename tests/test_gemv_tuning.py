@@ -15,12 +15,14 @@ class Config:  # the two attributes of triton.Config that tuning reads
 
 class FakeAutotuner:
     """What tune reads of triton.runtime.Autotuner: keys, configs, early_config_prune and cache."""
+
     keys = ["K", "N", "BB"]
 
     def __init__(self, configs, cache):
         self.configs, self.cache = configs, cache
         self.early_config_prune = lambda configs, named_args: [
-            c for c in configs if named_args["BB"] * c.kwargs["BN"] <= 8]
+            c for c in configs if named_args["BB"] * c.kwargs["BN"] <= 8
+        ]
 
 
 def test_tune_keeps_the_fastest_step_per_key_and_leaves_other_batches_alone():
@@ -67,8 +69,9 @@ def test_tune_ignores_gains_below_the_noise_floor_and_respects_pruning():
 def test_bench_rejects_tune_gemv_without_the_triton_decode(fused):
     from avengers.inference.bench import BenchConfig
 
-    cfg = BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", fused_decode=fused,
-                      tune_gemv=True)
+    cfg = BenchConfig(
+        variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", fused_decode=fused, tune_gemv=True
+    )
     with pytest.raises(ValueError, match="tune_gemv.*'triton'"):
         cfg.validate()
 

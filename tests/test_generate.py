@@ -42,15 +42,20 @@ def test_sampling_is_reproducible_and_eos_stops(tiny):
     eos = int(greedy[0, 7])  # row 0's third new token
     out = generate(model, ids, 8, eos_token_id=eos)
     first = (out[0, 5:] == eos).nonzero()[0].item()
-    assert first <= 2 and (out[0, 5 + first:] == eos).all()  # a finished row is filled with EOS
+    assert first <= 2 and (out[0, 5 + first :] == eos).all()  # a finished row is filled with EOS
     assert torch.equal(out[1, :8], greedy[1, :8])
     alone = generate(model, ids[:1], 8, eos_token_id=eos)  # every row finished: stop early
-    assert alone.shape == (1, 5 + first + 1) and torch.equal(alone[0], greedy[0, :5 + first + 1])
+    assert alone.shape == (1, 5 + first + 1) and torch.equal(alone[0], greedy[0, : 5 + first + 1])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
 def test_bad_sampling_arguments_raise(tiny, kwargs, match):
     _, model = tiny
     with pytest.raises(ValueError, match=match):
@@ -58,8 +63,24 @@ def test_bad_sampling_arguments_raise(tiny, kwargs, match):
 
 
 def test_cli_random_weights_with_tokenizer(capsys):
-    rc = generate_main(["--model_variant", "llama3_tiny", "--prompt", "The sun", "--prompt", "A b c",
-                        "--prompt_ids", "5,6", "--tokenizer", TOKENIZER, "--max_new_tokens", "4", "--device", "cpu"])
+    rc = generate_main(
+        [
+            "--model_variant",
+            "llama3_tiny",
+            "--prompt",
+            "The sun",
+            "--prompt",
+            "A b c",
+            "--prompt_ids",
+            "5,6",
+            "--tokenizer",
+            TOKENIZER,
+            "--max_new_tokens",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and out.count("=== prompt") == 3 and "The sun" in out
 
@@ -76,8 +97,12 @@ def test_cli_loads_a_checkpoint(tmp_path, tiny, capsys):
     make_config(model_variant="llama3_tiny", tokenizer_path=TOKENIZER, eos_token=0).save(str(step / "config.yaml"))
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(step))
     (step / MARKER).write_text("3\n")
-    assert generate_main(["--ckpt", str(tmp_path), "--prompt", "Hello", "--max_new_tokens", "3",
-                          "--device", "cpu", "--no_eos"]) == 0
+    assert (
+        generate_main(
+            ["--ckpt", str(tmp_path), "--prompt", "Hello", "--max_new_tokens", "3", "--device", "cpu", "--no_eos"]
+        )
+        == 0
+    )
     expected = generate(model, torch.tensor([get_tok().encode("Hello")]), 3)[0, -3:].tolist()
     assert get_tok().decode(expected) in capsys.readouterr().out
 
@@ -107,5 +132,7 @@ def test_cli_fused_decode_takes_the_fused_path_and_matches(capsys, monkeypatch):
 def test_cli_rejects_triton_decode_on_cpu(capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SystemExit):
-        generate_main(["--model_variant", "llama3_tiny", "--prompt_ids", "1", "--device", "cpu", "--fused_decode", "triton"])
+        generate_main(
+            ["--model_variant", "llama3_tiny", "--prompt_ids", "1", "--device", "cpu", "--fused_decode", "triton"]
+        )
     assert "needs a CUDA --device" in capsys.readouterr().err

@@ -12,14 +12,18 @@ from decode_helpers import decode_logits  # noqa: E402
 from avengers.inference import gluon_chain as gc  # noqa: E402
 from avengers.inference.gluon_step import LlamaStepKernel  # noqa: E402
 
-hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9
-                            or not gc.GLUON_API, reason="needs a Hopper (sm_90+) GPU and Triton 3.6's Gluon")
+hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9 or not gc.GLUON_API,
+    reason="needs a Hopper (sm_90+) GPU and Triton 3.6's Gluon",
+)
 
 
 def _weights(L, D, NQKV, HID, device):
     g = torch.Generator().manual_seed(0)
-    ws = [(torch.randn(L, n, k, generator=g) * 0.03).to(device, torch.bfloat16)
-          for n, k in ((NQKV, D), (D, D), (2 * HID, D), (D, HID))]
+    ws = [
+        (torch.randn(L, n, k, generator=g) * 0.03).to(device, torch.bfloat16)
+        for n, k in ((NQKV, D), (D, D), (2 * HID, D), (D, HID))
+    ]
     norms = [(1 + 0.1 * torch.randn(L, D, generator=g)).to(device, torch.bfloat16) for _ in range(2)]
     return ws, norms
 
@@ -29,11 +33,11 @@ def test_pack_interleaves_gate_and_up_rows():
     w, w2 = gc.pack(*(list(t) for t in ws))
     per_block = 16 + 1024 + 2 * 1024
     assert w.shape == (2 * per_block, 1024) and w2.shape == (2 * 1024, 1024)
-    gu = w[per_block + 16 + 1024:]  # block 1's gate/up rows
+    gu = w[per_block + 16 + 1024 :]  # block 1's gate/up rows
     half = gc.ROWS // 2
     assert torch.equal(gu[:half], ws[2][1][:half])  # gate rows 0..3
-    assert torch.equal(gu[half:2 * half], ws[2][1][1024:1024 + half])  # then their up rows
-    assert torch.equal(gu[2 * half:3 * half], ws[2][1][half:2 * half])
+    assert torch.equal(gu[half : 2 * half], ws[2][1][1024 : 1024 + half])  # then their up rows
+    assert torch.equal(gu[2 * half : 3 * half], ws[2][1][half : 2 * half])
     assert torch.equal(w2[1024:], ws[3][1])
 
 
@@ -52,8 +56,12 @@ def test_chain_matches_reference(stages, warps):
     x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
     ref = gc.chain_reference(x, *ws, ln, ffln, eps).float()
     w_d, w2_d = gc.descriptors(*gc.pack(*(list(t) for t in ws)))
-    bufs = (torch.empty(NQKV, device="cuda", dtype=torch.bfloat16), torch.empty(D, device="cuda", dtype=torch.bfloat16),
-            torch.empty(HID, device="cuda", dtype=torch.bfloat16), torch.zeros(2, device="cuda", dtype=torch.int32))
+    bufs = (
+        torch.empty(NQKV, device="cuda", dtype=torch.bfloat16),
+        torch.empty(D, device="cuda", dtype=torch.bfloat16),
+        torch.empty(HID, device="cuda", dtype=torch.bfloat16),
+        torch.zeros(2, device="cuda", dtype=torch.int32),
+    )
     programs = torch.cuda.get_device_properties(0).multi_processor_count
     gc.chain(w_d, w2_d, x, ln, ffln, bufs, L, NQKV, HID, eps, programs, stages=stages, num_warps=warps)
     assert bufs[3][1].item() == 0, "a grid barrier gave up"
@@ -66,22 +74,26 @@ def _small_llama(kvheads: int):
     from avengers.models.registry import get_model_spec
 
     torch.manual_seed(0)
-    spec = get_model_spec("llama3_1.8b").replace(nlayers=2, emb_dim=1024, nheads=8, kvheads=kvheads, src_vocab_size=512,
-                                                    hidden_grow_factor=4.0)
+    spec = get_model_spec("llama3_1.8b").replace(
+        nlayers=2, emb_dim=1024, nheads=8, kvheads=kvheads, src_vocab_size=512, hidden_grow_factor=4.0
+    )
     model = spec.build("cuda")
     model.init_weights()
     return model.to(torch.bfloat16).eval()
 
 
 @hopper
-@pytest.mark.parametrize("kvheads,kv_ring,tagged,length", [
-    (2, True, False, 80),  # 2 query heads per kv head as llama3_1.8b; keys and values through the ring
-    (4, True, False, 80),
-    (2, False, False, 80),  # the consumer warps load them
-    (2, True, True, 80),  # tagged rows polled between the phases instead of grid barriers
-    (2, False, True, 80),
-    (2, True, False, 8000),  # splits of two 64-key tiles
-])
+@pytest.mark.parametrize(
+    "kvheads,kv_ring,tagged,length",
+    [
+        (2, True, False, 80),  # 2 query heads per kv head as llama3_1.8b; keys and values through the ring
+        (4, True, False, 80),
+        (2, False, False, 80),  # the consumer warps load them
+        (2, True, True, 80),  # tagged rows polled between the phases instead of grid barriers
+        (2, False, True, 80),
+        (2, True, False, 8000),  # splits of two 64-key tiles
+    ],
+)
 def test_llama_decode_step_kernel_matches_the_triton_path(kvheads, kv_ring, tagged, length, monkeypatch):
     """`fused_decode` "gluon" (every block in one kernel, RoPE, cache write and attention included)
     against the per-kernel Triton path, on a 2-block Llama with the kernel's head shapes."""
@@ -130,6 +142,7 @@ class _Bind:
             bound = self.signature.bind(*args, **kwargs)
             bound.apply_defaults()
             self.calls.append(bound.arguments)
+
         return launch
 
 
@@ -156,8 +169,9 @@ def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
         gc.chain(w_d, w2_d, x, ln, ffln, bufs, 2, 48, 1024, 1e-5, 4)
 
     monkeypatch.setattr(triton_decode, "sm_count", lambda device: 8)
-    spec = get_model_spec("llama3_1.8b").replace(nlayers=2, emb_dim=1024, nheads=8, kvheads=2, src_vocab_size=512,
-                                                    hidden_grow_factor=4.0)
+    spec = get_model_spec("llama3_1.8b").replace(
+        nlayers=2, emb_dim=1024, nheads=8, kvheads=2, src_vocab_size=512, hidden_grow_factor=4.0
+    )
     model = spec.build("cpu").to(torch.bfloat16)
     step = LlamaStepKernel(model)
     cache = model.allocate_cache(1, 256)
@@ -167,7 +181,7 @@ def test_host_wrappers_pass_every_kernel_argument_in_its_place(monkeypatch):
     b = next(iter(step._buffers.values()))
     assert logits.shape == (1, 1, 512) and a["Logits"].data_ptr() == logits.data_ptr()
     assert a["Tok"] is tokens and a["Pos"] is cache.position and a["Emb"] is model.base_model.embedding.weight
-    assert a["Rope"] is b["rope"] and a["q_scale"] == 128 ** -0.5 and a["X"] is b["x"] and a["Count"] is b["count"]
+    assert a["Rope"] is b["rope"] and a["q_scale"] == 128**-0.5 and a["X"] is b["x"] and a["Count"] is b["count"]
     assert (a["NQ"], a["NK"], a["HKV"], a["S"], a["V"]) == (8 * 128, 2 * 128, 2, cache.layers[0].k.shape[2], 512)
     assert (a["NSPLIT"], a["SPLIT"]) == (b["nsplit"], b["split"]) and a["KV_RING"] and a["G"] == 4
     assert a["SYNC"] and not a["POLL"] and a["Attn"] is b["attn"] and b["count"].numel() == 4 + 2 * 2
@@ -187,10 +201,14 @@ def test_kv_descriptors_need_one_tensor_for_all_layers():
 
     stacked = Cache(KVState.stacked(3, 1, 2, 128, 128, dtype=torch.bfloat16))
     k_d, v_d = LlamaStepKernel._kv_descriptors(stacked)
-    assert list(k_d.shape) == [3 * 2 * 128 * 128 // gc.ITEM_K, gc.CHUNKS, gc.CW] and k_d.base.data_ptr() == \
-        stacked.layers[0].k.data_ptr()
-    assert LlamaStepKernel._kv_descriptors(Cache([KVState(1, 2, 128, 128, dtype=torch.bfloat16)
-                                                     for _ in range(3)])) is None
+    assert (
+        list(k_d.shape) == [3 * 2 * 128 * 128 // gc.ITEM_K, gc.CHUNKS, gc.CW]
+        and k_d.base.data_ptr() == stacked.layers[0].k.data_ptr()
+    )
+    assert (
+        LlamaStepKernel._kv_descriptors(Cache([KVState(1, 2, 128, 128, dtype=torch.bfloat16) for _ in range(3)]))
+        is None
+    )
     assert LlamaStepKernel._kv_descriptors(Cache(KVState.stacked(3, 1, 2, 96, 128, dtype=torch.bfloat16))) is None
 
 

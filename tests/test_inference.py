@@ -5,7 +5,13 @@ import torch
 
 from avengers.inference.cache import InferenceCache
 from avengers.inference.kv_cache import (
-    KV_CHUNK, KVState, apply_rope, decode_attention, decode_attention_reference, invalid_positions, rope_table,
+    KV_CHUNK,
+    KVState,
+    apply_rope,
+    decode_attention,
+    decode_attention_reference,
+    invalid_positions,
+    rope_table,
 )
 
 
@@ -18,9 +24,9 @@ def test_prefill_then_decode_matches_full_forward(tiny, splits):
     cache = model.allocate_cache(2, 48)
     out, pos = [], 0
     for n in splits:
-        out.append(model(ids[:, pos:pos + n], cache=cache))
+        out.append(model(ids[:, pos : pos + n], cache=cache))
         pos += n
-    out += [model(ids[:, i:i + 1], cache=cache) for i in range(pos, 48)]
+    out += [model(ids[:, i : i + 1], cache=cache) for i in range(pos, 48)]
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
     assert cache.seq_len == 48 and int(cache.position) == 48
 
@@ -55,8 +61,11 @@ def test_llama_caches_are_consecutive_views_of_one_tensor(tiny):
         assert whole is not None and whole.shape == (len(views), *views[0].shape) and whole.is_contiguous()
         for i, t in enumerate(views):
             assert t._base is whole and t.data_ptr() == whole.data_ptr() + i * t.numel() * t.element_size()
-    cache.layers[1].update(torch.ones(2, cache.layers[1].k.shape[1], 3, cache.layers[1].k.shape[3]),
-                           torch.ones(2, cache.layers[1].v.shape[1], 3, cache.layers[1].v.shape[3]), 0)
+    cache.layers[1].update(
+        torch.ones(2, cache.layers[1].k.shape[1], 3, cache.layers[1].k.shape[3]),
+        torch.ones(2, cache.layers[1].v.shape[1], 3, cache.layers[1].v.shape[3]),
+        0,
+    )
     assert cache.layers[1].k._base[1, :, :, :3].eq(1).all() and cache.layers[0].k.eq(0).all()
 
 
@@ -108,7 +117,7 @@ def test_fused_decode_functions_match_full_forward(tiny, mode, monkeypatch):
     full = model(ids)
     with fused_decode(mode):
         cache = model.allocate_cache(2, 24)
-        out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(16, 24)]
+        out = [model(ids[:, :16], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(16, 24)]
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-4, rtol=1e-4)
     assert len(calls) == 8 * spec.config.nlayers
 

@@ -28,7 +28,7 @@ def test_graph_decode_matches_full_forward(tiny):
     cache = model.allocate_cache(3, 300)
     model(ids[:, :200], cache=cache)
     step = DecodeStep(model, cache, cuda_graph=True)
-    got = torch.stack([step(ids[:, i:i + 1]).clone() for i in range(200, 300)], 1)
+    got = torch.stack([step(ids[:, i : i + 1]).clone() for i in range(200, 300)], 1)
     torch.testing.assert_close(got, full[:, 199:299], atol=1e-3, rtol=1e-3)
     assert "triton" in decode_backends_used()
 
@@ -45,8 +45,26 @@ def test_generate_with_and_without_graph_agree(tiny):
 def test_bench_smoke_on_cuda(tmp_path):
     from avengers.inference.bench import parse_args, run
 
-    report = run(parse_args(["--device", "cuda", "--variants", "llama3_tiny", "--contexts", "128,1k",
-                             "--batch_sizes", "1,4", "--steps", "3", "--max_batch_cap", "64", "--out", str(tmp_path)]))
+    report = run(
+        parse_args(
+            [
+                "--device",
+                "cuda",
+                "--variants",
+                "llama3_tiny",
+                "--contexts",
+                "128,1k",
+                "--batch_sizes",
+                "1,4",
+                "--steps",
+                "3",
+                "--max_batch_cap",
+                "64",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    )
     assert not report["variants"]["llama3_tiny"].get("failed")
     assert report["variants"]["llama3_tiny"]["decode_mode"] == "cuda_graph"
     assert {r["batch"] for r in report["rows"]} == {1, 4, 64}

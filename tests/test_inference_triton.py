@@ -6,7 +6,6 @@ TRITON_INTERPRET=1 is set (fp32/fp16 only: the interpreter mishandles bf16).
 
 import pytest
 import torch
-
 from triton_helpers import triton_device
 
 DEVICE = triton_device()
@@ -16,7 +15,10 @@ from avengers.inference.triton_decode import decode_attention_triton  # noqa: E4
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SHAPES = [  # B, H, H_kv, S, d, valid length
-    (1, 4, 2, 256, 16, 200), (2, 8, 2, 384, 32, 1), (3, 6, 3, 128, 64, 128), (2, 16, 8, 1024, 128, 1000),
+    (1, 4, 2, 256, 16, 200),
+    (2, 8, 2, 384, 32, 1),
+    (3, 6, 3, 128, 64, 128),
+    (2, 16, 8, 1024, 128, 1000),
 ]
 pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
 
@@ -32,9 +34,12 @@ def test_triton_matches_reference(shape, dtype):
     ref = decode_attention_reference(q.float(), k.float(), v.float(), length, scale=0.2)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
-    torch.testing.assert_close(decode_attention_torch(q.float(), k.float(), v.float(),
-                                                      torch.tensor(length, device=DEVICE), scale=0.2), ref,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        decode_attention_torch(q.float(), k.float(), v.float(), torch.tensor(length, device=DEVICE), scale=0.2),
+        ref,
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
@@ -53,10 +58,13 @@ def test_triton_in_cuda_graph_follows_the_device_length():
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("batch,kv_heads,buffer_len", [(1, 8, 32832), (1, 8, 1088), (8, 8, 131136), (39, 8, 32832),
-                                                        (64, 8, 4096), (1, 1, 200)])
+@pytest.mark.parametrize(
+    "batch,kv_heads,buffer_len",
+    [(1, 8, 32832), (1, 8, 1088), (8, 8, 131136), (39, 8, 32832), (64, 8, 4096), (1, 1, 200)],
+)
 def test_splits_cover_the_buffer_and_fill_their_waves(batch, kv_heads, buffer_len):
     from avengers.inference.triton_decode import BLOCK_N, MAX_SPLITS, _splits, num_splits
+
     programs = 132 if DEVICE != "cuda" else torch.cuda.get_device_properties(0).multi_processor_count
     split, nsplit = num_splits(batch, kv_heads, buffer_len, torch.device(DEVICE))
     assert split % BLOCK_N == 0 and (nsplit - 1) * split < buffer_len <= nsplit * split and nsplit <= MAX_SPLITS

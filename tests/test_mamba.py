@@ -9,16 +9,32 @@ from decode_helpers import decode_logits, track_compiled
 
 from avengers.inference.kv_cache import KVState
 from avengers.models import get_model_spec, list_variants
-from avengers.models.mamba import (AttentionState, MambaBlock, MambaConfig, MambaLM, MambaState, from_pretrained,
-                                   mamba_flops_per_token, matmul_params, save_pretrained)
+from avengers.models.mamba import (
+    AttentionState,
+    MambaBlock,
+    MambaConfig,
+    MambaLM,
+    MambaState,
+    from_pretrained,
+    mamba_flops_per_token,
+    matmul_params,
+    save_pretrained,
+)
 
 
 def _mamba_layer(i, d, d_in_proj, conv_dim, nheads, d_inner):
     p = f"backbone.layers.{i}.mixer."
     # a module's own parameters come before its submodules' in state_dict order
-    return {p + "dt_bias": (nheads,), p + "A_log": (nheads,), p + "D": (nheads,), p + "in_proj.weight": (d_in_proj, d),
-            p + "conv1d.weight": (conv_dim, 1, 4), p + "conv1d.bias": (conv_dim,), p + "norm.weight": (d_inner,),
-            p + "out_proj.weight": (d, d_inner)}
+    return {
+        p + "dt_bias": (nheads,),
+        p + "A_log": (nheads,),
+        p + "D": (nheads,),
+        p + "in_proj.weight": (d_in_proj, d),
+        p + "conv1d.weight": (conv_dim, 1, 4),
+        p + "conv1d.bias": (conv_dim,),
+        p + "norm.weight": (d_inner,),
+        p + "out_proj.weight": (d, d_inner),
+    }
 
 
 # Written out from mamba_ssm 2.3.x (mixer_seq_simple.py, modules/mamba2.py, mha.py, mlp.py, block.py):
@@ -39,12 +55,23 @@ def expected_hybrid_tiny():
         keys[f"backbone.layers.{i}.norm.weight"] = (64,)
         if i in (1, 3):
             p = f"backbone.layers.{i}.mixer."
-            keys.update({p + "in_proj.weight": (128, 64), p + "conv1d.weight": (128, 1, 4), p + "conv1d.bias": (128,),
-                         p + "out_proj.weight": (64, 64)})
+            keys.update(
+                {
+                    p + "in_proj.weight": (128, 64),
+                    p + "conv1d.weight": (128, 1, 4),
+                    p + "conv1d.bias": (128,),
+                    p + "out_proj.weight": (64, 64),
+                }
+            )
         else:
             keys.update(_mamba_layer(i, 64, 296, 160, 8, 128))
-        keys.update({f"backbone.layers.{i}.norm2.weight": (64,), f"backbone.layers.{i}.mlp.fc1.weight": (256, 64),
-                     f"backbone.layers.{i}.mlp.fc2.weight": (64, 128)})
+        keys.update(
+            {
+                f"backbone.layers.{i}.norm2.weight": (64,),
+                f"backbone.layers.{i}.mlp.fc1.weight": (256, 64),
+                f"backbone.layers.{i}.mlp.fc2.weight": (64, 128),
+            }
+        )
     keys.update({"backbone.norm_f.weight": (64,), "lm_head.weight": (4096, 64)})
     return keys
 
@@ -58,9 +85,13 @@ def expected_mamba_9_8b():
             keys.update({p + "in_proj.weight": (128 * (32 + 16), 4096), p + "out_proj.weight": (4096, 4096)})
         else:
             keys.update(_mamba_layer(i, 4096, 2 * 8192 + 256 + 128, 8192 + 256, 128, 8192))
-        keys.update({f"backbone.layers.{i}.norm2.weight": (4096,),
-                     f"backbone.layers.{i}.mlp.fc1.weight": (2 * 14336, 4096),
-                     f"backbone.layers.{i}.mlp.fc2.weight": (4096, 14336)})
+        keys.update(
+            {
+                f"backbone.layers.{i}.norm2.weight": (4096,),
+                f"backbone.layers.{i}.mlp.fc1.weight": (2 * 14336, 4096),
+                f"backbone.layers.{i}.mlp.fc2.weight": (4096, 14336),
+            }
+        )
     keys.update({"backbone.norm_f.weight": (4096,), "lm_head.weight": (128256, 4096)})
     return keys
 
@@ -69,8 +100,10 @@ def _shapes(model):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("name,expected", [("mamba2_tiny", expected_mamba2_tiny), ("hybrid_tiny", expected_hybrid_tiny),
-                                           ("mamba_9.8b", expected_mamba_9_8b)])
+@pytest.mark.parametrize(
+    "name,expected",
+    [("mamba2_tiny", expected_mamba2_tiny), ("hybrid_tiny", expected_hybrid_tiny), ("mamba_9.8b", expected_mamba_9_8b)],
+)
 def test_state_dict_matches_mamba_ssm(name, expected):
     model = get_model_spec(name).build("meta")
     got = _shapes(model)
@@ -89,16 +122,39 @@ def test_real_configs_shapes_and_sizes():
     assert sd["backbone.layers.8.mixer.conv1d.weight"] == (128 * 72, 1, 4)
     assert sd["backbone.layers.8.mixer.out_proj.weight"] == (2048, 3072)
     assert m.lm_head.weight is m.backbone.embedding.weight
-    for d, n, name in ((768, 24, "130m"), (1024, 48, "370m"), (1536, 48, "780m"), (2048, 48, "1.3b"), (2560, 64, "2.7b")):
+    for d, n, name in (
+        (768, 24, "130m"),
+        (1024, 48, "370m"),
+        (1536, 48, "780m"),
+        (2048, 48, "1.3b"),
+        (2560, 64, "2.7b"),
+    ):
         cfg = get_model_spec(f"mamba2_{name}").config
-        assert (cfg.d_model, cfg.n_layer, cfg.d_state, cfg.headdim, cfg.expand, cfg.d_intermediate) == (d, n, 128, 64, 2, 0)
+        assert (cfg.d_model, cfg.n_layer, cfg.d_state, cfg.headdim, cfg.expand, cfg.d_intermediate) == (
+            d,
+            n,
+            128,
+            64,
+            2,
+            0,
+        )
         assert cfg.vocab_size == 128256 and not cfg.attn_layer_idx
 
 
 def test_variants_registered_with_block_type():
     names = set(list_variants())
-    for n in ("mamba2_130m", "mamba2_370m", "mamba2_780m", "mamba2_1.3b", "mamba2_2.7b", "mamba_9.8b", "mamba_2.9b",
-              "mamba_1.5b", "mamba2_tiny", "hybrid_tiny"):
+    for n in (
+        "mamba2_130m",
+        "mamba2_370m",
+        "mamba2_780m",
+        "mamba2_1.3b",
+        "mamba2_2.7b",
+        "mamba_9.8b",
+        "mamba_2.9b",
+        "mamba_1.5b",
+        "mamba2_tiny",
+        "hybrid_tiny",
+    ):
         assert n in names
         spec = get_model_spec(n)
         assert spec.family == "mamba" and spec.block_types == (MambaBlock,)
@@ -154,7 +210,9 @@ def _decode_variants():
         "mamba2_tiny": get_model_spec("mamba2_tiny"),
         "hybrid_tiny": hybrid,
         "hybrid_no_conv_no_rope_mha": hybrid.replace(attn_d_conv=0, attn_rotary_emb_dim=0, attn_num_heads_kv=None),
-        "hybrid_full_rotary_unfused": hybrid.replace(attn_rotary_emb_dim=16, fused_add_norm=False, residual_in_fp32=False),
+        "hybrid_full_rotary_unfused": hybrid.replace(
+            attn_rotary_emb_dim=16, fused_add_norm=False, residual_in_fp32=False
+        ),
     }
 
 
@@ -169,7 +227,7 @@ def test_full_forward_equals_prefill_and_decode(name):
             cache = model.allocate_cache(2, 48)
             outs, pos = [], 0
             for n in splits:
-                outs.append(model(ids[:, pos:pos + n], cache=cache))
+                outs.append(model(ids[:, pos : pos + n], cache=cache))
                 pos += n
             assert cache.seq_len == 41 and int(cache.position) == 41
             torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4, msg=f"{name} {splits}")
@@ -223,7 +281,9 @@ def test_bf16_params_run():
     with torch.no_grad():
         full = model(ids)
         cache = model.allocate_cache(1, 20)
-        out = torch.cat([model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)], 1)
+        out = torch.cat(
+            [model(ids[:, :12], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)], 1
+        )
     assert full.dtype == torch.bfloat16 and torch.isfinite(full).all()
     assert (out.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
 
@@ -247,11 +307,32 @@ def test_save_pretrained_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "pytorch_model.bin"]
     cfg = json.loads((tmp_path / "config.json").read_text())
     # exactly mamba_ssm's MambaConfig fields, with Mamba2 / MHA keyword arguments inside
-    assert set(cfg) == {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
-                        "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}
+    assert set(cfg) == {
+        "d_model",
+        "d_intermediate",
+        "n_layer",
+        "vocab_size",
+        "ssm_cfg",
+        "attn_layer_idx",
+        "attn_cfg",
+        "rms_norm",
+        "residual_in_fp32",
+        "fused_add_norm",
+        "pad_vocab_size_multiple",
+        "tie_embeddings",
+    }
     assert cfg["ssm_cfg"]["layer"] == "Mamba2" and cfg["attn_layer_idx"] == [1, 3]
-    assert cfg["attn_cfg"] == {"causal": True, "num_heads": 4, "num_heads_kv": 2, "head_dim": 16, "rotary_emb_dim": 8,
-                               "rotary_emb_base": 10000.0, "d_conv": 4, "qkv_proj_bias": False, "out_proj_bias": False}
+    assert cfg["attn_cfg"] == {
+        "causal": True,
+        "num_heads": 4,
+        "num_heads_kv": 2,
+        "head_dim": 16,
+        "rotary_emb_dim": 8,
+        "rotary_emb_base": 10000.0,
+        "d_conv": 4,
+        "qkv_proj_bias": False,
+        "out_proj_bias": False,
+    }
     sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected_hybrid_tiny()
     loaded = from_pretrained(str(tmp_path))
@@ -264,11 +345,20 @@ def test_save_pretrained_round_trip(tmp_path):
 
 def test_load_mamba_ssm_style_folder(tmp_path):
     """A folder as mamba_ssm writes it: minimal config (package defaults), MHA default biases on."""
-    cfg = {"d_model": 64, "d_intermediate": 0, "n_layer": 2, "vocab_size": 1000,
-           "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16},
-           "attn_layer_idx": [1], "attn_cfg": {"causal": True, "num_heads": 4, "head_dim": 16},
-           "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
-           "tie_embeddings": True}
+    cfg = {
+        "d_model": 64,
+        "d_intermediate": 0,
+        "n_layer": 2,
+        "vocab_size": 1000,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16},
+        "attn_layer_idx": [1],
+        "attn_cfg": {"causal": True, "num_heads": 4, "head_dim": 16},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": 8,
+        "tie_embeddings": True,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     mcfg = MambaConfig.from_mamba_ssm(cfg)
     assert mcfg.attn_qkv_bias and mcfg.attn_out_bias and mcfg.padded_vocab == 1000
@@ -321,8 +411,11 @@ def test_hybrid_attention_gives_sdpa_unit_stride_inputs(monkeypatch):
     from avengers.models import mamba
 
     seen, real = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(mamba.F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: seen.append([t.stride(-1) for t in (q, k, v)]) or real(q, k, v, **kw))
+    monkeypatch.setattr(
+        mamba.F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: seen.append([t.stride(-1) for t in (q, k, v)]) or real(q, k, v, **kw),
+    )
     model = get_model_spec("hybrid_tiny").build("cpu")
     model.init_weights()
     model(torch.randint(0, 100, (2, 12)))

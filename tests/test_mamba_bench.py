@@ -11,9 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_mamba_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_mamba.py"), "--smoke", "--out", str(tmp_path),
-                           "--parts", "check,train,compile", "--no_profile"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_mamba.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--parts",
+            "check,train,compile",
+            "--no_profile",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["check"]["pass"] is True

@@ -25,8 +25,15 @@ OP = make_ssd_op("avengers_test::ssd_ref", _ref_fwd, _ref_bwd)
 def _inputs(dtype=torch.float64, b=2, l=24, h=4, p=4, g=1, n=8):
     gen = torch.Generator().manual_seed(0)
     mk = lambda *s: torch.randn(*s, dtype=dtype, generator=gen)  # noqa: E731
-    return [mk(b, l, h, p), mk(b, l, h) * 0.5, -torch.rand(h, dtype=dtype, generator=gen) - 0.5, mk(b, l, g, n),
-            mk(b, l, g, n), mk(h), mk(h) * 0.1]
+    return [
+        mk(b, l, h, p),
+        mk(b, l, h) * 0.5,
+        -torch.rand(h, dtype=dtype, generator=gen) - 0.5,
+        mk(b, l, g, n),
+        mk(b, l, g, n),
+        mk(h),
+        mk(h) * 0.1,
+    ]
 
 
 def test_opcheck():
@@ -50,10 +57,22 @@ def test_compiled_block_is_one_graph_and_matches_eager():
     torch.manual_seed(0)
     model = get_model_spec("mamba2_tiny").build("cpu")
     block = model.backbone.layers[0]
-    kernels = Kernels("test", REFERENCE.ssd, REFERENCE.ssd_step, REFERENCE.gated_rmsnorm, REFERENCE.add_rmsnorm,
-                      REFERENCE.causal_conv,
-                      for_compile=Kernels("test_compile", ssd_training(OP, REFERENCE.ssd), REFERENCE.ssd_step,
-                                          REFERENCE.gated_rmsnorm, REFERENCE.add_rmsnorm, REFERENCE.causal_conv))
+    kernels = Kernels(
+        "test",
+        REFERENCE.ssd,
+        REFERENCE.ssd_step,
+        REFERENCE.gated_rmsnorm,
+        REFERENCE.add_rmsnorm,
+        REFERENCE.causal_conv,
+        for_compile=Kernels(
+            "test_compile",
+            ssd_training(OP, REFERENCE.ssd),
+            REFERENCE.ssd_step,
+            REFERENCE.gated_rmsnorm,
+            REFERENCE.add_rmsnorm,
+            REFERENCE.causal_conv,
+        ),
+    )
     h = torch.randn(2, 40, 64, requires_grad=True)
     explain = torch._dynamo.explain(block)(h, None, None, None, kernels)
     assert explain.graph_break_count == 0 and explain.graph_count == 1

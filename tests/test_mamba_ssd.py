@@ -70,8 +70,17 @@ def test_reference_ops_bf16_inputs_compute_in_fp32():
     raw_dt = torch.randn_like(dt)
     bias = torch.zeros(x.shape[2], dtype=torch.float64)
     y32, _ = REFERENCE.ssd(x.float(), raw_dt.float(), A.float(), B.float(), C.float(), 8, D.float(), bias.float())
-    y16, final = REFERENCE.ssd(x.bfloat16(), raw_dt.bfloat16(), A.float(), B.bfloat16(), C.bfloat16(), 8, D.float(),
-                               bias.float(), return_final=True)
+    y16, final = REFERENCE.ssd(
+        x.bfloat16(),
+        raw_dt.bfloat16(),
+        A.float(),
+        B.bfloat16(),
+        C.bfloat16(),
+        8,
+        D.float(),
+        bias.float(),
+        return_final=True,
+    )
     assert y16.dtype == torch.bfloat16 and final.dtype == torch.float32
     assert (y16.float() - y32).abs().max() < 0.05 * y32.abs().max()
 
@@ -99,6 +108,7 @@ def test_kernel_selection():
 def test_missing_mamba_ssm_on_cuda_warns_once_and_falls_back():
     try:
         import mamba_ssm  # noqa: F401
+
         pytest.skip("mamba_ssm is importable here")
     except ImportError:
         pass

@@ -39,11 +39,25 @@ def _ssm_model(cfg, device="cpu"):
 def cpu_refs(monkeypatch):
     """Replace mamba_ssm's Triton entry points by its own pure-torch references."""
 
-    def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
-                   return_final_states=False, **kw):
+    def chunk_scan(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D=None,
+        z=None,
+        dt_bias=None,
+        initial_states=None,
+        dt_softplus=False,
+        return_final_states=False,
+        **kw,
+    ):
         if initial_states is None and not return_final_states:
-            return ssm_ssd.ssd_chunk_scan_combined_ref(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
-                                                       dt_softplus=dt_softplus)
+            return ssm_ssd.ssd_chunk_scan_combined_ref(
+                x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+            )
         dt = torch.nn.functional.softplus(dt.float() + dt_bias.float()) if dt_softplus else dt
         y, final = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_states)  # no mamba_ssm ref
         return (y, final) if return_final_states else y
@@ -56,8 +70,9 @@ def cpu_refs(monkeypatch):
         return y.to(x.dtype), res.float() if residual_in_fp32 else res
 
     def gated(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
-        return ssm_gated.rms_norm_ref(x, weight, bias, z=z, eps=eps, group_size=group_size,
-                                      norm_before_gate=norm_before_gate)
+        return ssm_gated.rms_norm_ref(
+            x, weight, bias, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate
+        )
 
     monkeypatch.setattr(ssm_ssd, "mamba_chunk_scan_combined", chunk_scan)
     monkeypatch.setattr("mamba_ssm.modules.mamba2.mamba_chunk_scan_combined", chunk_scan)
@@ -120,7 +135,9 @@ def test_our_mamba_ssm_call_conventions(name, cpu_refs, monkeypatch):
         monkeypatch.setattr(mamba_mod, "select_kernels", lambda device, mode: Kernels("mamba_ssm", **_mamba_ssm_ops()))
         torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
         cache = model.allocate_cache(2, 40)
-        got = torch.cat([model(ids[:, :20], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(20, 32)], 1)
+        got = torch.cat(
+            [model(ids[:, :20], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(20, 32)], 1
+        )
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert isinstance(model, MambaLM)
 

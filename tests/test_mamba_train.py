@@ -1,9 +1,9 @@
 """2-process gloo FSDP2 training of hybrid_tiny through avengers.train: learns, resumes exactly."""
 
 import pytest
+from train_helpers import read_metrics, run_training
 
 from avengers.train.checkpoint import complete_checkpoints, load_model_from_checkpoint
-from train_helpers import read_metrics, run_training
 
 STEPS = 4
 MAMBA = dict(model_variant="hybrid_tiny", seq_length=40, checkpoint_interval=2)  # 40 = 2.5 SSD chunks
@@ -38,8 +38,14 @@ def test_hybrid_killed_then_resumed_matches(reference, tmp_path):
 
 def test_meta_init_and_activation_checkpointing(tmp_path):
     """low_cpu_fsdp: init_weights runs on sharded DTensors; AC wraps blocks that return (hidden, residual)."""
-    assert run_training(ckpt_save_path=str(tmp_path), num_steps=2, low_cpu_fsdp=True,
-                        fsdp_activation_checkpointing=True, selective_checkpointing="1/2", **MAMBA) == [0, 0]
+    assert run_training(
+        ckpt_save_path=str(tmp_path),
+        num_steps=2,
+        low_cpu_fsdp=True,
+        fsdp_activation_checkpointing=True,
+        selective_checkpointing="1/2",
+        **MAMBA,
+    ) == [0, 0]
     m = read_metrics(tmp_path)
     assert m[2]["loss"] < m[1]["loss"] + 0.5 and abs(m[1]["loss"] - 8.3) < 0.5  # ~ln(4096) at init
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from triton_helpers import triton_device
 
 DEVICE = triton_device()
@@ -24,8 +23,9 @@ def test_read_kernel_modes(mode, rows_per_tile):
     w, v = torch.randn(tiles * rows_per_tile * K, generator=gen), torch.randn(K, generator=gen)
     w, v = w.to(DEVICE), v.to(DEVICE)
     out = torch.zeros(tiles * rows_per_tile, device=DEVICE)
-    gpu_stream_read._read_kernel[(programs,)](w, v, out, tiles, TILE=rows_per_tile * K, STAGES=2, GDC=False,
-                                              MODE=mode, K=K, KC=32)
+    gpu_stream_read._read_kernel[(programs,)](
+        w, v, out, tiles, TILE=rows_per_tile * K, STAGES=2, GDC=False, MODE=mode, K=K, KC=32
+    )
     if mode == "read":
         torch.testing.assert_close(out[:programs].sum(), w.sum(), rtol=1e-5, atol=1e-4)
     else:

@@ -13,8 +13,19 @@ import pytest
 import torch
 
 from avengers.models.telescoping import (
-    EMPTY_LOG_MASS, FMAP_PRESETS, TeleOptions, TelescopingState, build_schedule, get_plan, merge_slot,
-    node_values, resolve_fmap, rope, slot_attention, telescoping_parallel, window,
+    EMPTY_LOG_MASS,
+    FMAP_PRESETS,
+    TeleOptions,
+    TelescopingState,
+    build_schedule,
+    get_plan,
+    merge_slot,
+    node_values,
+    resolve_fmap,
+    rope,
+    slot_attention,
+    telescoping_parallel,
+    window,
 )
 
 C8 = (2, 4, 6)
@@ -107,7 +118,7 @@ def _check_invariants(sched, C, fmap):
             else:
                 a, b = prev[m - 1], prev[m]
                 merged = a if b is None else (b if a is None else (b[0], a[1]))
-                assert ranges[1:] == prev[: m - 1] + [merged] + prev[m + 1:]
+                assert ranges[1:] == prev[: m - 1] + [merged] + prev[m + 1 :]
         prev = ranges
     # every node occupies a slot for one unbroken run of steps birth <= t < death
     counts = np.bincount(sched.table.ravel(), minlength=sched.num_nodes)
@@ -170,10 +181,18 @@ def test_c64_steady_state_profile():
             assert abs(int(counts[size]) - want) <= 1, (t, size, counts[size])
 
 
-@pytest.mark.parametrize("bad,match", [
-    ((2, 2, 6), "strictly increasing"), ((0, 4), r"\[1, 7\]"), ((2, 8), r"\[1, 7\]"),
-    ({1: 2, 3: 6}, "no gaps"), ("c9", "unknown fmap preset"), ((), "at least one"), ((2.0, 4), "ints"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ((2, 2, 6), "strictly increasing"),
+        ((0, 4), r"\[1, 7\]"),
+        ((2, 8), r"\[1, 7\]"),
+        ({1: 2, 3: 6}, "no gaps"),
+        ("c9", "unknown fmap preset"),
+        ((), "at least one"),
+        ((2.0, 4), "ints"),
+    ],
+)
 def test_fmap_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         resolve_fmap(bad, 8)
@@ -206,9 +225,11 @@ def test_node_values_match_brute_force_fp64():
     sched = build_schedule(n, 8, C8)
     K, V, W = node_values(k, v, w, get_plan(n, 8, C8, "cpu"))
     for t in range(n):
-        for c, j in enumerate(sched.table[t]):
+        for j in sched.table[t]:
             if j == 0:
-                assert K[:, :, j].abs().max() == 0 and V[:, :, j].abs().max() == 0 and (W[:, :, j] == EMPTY_LOG_MASS).all()
+                assert (
+                    K[:, :, j].abs().max() == 0 and V[:, :, j].abs().max() == 0 and (W[:, :, j] == EMPTY_LOG_MASS).all()
+                )
                 continue
             s = slice(sched.first[j], sched.last[j] + 1)
             p = torch.softmax(w[:, s], dim=1).unsqueeze(-1)
@@ -292,8 +313,10 @@ def test_parallel_equals_recurrent_c128_beyond_eviction():
     torch.testing.assert_close(par, rec, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("mask_empty,softcap,block_q", [(False, None, None), (True, None, None), (False, 20.0, None),
-                                                       (False, None, 128), (True, None, 128)])
+@pytest.mark.parametrize(
+    "mask_empty,softcap,block_q",
+    [(False, None, None), (True, None, None), (False, 20.0, None), (False, None, 128), (True, None, 128)],
+)
 def test_flex_equals_gather(mask_empty, softcap, block_q):
     # CPU: eager flex_attention (forward only; torch has no flex backward on CPU). block_q=128 with
     # n=300: three column runs, the last one for a partial query block

@@ -13,13 +13,26 @@ from avengers.inference.kv_cache import KVState
 from avengers.models import get_model_spec, list_variants
 from avengers.models.llama import TINY_VOCAB
 from avengers.models.telescoping import (
-    TeleLlamaConfig, TelescopingAttention, TelescopingLlama, TelescopingState, tele_cache_bytes, window,
+    TeleLlamaConfig,
+    TelescopingAttention,
+    TelescopingLlama,
+    TelescopingState,
+    tele_cache_bytes,
+    window,
 )
 
 
 def _tiny(**changes) -> TelescopingLlama:
-    kwargs = dict(src_vocab_size=64, emb_dim=32, nheads=4, kvheads=2, nlayers=3, multiple_of=16,
-                  max_expected_seq_len=128, tele_cache_size=8)
+    kwargs = dict(
+        src_vocab_size=64,
+        emb_dim=32,
+        nheads=4,
+        kvheads=2,
+        nlayers=3,
+        multiple_of=16,
+        max_expected_seq_len=128,
+        tele_cache_size=8,
+    )
     cfg = TeleLlamaConfig(**{**kwargs, **changes})
     torch.manual_seed(0)
     model = TelescopingLlama(cfg)
@@ -48,8 +61,8 @@ def test_prefill_plus_decode_equals_full_forward(variant):
         for P in (3, 16, 26):  # P < C, at the fill point, beyond the first eviction
             cache = model.allocate_cache(2, 64)
             a = model(x[:, :P], cache=cache)
-            b = model(x[:, P:P + 1], cache=cache)  # one decode step
-            c = model(x[:, P + 1:], cache=cache)  # several tokens into a non-empty cache
+            b = model(x[:, P : P + 1], cache=cache)  # one decode step
+            c = model(x[:, P + 1 :], cache=cache)  # several tokens into a non-empty cache
             assert cache.seq_len == n
             torch.testing.assert_close(torch.cat([a, b, c], 1), full, atol=1e-4, rtol=0)
 
@@ -80,8 +93,10 @@ def test_compiled_decode_step_in_bf16_is_as_accurate_as_eager():
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(4))
     ref = decode_logits(model32, x, 10).float()
-    err = {mode: float((decode_logits(model16, x, 10, mode, torch.bfloat16).float() - ref).abs().amax()
-                       / ref.abs().amax()) for mode in ("off", "inductor")}
+    err = {
+        mode: float((decode_logits(model16, x, 10, mode, torch.bfloat16).float() - ref).abs().amax() / ref.abs().amax())
+        for mode in ("off", "inductor")
+    }
     assert 0 < err["off"] < 0.05, err  # bf16 rounding, not a broken step
     assert err["inductor"] <= 1.25 * err["off"], err
 
@@ -166,15 +181,18 @@ def test_llama_weights_map_over_and_init():
     assert logits.shape == (1, 12, TINY_VOCAB) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(tele_fmap=(4, 2)), "strictly increasing"),
-    (dict(tele_cache_size=12), "no preset fmap"),
-    (dict(tele_gate="mlp"), "gate must be"),
-    (dict(tele_full_attn_layers=(0, 9)), r"\[0, 3\)"),
-    (dict(tele_full_attn_layers="every3"), "unknown tele_full_attn_layers preset"),
-    (dict(tele_impl="triton"), "tele_impl"),
-    (dict(tele_softcap=0.0), "softcap"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(tele_fmap=(4, 2)), "strictly increasing"),
+        (dict(tele_cache_size=12), "no preset fmap"),
+        (dict(tele_gate="mlp"), "gate must be"),
+        (dict(tele_full_attn_layers=(0, 9)), r"\[0, 3\)"),
+        (dict(tele_full_attn_layers="every3"), "unknown tele_full_attn_layers preset"),
+        (dict(tele_impl="triton"), "tele_impl"),
+        (dict(tele_softcap=0.0), "softcap"),
+    ],
+)
 def test_config_validation(changes, match):
     with pytest.raises(ValueError, match=match):
         _tiny(**changes)

@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from train_helpers import read_metrics, run_training
 
 from avengers.train.checkpoint import complete_checkpoints, load_model_from_checkpoint
-from train_helpers import read_metrics, run_training
 
 STEPS = 6
 
@@ -28,8 +28,9 @@ def test_uninterrupted_run_learns_and_checkpoints(reference):
 
 
 def test_killed_then_resumed_is_bit_identical(reference, tmp_path):
-    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2,
-                         env={"AVENGERS_FAULT_AT_STEP": "3"})
+    codes = run_training(
+        ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2, env={"AVENGERS_FAULT_AT_STEP": "3"}
+    )
     assert codes == [19, 19]  # died after step 3, one step after the step-2 checkpoint
     assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [2]
     assert run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2) == [0, 0]
@@ -40,8 +41,9 @@ def test_killed_then_resumed_is_bit_identical(reference, tmp_path):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(reference, tmp_path):
-    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2,
-                         env={"AVENGERS_FAULT_IN_SAVE": "4"})
+    codes = run_training(
+        ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2, env={"AVENGERS_FAULT_IN_SAVE": "4"}
+    )
     assert codes == [17, 17]
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["step_2_ckp", "step_4_ckp.tmp"]  # the half-written save is not a checkpoint
@@ -63,9 +65,11 @@ def test_continuation_modes_from_another_run(reference, tmp_path):
     model_file = tmp_path / "model.pt"
     dcp_to_torch_save(str(reference / "checkpoints" / f"step_{STEPS}_ckp"), str(model_file))
     losses = {}
-    for mode, extra in (("file", dict(ckpt_load_path=str(model_file))),
-                        ("dir", dict(ckpt_load_path=str(reference))),
-                        ("data", dict(ckpt_load_path=str(reference), resuming_dataset=True))):
+    for mode, extra in (
+        ("file", dict(ckpt_load_path=str(model_file))),
+        ("dir", dict(ckpt_load_path=str(reference))),
+        ("data", dict(ckpt_load_path=str(reference), resuming_dataset=True)),
+    ):
         run = tmp_path / mode
         assert run_training(world=1, ckpt_save_path=str(run), num_steps=2, checkpoint_interval=100, **extra) == [0]
         m = read_metrics(run)

@@ -7,7 +7,6 @@ a grid of one program there, since the interpreter runs programs one after anoth
 
 import pytest
 import torch
-
 from triton_helpers import assert_fused_decode_matches_full_forward, assert_graph_decode_matches_eager, triton_device
 
 DEVICE = triton_device()
@@ -24,9 +23,14 @@ def _rand(*shape, seed=0, scale=1.0):
 
 
 def _block_weights(D=256, H=8, Hkv=4, d=32, hidden=96):
-    return dict(ln_w=_rand(D, seed=6) + 1, qkv_w=_rand((H + 2 * Hkv) * d, D, seed=8, scale=D**-0.5),
-                dense_w=_rand(D, H * d, seed=11, scale=0.05), ff_ln_w=_rand(D, seed=7) + 1,
-                wg1_w=_rand(2 * hidden, D, seed=12, scale=0.06), w2_w=_rand(D, hidden, seed=13, scale=0.1))
+    return dict(
+        ln_w=_rand(D, seed=6) + 1,
+        qkv_w=_rand((H + 2 * Hkv) * d, D, seed=8, scale=D**-0.5),
+        dense_w=_rand(D, H * d, seed=11, scale=0.05),
+        ff_ln_w=_rand(D, seed=7) + 1,
+        wg1_w=_rand(2 * hidden, D, seed=12, scale=0.06),
+        w2_w=_rand(D, hidden, seed=13, scale=0.1),
+    )
 
 
 @pytest.mark.parametrize("B,S,pos,splits", [(1, 16, 5, None), (2, 200, 130, 4)])
@@ -43,9 +47,27 @@ def test_persistent_block_matches_the_torch_functions(B, S, pos, splits):
         s.k.copy_(_rand(B, Hkv, S, d, seed=20))
         s.v.copy_(_rand(B, Hkv, S, d, seed=21))
     position, length = torch.tensor(pos, device=DEVICE), torch.tensor(pos + 1, device=DEVICE)
-    out = triton_block.decode_block(h, w["ln_w"], 1e-5, w["qkv_w"], cos, sin, H, Hkv, d, got_state, position,
-                                    length, w["dense_w"], w["ff_ln_w"], 1e-5, w["wg1_w"], w["w2_w"], hidden,
-                                    num_splits=splits)
+    out = triton_block.decode_block(
+        h,
+        w["ln_w"],
+        1e-5,
+        w["qkv_w"],
+        cos,
+        sin,
+        H,
+        Hkv,
+        d,
+        got_state,
+        position,
+        length,
+        w["dense_w"],
+        w["ff_ln_w"],
+        1e-5,
+        w["wg1_w"],
+        w["w2_w"],
+        hidden,
+        num_splits=splits,
+    )
     q, k, v = llama_compiled.decode_pre(h, w["ln_w"], 1e-5, w["qkv_w"], cos, sin, H, Hkv, d)
     ref_state.write_at(k, v, position)
     attn = decode_attention_reference(q, ref_state.k, ref_state.v, pos + 1, scale=1.0).reshape(B, 1, H * d)
@@ -61,8 +83,26 @@ def test_persistent_block_rejects_mismatched_weights():
     cos = sin = torch.zeros(12, 16, device=DEVICE)
     pos = torch.tensor(0, device=DEVICE)
     with pytest.raises(ValueError, match="hidden=97"):
-        triton_block.decode_block(_rand(1, 1, 256), w["ln_w"], 1e-5, w["qkv_w"], cos, sin, 8, 4, 32, state, pos,
-                                  pos + 1, w["dense_w"], w["ff_ln_w"], 1e-5, w["wg1_w"], w["w2_w"], 97)
+        triton_block.decode_block(
+            _rand(1, 1, 256),
+            w["ln_w"],
+            1e-5,
+            w["qkv_w"],
+            cos,
+            sin,
+            8,
+            4,
+            32,
+            state,
+            pos,
+            pos + 1,
+            w["dense_w"],
+            w["ff_ln_w"],
+            1e-5,
+            w["wg1_w"],
+            w["w2_w"],
+            97,
+        )
 
 
 def test_llama_decode_with_persistent_blocks_matches_full_forward(monkeypatch, tiny_on_device):
@@ -70,7 +110,9 @@ def test_llama_decode_with_persistent_blocks_matches_full_forward(monkeypatch, t
     real = triton_block.decode_block
     monkeypatch.setattr(triton_block, "decode_block", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec, model = tiny_on_device
-    assert_fused_decode_matches_full_forward(model, spec, "persistent", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
+    assert_fused_decode_matches_full_forward(
+        model, spec, "persistent", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH
+    )
     assert len(calls) == 4 * spec.config.nlayers  # every decode block was one persistent kernel
 
 

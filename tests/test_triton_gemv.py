@@ -7,7 +7,6 @@ TRITON_INTERPRET=1 is set (`make test-triton`; fp32 only there).
 import pytest
 import torch
 import torch.nn.functional as F
-
 from triton_helpers import assert_fused_decode_matches_full_forward, assert_graph_decode_matches_eager, triton_device
 
 DEVICE = triton_device()
@@ -27,8 +26,9 @@ def few_tiles():
     if DEVICE == "cuda":
         import triton
 
-        tiles = [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in ((2, 2048, 8), (8, 512, 2),
-                                                                                      (2, 1024, 4))]
+        tiles = [
+            triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in ((2, 2048, 8), (8, 512, 2), (2, 1024, 4))
+        ]
         for k in kernels:
             k.configs = tiles
     yield
@@ -55,8 +55,15 @@ def test_gemv_fusions_match_torch(B, fusion):
         ref = F.silu(gate) * up
     if fusion == "residual":
         ref = ref + res
-    out = triton_gemv.gemv(x, w, norm_weight=g if fusion.startswith("norm") else None, eps=1e-5,
-                           residual=res if fusion == "residual" else None, swiglu=swiglu, gate_last=gate_last)
+    out = triton_gemv.gemv(
+        x,
+        w,
+        norm_weight=g if fusion.startswith("norm") else None,
+        eps=1e-5,
+        residual=res if fusion == "residual" else None,
+        swiglu=swiglu,
+        gate_last=gate_last,
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -84,10 +91,17 @@ def test_decode_pre_post_match_the_torch_functions():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert states[0].k[:, :, 5].abs().sum() > 0 and states[0].k[:, :, :5].abs().sum() == 0
     attn = _rand(B, 1, H * d, seed=10)
-    dense, wg1, w2 = _rand(D, H * d, seed=11, scale=0.05), _rand(2 * hidden, D, seed=12, scale=0.06), _rand(D, hidden, seed=13, scale=0.1)
-    torch.testing.assert_close(triton_gemv.decode_post(h, attn, dense, ff_ln, 1e-5, wg1, w2, hidden),
-                               llama_compiled.decode_post(h, attn, dense, ff_ln, 1e-5, wg1, w2, hidden),
-                               atol=1e-5, rtol=1e-5)
+    dense, wg1, w2 = (
+        _rand(D, H * d, seed=11, scale=0.05),
+        _rand(2 * hidden, D, seed=12, scale=0.06),
+        _rand(D, hidden, seed=13, scale=0.1),
+    )
+    torch.testing.assert_close(
+        triton_gemv.decode_post(h, attn, dense, ff_ln, 1e-5, wg1, w2, hidden),
+        llama_compiled.decode_post(h, attn, dense, ff_ln, 1e-5, wg1, w2, hidden),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_llama_decode_with_triton_blocks_matches_full_forward(monkeypatch, tiny_on_device):
@@ -142,7 +156,9 @@ def _assert_gemv_steps_match_full_forward(monkeypatch, spec, model_cls, step_nam
     monkeypatch.setattr(model_cls, step_name, lambda self, *a: steps.append(1) or real(self, *a))
     assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH)
     assert len(steps) == 4  # every decode step took the GEMV path
-    assert_fused_decode_matches_full_forward(model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH + 1)
+    assert_fused_decode_matches_full_forward(
+        model, spec, "triton", DEVICE, batch=llama_compiled.GEMV_STEP_MAX_BATCH + 1
+    )
     assert len(steps) == 4  # a larger batch takes the per-module path
 
 

@@ -7,9 +7,17 @@ import multiprocessing as mp
 import os
 import socket
 
-BASE = dict(model_variant="llama3_tiny", use_dummy_dataset=True, seq_length=16, batch_size=2,
-            report_interval=1, use_torch_compile=False, device="cpu", learning_rate=1e-3,
-            sharding_strategy="fsdp")
+BASE = dict(
+    model_variant="llama3_tiny",
+    use_dummy_dataset=True,
+    seq_length=16,
+    batch_size=2,
+    report_interval=1,
+    use_torch_compile=False,
+    device="cpu",
+    learning_rate=1e-3,
+    sharding_strategy="fsdp",
+)
 
 
 def free_port() -> int:
@@ -19,8 +27,15 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, overrides: dict, env: dict) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **env,
+    )
     import torch
     import torch.distributed as dist
 

@@ -38,10 +38,10 @@ def assert_graph_decode_matches_eager(model, spec, mode: str, device: str) -> No
     ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(device)
     eager_cache = model.allocate_cache(1, 24)
     model(ids[:, :16], cache=eager_cache)
-    eager = [model(ids[:, i:i + 1], cache=eager_cache) for i in range(16, 24)]
+    eager = [model(ids[:, i : i + 1], cache=eager_cache) for i in range(16, 24)]
     with llama_compiled.fused_decode(mode):
         cache = model.allocate_cache(1, 24)
         model(ids[:, :16], cache=cache)
         step = DecodeStep(model, cache, cuda_graph=True)
-        replayed = [step(ids[:, i:i + 1]).clone() for i in range(16, 24)]
+        replayed = [step(ids[:, i : i + 1]).clone() for i in range(16, 24)]
     torch.testing.assert_close(torch.stack(replayed).squeeze(), torch.cat(eager, 1).squeeze(), atol=2e-4, rtol=2e-4)

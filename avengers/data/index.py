@@ -57,8 +57,10 @@ def parse_spec(cfg: Any) -> DataSpec:
     """Read the fms-fsdp data fields of any config object (CSV strings or lists)."""
     data_path = getattr(cfg, "data_path", None)
     if not data_path or not os.path.isdir(data_path):
-        raise ValueError(f"data_path={data_path!r}: no such folder; expected the folder that holds the dataset "
-                         f"sub-folders and meta/ (make one with `python -m avengers.data.prepare`)")
+        raise ValueError(
+            f"data_path={data_path!r}: no such folder; expected the folder that holds the dataset "
+            f"sub-folders and meta/ (make one with `python -m avengers.data.prepare`)"
+        )
     names = csv_list(getattr(cfg, "datasets", None))
     if not names:
         names = sorted(p.name for p in Path(data_path).iterdir() if p.is_dir() and "meta" not in p.name)
@@ -68,14 +70,18 @@ def parse_spec(cfg: Any) -> DataSpec:
     if not raw_w:
         raw_w = ["1"] * len(names)
     if len(raw_w) != len(names):
-        raise ValueError(f"weights={getattr(cfg, 'weights', None)!r} has {len(raw_w)} values but datasets names "
-                         f"{len(names)} ({', '.join(names)}): give one weight per dataset")
+        raise ValueError(
+            f"weights={getattr(cfg, 'weights', None)!r} has {len(raw_w)} values but datasets names "
+            f"{len(names)} ({', '.join(names)}): give one weight per dataset"
+        )
     try:
         weights = [float(w) for w in raw_w]
     except ValueError:
         raise ValueError(f"weights={getattr(cfg, 'weights', None)!r}: expected numbers >= 0") from None
     if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights={getattr(cfg, 'weights', None)!r}: expected finite numbers >= 0 with at least one > 0")
+        raise ValueError(
+            f"weights={getattr(cfg, 'weights', None)!r}: expected finite numbers >= 0 with at least one > 0"
+        )
     file_type = getattr(cfg, "file_type", "auto") or "auto"
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type={file_type!r}: expected one of {', '.join(FILE_TYPES)}")
@@ -87,16 +93,35 @@ def parse_spec(cfg: Any) -> DataSpec:
     strip = {int(t) for t in csv_list(getattr(cfg, "strip_tokens", ""))}
     special = {t for t in (tok("bos_token"), tok("eos_token"), tok("bol_token"), tok("eol_token")) if t is not None}
     spec = DataSpec(
-        data_path=str(data_path), datasets=names, weights=weights, file_type=file_type,
+        data_path=str(data_path),
+        datasets=names,
+        weights=weights,
+        file_type=file_type,
         col_name=getattr(cfg, "col_name", None) or shards.DEFAULT_COLUMN,
-        tokenizer_path=getattr(cfg, "tokenizer_path", None), seq_length=int(cfg.seq_length),
-        batch_size=int(cfg.batch_size), bos=tok("bos_token"), eos=tok("eos_token"), bol=tok("bol_token"),
-        eol=tok("eol_token"), strip=frozenset(strip | special), logical_shards=int(cfg.logical_shards),
-        num_workers=int(getattr(cfg, "num_workers", 0) or 0), seed=int(getattr(cfg, "seed", 0)),
+        tokenizer_path=getattr(cfg, "tokenizer_path", None),
+        seq_length=int(cfg.seq_length),
+        batch_size=int(cfg.batch_size),
+        bos=tok("bos_token"),
+        eos=tok("eos_token"),
+        bol=tok("bol_token"),
+        eol=tok("eol_token"),
+        strip=frozenset(strip | special),
+        logical_shards=int(cfg.logical_shards),
+        num_workers=int(getattr(cfg, "num_workers", 0) or 0),
+        seed=int(getattr(cfg, "seed", 0)),
         shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 0) or 0),
-        min_doc_length=int(getattr(cfg, "min_doc_length", 3) if getattr(cfg, "min_doc_length", None) is not None else 3))
-    for name, low in (("seq_length", 1), ("batch_size", 1), ("logical_shards", 1), ("num_workers", 0),
-                      ("shuffle_buffer", 0), ("min_doc_length", 0)):
+        min_doc_length=int(
+            getattr(cfg, "min_doc_length", 3) if getattr(cfg, "min_doc_length", None) is not None else 3
+        ),
+    )
+    for name, low in (
+        ("seq_length", 1),
+        ("batch_size", 1),
+        ("logical_shards", 1),
+        ("num_workers", 0),
+        ("shuffle_buffer", 0),
+        ("min_doc_length", 0),
+    ):
         if getattr(spec, name) < low:
             raise ValueError(f"{name}={getattr(spec, name)}: expected an integer >= {low}")
     if spec.content_len < 1:
@@ -107,6 +132,7 @@ def parse_spec(cfg: Any) -> DataSpec:
 @dataclass
 class DatasetIndex:
     """One dataset's files, document offsets and logical-shard boundaries (global document ids)."""
+
     name: str
     files: list[str]
     kinds: list[str]  # "arrow" | "parquet"
@@ -126,9 +152,11 @@ class DatasetIndex:
 def _list_files(spec: DataSpec, name: str) -> tuple[list[str], list[str]]:
     root = Path(spec.data_path) / name
     if not root.is_dir():
-        raise ValueError(f"dataset {name!r}: folder {root} does not exist (datasets are sub-folders of "
-                         f"data_path={spec.data_path!r}; present: "
-                         f"{', '.join(sorted(p.name for p in Path(spec.data_path).iterdir() if p.is_dir()))})")
+        raise ValueError(
+            f"dataset {name!r}: folder {root} does not exist (datasets are sub-folders of "
+            f"data_path={spec.data_path!r}; present: "
+            f"{', '.join(sorted(p.name for p in Path(spec.data_path).iterdir() if p.is_dir()))})"
+        )
     files, kinds = [], []
     for p in sorted(str(q) for q in root.rglob("*") if q.is_file() or q.is_symlink()):
         base = os.path.basename(p)
@@ -159,8 +187,10 @@ def index_dataset(spec: DataSpec, name: str, meta: dict[str, shards.FileMeta], o
     """Files and counts of one dataset; with open_all every file is opened (corruption check)."""
     files, kinds = _list_files(spec, name)
     if not files:
-        raise ValueError(f"dataset {name!r}: no {'arrow/parquet' if spec.file_type == 'auto' else spec.file_type} "
-                         f"files under {Path(spec.data_path) / name} (file_type={spec.file_type!r})")
+        raise ValueError(
+            f"dataset {name!r}: no {'arrow/parquet' if spec.file_type == 'auto' else spec.file_type} "
+            f"files under {Path(spec.data_path) / name} (file_type={spec.file_type!r})"
+        )
     root = Path(spec.data_path).resolve()
     docs, tokens, sizes, max_ids = [], [], [], []
     for path, kind in zip(files, kinds):
@@ -170,18 +200,28 @@ def index_dataset(spec: DataSpec, name: str, meta: dict[str, shards.FileMeta], o
         if open_all or m is None:
             n = _count_docs(path, kind, spec.col_name)
             if m is not None and m.documents != n:
-                raise ValueError(f"{path}: holds {n} documents but meta/combined_counts.csv says {m.documents} "
-                                 f"(truncated or replaced file; re-run prepare for dataset {name!r})")
+                raise ValueError(
+                    f"{path}: holds {n} documents but meta/combined_counts.csv says {m.documents} "
+                    f"(truncated or replaced file; re-run prepare for dataset {name!r})"
+                )
         docs.append(m.documents if m is not None else n)
         tokens.append(m.tokens if m is not None else None)
         sizes.append(os.path.getsize(path))
         max_ids.append(m.max_token_id if m is not None else None)
     docs_a = np.asarray(docs, dtype=np.int64)
     if docs_a.sum() == 0:
-        raise ValueError(f"dataset {name!r}: its {len(files)} files under {Path(spec.data_path) / name} hold no documents")
+        raise ValueError(
+            f"dataset {name!r}: its {len(files)} files under {Path(spec.data_path) / name} hold no documents"
+        )
     weight = np.asarray(tokens if all(t is not None for t in tokens) else sizes, dtype=np.float64)
-    return DatasetIndex(name, files, kinds, np.concatenate([[0], np.cumsum(docs_a)]),
-                        partition(docs_a, weight, spec.logical_shards), max_ids)
+    return DatasetIndex(
+        name,
+        files,
+        kinds,
+        np.concatenate([[0], np.cumsum(docs_a)]),
+        partition(docs_a, weight, spec.logical_shards),
+        max_ids,
+    )
 
 
 def _count_docs(path: str, kind: str, col_name: str) -> int:
@@ -217,14 +257,18 @@ def check_coverage(plan: Plan, world_size: int) -> None:
             continue
         owned = ix.bounds[per::per] - ix.bounds[:-1:per] if per else np.array([])
         if len(owned) and owned.min() == 0:
-            raise ValueError(f"dataset {ix.name!r} has {ix.num_docs} documents: too few for {loaders} loader workers "
-                             f"(world_size x max(num_workers,1)) to each own one; use fewer workers or more data")
+            raise ValueError(
+                f"dataset {ix.name!r} has {ix.num_docs} documents: too few for {loaders} loader workers "
+                f"(world_size x max(num_workers,1)) to each own one; use fewer workers or more data"
+            )
 
 
 def tokenizer_for(spec: DataSpec):
     if not spec.tokenizer_path:
-        raise ValueError("file_type includes parquet files but tokenizer_path=None: set tokenizer_path to a "
-                         "folder with tokenizer.json (parquet text is tokenized on the fly)")
+        raise ValueError(
+            "file_type includes parquet files but tokenizer_path=None: set tokenizer_path to a "
+            "folder with tokenizer.json (parquet text is tokenized on the fly)"
+        )
     from avengers.data.prepare import load_tokenizer
 
     return load_tokenizer(spec.tokenizer_path)

@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import collections
 import pickle
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +69,10 @@ def validate_data_config(cfg: Any, world_size: int, vocab_size: int) -> None:
     spec = parse_spec(cfg)
     loaders = world_size * max(spec.num_workers, 1)
     if spec.logical_shards % loaders:
-        raise ValueError(f"logical_shards={spec.logical_shards} is not divisible by world_size x max(num_workers, 1)"
-                         f" = {world_size} x {max(spec.num_workers, 1)} = {loaders}; use a multiple of {loaders}")
+        raise ValueError(
+            f"logical_shards={spec.logical_shards} is not divisible by world_size x max(num_workers, 1)"
+            f" = {world_size} x {max(spec.num_workers, 1)} = {loaders}; use a multiple of {loaders}"
+        )
     for name in ("bos", "eos", "bol", "eol"):
         t = getattr(spec, name)
         if t is not None and not 0 <= t < vocab_size:
@@ -85,8 +88,10 @@ def validate_data_config(cfg: Any, world_size: int, vocab_size: int) -> None:
                     tokenizer = tokenizer_for(spec)
                     tv = tokenizer.get_vocab_size(with_added_tokens=True)
                     if tv > vocab_size:
-                        raise ValueError(f"tokenizer_path={spec.tokenizer_path!r} has {tv} tokens, more than "
-                                         f"vocab_size={vocab_size}: use the model's tokenizer")
+                        raise ValueError(
+                            f"tokenizer_path={spec.tokenizer_path!r} has {tv} tokens, more than "
+                            f"vocab_size={vocab_size}: use the model's tokenizer"
+                        )
                 continue
             mx = ix.max_token_ids[f]
             if mx is None and n:
@@ -94,9 +99,11 @@ def validate_data_config(cfg: Any, world_size: int, vocab_size: int) -> None:
                 picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, VOCAB_SAMPLE_DOCS))})
                 mx = max((int(d.max()) for d in (r.doc(i) for i in picks) if d.size), default=-1)
             if mx is not None and mx >= vocab_size:
-                raise ValueError(f"{path}: token id {mx} >= vocab_size={vocab_size}; the shards were made with a "
-                                 f"larger tokenizer than the model's vocabulary (re-tokenize or pick a model "
-                                 f"with vocab >= {mx + 1})")
+                raise ValueError(
+                    f"{path}: token id {mx} >= vocab_size={vocab_size}; the shards were made with a "
+                    f"larger tokenizer than the model's vocabulary (re-tokenize or pick a model "
+                    f"with vocab >= {mx + 1})"
+                )
 
 
 class TokenLoader:
@@ -119,14 +126,26 @@ class TokenLoader:
         L = self.spec.seq_length + 1
 
         def stack(lines):  # int32 halves the checkpoint; ids < 2**31 (shards are uint32, vocabularies smaller)
-            return torch.from_numpy(np.stack(list(lines)).astype(np.int32)) if lines else \
-                torch.zeros((0, L), dtype=torch.int32)
+            return (
+                torch.from_numpy(np.stack(list(lines)).astype(np.int32))
+                if lines
+                else torch.zeros((0, L), dtype=torch.int32)
+            )
 
-        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.spec.num_workers, "logical_shards": self.spec.logical_shards,
-                "seq_length": self.spec.seq_length, "datasets": list(self.spec.datasets),
-                "workers": [_clone(self.workers[g]) for g in self.order], "worker_order": list(self.order),
-                "buffer": stack(self.buffer), "pending": stack(self.pending), "draws": self.draws}
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.spec.num_workers,
+            "logical_shards": self.spec.logical_shards,
+            "seq_length": self.spec.seq_length,
+            "datasets": list(self.spec.datasets),
+            "workers": [_clone(self.workers[g]) for g in self.order],
+            "worker_order": list(self.order),
+            "buffer": stack(self.buffer),
+            "pending": stack(self.pending),
+            "draws": self.draws,
+        }
 
     def load_state_dict(self, state: dict | Sequence[dict]) -> None:
         """A single dict: this rank's state (same world and workers). A list: all ranks' states (any)."""
@@ -134,29 +153,39 @@ class TokenLoader:
         for s in states:
             self._check_compatible(s)
         same = (isinstance(state, dict) or len(states) == self.world_size) and all(
-            s["world_size"] == self.world_size and max(s["num_workers"], 1) == self.nw for s in states)
+            s["world_size"] == self.world_size and max(s["num_workers"], 1) == self.nw for s in states
+        )
         if same:
             mine = state if isinstance(state, dict) else next((s for s in states if s["rank"] == self.rank), None)
             if mine is None or mine["rank"] != self.rank:
-                raise ValueError(f"loader state for rank {self.rank} not found (got ranks "
-                                 f"{[s['rank'] for s in states]}); pass every rank's state as a list")
+                raise ValueError(
+                    f"loader state for rank {self.rank} not found (got ranks "
+                    f"{[s['rank'] for s in states]}); pass every rank's state as a list"
+                )
             self._restore(mine)
         else:
             if isinstance(state, dict):
-                raise ValueError(f"loader state was saved with world_size={state['world_size']} x num_workers="
-                                 f"{state['num_workers']}, now {self.world_size} x {self.spec.num_workers}: pass "
-                                 f"the list of all saved ranks' states to rescale")
+                raise ValueError(
+                    f"loader state was saved with world_size={state['world_size']} x num_workers="
+                    f"{state['num_workers']}, now {self.world_size} x {self.spec.num_workers}: pass "
+                    f"the list of all saved ranks' states to rescale"
+                )
             self._restore(rescale(states, self.plan, self.rank, self.world_size))
         self._gen += 1
 
     def _check_compatible(self, s: dict) -> None:
         if s.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {s.get('version')!r}: expected {STATE_VERSION}")
-        for k, mine in (("logical_shards", self.spec.logical_shards), ("seq_length", self.spec.seq_length),
-                        ("datasets", list(self.spec.datasets))):
+        for k, mine in (
+            ("logical_shards", self.spec.logical_shards),
+            ("seq_length", self.spec.seq_length),
+            ("datasets", list(self.spec.datasets)),
+        ):
             if s[k] != mine:
-                raise ValueError(f"loader state has {k}={s[k]!r} but the config has {mine!r}; they must match "
-                                 f"to resume (start a new data run to change them)")
+                raise ValueError(
+                    f"loader state has {k}={s[k]!r} but the config has {mine!r}; they must match "
+                    f"to resume (start a new data run to change them)"
+                )
 
     def _restore(self, s: dict) -> None:
         self.workers = {int(w["gid"]): _clone(w) for w in s["workers"]}
@@ -171,8 +200,13 @@ class TokenLoader:
         if self.spec.num_workers == 0:
             yield from Stream(self.plan, states[0]).blocks(self._block_lines())
             return
-        dl = torch.utils.data.DataLoader(WorkerSet(self.plan, states, self._block_lines()), batch_size=None,
-                                         num_workers=self.nw, prefetch_factor=4, persistent_workers=False)
+        dl = torch.utils.data.DataLoader(
+            WorkerSet(self.plan, states, self._block_lines()),
+            batch_size=None,
+            num_workers=self.nw,
+            prefetch_factor=4,
+            persistent_workers=False,
+        )
         for lines, state in dl:
             yield lines, pickle.loads(state)
 
@@ -190,7 +224,7 @@ class TokenLoader:
             g = int(wstate["gid"])
             self.workers[g] = wstate
             k = self.order.index(g)
-            self.order = self.order[k + 1:] + self.order[:k + 1]
+            self.order = self.order[k + 1 :] + self.order[: k + 1]
             self.pending.extend(lines.numpy())
             while self.pending:
                 yield self.pending.popleft()
@@ -251,8 +285,9 @@ def rescale(states: Sequence[dict], plan: Plan, rank: int, world_size: int) -> d
     states = sorted(states, key=lambda s: s["rank"])
     old_world = states[0]["world_size"]
     if [s["rank"] for s in states] != list(range(old_world)):
-        raise ValueError(f"rescaling needs the loader states of all {old_world} saved ranks; got ranks "
-                         f"{[s['rank'] for s in states]}")
+        raise ValueError(
+            f"rescaling needs the loader states of all {old_world} saved ranks; got ranks {[s['rank'] for s in states]}"
+        )
     spec = plan.spec
     nw = max(spec.num_workers, 1)
     n_new = world_size * nw
@@ -268,12 +303,24 @@ def rescale(states: Sequence[dict], plan: Plan, rank: int, world_size: int) -> d
     generation = 1 + max(int(w.get("generation", 0)) for w in old_workers)
     workers = []
     for g in range(rank * nw, (rank + 1) * nw):
-        workers.append({"gid": g, "tables": [torch.from_numpy(r[g * per:(g + 1) * per].copy()) for r in rows],
-                        "seen": seen.clone(), "draws": 0, "generation": generation})
+        workers.append(
+            {
+                "gid": g,
+                "tables": [torch.from_numpy(r[g * per : (g + 1) * per].copy()) for r in rows],
+                "seen": seen.clone(),
+                "draws": 0,
+                "generation": generation,
+            }
+        )
     my_lines = [x for i, x in enumerate(lines) if i % world_size == rank]
     L = spec.seq_length + 1
-    return {"workers": workers, "worker_order": [w["gid"] for w in workers], "buffer": torch.zeros((0, L), dtype=torch.int32),
-            "pending": torch.stack(my_lines) if my_lines else torch.zeros((0, L), dtype=torch.int32), "draws": 0}
+    return {
+        "workers": workers,
+        "worker_order": [w["gid"] for w in workers],
+        "buffer": torch.zeros((0, L), dtype=torch.int32),
+        "pending": torch.stack(my_lines) if my_lines else torch.zeros((0, L), dtype=torch.int32),
+        "draws": 0,
+    }
 
 
 def build_dataloader(cfg: Any, rank: int, world_size: int, epochs: int | None = None) -> TokenLoader:
@@ -285,7 +332,9 @@ def build_dataloader(cfg: Any, rank: int, world_size: int, epochs: int | None = 
     spec = plan.spec
     loaders = world_size * max(spec.num_workers, 1)
     if spec.logical_shards % loaders:
-        raise ValueError(f"logical_shards={spec.logical_shards} is not divisible by world_size x max(num_workers, 1)"
-                         f" = {loaders}; use a multiple of {loaders}")
+        raise ValueError(
+            f"logical_shards={spec.logical_shards} is not divisible by world_size x max(num_workers, 1)"
+            f" = {loaders}; use a multiple of {loaders}"
+        )
     check_coverage(plan, world_size)
     return TokenLoader(plan, rank, world_size)

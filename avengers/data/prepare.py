@@ -28,8 +28,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -41,9 +41,27 @@ LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt"
 DEFAULT_TOKENIZER = "meta-llama/Meta-Llama-3-8B"
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
 DOLMA_REPO = "allenai/dolma"
-DOLMA_SOURCES = ("cc_en_head", "cc_en_middle", "cc_en_tail", "falcon", "starcoder", "c4", "reddit", "pes2o",
-                 "arxiv", "wiki", "stackexchange", "tulu_flan", "cc_news_head", "cc_news_middle",
-                 "cc_news_tail", "open-web-math", "algebraic", "books", "megawika")
+DOLMA_SOURCES = (
+    "cc_en_head",
+    "cc_en_middle",
+    "cc_en_tail",
+    "falcon",
+    "starcoder",
+    "c4",
+    "reddit",
+    "pes2o",
+    "arxiv",
+    "wiki",
+    "stackexchange",
+    "tulu_flan",
+    "cc_news_head",
+    "cc_news_middle",
+    "cc_news_tail",
+    "open-web-math",
+    "algebraic",
+    "books",
+    "megawika",
+)
 TEXT_FIELDS = ("text", "contents")
 
 
@@ -52,6 +70,7 @@ class PrepareError(ValueError):
 
 
 # ---------------------------------------------------------------- tokenizer
+
 
 def load_tokenizer(spec: str):
     """A `tokenizers.Tokenizer` from a folder / tokenizer.json / Hub id (Hub only if cached or online)."""
@@ -72,13 +91,15 @@ def load_tokenizer(spec: str):
         raise PrepareError(
             f"--tokenizer {spec!r}: not a local folder and could not be loaded from the Hugging Face Hub or its "
             f"cache ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Without network access pass a local "
-            f"folder holding tokenizer.json, e.g. --tokenizer data/sample/tokenizer") from None
+            f"folder holding tokenizer.json, e.g. --tokenizer data/sample/tokenizer"
+        ) from None
     if not getattr(tok, "is_fast", False):
         raise PrepareError(f"--tokenizer {spec!r}: only fast (tokenizers-backed) tokenizers are supported")
     return tok.backend_tokenizer
 
 
 # ---------------------------------------------------------------- sources
+
 
 def expand_inputs(inputs: list[str]) -> list[str]:
     files: list[str] = []
@@ -138,7 +159,8 @@ def _offline_error(what: str, e: Exception) -> PrepareError:
     return PrepareError(
         f"cannot stream {what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). The Hugging "
         f"Face Hub is unreachable from this machine or the dataset is gated; download the files elsewhere and "
-        f"run --source local --input <files>")
+        f"run --source local --input <files>"
+    )
 
 
 def read_fineweb(config: str, text_field: str) -> Iterator[str]:
@@ -207,12 +229,11 @@ def _init_worker(tok_json: str) -> None:
     _TOK = Tokenizer.from_str(tok_json)
 
 
-def tokenize_shard(texts: list[str], out_path: str, min_tokens: int, max_tokens: int | None,
-                   batch: int = 256) -> dict:
+def tokenize_shard(texts: list[str], out_path: str, min_tokens: int, max_tokens: int | None, batch: int = 256) -> dict:
     """Tokenize, filter and write one shard; returns its stats plus docs_in."""
     docs: list[np.ndarray] = []
     for i in range(0, len(texts), batch):
-        for enc in _TOK.encode_batch_fast(texts[i:i + batch], add_special_tokens=False):
+        for enc in _TOK.encode_batch_fast(texts[i : i + batch], add_special_tokens=False):
             ids = np.array(enc.ids, dtype=np.uint32)
             if ids.size < min_tokens:
                 continue
@@ -235,9 +256,21 @@ def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
 
 # ---------------------------------------------------------------- driver
 
+
 def _settings(args: argparse.Namespace) -> dict:
-    keys = ("source", "input", "config", "dolma_sources", "dolma_version", "text_field", "tokenizer",
-            "docs_per_shard", "min_tokens", "max_tokens_per_doc", "max_docs")
+    keys = (
+        "source",
+        "input",
+        "config",
+        "dolma_sources",
+        "dolma_version",
+        "text_field",
+        "tokenizer",
+        "docs_per_shard",
+        "min_tokens",
+        "max_tokens_per_doc",
+        "max_docs",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -269,25 +302,38 @@ def prepare(args: argparse.Namespace) -> dict[str, dict]:
     if info_path.is_file() and not args.overwrite:
         old = json.loads(info_path.read_text()).get("settings")
         if old != settings:
-            raise PrepareError(f"{out_dir} was prepared with other settings ({info_path}: {old}); pass --overwrite "
-                               f"to start again or repeat the original command to resume")
+            raise PrepareError(
+                f"{out_dir} was prepared with other settings ({info_path}: {old}); pass --overwrite "
+                f"to start again or repeat the original command to resume"
+            )
     if args.overwrite:
         for f in out_dir.glob("part-*.arrow*"):
             f.unlink()
     for f in out_dir.glob("*.tmp"):
         f.unlink()  # a partial shard from an interrupted run is redone
     info_path.parent.mkdir(parents=True, exist_ok=True)
-    info_path.write_text(json.dumps({"settings": settings, "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-                                     "bos_eos_candidates": {t: tok.token_to_id(t) for t in
-                                                            ("<|begin_of_text|>", "<|end_of_text|>", "<s>", "</s>")
-                                                            if tok.token_to_id(t) is not None}}, indent=1))
+    info_path.write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+                "bos_eos_candidates": {
+                    t: tok.token_to_id(t)
+                    for t in ("<|begin_of_text|>", "<|end_of_text|>", "<s>", "</s>")
+                    if tok.token_to_id(t) is not None
+                },
+            },
+            indent=1,
+        )
+    )
     stats: dict[str, dict] = {}
     n_docs = n_tok = 0
     t0 = time.perf_counter()
     from tqdm import tqdm
 
-    bar = tqdm(total=args.max_docs, unit="doc", dynamic_ncols=True, disable=args.quiet or None,
-               desc=f"prepare {args.dataset}")
+    bar = tqdm(
+        total=args.max_docs, unit="doc", dynamic_ncols=True, disable=args.quiet or None, desc=f"prepare {args.dataset}"
+    )
 
     def done(name: str, st: dict) -> None:
         nonlocal n_docs, n_tok
@@ -304,7 +350,8 @@ def prepare(args: argparse.Namespace) -> dict[str, dict]:
     pool = None
     if args.workers > 1:
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            args.workers, initializer=_init_worker, initargs=(tok.to_str(),))
+            args.workers, initializer=_init_worker, initargs=(tok.to_str(),)
+        )
     else:
         global _TOK
         _TOK = tok
@@ -339,8 +386,15 @@ def prepare(args: argparse.Namespace) -> dict[str, dict]:
             pool.terminate()
     shards.update_meta(args.output, args.dataset, stats)
     dt = time.perf_counter() - t0
-    log.info("%s: %d docs, %d tokens in %d shards, %.1f s (%.0f tok/s)", args.dataset, n_docs, n_tok,
-             len(stats), dt, n_tok / max(dt, 1e-9))
+    log.info(
+        "%s: %d docs, %d tokens in %d shards, %.1f s (%.0f tok/s)",
+        args.dataset,
+        n_docs,
+        n_tok,
+        len(stats),
+        dt,
+        n_tok / max(dt, 1e-9),
+    )
     return stats
 
 
@@ -348,12 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m avengers.data.prepare", description=__doc__.split("\n")[0])
     p.add_argument("--source", required=True, help=f"one of {', '.join(SOURCES)}")
     p.add_argument("--output", required=True, help="data_path: shards go to OUTPUT/DATASET, counts to OUTPUT/meta")
-    p.add_argument("--dataset", default=None, help="dataset folder name (default: the source name, or the "
-                                                   "first input's stem for local)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset folder name (default: the source name, or the first input's stem for local)",
+    )
     p.add_argument("--input", nargs="+", default=None, help="local files, folders or globs")
     p.add_argument("--config", default="sample-10BT", help="fineweb-edu config, e.g. sample-10BT or CC-MAIN-2024-10")
-    p.add_argument("--dolma_sources", default=",".join(DOLMA_SOURCES),
-                   type=lambda s: [x.strip() for x in s.split(",") if x.strip()], help="CSV of Dolma v1_7 subsets")
+    p.add_argument(
+        "--dolma_sources",
+        default=",".join(DOLMA_SOURCES),
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        help="CSV of Dolma v1_7 subsets",
+    )
     p.add_argument("--dolma_version", default="v1_7")
     p.add_argument("--text_field", default="text", help="text column / JSON field (falls back to 'contents')")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="Hub id or local folder with tokenizer.json")
@@ -371,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     if args.dataset is None:
-        args.dataset = (Path(args.input[0]).name.split(".")[0] if args.source == "local" and args.input
-                        else args.source)
+        args.dataset = Path(args.input[0]).name.split(".")[0] if args.source == "local" and args.input else args.source
     try:
         prepare(args)
     except PrepareError as e:

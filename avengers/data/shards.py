@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -64,9 +64,11 @@ class ShardReader:
         try:
             self._reader = pa.ipc.open_file(pa.memory_map(self.path, "r"))
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-            raise ValueError(f"corrupt or truncated arrow shard {self.path}: {e} "
-                             "(expected an Arrow IPC file with one record batch per document; "
-                             "re-run `python -m avengers.data.prepare` for this dataset)") from None
+            raise ValueError(
+                f"corrupt or truncated arrow shard {self.path}: {e} "
+                "(expected an Arrow IPC file with one record batch per document; "
+                "re-run `python -m avengers.data.prepare` for this dataset)"
+            ) from None
         names = self._reader.schema.names
         candidates = [c.strip() for c in col_name.split(",") if c.strip()] or [DEFAULT_COLUMN]
         found = [c for c in candidates if c in names]
@@ -87,8 +89,9 @@ class ShardReader:
         return col.to_numpy(zero_copy_only=col.null_count == 0)
 
     def doc_lengths(self) -> np.ndarray:
-        return np.fromiter((self._reader.get_batch(i).num_rows for i in range(self.num_docs)),
-                           dtype=np.int64, count=self.num_docs)
+        return np.fromiter(
+            (self._reader.get_batch(i).num_rows for i in range(self.num_docs)), dtype=np.int64, count=self.num_docs
+        )
 
 
 def shard_stats(path: str | os.PathLike, col_name: str = DEFAULT_COLUMN) -> dict:
@@ -129,8 +132,9 @@ def read_meta(data_path: str | os.PathLike) -> dict[str, FileMeta]:
                 raise ValueError(f"{csv_path}: expected header {','.join(COUNTS_HEADER)} (size optional)")
             tokens = row.get("tokens")
             size = row.get("size")
-            out["/" + key.strip("/")] = FileMeta(int(row["documents"]), int(tokens) if tokens else None,
-                                                 int(size) if size else -1)
+            out["/" + key.strip("/")] = FileMeta(
+                int(row["documents"]), int(tokens) if tokens else None, int(size) if size else -1
+            )
     for row in _read_csv(meta_dir / STATS_FILE):
         key = "/" + row["dataset/filename"].strip("/")
         if key in out and row.get("max_token_id") not in (None, ""):
@@ -147,8 +151,10 @@ def update_meta(data_path: str | os.PathLike, dataset: str, rows: dict[str, dict
     meta_dir.mkdir(parents=True, exist_ok=True)
     prefix = "/" + dataset.strip("/") + "/"
     new = {prefix + rel: st for rel, st in sorted(rows.items())}
-    for name, header, fields in ((COUNTS_FILE, COUNTS_HEADER, ("documents", "tokens", "size")),
-                                 (STATS_FILE, STATS_HEADER, ("max_token_id",))):
+    for name, header, fields in (
+        (COUNTS_FILE, COUNTS_HEADER, ("documents", "tokens", "size")),
+        (STATS_FILE, STATS_HEADER, ("max_token_id",)),
+    ):
         path = meta_dir / name
         kept = [r for r in _read_csv(path) if not ("/" + r[header[0]].strip("/")).startswith(prefix)]
         tmp = path.with_name(name + ".tmp")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import collections
 import pickle
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from avengers.data import shards
-from avengers.data.index import DataSpec, DatasetIndex, Plan, csv_list, tokenizer_for
+from avengers.data.index import DatasetIndex, DataSpec, Plan, csv_list, tokenizer_for
 
 _M64 = (1 << 64) - 1
 _COLS = 6  # shard row: shard, epoch, lcg_state, visited, current_doc (-1 = none), offset
@@ -54,8 +55,10 @@ class Documents:
             names = pf.schema_arrow.names
             cands = [c for c in csv_list(self.spec.col_name) + ["text", "contents"] if c in names]
             if not cands:
-                raise ValueError(f"{self.ix.files[f]}: no text column among col_name={self.spec.col_name!r}, "
-                                 f"'text', 'contents' (columns: {names})")
+                raise ValueError(
+                    f"{self.ix.files[f]}: no text column among col_name={self.spec.col_name!r}, "
+                    f"'text', 'contents' (columns: {names})"
+                )
             rows = [pf.metadata.row_group(k).num_rows for k in range(pf.num_row_groups)]
             self.pq[f] = (pf, cands[0], np.concatenate([[0], np.cumsum(rows)]))
         pf, col, starts = self.pq[f]
@@ -89,8 +92,13 @@ def initial_worker_state(plan: Plan, gid: int, n_loaders: int) -> dict:
             n = int(ix.bounds[s + 1] - ix.bounds[s])
             rows[k] = (s, 0, _lcg_params(spec.seed, d, s, 0, n)[2], 0, -1, 0)
         tables.append(torch.from_numpy(rows))
-    return {"gid": gid, "tables": tables, "seen": torch.zeros(len(plan.indexes), dtype=torch.int64),
-            "draws": 0, "generation": 0}
+    return {
+        "gid": gid,
+        "tables": tables,
+        "seen": torch.zeros(len(plan.indexes), dtype=torch.int64),
+        "draws": 0,
+        "generation": 0,
+    }
 
 
 class Stream:
@@ -118,9 +126,13 @@ class Stream:
         if self.cur is not None:
             d, r, _, off = self.cur
             self.tables[d][r, 5] = off
-        return {"gid": self.gid, "tables": [t.copy() for t in self.tables], "seen": self.seen.copy(),
-                "draws": self.draws,
-                "generation": self.gen}
+        return {
+            "gid": self.gid,
+            "tables": [t.copy() for t in self.tables],
+            "seen": self.seen.copy(),
+            "draws": self.draws,
+            "generation": self.gen,
+        }
 
     def _doc_tokens(self, d: int, g: int) -> np.ndarray | None:
         doc = self.docs[d](g)
@@ -138,7 +150,7 @@ class Stream:
         if self.spec.bos is not None:
             out[0] = self.spec.bos
             k = 1
-        out[k:k + b - a] = doc[a:b]
+        out[k : k + b - a] = doc[a:b]
         if self.spec.eos is not None:
             out[-1] = self.spec.eos
         return out
@@ -203,7 +215,7 @@ class Stream:
         if self.cur is None and not self._start_doc():
             return None
         d, r, toks, off = self.cur
-        p = toks[off:off + need]
+        p = toks[off : off + need]
         off += len(p)
         self.seen[d] += len(p)
         if off >= len(toks):
@@ -223,20 +235,20 @@ class Stream:
             line[0] = spec.bol
         if spec.eol is not None:
             line[-1] = spec.eol
-        content = line[lo:lo + C]
+        content = line[lo : lo + C]
         fill = n = 0
         while True:
             p = self._piece(C - fill)
             if p is None:  # finite mode: pad the last line with -1 (labels become -100)
                 if fill:
-                    line[lo + fill:] = -1
+                    line[lo + fill :] = -1
                     out[n] = line
                     n += 1
                     fill = 0
                 if n:
                     yield torch.from_numpy(out[:n].copy()), self.state()
                 return
-            content[fill:fill + len(p)] = p
+            content[fill : fill + len(p)] = p
             fill += len(p)
             if fill == C:
                 out[n] = line

@@ -43,8 +43,14 @@ def decode_backends_used() -> list[str]:
     return sorted(_backend["used"])
 
 
-def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: torch.Tensor,
-                     scale: float | None = None, invalid: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    length: torch.Tensor,
+    scale: float | None = None,
+    invalid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One query token per sequence over a static key/value buffer; graph-capturable.
 
     q [B, H, d]; k_buf, v_buf [B, H_kv, S, d] with S a multiple of KV_CHUNK; keys [0, length) are
@@ -105,8 +111,9 @@ def _self_test(device: torch.device, dtype: torch.dtype, d: int, group: int) -> 
     return True
 
 
-def decode_attention_torch(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, valid: torch.Tensor,
-                           scale: float | None = None) -> torch.Tensor:
+def decode_attention_torch(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, valid: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """The torch-ops path: `valid` is the valid length (0-dim long tensor) or an invalid_positions mask.
 
     Scores are one batched matmul over all S keys; the value matmul reduces over S, so it is split
@@ -127,8 +134,9 @@ def decode_attention_torch(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
     return out.reshape(B, H, d)
 
 
-def decode_attention_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int,
-                               scale: float | None = None) -> torch.Tensor:
+def decode_attention_reference(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int, scale: float | None = None
+) -> torch.Tensor:
     """SDPA over the first `length` keys, GQA by repeating key/value heads."""
     G = q.shape[1] // k_buf.shape[1]
     k = k_buf[:, :, :length].repeat_interleave(G, dim=1)

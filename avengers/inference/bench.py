@@ -29,8 +29,14 @@ from torch import nn
 from avengers.inference import llama_compiled
 from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
 from avengers.inference.cache import InferenceCache
-from avengers.inference.check import (CheckResult, DecodeMismatch, check_cached_decode, check_graph_decode,
-                                      check_timed_dtype, timed_dtype_case)
+from avengers.inference.check import (
+    CheckResult,
+    DecodeMismatch,
+    check_cached_decode,
+    check_graph_decode,
+    check_timed_dtype,
+    timed_dtype_case,
+)
 from avengers.inference.graphs import DecodeStep
 from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
 from avengers.inference.llama_compiled import FUSED_DECODE_MODES, set_fused_decode
@@ -78,7 +84,9 @@ class BenchConfig:
         if self.fused_decode not in FUSED_DECODE_MODES:
             raise ValueError(f"fused_decode must be one of {FUSED_DECODE_MODES}, got {self.fused_decode!r}")
         if self.tune_gemv and self.fused_decode != "triton":
-            raise ValueError(f"tune_gemv tunes the Triton decode GEMVs: it needs fused_decode 'triton', got {self.fused_decode!r}")
+            raise ValueError(
+                f"tune_gemv tunes the Triton decode GEMVs: it needs fused_decode 'triton', got {self.fused_decode!r}"
+            )
         if self.decode_attn not in DECODE_BACKENDS:
             raise ValueError(f"decode_attn must be one of {DECODE_BACKENDS}, got {self.decode_attn!r}")
         if self.dtype not in DTYPES:
@@ -130,12 +138,13 @@ def prefill(model: nn.Module, cache: InferenceCache, ids: torch.Tensor, chunk: i
     """Consume ids in chunks of `chunk` tokens (one call when chunk <= 0), keeping no logits."""
     step = ids.shape[1] if chunk <= 0 else chunk
     for s in range(0, ids.shape[1], step):
-        model(ids[:, s:s + step], cache=cache)
+        model(ids[:, s : s + step], cache=cache)
 
 
 @torch.no_grad()
-def time_decode(model: nn.Module, cache: InferenceCache, start: int, cfg: BenchConfig, vocab: int,
-                use_graph: bool) -> float:
+def time_decode(
+    model: nn.Module, cache: InferenceCache, start: int, cfg: BenchConfig, vocab: int, use_graph: bool
+) -> float:
     """Seconds per decode step at positions start.., warm-up excluded."""
     device = cache.position.device
     cache.set_seq_len(start)
@@ -203,7 +212,9 @@ def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float
     return res
 
 
-def _run_checks(model: nn.Module, vocab: int, device: torch.device, dtype: torch.dtype, cfg: BenchConfig) -> CheckResult:
+def _run_checks(
+    model: nn.Module, vocab: int, device: torch.device, dtype: torch.dtype, cfg: BenchConfig
+) -> CheckResult:
     on_cuda = device.type == "cuda"
     tol = cfg.check_tol or (1e-2 if on_cuda else 1e-4)
     model.float()
@@ -223,8 +234,17 @@ def _run_checks(model: nn.Module, vocab: int, device: torch.device, dtype: torch
     return check
 
 
-def _bench_context(model, spec, ctx: int, chunk: int, bandwidth: float | None, res: VariantResult,
-                   cfg: BenchConfig, rows: list[dict], deadline: float) -> None:
+def _bench_context(
+    model,
+    spec,
+    ctx: int,
+    chunk: int,
+    bandwidth: float | None,
+    res: VariantResult,
+    cfg: BenchConfig,
+    rows: list[dict],
+    deadline: float,
+) -> None:
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     fill = ctx - cfg.room
@@ -237,9 +257,18 @@ def _bench_context(model, spec, ctx: int, chunk: int, bandwidth: float | None, r
     prefill_s = time.perf_counter() - t0
     per_seq = cache1.nbytes_per_sequence()
     largest = _largest_batch(per_seq, device, cfg) if cfg.find_max_batch else None
-    batches = sorted({b for b in cfg.batch_sizes if largest is None or b <= largest} | ({largest} if largest else set()))
-    common = dict(variant=res.variant, family=res.family, context=ctx, prefill_tokens=fill, prefill_s=prefill_s,
-                  prefill_tok_s=fill / prefill_s, cache_bytes_per_seq=per_seq)
+    batches = sorted(
+        {b for b in cfg.batch_sizes if largest is None or b <= largest} | ({largest} if largest else set())
+    )
+    common = dict(
+        variant=res.variant,
+        family=res.family,
+        context=ctx,
+        prefill_tokens=fill,
+        prefill_s=prefill_s,
+        prefill_tok_s=fill / prefill_s,
+        cache_bytes_per_seq=per_seq,
+    )
     ctx_rows, fits = [], None
     for b in batches:
         if time.monotonic() > deadline:
@@ -250,19 +279,34 @@ def _bench_context(model, spec, ctx: int, chunk: int, bandwidth: float | None, r
             continue
         fits = row.pop("_fits") or fits
         ctx_rows.append({**common, **row})
-        log.info("%s ctx=%d batch=%d: %.3f ms/step, %.0f tok/s", res.variant, ctx, row["batch"],
-                 row["decode_step_ms"], row["decode_tok_s"])
+        log.info(
+            "%s ctx=%d batch=%d: %.3f ms/step, %.0f tok/s",
+            res.variant,
+            ctx,
+            row["batch"],
+            row["decode_step_ms"],
+            row["decode_tok_s"],
+        )
     for row in ctx_rows:  # the largest batch verified by a run at this context (None: not searched)
         row["max_batch"] = fits
     rows.extend(ctx_rows)
     del cache1
 
 
-def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, is_largest: bool,
-                   bandwidth: float | None, res: VariantResult, cfg: BenchConfig) -> dict | None:
+def _measure_batch(
+    model,
+    spec,
+    cache1: InferenceCache,
+    fill: int,
+    batch: int,
+    is_largest: bool,
+    bandwidth: float | None,
+    res: VariantResult,
+    cfg: BenchConfig,
+) -> dict | None:
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
-    for attempt in range(5):  # the largest batch is verified by running it; shrink on OOM
+    for _attempt in range(5):  # the largest batch is verified by running it; shrink on OOM
         cache = None
         try:
             if device.type == "cuda":
@@ -281,12 +325,18 @@ def _measure_batch(model, spec, cache1: InferenceCache, fill: int, batch: int, i
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             moved = res.weight_bytes + nbytes
             roof_s = moved / (bandwidth * 1e9) if bandwidth else None
-            return dict(batch=batch, decode_step_ms=step_s * 1e3, decode_tok_s=batch / step_s,
-                        cache_bytes=nbytes, peak_mem_gib=peak, bytes_per_step=moved,
-                        roofline_ms=roof_s * 1e3 if roof_s else None,
-                        roofline_ratio=step_s / roof_s if roof_s else None,
-                        decode_mode=res.decode_mode,
-                        _fits=batch if is_largest else None)
+            return dict(
+                batch=batch,
+                decode_step_ms=step_s * 1e3,
+                decode_tok_s=batch / step_s,
+                cache_bytes=nbytes,
+                peak_mem_gib=peak,
+                bytes_per_step=moved,
+                roofline_ms=roof_s * 1e3 if roof_s else None,
+                roofline_ratio=step_s / roof_s if roof_s else None,
+                decode_mode=res.decode_mode,
+                _fits=batch if is_largest else None,
+            )
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             # an allocation failing inside a graph capture surfaces as a RuntimeError
             if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e).lower():
@@ -313,7 +363,8 @@ def _tune_gemvs(model, cache: InferenceCache, fill: int, cfg: BenchConfig, vocab
     quick = replace(cfg, steps=20, warmup=2)
     log.info("%s: tuning the decode GEMV tiles by step time (batch block %d)", res.variant, block)
     res.gemv_tuning[f"BB{block}"] = gemv_tuning.tune(
-        lambda: time_decode(model, cache, fill, quick, vocab, True) * 1e3, block, log=log.info)
+        lambda: time_decode(model, cache, fill, quick, vocab, True) * 1e3, block, log=log.info
+    )
 
 
 def _default_variants(device: str) -> list[str]:
@@ -328,8 +379,12 @@ def _default_variants(device: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(prog="python -m avengers.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--variants", help="comma-separated registry variants (default: *tiny* on CPU, the 1.3-2B set on CUDA)")
-    p.add_argument("--contexts", default=None, help="comma-separated, e.g. 1k,4k,16k,32k,64k,128k (CPU default 128,256,512)")
+    p.add_argument(
+        "--variants", help="comma-separated registry variants (default: *tiny* on CPU, the 1.3-2B set on CUDA)"
+    )
+    p.add_argument(
+        "--contexts", default=None, help="comma-separated, e.g. 1k,4k,16k,32k,64k,128k (CPU default 128,256,512)"
+    )
     p.add_argument("--batch_sizes", default=None, help="comma-separated (CUDA default 1,8,64; CPU 1,2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)")
@@ -338,27 +393,49 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--no_max_batch", action="store_true", help="skip the largest-batch search")
     p.add_argument("--max_batch_cap", type=int, default=4096)
     p.add_argument("--memory_fraction", type=float, default=0.9)
-    p.add_argument("--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the roofline (CUDA default 4800)")
-    p.add_argument("--prefill_chunk", type=int, default=0,
-                   help="prefill in chunks of N tokens where the family's chunked prefill checks out (0: one call)")
+    p.add_argument(
+        "--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the roofline (CUDA default 4800)"
+    )
+    p.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=0,
+        help="prefill in chunks of N tokens where the family's chunked prefill checks out (0: one call)",
+    )
     p.add_argument("--no_cuda_graph", action="store_true")
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
-    p.add_argument("--fused_decode", default=None, choices=FUSED_DECODE_MODES,
-                   help="decode steps through fused functions: torch.compile'd (inductor), Triton GEMV kernels "
-                        "with the norms/SwiGLU/residuals fused (triton: batch 1, every family; larger batches "
-                        "as inductor), one persistent Triton kernel per Llama block (persistent, batch 1), or a "
-                        "Llama's whole batch-1 step as one Gluon kernel (gluon: Hopper, caches up to 32k tokens; "
-                        "the fastest batch-1 Llama path there; else as triton)")
-    p.add_argument("--compile", action="store_true",
-                   help="same as --fused_decode inductor (Llama blocks, telescoping steps and Mamba-2 conv steps "
-                        "torch.compile'd)")
-    p.add_argument("--tune_gemv", action="store_true",
-                   help="with --fused_decode triton on CUDA: choose the GEMV tiles by whole decode-step time first")
-    p.add_argument("--no_pdl", action="store_true",
-                   help="launch the Triton decode kernels without programmatic dependent launch (on by default, Hopper+)")
-    p.add_argument("--decode_attn", default="auto", choices=DECODE_BACKENDS,
-                   help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or torch ops")
+    p.add_argument(
+        "--fused_decode",
+        default=None,
+        choices=FUSED_DECODE_MODES,
+        help="decode steps through fused functions: torch.compile'd (inductor), Triton GEMV kernels "
+        "with the norms/SwiGLU/residuals fused (triton: batch 1, every family; larger batches "
+        "as inductor), one persistent Triton kernel per Llama block (persistent, batch 1), or a "
+        "Llama's whole batch-1 step as one Gluon kernel (gluon: Hopper, caches up to 32k tokens; "
+        "the fastest batch-1 Llama path there; else as triton)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="same as --fused_decode inductor (Llama blocks, telescoping steps and Mamba-2 conv steps torch.compile'd)",
+    )
+    p.add_argument(
+        "--tune_gemv",
+        action="store_true",
+        help="with --fused_decode triton on CUDA: choose the GEMV tiles by whole decode-step time first",
+    )
+    p.add_argument(
+        "--no_pdl",
+        action="store_true",
+        help="launch the Triton decode kernels without programmatic dependent launch (on by default, Hopper+)",
+    )
+    p.add_argument(
+        "--decode_attn",
+        default="auto",
+        choices=DECODE_BACKENDS,
+        help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or torch ops",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     a = p.parse_args(argv)
@@ -368,11 +445,23 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         variants=split(a.variants) if a.variants else _default_variants(a.device),
         contexts=[parse_size(c) for c in split(a.contexts or ("1k,4k,16k,32k,64k,128k" if cuda else "128,256,512"))],
         batch_sizes=[int(b) for b in split(a.batch_sizes or ("1,8,64" if cuda else "1,2"))],
-        device=a.device, dtype=a.dtype or ("bf16" if cuda else "fp32"), steps=a.steps, warmup=a.warmup,
-        find_max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, memory_fraction=a.memory_fraction,
-        bandwidth_gbs=a.bandwidth_gbs, prefill_chunk=a.prefill_chunk, cuda_graph=not a.no_cuda_graph,
-        deadline_s=a.deadline_s, out=a.out, seed=a.seed, check_tol=a.check_tol, decode_attn=a.decode_attn,
-        fused_decode=a.fused_decode or ("inductor" if a.compile else "off"), pdl=not a.no_pdl,
+        device=a.device,
+        dtype=a.dtype or ("bf16" if cuda else "fp32"),
+        steps=a.steps,
+        warmup=a.warmup,
+        find_max_batch=not a.no_max_batch,
+        max_batch_cap=a.max_batch_cap,
+        memory_fraction=a.memory_fraction,
+        bandwidth_gbs=a.bandwidth_gbs,
+        prefill_chunk=a.prefill_chunk,
+        cuda_graph=not a.no_cuda_graph,
+        deadline_s=a.deadline_s,
+        out=a.out,
+        seed=a.seed,
+        check_tol=a.check_tol,
+        decode_attn=a.decode_attn,
+        fused_decode=a.fused_decode or ("inductor" if a.compile else "off"),
+        pdl=not a.no_pdl,
         tune_gemv=a.tune_gemv,
     )
     cfg.validate()

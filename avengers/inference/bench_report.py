@@ -30,56 +30,84 @@ def targets_summary(rows: list[dict]) -> dict:
     flat = {}
     for v, rs in by_variant.items():
         sizes = [r["cache_bytes_per_seq"] for r in rs]
-        flat[v] = {"family": rs[0]["family"], "cache_growth": max(sizes) / min(sizes) - 1,
-                   "contexts": sorted({r["context"] for r in rs})}
+        flat[v] = {
+            "family": rs[0]["family"],
+            "cache_growth": max(sizes) / min(sizes) - 1,
+            "contexts": sorted({r["context"] for r in rs}),
+        }
     best = _best_per_context(rows)
     at = {v: r for (v, c), r in best.items() if c == TARGET_CONTEXT}
     llama_best = max((r["decode_tok_s"] for r in at.values() if r["family"] == "llama"), default=None)
     speedup = {v: (r["decode_tok_s"] / llama_best if llama_best else None, r["batch"]) for v, r in at.items()}
-    roofline_b1 = {f"{r['variant']}@{r['context']}": r["roofline_ratio"]
-                   for r in rows if r["family"] == "llama" and r["batch"] == 1}
-    return {"cache_growth_vs_context": flat, "speedup_vs_llama_at_32k_best_batch": speedup,
-            "llama_batch1_measured_over_roofline": roofline_b1}
+    roofline_b1 = {
+        f"{r['variant']}@{r['context']}": r["roofline_ratio"]
+        for r in rows
+        if r["family"] == "llama" and r["batch"] == 1
+    }
+    return {
+        "cache_growth_vs_context": flat,
+        "speedup_vs_llama_at_32k_best_batch": speedup,
+        "llama_batch1_measured_over_roofline": roofline_b1,
+    }
 
 
 def _fused_note(config: dict) -> str:
     mode = config.get("fused_decode") or ("inductor" if config.get("compile") else "off")  # "compile": older reports
-    return {"off": "", "eager": ", Llama decode blocks as fused functions (eager)",
-            "inductor": ", Llama decode element-wise work torch.compiled",
-            "triton": ", Llama decode blocks as fused Triton GEMV kernels",
-            "persistent": ", Llama decode blocks as one persistent Triton kernel each"}.get(mode, f", fused decode {mode}") \
-        + (", Triton kernels launched with PDL" if config.get("pdl") and config.get("device") == "cuda" else "")
+    return {
+        "off": "",
+        "eager": ", Llama decode blocks as fused functions (eager)",
+        "inductor": ", Llama decode element-wise work torch.compiled",
+        "triton": ", Llama decode blocks as fused Triton GEMV kernels",
+        "persistent": ", Llama decode blocks as one persistent Triton kernel each",
+    }.get(mode, f", fused decode {mode}") + (
+        ", Triton kernels launched with PDL" if config.get("pdl") and config.get("device") == "cuda" else ""
+    )
 
 
 def markdown_table(report: dict) -> str:
-    lines = [f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
-             f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s, decode attention "
-             f"{'+'.join(report.get('decode_attention_backends_used', [])) or 'n/a'}"
-             f"{_fused_note(report['config'])}", ""]
+    lines = [
+        f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
+        f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s, decode attention "
+        f"{'+'.join(report.get('decode_attention_backends_used', [])) or 'n/a'}"
+        f"{_fused_note(report['config'])}",
+        "",
+    ]
     for name, v in report["variants"].items():
         chk = v.get("check") or {}
-        lines.append(f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "
-                     f"graph vs eager {_fmt(chk.get('graph_rel_err'))}"
-                     + (f", {report['config']['dtype']} batch 1 vs full forward {_fmt(chk['dtype_rel_err'])} "
-                        f"(tol {_fmt(chk.get('dtype_tol'))})"
-                        if chk.get("dtype_rel_err") is not None else "")
-                     + f", chunked prefill {chk.get('chunked_prefill')}"
-                     + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
-                     + f", decode timed {v.get('decode_mode', 'n/a')}"
-                     + "".join(f"; {n}" for n in chk.get("notes", []))
-                     + ("".join(f"; {e}" for e in v.get("errors", []))))
-    lines += ["", "| variant | context | batch | prefill s (b=1) | decode ms/step | decode tok/s | cache MiB/seq "
-              "| peak GiB | max batch | roofline ms | measured/roofline |", "|" + "---|" * 11]
+        lines.append(
+            f"- {name}: check max rel err {_fmt(chk.get('max_rel_err'))}, "
+            f"graph vs eager {_fmt(chk.get('graph_rel_err'))}"
+            + (
+                f", {report['config']['dtype']} batch 1 vs full forward {_fmt(chk['dtype_rel_err'])} "
+                f"(tol {_fmt(chk.get('dtype_tol'))})"
+                if chk.get("dtype_rel_err") is not None
+                else ""
+            )
+            + f", chunked prefill {chk.get('chunked_prefill')}"
+            + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
+            + f", decode timed {v.get('decode_mode', 'n/a')}"
+            + "".join(f"; {n}" for n in chk.get("notes", []))
+            + ("".join(f"; {e}" for e in v.get("errors", [])))
+        )
+    lines += [
+        "",
+        "| variant | context | batch | prefill s (b=1) | decode ms/step | decode tok/s | cache MiB/seq "
+        "| peak GiB | max batch | roofline ms | measured/roofline |",
+        "|" + "---|" * 11,
+    ]
     for r in report["rows"]:
         lines.append(
             f"| {r['variant']} | {r['context']} | {r['batch']} | {r['prefill_s']:.3f} | {r['decode_step_ms']:.3f} "
             f"| {r['decode_tok_s']:.0f} | {r['cache_bytes_per_seq'] / 2**20:.3f} | {_fmt(r['peak_mem_gib'], '.1f')} "
-            f"| {_fmt(r['max_batch'], 'd')} | {_fmt(r['roofline_ms'], '.3f')} | {_fmt(r['roofline_ratio'], '.2f')} |")
+            f"| {_fmt(r['max_batch'], 'd')} | {_fmt(r['roofline_ms'], '.3f')} | {_fmt(r['roofline_ratio'], '.2f')} |"
+        )
     t = report["targets"]
     lines += ["", "Targets:"]
     for v, f in t["cache_growth_vs_context"].items():
-        lines.append(f"- cache bytes/seq growth {f['contexts'][0]}..{f['contexts'][-1]}: {v} ({f['family']}) "
-                     f"{100 * f['cache_growth']:.2f}%")
+        lines.append(
+            f"- cache bytes/seq growth {f['contexts'][0]}..{f['contexts'][-1]}: {v} ({f['family']}) "
+            f"{100 * f['cache_growth']:.2f}%"
+        )
     for v, (s, b) in t["speedup_vs_llama_at_32k_best_batch"].items():
         lines.append(f"- decode tok/s vs Llama at 32k, best batch: {v} x{_fmt(s, '.2f')} (batch {b})")
     for k, ratio in t["llama_batch1_measured_over_roofline"].items():
@@ -127,10 +155,24 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             ax_tok.plot(*zip(*b1), "x--", color=color, label=f"{label[v]}, batch 1")
         mib = sorted({(r["context"], r["cache_bytes_per_seq"] / 2**20) for r in rows if r["variant"] == v})
         ax_mib.plot(*zip(*mib), "o-", color=color, label=label[v])
-    paths = [_save(fig_tok, ax_tok, rows, "decode tokens/s", "Decode throughput vs context",
-                   out / "decode_tok_s_vs_context.png"),
-             _save(fig_mib, ax_mib, rows, "cache MiB per sequence", "Inference cache size vs context",
-                   out / "cache_mib_vs_context.png")]
+    paths = [
+        _save(
+            fig_tok,
+            ax_tok,
+            rows,
+            "decode tokens/s",
+            "Decode throughput vs context",
+            out / "decode_tok_s_vs_context.png",
+        ),
+        _save(
+            fig_mib,
+            ax_mib,
+            rows,
+            "cache MiB per sequence",
+            "Inference cache size vs context",
+            out / "cache_mib_vs_context.png",
+        ),
+    ]
     plt.close(fig_tok)
     plt.close(fig_mib)
     return paths
@@ -161,7 +203,13 @@ def merge_reports(reports: list[dict]) -> dict:
     rows.sort(key=lambda r: (order.index(r["variant"]), r["context"], r["batch"]))
     last = reports[-1]
     backends = sorted({b for rep in reports for b in rep.get("decode_attention_backends_used", [])})
-    return {**last, "variants": variants, "rows": rows, "decode_attention_backends_used": backends,
-            "date": " + ".join(dict.fromkeys(rep["date"] for rep in reports)),
-            "wall_s": sum(rep["wall_s"] for rep in reports), "merged_from": len(reports),
-            "targets": targets_summary(rows)}
+    return {
+        **last,
+        "variants": variants,
+        "rows": rows,
+        "decode_attention_backends_used": backends,
+        "date": " + ".join(dict.fromkeys(rep["date"] for rep in reports)),
+        "wall_s": sum(rep["wall_s"] for rep in reports),
+        "merged_from": len(reports),
+        "targets": targets_summary(rows),
+    }

@@ -9,7 +9,8 @@ updates the per-layer states in place and finally calls `cache.advance(T)`.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ class InferenceCache:
         self.seq_len = seq_len
         self.position.fill_(seq_len)
 
-    def broadcast_from(self, src: "InferenceCache") -> None:
+    def broadcast_from(self, src: InferenceCache) -> None:
         """Copy a batch-1 cache's state into every row of this cache (same model, same max_seq_len).
 
         Used by the benchmark to give a large batch a real prefilled state without prefilling

@@ -36,18 +36,26 @@ def _cached_logits(model: nn.Module, ids: torch.Tensor, prefill_splits: list[int
     cache = model.allocate_cache(B, L, ids.device, next(model.parameters()).dtype)
     out, pos = [], 0
     for n in prefill_splits:
-        out.append(model(ids[:, pos:pos + n], cache=cache))
+        out.append(model(ids[:, pos : pos + n], cache=cache))
         pos += n
     for i in range(pos, L):
-        out.append(model(ids[:, i:i + 1], cache=cache))
+        out.append(model(ids[:, i : i + 1], cache=cache))
     if cache.seq_len != L or int(cache.position) != L:
         raise DecodeMismatch(f"cache position {cache.seq_len} (device {int(cache.position)}) after {L} tokens")
     return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
-def check_cached_decode(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
-                        prefill: int = 32, batch: int = 2, tol: float = 1e-4, seed: int = 0) -> CheckResult:
+def check_cached_decode(
+    model: nn.Module,
+    vocab_size: int,
+    device: torch.device,
+    length: int = 48,
+    prefill: int = 32,
+    batch: int = 2,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> CheckResult:
     """Full forward vs one-shot prefill + decode (must match within tol, relative to max |logit|),
     at `batch` and at batch 1 (some decode paths serve batch 1 only), then vs a two-chunk prefill +
     decode (sets `chunked_prefill`)."""
@@ -58,9 +66,7 @@ def check_cached_decode(model: nn.Module, vocab_size: int, device: torch.device,
     if batch > 1:
         err = max(err, _rel(_cached_logits(model, ids[:1], [prefill]), full[:1]))
     if not err <= tol:
-        raise DecodeMismatch(
-            f"cached decode differs from the full forward: max relative error {err:.3g} > tol {tol:g}"
-        )
+        raise DecodeMismatch(f"cached decode differs from the full forward: max relative error {err:.3g} > tol {tol:g}")
     result = CheckResult(max_rel_err=err, chunked_prefill=True)
     try:
         err2 = _rel(_cached_logits(model, ids, [prefill // 2, prefill - prefill // 2]), full)
@@ -72,8 +78,16 @@ def check_cached_decode(model: nn.Module, vocab_size: int, device: torch.device,
 
 
 @torch.no_grad()
-def check_graph_decode(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
-                       prefill: int = 32, batch: int = 2, tol: float = 2e-2, seed: int = 1) -> float:
+def check_graph_decode(
+    model: nn.Module,
+    vocab_size: int,
+    device: torch.device,
+    length: int = 48,
+    prefill: int = 32,
+    batch: int = 2,
+    tol: float = 2e-2,
+    seed: int = 1,
+) -> float:
     """CUDA-graph replay vs eager decode on the same tokens; returns the max relative error."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, length), generator=g).to(device)
@@ -83,7 +97,7 @@ def check_graph_decode(model: nn.Module, vocab_size: int, device: torch.device, 
         cache = model.allocate_cache(batch, length, device, dtype)
         model(ids[:, :prefill], cache=cache)
         step = DecodeStep(model, cache, cuda_graph=use_graph)
-        runs.append(torch.stack([step(ids[:, i:i + 1]).clone() for i in range(prefill, length)], 1))
+        runs.append(torch.stack([step(ids[:, i : i + 1]).clone() for i in range(prefill, length)], 1))
     err = _rel(runs[1], runs[0])
     if not err <= tol:
         raise DecodeMismatch(
@@ -94,8 +108,9 @@ def check_graph_decode(model: nn.Module, vocab_size: int, device: torch.device, 
 
 
 @torch.no_grad()
-def timed_dtype_case(model: nn.Module, vocab_size: int, device: torch.device, length: int = 48,
-                     seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def timed_dtype_case(
+    model: nn.Module, vocab_size: int, device: torch.device, length: int = 48, seed: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch-1 case for check_timed_dtype: ids [1, length] and their full forward with the model's
     current (fp32) weights, taken before the model is cast to the timed dtype."""
     g = torch.Generator().manual_seed(seed)
@@ -104,8 +119,14 @@ def timed_dtype_case(model: nn.Module, vocab_size: int, device: torch.device, le
 
 
 @torch.no_grad()
-def check_timed_dtype(model: nn.Module, ids: torch.Tensor, fp32_logits: torch.Tensor, prefill: int = 32,
-                      factor: float = 3.0, min_tol: float = 0.02) -> tuple[float, float]:
+def check_timed_dtype(
+    model: nn.Module,
+    ids: torch.Tensor,
+    fp32_logits: torch.Tensor,
+    prefill: int = 32,
+    factor: float = 3.0,
+    min_tol: float = 0.02,
+) -> tuple[float, float]:
     """Batch-1 prefill + decode vs the full forward in the model's own dtype (the one the bench
     times), for decode paths that serve only low precision and so miss the fp32 check (e.g.
     fused_decode "gluon", bf16 only). The tolerance scales with the dtype's own rounding: `factor`
@@ -117,7 +138,9 @@ def check_timed_dtype(model: nn.Module, ids: torch.Tensor, fp32_logits: torch.Te
     tol = max(min_tol, factor * _rel(full, fp32_logits))
     err = _rel(_cached_logits(model, ids, [prefill]), full)
     if not err <= tol:
-        raise DecodeMismatch(f"batch-1 decode in {next(model.parameters()).dtype} differs from the full forward: "
-                             f"max relative error {err:.3g} > tol {tol:.3g} ({factor:g} x the dtype's own rounding "
-                             f"error against fp32)")
+        raise DecodeMismatch(
+            f"batch-1 decode in {next(model.parameters()).dtype} differs from the full forward: "
+            f"max relative error {err:.3g} > tol {tol:.3g} ({factor:g} x the dtype's own rounding "
+            f"error against fp32)"
+        )
     return err, tol

@@ -11,7 +11,7 @@ step. `python -m avengers.bench --tune_gemv` runs it before timing a batch the G
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 MIN_GAIN = 0.005  # a config replaces the current one only if the step gets at least this much shorter
 
@@ -38,8 +38,13 @@ def describe(config) -> str:
     return " ".join(f"{k}{v}" for k, v in config.kwargs.items()) + f" w{config.num_warps}"
 
 
-def tune(step_ms: Callable[[], float], block_batch: int, kernels: dict | None = None, passes: int = 2,
-         log: Callable[[str], None] | None = None) -> dict[str, str]:
+def tune(
+    step_ms: Callable[[], float],
+    block_batch: int,
+    kernels: dict | None = None,
+    passes: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, str]:
     """Coordinate descent over the autotuned entries of `kernels` (default: the decode GEMVs) whose
     batch block BB is `block_batch`, by step_ms(): the time of one whole step with the configs now
     in the kernels' caches (it must re-capture any CUDA graph). The choices stay in the caches;
@@ -63,6 +68,10 @@ def tune(step_ms: Callable[[], float], block_batch: int, kernels: dict | None = 
                         chosen, best = config, ms
                 kernel.cache[key] = chosen
                 if log:
-                    log(f"{name}{key[:len(kernel.keys)]}: {describe(chosen)}, step {best:.4f} ms")
-    return {f"{name}{key[:len(kernel.keys)]}": describe(config) for name, kernel in kernels.items()
-            for key, config in kernel.cache.items() if _key_value(kernel, key, "BB") == block_batch}
+                    log(f"{name}{key[: len(kernel.keys)]}: {describe(chosen)}, step {best:.4f} ms")
+    return {
+        f"{name}{key[: len(kernel.keys)]}": describe(config)
+        for name, kernel in kernels.items()
+        for key, config in kernel.cache.items()
+        if _key_value(kernel, key, "BB") == block_batch
+    }

@@ -17,8 +17,13 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]. Greedy when temperature == 0."""
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
@@ -39,10 +44,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None, cuda_graph: bool = False,
-             cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    cuda_graph: bool = False,
+    cache_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Continue every row of input_ids [B, T] by up to max_new_tokens tokens; returns [B, T + n].
 
     All rows share one position (equal-length prompts). There is no attention mask, so a
@@ -51,7 +64,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     row has produced eos_token_id; a finished row is filled with eos_token_id from then on.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.dtype != torch.long:
-        raise ValueError(f"input_ids must be a [batch, T>=1] long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        raise ValueError(
+            f"input_ids must be a [batch, T>=1] long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p)

@@ -29,8 +29,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.language._standard import _import_from_triton
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from avengers.inference import triton_grid
@@ -58,16 +58,17 @@ def _views(stage, xbuf):
     """A ring stage as [row group, row, chunk, column] and the input row buffer as [K item, chunk,
     column], both row-major (what TMA writes with no swizzle)."""
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
-    return (stage._reinterpret(gl.bfloat16, [2, _R // 2, _CH, _CW], plain),
-            xbuf._reinterpret(gl.bfloat16, [_MAXK, _CH, _CW], xbuf.layout))
+    return (
+        stage._reinterpret(gl.bfloat16, [2, _R // 2, _CH, _CW], plain),
+        xbuf._reinterpret(gl.bfloat16, [_MAXK, _CH, _CW], xbuf.layout),
+    )
 
 
 @gluon.jit
 def _stamp(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr):
     """Stamps[pid, ph, slot] = the GPU's global timer (ns), when profiling (`chain(stamps=...)`)."""
     if ON:
-        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=gl.int64, is_pure=False,
-                                      pack=1)
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [pid], dtype=gl.int64, is_pure=False, pack=1)
         gl.store(Stamps + (pid * 4096 + ph) * 4 + slot, t)
 
 
@@ -80,14 +81,14 @@ def _stamp_after(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr, dep):
     """Stamps[pid, DETAIL_STAMPS + ph, slot] = the global timer once `dep` (an int32 scalar computed
     from the data waited for) is there: the attention phase's detail profile."""
     if ON:
-        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=gl.int64, is_pure=False,
-                                      pack=1)
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=gl.int64, is_pure=False, pack=1)
         gl.store(Stamps + (pid * 4096 + _DETAIL + ph) * 4 + slot, t)
 
 
 @gluon.jit
-def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr = True,
-          INFLIGHT: gl.constexpr = 0):
+def _copy(
+    desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr = True, INFLIGHT: gl.constexpr = 0
+):
     """Ring position i: wait for its stage to be free (INFLIGHT > 0: and for copy i - INFLIGHT to
     have landed), then TMA-copy desc's box at [row, chunk, 0] into it. Returns i + 1."""
     s = i % STAGES
@@ -105,8 +106,21 @@ def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: g
 
 
 @gluon.jit
-def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr,
-                INFLIGHT: gl.constexpr):
+def _load_phase(
+    desc,
+    row0,
+    nrb,
+    k_items,
+    pid,
+    P,
+    ring,
+    ready,
+    empty,
+    i,
+    STAGES: gl.constexpr,
+    LOAD: gl.constexpr,
+    INFLIGHT: gl.constexpr,
+):
     """This program's row blocks pid, pid + P, ... of one GEMV, K item by K item, into the ring."""
     for rb in range(pid, nrb, P):
         for kc in range(k_items):
@@ -115,9 +129,34 @@ def _load_phase(desc, row0, nrb, k_items, pid, P, ring, ready, empty, i, STAGES:
 
 
 @gluon.jit
-def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S, NSPLIT,
-            SPLIT, V, STAGES: gl.constexpr, STAMPS: gl.constexpr, DECODE: gl.constexpr, KV_RING: gl.constexpr,
-            LOAD: gl.constexpr, INFLIGHT: gl.constexpr):
+def _loader(
+    w_d,
+    w2_d,
+    k_d,
+    v_d,
+    h_d,
+    ring,
+    ready,
+    empty,
+    n_layers,
+    P,
+    NQKV,
+    D,
+    HID,
+    Stamps,
+    Pos,
+    HKV,
+    S,
+    NSPLIT,
+    SPLIT,
+    V,
+    STAGES: gl.constexpr,
+    STAMPS: gl.constexpr,
+    DECODE: gl.constexpr,
+    KV_RING: gl.constexpr,
+    LOAD: gl.constexpr,
+    INFLIGHT: gl.constexpr,
+):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
     order (stamp 0: when the phase's last copy was issued; DECODE: 5 phases a block, the attention
     phase stamped when its keys and values are issued, with KV_RING, else with the QKV copies, and
@@ -136,8 +175,25 @@ def _loader(w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, 
         _stamp(Stamps, pid, ph, 0, STAMPS)
         if DECODE:
             if KV_RING:
-                i = _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES, LOAD,
-                             INFLIGHT)
+                i = _load_kv(
+                    k_d,
+                    v_d,
+                    layer,
+                    HKV,
+                    S,
+                    length,
+                    NSPLIT,
+                    SPLIT,
+                    pid,
+                    P,
+                    ring,
+                    ready,
+                    empty,
+                    i,
+                    STAGES,
+                    LOAD,
+                    INFLIGHT,
+                )
             _stamp(Stamps, pid, ph + 1, 0, STAMPS)
         i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
         _stamp(Stamps, pid, ph + 1 + DECODE, 0, STAMPS)
@@ -237,8 +293,26 @@ def _get(ptr, offs, mask, tag, Count, FMT: gl.constexpr, POLL: gl.constexpr):
 
 
 @gluon.jit
-def _enter(xbuf, X, NormW, K, eps, NORM: gl.constexpr, LX: gl.constexpr, Count, phase, P, wait, pid, Stamps,
-           SYNC: gl.constexpr, ON: gl.constexpr, tag=0, FMT: gl.constexpr = False, POLL: gl.constexpr = False):
+def _enter(
+    xbuf,
+    X,
+    NormW,
+    K,
+    eps,
+    NORM: gl.constexpr,
+    LX: gl.constexpr,
+    Count,
+    phase,
+    P,
+    wait,
+    pid,
+    Stamps,
+    SYNC: gl.constexpr,
+    ON: gl.constexpr,
+    tag=0,
+    FMT: gl.constexpr = False,
+    POLL: gl.constexpr = False,
+):
     """Start a phase: pass its grid barrier (when `wait`), then put its input row into xbuf: X [K]
     as stored, or rmsnorm(X) * NormW rounded to bf16 (NORM). The norm weights do not depend on the
     barrier: their load is issued before it, so its latency is not added to the row's."""
@@ -334,10 +408,43 @@ def _online_tile(q, k, v, valid, m, l, acc):
 
 
 @gluon.jit
-def _attention_item(xbuf, ybuf, Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPLIT, NSPLIT, skh, skn, ring, ready, empty, i,
-                    NQ, NK, tag, Count, G: gl.constexpr, HD: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                    KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr, Stamps=None, pid=0, ph=0,
-                    ON: gl.constexpr = False):
+def _attention_item(
+    xbuf,
+    ybuf,
+    Q,
+    Kb,
+    Vb,
+    pos,
+    length,
+    PAcc,
+    PM,
+    PL,
+    h,
+    sp,
+    SPLIT,
+    NSPLIT,
+    skh,
+    skn,
+    ring,
+    ready,
+    empty,
+    i,
+    NQ,
+    NK,
+    tag,
+    Count,
+    G: gl.constexpr,
+    HD: gl.constexpr,
+    BK: gl.constexpr,
+    STAGES: gl.constexpr,
+    KV_RING: gl.constexpr,
+    POLL: gl.constexpr,
+    num_warps: gl.constexpr,
+    Stamps=None,
+    pid=0,
+    ph=0,
+    ON: gl.constexpr = False,
+):
     """Pass 1 of split-K attention for kv head h, split sp (triton_decode.partial_item, batch 1): the
     G query heads' unnormalised output, running max and sum over keys [sp SPLIT, +SPLIT) below
     `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d)).
@@ -363,8 +470,18 @@ def _attention_item(xbuf, ybuf, Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPL
     k_now = gl.expand_dims(_get(Q, NQ + h * HD + dn, True, tag, Count, True, POLL), 0)  # [1, 1, HD]
     v_now = gl.expand_dims(_get(Q, NQ + NK + h * HD + dn, True, tag, Count, True, POLL), 0)
     if ON:
-        _stamp_after(Stamps, pid, ph, 0, ON, (gl.sum(gl.sum(gl.sum(gl.sum(q, 3), 2), 1), 0) + gl.sum(gl.sum(gl.sum(k_now, 2), 1), 0)
-                                              + gl.sum(gl.sum(gl.sum(v_now, 2), 1), 0)).to(gl.int32))
+        _stamp_after(
+            Stamps,
+            pid,
+            ph,
+            0,
+            ON,
+            (
+                gl.sum(gl.sum(gl.sum(gl.sum(q, 3), 2), 1), 0)
+                + gl.sum(gl.sum(gl.sum(k_now, 2), 1), 0)
+                + gl.sum(gl.sum(gl.sum(v_now, 2), 1), 0)
+            ).to(gl.int32),
+        )
     w3 = gl.arange(0, num_warps, layout=gl.SliceLayout(1, gl.SliceLayout(2, LKV)))
     n3 = gl.arange(0, BK, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKV)))
     d3 = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(1, LKV))), 0), 1)
@@ -449,8 +566,25 @@ def _attention_item(xbuf, ybuf, Q, Kb, Vb, pos, length, PAcc, PM, PL, h, sp, SPL
 
 
 @gluon.jit
-def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready, empty, i, STAGES: gl.constexpr,
-             LOAD: gl.constexpr, INFLIGHT: gl.constexpr):
+def _load_kv(
+    k_d,
+    v_d,
+    layer,
+    HKV,
+    S,
+    length,
+    NSPLIT,
+    SPLIT,
+    pid,
+    P,
+    ring,
+    ready,
+    empty,
+    i,
+    STAGES: gl.constexpr,
+    LOAD: gl.constexpr,
+    INFLIGHT: gl.constexpr,
+):
     """The loader's share of a block's attention (KV_RING): for this program's items (kv head,
     split), in the consumer's order, 64 keys of K then of V per stage (cache rows viewed as
     [8 keys, 4, 256] boxes; S, the cache length, a multiple of 64)."""
@@ -465,8 +599,19 @@ def _load_kv(k_d, v_d, layer, HKV, S, length, NSPLIT, SPLIT, pid, P, ring, ready
 
 
 @gluon.jit
-def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, tag, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
-                     num_warps: gl.constexpr):
+def _attention_merge(
+    PAcc,
+    PM,
+    PL,
+    Attn,
+    h,
+    NSPLIT,
+    tag,
+    G: gl.constexpr,
+    HD: gl.constexpr,
+    BLOCK_S: gl.constexpr,
+    num_warps: gl.constexpr,
+):
     """Pass 2 for kv head h (triton_decode.merge_item): its G query heads' outputs into Attn (tagged).
     Every thread holds all splits of one (query head, dim) element: the sums over splits are in-thread."""
     LM: gl.constexpr = gl.BlockedLayout([BLOCK_S, 1, 1], [1, 1, 32], [1, 2, num_warps // 2], [2, 1, 0])
@@ -476,8 +621,9 @@ def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, tag, G: gl.constexpr, HD: gl
     ok = gl.expand_dims(sidx < NSPLIT, 1)
     row = gl.expand_dims((h * NSPLIT + sidx) * G, 1) + gl.expand_dims(g, 0)  # [BLOCK_S, G]
     d = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, gl.SliceLayout(0, LM))), 0), 0)
-    acc = gl.load(PAcc + gl.expand_dims(row, 2) * HD + d, mask=gl.expand_dims(ok, 2), other=0.0,
-                  cache_modifier=".cg")  # [BLOCK_S, G, HD]
+    acc = gl.load(
+        PAcc + gl.expand_dims(row, 2) * HD + d, mask=gl.expand_dims(ok, 2), other=0.0, cache_modifier=".cg"
+    )  # [BLOCK_S, G, HD]
     m = gl.load(PM + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
     l = gl.load(PL + row, mask=ok, other=0.0, cache_modifier=".cg")
     w = gl.exp(m - gl.expand_dims(gl.max(m, 0), 0))  # empty splits: m = -inf, weight 0
@@ -488,18 +634,69 @@ def _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, tag, G: gl.constexpr, HD: gl
 
 
 @gluon.jit
-def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
-              Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT, SPLIT,
-              STAGES: gl.constexpr, SYNC: gl.constexpr, MATH: gl.constexpr, ON: gl.constexpr,
-              Logits, DecNormW, V, head_eps, Emb,
-              DECODE: gl.constexpr, G: gl.constexpr, HD: gl.constexpr, BLOCK_S: gl.constexpr,
-              KV_RING: gl.constexpr, POLL: gl.constexpr, num_warps: gl.constexpr):
+def _consumer(
+    ring,
+    ready,
+    empty,
+    xbuf,
+    ybuf,
+    X,
+    Qkv,
+    H2,
+    A,
+    Count,
+    LnW,
+    FfLnW,
+    n_layers,
+    P,
+    NQKV,
+    D,
+    HID,
+    eps,
+    Stamps,
+    Rope,
+    q_scale,
+    Pos,
+    Tok,
+    K0,
+    V0,
+    KOff,
+    VOff,
+    skh,
+    skn,
+    Attn,
+    PAcc,
+    PM,
+    PL,
+    NQ,
+    NK,
+    HKV,
+    NSPLIT,
+    SPLIT,
+    STAGES: gl.constexpr,
+    SYNC: gl.constexpr,
+    MATH: gl.constexpr,
+    ON: gl.constexpr,
+    Logits,
+    DecNormW,
+    V,
+    head_eps,
+    Emb,
+    DECODE: gl.constexpr,
+    G: gl.constexpr,
+    HD: gl.constexpr,
+    BLOCK_S: gl.constexpr,
+    KV_RING: gl.constexpr,
+    POLL: gl.constexpr,
+    num_warps: gl.constexpr,
+):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
     passed, 2 input row in shared memory, 3 phase done."""
     # [row group, row, chunk, column]: a warp reduces whole rows (no cross-warp reduction), 8 columns
     # per lane; with 8 warps the two row groups go to two warpgroups
-    L4: gl.constexpr = gl.BlockedLayout([8 // num_warps, 1, _CH, 8], [1, 1, 1, 32], [num_warps // 4, 4, 1, 1],
-                                        [3, 2, 1, 0])
+    L4: gl.constexpr = gl.BlockedLayout(
+        [8 // num_warps, 1, _CH, 8], [1, 1, 1, 32], [num_warps // 4, 4, 1, 1], [3, 2, 1, 0]
+    )
     LX: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
     LY: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(2, L4))
     pid = gl.program_id(0)
@@ -535,8 +732,26 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
             if layer == 0:
                 _enter(xbuf, emb_row, LnW, D, eps, True, LX, Count, phase, P, False, pid, Stamps, SYNC, ON)
             else:
-                _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
-                       _tag(tbase, phase - 1), True, POLL)
+                _enter(
+                    xbuf,
+                    X,
+                    LnW + layer * D,
+                    D,
+                    eps,
+                    True,
+                    LX,
+                    Count,
+                    phase,
+                    P,
+                    True,
+                    pid,
+                    Stamps,
+                    SYNC,
+                    ON,
+                    _tag(tbase, phase - 1),
+                    True,
+                    POLL,
+                )
         else:
             _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
         j = 0
@@ -548,7 +763,9 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
                 gl.store(Qkv + rb * _R + offs, y.to(gl.bfloat16))
         if DECODE:
             x0, x1 = _parked(ybuf, LB)
-            _rope_store(x0, x1, pb, bb, rope_c, rope_s, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, _tag(tbase, phase), HD)
+            _rope_store(
+                x0, x1, pb, bb, rope_c, rope_s, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, _tag(tbase, phase), HD
+            )
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         if DECODE:
             # 1b. attention: items (kv head, split); the program finishing a head's last split merges it.
@@ -559,9 +776,43 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
             _stamp(Stamps, pid, phase, 2, ON)
             for item in range(pid, HKV * NSPLIT, P):
                 h = item // NSPLIT
-                i = _attention_item(xbuf, ybuf, Qkv, Kb, Vb, pos, length, PAcc, PM, PL, h, item % NSPLIT, SPLIT, NSPLIT, skh, skn,
-                                    ring, ready, empty, i, NQ, NK, _tag(tbase, phase - 1), Count, G, HD, 4,
-                                    STAGES, KV_RING, POLL, num_warps, Stamps, pid, phase, ON)
+                i = _attention_item(
+                    xbuf,
+                    ybuf,
+                    Qkv,
+                    Kb,
+                    Vb,
+                    pos,
+                    length,
+                    PAcc,
+                    PM,
+                    PL,
+                    h,
+                    item % NSPLIT,
+                    SPLIT,
+                    NSPLIT,
+                    skh,
+                    skn,
+                    ring,
+                    ready,
+                    empty,
+                    i,
+                    NQ,
+                    NK,
+                    _tag(tbase, phase - 1),
+                    Count,
+                    G,
+                    HD,
+                    4,
+                    STAGES,
+                    KV_RING,
+                    POLL,
+                    num_warps,
+                    Stamps,
+                    pid,
+                    phase,
+                    ON,
+                )
                 gl.thread_barrier()  # every thread's partial is stored before the release below
                 _stamp(Stamps, pid, _DETAIL + phase, 2, ON)
                 arrived = gl.atomic_add(Count + 2 + layer * HKV + h, 1, sem="acq_rel")
@@ -572,8 +823,26 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
             phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 2. h2 = x + attention @ Wo^T (the probe chain: q @ Wo^T)
         if DECODE:
-            _enter(xbuf, Attn, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
-                   _tag(tbase, phase - 1), True, POLL)
+            _enter(
+                xbuf,
+                Attn,
+                X,
+                D,
+                eps,
+                False,
+                LX,
+                Count,
+                phase,
+                P,
+                True,
+                pid,
+                Stamps,
+                SYNC,
+                ON,
+                _tag(tbase, phase - 1),
+                True,
+                POLL,
+            )
         else:
             _enter(xbuf, Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
         for rb in range(pid, D // _R, P):
@@ -589,18 +858,54 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
             _put(H2, rb * _R + offs, y + res, _tag(tbase, phase), True, DECODE)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
-        _enter(xbuf, H2, FfLnW + layer * D, D, eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
-               _tag(tbase, phase - 1), DECODE, POLL)
+        _enter(
+            xbuf,
+            H2,
+            FfLnW + layer * D,
+            D,
+            eps,
+            True,
+            LX,
+            Count,
+            phase,
+            P,
+            True,
+            pid,
+            Stamps,
+            SYNC,
+            ON,
+            _tag(tbase, phase - 1),
+            DECODE,
+            POLL,
+        )
         j = 0
-        for rb in range(pid, 2 * HID // _R, P):
+        for _rb in range(pid, 2 * HID // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             j = _park(ybuf, j, y)
         g, u = _parked(ybuf, LB)
         _put(A, pb * (_R // 2) + bb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), pb < 2 * HID // _R, DECODE)
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
         # 4. x = h2 + a @ W2^T
-        _enter(xbuf, A, A, HID, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
-               _tag(tbase, phase - 1), DECODE, POLL)
+        _enter(
+            xbuf,
+            A,
+            A,
+            HID,
+            eps,
+            False,
+            LX,
+            Count,
+            phase,
+            P,
+            True,
+            pid,
+            Stamps,
+            SYNC,
+            ON,
+            _tag(tbase, phase - 1),
+            DECODE,
+            POLL,
+        )
         for rb in range(pid, D // _R, P):
             res = _get(H2, rb * _R + offs, True, _tag(tbase, phase - 2), Count, DECODE, POLL)
             y, i = _rows(ring, ready, empty, xbuf, i, HID // _IK, STAGES, L4, MATH)
@@ -608,8 +913,26 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
         phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
     if DECODE:
         # 5. logits = rmsnorm(x) @ Whead^T (the final norm's own weight and eps)
-        _enter(xbuf, X, DecNormW, D, head_eps, True, LX, Count, phase, P, True, pid, Stamps, SYNC, ON,
-               _tag(tbase, phase - 1), True, POLL)
+        _enter(
+            xbuf,
+            X,
+            DecNormW,
+            D,
+            head_eps,
+            True,
+            LX,
+            Count,
+            phase,
+            P,
+            True,
+            pid,
+            Stamps,
+            SYNC,
+            ON,
+            _tag(tbase, phase - 1),
+            True,
+            POLL,
+        )
         for rb in range(pid, V // _R, P):
             y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
             gl.store(Logits + rb * _R + offs, y.to(gl.bfloat16))
@@ -627,13 +950,64 @@ def _consumer(ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, 
 
 
 @gluon.jit
-def chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D, HID, eps, Stamps,
-                  Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT,
-                  SPLIT, k_d, v_d, S, h_d, Logits, DecNormW, V, head_eps, Emb,
-                  STAGES: gl.constexpr, num_warps: gl.constexpr, SYNC: gl.constexpr = True, MATH: gl.constexpr = True,
-                  STAMPS: gl.constexpr = False, DECODE: gl.constexpr = False, G: gl.constexpr = 4,
-                  HD: gl.constexpr = 128, BLOCK_S: gl.constexpr = 16, KV_RING: gl.constexpr = False,
-                  POLL: gl.constexpr = False, LOAD: gl.constexpr = True, INFLIGHT: gl.constexpr = 0):
+def chain_kernel(
+    w_d,
+    w2_d,
+    X,
+    Qkv,
+    H2,
+    A,
+    Count,
+    LnW,
+    FfLnW,
+    n_layers,
+    NQKV,
+    D,
+    HID,
+    eps,
+    Stamps,
+    Rope,
+    q_scale,
+    Pos,
+    Tok,
+    K0,
+    V0,
+    KOff,
+    VOff,
+    skh,
+    skn,
+    Attn,
+    PAcc,
+    PM,
+    PL,
+    NQ,
+    NK,
+    HKV,
+    NSPLIT,
+    SPLIT,
+    k_d,
+    v_d,
+    S,
+    h_d,
+    Logits,
+    DecNormW,
+    V,
+    head_eps,
+    Emb,
+    STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+    SYNC: gl.constexpr = True,
+    MATH: gl.constexpr = True,
+    STAMPS: gl.constexpr = False,
+    DECODE: gl.constexpr = False,
+    G: gl.constexpr = 4,
+    HD: gl.constexpr = 128,
+    BLOCK_S: gl.constexpr = 16,
+    KV_RING: gl.constexpr = False,
+    POLL: gl.constexpr = False,
+    LOAD: gl.constexpr = True,
+    INFLIGHT: gl.constexpr = 0,
+):
     P = gl.num_programs(0)
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _R, _CH, _CW], w_d.layout)
     xbuf = gl.allocate_shared_memory(gl.bfloat16, [_MAXK * _CH, _CW], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -643,14 +1017,102 @@ def chain_kernel(w_d, w2_d, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, NQKV, D,
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
-    gl.warp_specialize([
-        (_consumer, (ring, ready, empty, xbuf, ybuf, X, Qkv, H2, A, Count, LnW, FfLnW, n_layers, P, NQKV, D, HID, eps, Stamps,
-                     Rope, q_scale, Pos, Tok, K0, V0, KOff, VOff, skh, skn, Attn, PAcc, PM, PL, NQ, NK, HKV, NSPLIT,
-                     SPLIT, STAGES, SYNC, MATH, STAMPS, Logits, DecNormW, V, head_eps, Emb, DECODE, G, HD, BLOCK_S, KV_RING,
-                     POLL, num_warps)),
-        (_loader, (w_d, w2_d, k_d, v_d, h_d, ring, ready, empty, n_layers, P, NQKV, D, HID, Stamps, Pos, HKV, S,
-                   NSPLIT, SPLIT, V, STAGES, STAMPS, DECODE, KV_RING, LOAD, INFLIGHT)),
-    ], [1], [40])
+    gl.warp_specialize(
+        [
+            (
+                _consumer,
+                (
+                    ring,
+                    ready,
+                    empty,
+                    xbuf,
+                    ybuf,
+                    X,
+                    Qkv,
+                    H2,
+                    A,
+                    Count,
+                    LnW,
+                    FfLnW,
+                    n_layers,
+                    P,
+                    NQKV,
+                    D,
+                    HID,
+                    eps,
+                    Stamps,
+                    Rope,
+                    q_scale,
+                    Pos,
+                    Tok,
+                    K0,
+                    V0,
+                    KOff,
+                    VOff,
+                    skh,
+                    skn,
+                    Attn,
+                    PAcc,
+                    PM,
+                    PL,
+                    NQ,
+                    NK,
+                    HKV,
+                    NSPLIT,
+                    SPLIT,
+                    STAGES,
+                    SYNC,
+                    MATH,
+                    STAMPS,
+                    Logits,
+                    DecNormW,
+                    V,
+                    head_eps,
+                    Emb,
+                    DECODE,
+                    G,
+                    HD,
+                    BLOCK_S,
+                    KV_RING,
+                    POLL,
+                    num_warps,
+                ),
+            ),
+            (
+                _loader,
+                (
+                    w_d,
+                    w2_d,
+                    k_d,
+                    v_d,
+                    h_d,
+                    ring,
+                    ready,
+                    empty,
+                    n_layers,
+                    P,
+                    NQKV,
+                    D,
+                    HID,
+                    Stamps,
+                    Pos,
+                    HKV,
+                    S,
+                    NSPLIT,
+                    SPLIT,
+                    V,
+                    STAGES,
+                    STAMPS,
+                    DECODE,
+                    KV_RING,
+                    LOAD,
+                    INFLIGHT,
+                ),
+            ),
+        ],
+        [1],
+        [40],
+    )
 
 
 def chain_reference(x: torch.Tensor, qkv_w, wo, wg1, w2, ln_w, ff_ln_w, eps: float) -> torch.Tensor:
@@ -683,8 +1145,13 @@ def box_layout():
 PAIR_ORDER = list(range(0, ROWS, 2)) + list(range(1, ROWS, 2))  # a QKV row block's rows for RoPE (decode)
 
 
-def pack(qkv_w: list[torch.Tensor], wo: list[torch.Tensor], wg1: list[torch.Tensor], w2: list[torch.Tensor],
-         rope_pairs: bool = False):
+def pack(
+    qkv_w: list[torch.Tensor],
+    wo: list[torch.Tensor],
+    wg1: list[torch.Tensor],
+    w2: list[torch.Tensor],
+    rope_pairs: bool = False,
+):
     """Per-block weights -> (W [L * (NQKV + D + 2 HID), D], W2 [L * D, HID]) in the kernel's order;
     wg1 is [gate; up] ([2 HID, D]), packed as groups of ROWS // 2 gate rows and their up rows.
     rope_pairs: every ROWS-row block of Wqkv in PAIR_ORDER, so that a rotation pair (rows 2j, 2j + 1)
@@ -694,7 +1161,9 @@ def pack(qkv_w: list[torch.Tensor], wo: list[torch.Tensor], wg1: list[torch.Tens
         if rope_pairs:
             q = q.reshape(-1, ROWS, q.shape[1])[:, PAIR_ORDER].reshape(q.shape)
         hid = g1.shape[0] // 2
-        gu = torch.stack([g1[:hid].reshape(-1, ROWS // 2, g1.shape[1]), g1[hid:].reshape(-1, ROWS // 2, g1.shape[1])], 1)
+        gu = torch.stack(
+            [g1[:hid].reshape(-1, ROWS // 2, g1.shape[1]), g1[hid:].reshape(-1, ROWS // 2, g1.shape[1])], 1
+        )
         blocks += [q, o, gu.reshape(2 * hid, g1.shape[1])]
     return torch.cat(blocks).contiguous(), torch.cat(w2).contiguous()
 
@@ -705,8 +1174,24 @@ def descriptors(w: torch.Tensor, w2: torch.Tensor):
     return [TensorDescriptor(v, list(v.shape), list(v.stride()), box, box_layout()) for v in views]
 
 
-def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs, stages=12, num_warps=8,
-          sync=True, math=True, stamps=None):
+def chain(
+    w_d,
+    w2_d,
+    x,
+    ln_w,
+    ff_ln_w,
+    bufs,
+    n_layers,
+    nqkv,
+    hid,
+    eps,
+    programs,
+    stages=12,
+    num_warps=8,
+    sync=True,
+    math=True,
+    stamps=None,
+):
     """chain_reference in place on x [D] (bf16) with the packed weights' descriptors (`descriptors`)
     and stacked norm weights [L, D]; `num_warps` (4 or 8) consumer warps and a ring of `stages` 16 KB
     stages per program; bufs = (qkv bf16 [NQKV], h2 bf16 [D], a bf16 [HID], count
@@ -719,20 +1204,73 @@ def chain(w_d, w2_d, x, ln_w, ff_ln_w, bufs, n_layers, nqkv, hid, eps, programs,
         raise RuntimeError(f"gluon chain needs Triton 3.6's Gluon API; this is Triton {triton.__version__}")
     D = x.shape[0]
     if D % ITEM_K or hid % ITEM_K or nqkv % ROWS or D > MAX_K_ITEMS * ITEM_K or hid > MAX_K_ITEMS * ITEM_K:
-        raise ValueError(f"gluon chain: D={D}, hidden={hid} must be multiples of {ITEM_K} up to "
-                         f"{MAX_K_ITEMS * ITEM_K}, NQKV={nqkv} a multiple of {ROWS}")
+        raise ValueError(
+            f"gluon chain: D={D}, hidden={hid} must be multiples of {ITEM_K} up to "
+            f"{MAX_K_ITEMS * ITEM_K}, NQKV={nqkv} a multiple of {ROWS}"
+        )
     if parked_row_blocks(2 * hid, programs) > MAX_PARKED:
-        raise ValueError(f"gluon chain: {programs} programs park {parked_row_blocks(2 * hid, programs)} gate/up row "
-                         f"blocks each at hidden={hid}, at most {MAX_PARKED}")
-    if stamps is not None and (stamps.shape != (programs, 4096, 4) or stamps.dtype != torch.int64 or 4 * n_layers > 4096):
-        raise ValueError(f"stamps must be int64 [{programs}, 4096, 4] (at most 1024 blocks), got "
-                         f"{stamps.dtype} {tuple(stamps.shape)} for {n_layers} blocks")
+        raise ValueError(
+            f"gluon chain: {programs} programs park {parked_row_blocks(2 * hid, programs)} gate/up row "
+            f"blocks each at hidden={hid}, at most {MAX_PARKED}"
+        )
+    if stamps is not None and (
+        stamps.shape != (programs, 4096, 4) or stamps.dtype != torch.int64 or 4 * n_layers > 4096
+    ):
+        raise ValueError(
+            f"stamps must be int64 [{programs}, 4096, 4] (at most 1024 blocks), got "
+            f"{stamps.dtype} {tuple(stamps.shape)} for {n_layers} blocks"
+        )
     qkv, h2, a, count = bufs
     count.zero_()
     none = count  # pointer arguments the chain does not use
-    chain_kernel[(programs,)](w_d, w2_d, x, qkv, h2, a, count, ln_w, ff_ln_w, n_layers, nqkv, D, hid, eps,
-                               stamps if stamps is not None else count,
-                               none, 1.0, none, none, none, none, none, none, 0, 0, none, none, none, none, 0, 0, 0,
-                               1, 1, w_d, w_d, 0, w_d, none, none, 0, 0.0, none, STAGES=stages, num_warps=num_warps, SYNC=sync, MATH=math,
-                               STAMPS=stamps is not None,
-                               launch_cooperative_grid=True)
+    chain_kernel[(programs,)](
+        w_d,
+        w2_d,
+        x,
+        qkv,
+        h2,
+        a,
+        count,
+        ln_w,
+        ff_ln_w,
+        n_layers,
+        nqkv,
+        D,
+        hid,
+        eps,
+        stamps if stamps is not None else count,
+        none,
+        1.0,
+        none,
+        none,
+        none,
+        none,
+        none,
+        none,
+        0,
+        0,
+        none,
+        none,
+        none,
+        none,
+        0,
+        0,
+        0,
+        1,
+        1,
+        w_d,
+        w_d,
+        0,
+        w_d,
+        none,
+        none,
+        0,
+        0.0,
+        none,
+        STAGES=stages,
+        num_warps=num_warps,
+        SYNC=sync,
+        MATH=math,
+        STAMPS=stamps is not None,
+        launch_cooperative_grid=True,
+    )

@@ -55,10 +55,13 @@ class LlamaStepKernel:
         self.D, self.hid = layers[0].ln.weight.shape[0], f0.hidden_dim
         self.nqkv = (self.H + 2 * self.Hkv) * self.d
         self.eps = layers[0].ln.eps
-        self.w, self.w2 = gc.pack([l.attn.in_proj.qkv_fused.weight for l in layers],
-                                  [l.attn.dense.weight for l in layers],
-                                  [l.ff_sub_layer.wg1_fused.weight for l in layers],
-                                  [l.ff_sub_layer.w2.weight for l in layers], rope_pairs=True)
+        self.w, self.w2 = gc.pack(
+            [l.attn.in_proj.qkv_fused.weight for l in layers],
+            [l.attn.dense.weight for l in layers],
+            [l.ff_sub_layer.wg1_fused.weight for l in layers],
+            [l.ff_sub_layer.w2.weight for l in layers],
+            rope_pairs=True,
+        )
         self.w_d, self.w2_d = gc.descriptors(self.w, self.w2)
         head = model.head.weight  # streamed in place (not packed): [V, D] rows are the kernel's items already
         self.V = head.shape[0]
@@ -74,7 +77,7 @@ class LlamaStepKernel:
         self.stamps = None
 
     @staticmethod
-    def for_model(model) -> "LlamaStepKernel | None":
+    def for_model(model) -> LlamaStepKernel | None:
         """The model's step, or None where the kernel does not apply (logged). Built once per set of
         weights: a model moved or cast (the bench checks in fp32, then times bf16) is looked at again."""
         w = next(model.parameters())
@@ -109,23 +112,38 @@ class LlamaStepKernel:
         if len({l.ln.eps for l in layers} | {l.ff_ln.eps for l in layers}) != 1:
             return "needs one norm eps in every block"
         head = model.head
-        if not is_plain_rms_norm(model.base_model.dec_norm) or getattr(head, "bias", None) is not None \
-                or head.weight.shape[0] % gc.ROWS or not head.weight.is_contiguous():
-            return (f"needs a plain final RMS norm and a bias-free, contiguous LM head with a multiple of {gc.ROWS} "
-                    f"rows, got {tuple(head.weight.shape)}")
-        if a0.emb_kq_per_head != 128 or a0.nheads * 128 != D or a0.nheads % a0.kvheads \
-                or a0.nheads // a0.kvheads not in (2, 4, 8):
-            return (f"needs heads of 128 covering the width and 2, 4 or 8 query heads per kv head, got "
-                    f"{a0.nheads} heads of {a0.emb_kq_per_head} ({a0.kvheads} kv heads) at width {D}")
+        if (
+            not is_plain_rms_norm(model.base_model.dec_norm)
+            or getattr(head, "bias", None) is not None
+            or head.weight.shape[0] % gc.ROWS
+            or not head.weight.is_contiguous()
+        ):
+            return (
+                f"needs a plain final RMS norm and a bias-free, contiguous LM head with a multiple of {gc.ROWS} "
+                f"rows, got {tuple(head.weight.shape)}"
+            )
+        if (
+            a0.emb_kq_per_head != 128
+            or a0.nheads * 128 != D
+            or a0.nheads % a0.kvheads
+            or a0.nheads // a0.kvheads not in (2, 4, 8)
+        ):
+            return (
+                f"needs heads of 128 covering the width and 2, 4 or 8 query heads per kv head, got "
+                f"{a0.nheads} heads of {a0.emb_kq_per_head} ({a0.kvheads} kv heads) at width {D}"
+            )
         if D % gc.ITEM_K or hid % gc.ITEM_K or max(D, hid) > gc.MAX_K_ITEMS * gc.ITEM_K:
-            return f"needs width {D} and hidden size {hid} to be multiples of {gc.ITEM_K} up to {gc.MAX_K_ITEMS * gc.ITEM_K}"
+            limit = gc.MAX_K_ITEMS * gc.ITEM_K
+            return f"needs width {D} and hidden size {hid} to be multiples of {gc.ITEM_K} up to {limit}"
         from avengers.inference.triton_decode import sm_count
 
         programs, nqkv = sm_count(p.device), (a0.nheads + 2 * a0.kvheads) * a0.emb_kq_per_head
         parked = max(gc.parked_row_blocks(2 * hid, programs), gc.parked_row_blocks(nqkv, programs))
         if parked > gc.MAX_PARKED:
-            return (f"needs at most {gc.MAX_PARKED} gate/up or QKV row blocks of {gc.ROWS} rows per SM, "
-                    f"got {parked} on {programs} SMs")
+            return (
+                f"needs at most {gc.MAX_PARKED} gate/up or QKV row blocks of {gc.ROWS} rows per SM, "
+                f"got {parked} on {programs} SMs"
+            )
         return ""
 
     def _buffers_for(self, cache):
@@ -140,20 +158,30 @@ class LlamaStepKernel:
             split, nsplit = num_splits(1, self.Hkv, S, dev, programs=programs)
             G = self.H // self.Hkv
             i32 = dict(device=dev, dtype=torch.int32)
-            self._buffers = {key: dict(  # one cache at a time
-                koff=self._offsets([s.k for s in cache.layers]), voff=self._offsets([s.v for s in cache.layers]),
-                kv_descriptors=self._kv_descriptors(cache),
-                skh=k0.stride(1), skn=k0.stride(2), split=split, nsplit=nsplit,
-                # rows between phases as int32 words: bf16 bits and the writing phase's tag (_put)
-                x=torch.zeros(self.D, **i32), qkv=torch.zeros(self.nqkv, **i32), h2=torch.zeros(self.D, **i32),
-                rope=torch.view_as_real(cache.rope).contiguous(),  # [positions, d / 2, (cos, sin)] fp32
-                a=torch.zeros(self.hid, **i32), attn=torch.zeros(self.H * self.d, **i32),
-                # grid barrier, gave-up flag, one per (block, kv head), the exit counter (zero between
-                # launches: the kernel's last program resets them), then the launch count (the tags' base)
-                count=torch.zeros(4 + L * self.Hkv, **i32),
-                pacc=torch.empty(self.Hkv * nsplit * G, self.d, device=dev, dtype=torch.float32),
-                pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
-                pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32))}
+            self._buffers = {
+                key: dict(  # one cache at a time
+                    koff=self._offsets([s.k for s in cache.layers]),
+                    voff=self._offsets([s.v for s in cache.layers]),
+                    kv_descriptors=self._kv_descriptors(cache),
+                    skh=k0.stride(1),
+                    skn=k0.stride(2),
+                    split=split,
+                    nsplit=nsplit,
+                    # rows between phases as int32 words: bf16 bits and the writing phase's tag (_put)
+                    x=torch.zeros(self.D, **i32),
+                    qkv=torch.zeros(self.nqkv, **i32),
+                    h2=torch.zeros(self.D, **i32),
+                    rope=torch.view_as_real(cache.rope).contiguous(),  # [positions, d / 2, (cos, sin)] fp32
+                    a=torch.zeros(self.hid, **i32),
+                    attn=torch.zeros(self.H * self.d, **i32),
+                    # grid barrier, gave-up flag, one per (block, kv head), the exit counter (zero between
+                    # launches: the kernel's last program resets them), then the launch count (the tags' base)
+                    count=torch.zeros(4 + L * self.Hkv, **i32),
+                    pacc=torch.empty(self.Hkv * nsplit * G, self.d, device=dev, dtype=torch.float32),
+                    pm=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
+                    pl=torch.empty(self.Hkv * nsplit * G, device=dev, dtype=torch.float32),
+                )
+            }
         return self._buffers[key]
 
     def gave_up(self, count: torch.Tensor, n_layers: int) -> str:
@@ -182,10 +210,13 @@ class LlamaStepKernel:
             views = [getattr(s, name) for s in cache.layers]
             whole = views[0]._base
             step = views[0].numel() * views[0].element_size()
-            if (whole is None or not whole.is_contiguous() or whole.numel() != len(views) * views[0].numel()
-                    or any(t._base is not whole or t.data_ptr() != whole.data_ptr() + i * step
-                           for i, t in enumerate(views))
-                    or views[0].shape[2] % 64):
+            if (
+                whole is None
+                or not whole.is_contiguous()
+                or whole.numel() != len(views) * views[0].numel()
+                or any(t._base is not whole or t.data_ptr() != whole.data_ptr() + i * step for i, t in enumerate(views))
+                or views[0].shape[2] % 64
+            ):
                 return None
             rows = whole.view(-1, gc.CHUNKS, gc.CW)
             box = [gc.ROWS, gc.CHUNKS, gc.CW]
@@ -198,8 +229,9 @@ class LlamaStepKernel:
         if any(t.data_ptr() % 16 or t.stride(-1) != 1 for t in caches):
             raise ValueError("the Gluon decode step needs 16-byte aligned caches with contiguous head dims")
         base = caches[0].data_ptr()
-        return torch.tensor([(t.data_ptr() - base) // t.element_size() for t in caches], device=caches[0].device,
-                            dtype=torch.int64)
+        return torch.tensor(
+            [(t.data_ptr() - base) // t.element_size() for t in caches], device=caches[0].device, dtype=torch.int64
+        )
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [1, 1] (int64) -> logits [1, 1, V] (bf16): the whole decode step at cache.position,
@@ -210,14 +242,61 @@ class LlamaStepKernel:
         kv = b["kv_descriptors"] if self.KV_RING else None
         logits = torch.empty(self.V, device=tokens.device, dtype=torch.bfloat16)
         gc.chain_kernel[(self.programs,)](
-            self.w_d, self.w2_d, b["x"], b["qkv"], b["h2"], b["a"], b["count"], self.ln, self.ffln, len(cache.layers),
-            self.nqkv, self.D, self.hid, self.eps, b["count"] if self.stamps is None else self.stamps,
-            b["rope"], self.d ** -0.5, cache.position, tokens, cache.layers[0].k, cache.layers[0].v, b["koff"],
-            b["voff"], b["skh"], b["skn"], b["attn"], b["pacc"], b["pm"], b["pl"], self.H * self.d, self.Hkv * self.d,
-            self.Hkv, b["nsplit"], b["split"], *(kv or (self.w_d, self.w_d)), cache.layers[0].k.shape[2], self.head_d,
-            logits, self.dec_norm, self.V, self.head_eps, self.emb,
-            STAGES=self.STAGES, num_warps=self.NUM_WARPS, DECODE=True, G=self.H // self.Hkv, HD=self.d,
-            BLOCK_S=triton.next_power_of_2(b["nsplit"]), STAMPS=self.stamps is not None, KV_RING=kv is not None,
-            SYNC=not self.TAGGED, POLL=self.TAGGED,
-            LOAD=self.LOAD, MATH=self.MATH, INFLIGHT=self.INFLIGHT, launch_cooperative_grid=True)
+            self.w_d,
+            self.w2_d,
+            b["x"],
+            b["qkv"],
+            b["h2"],
+            b["a"],
+            b["count"],
+            self.ln,
+            self.ffln,
+            len(cache.layers),
+            self.nqkv,
+            self.D,
+            self.hid,
+            self.eps,
+            b["count"] if self.stamps is None else self.stamps,
+            b["rope"],
+            self.d**-0.5,
+            cache.position,
+            tokens,
+            cache.layers[0].k,
+            cache.layers[0].v,
+            b["koff"],
+            b["voff"],
+            b["skh"],
+            b["skn"],
+            b["attn"],
+            b["pacc"],
+            b["pm"],
+            b["pl"],
+            self.H * self.d,
+            self.Hkv * self.d,
+            self.Hkv,
+            b["nsplit"],
+            b["split"],
+            *(kv or (self.w_d, self.w_d)),
+            cache.layers[0].k.shape[2],
+            self.head_d,
+            logits,
+            self.dec_norm,
+            self.V,
+            self.head_eps,
+            self.emb,
+            STAGES=self.STAGES,
+            num_warps=self.NUM_WARPS,
+            DECODE=True,
+            G=self.H // self.Hkv,
+            HD=self.d,
+            BLOCK_S=triton.next_power_of_2(b["nsplit"]),
+            STAMPS=self.stamps is not None,
+            KV_RING=kv is not None,
+            SYNC=not self.TAGGED,
+            POLL=self.TAGGED,
+            LOAD=self.LOAD,
+            MATH=self.MATH,
+            INFLIGHT=self.INFLIGHT,
+            launch_cooperative_grid=True,
+        )
         return logits.view(1, 1, -1)

@@ -27,8 +27,7 @@ class DecodeStep:
     memory is tight and the state content does not matter, as in timing runs).
     """
 
-    def __init__(self, model: nn.Module, cache: InferenceCache, cuda_graph: bool = False,
-                 preserve_state: bool = True):
+    def __init__(self, model: nn.Module, cache: InferenceCache, cuda_graph: bool = False, preserve_state: bool = True):
         self.model, self.cache = model, cache
         self.graph: torch.cuda.CUDAGraph | None = None
         if cuda_graph:
@@ -76,8 +75,10 @@ class DecodeStep:
             self.graph.replay()
             err = float((self.logits[:, -1].float() - eager[i]).abs().max() / eager[i].abs().max().clamp_min(1e-12))
             if not err <= 2e-2:
-                raise ValueError(f"{type(self.model).__name__}'s decode step cannot be replayed from a CUDA graph "
-                                 f"(relative error {err:.3g} at step {i}); use cuda_graph=False")
+                raise ValueError(
+                    f"{type(self.model).__name__}'s decode step cannot be replayed from a CUDA graph "
+                    f"(relative error {err:.3g} at step {i}); use cuda_graph=False"
+                )
         self._restore(saved, start)
 
     @torch.no_grad()

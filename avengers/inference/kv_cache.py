@@ -13,8 +13,15 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from avengers.inference.attention import (  # noqa: F401 - re-exported for the model families
-    DECODE_BACKENDS, KV_CHUNK, decode_attention, decode_attention_reference, decode_attention_torch,
-    decode_backends_used, invalid_positions, padded_len, set_decode_backend,
+    DECODE_BACKENDS,
+    KV_CHUNK,
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_torch,
+    decode_backends_used,
+    invalid_positions,
+    padded_len,
+    set_decode_backend,
 )
 from avengers.inference.cache import InferenceCache
 from avengers.inference.llama_compiled import decode_block, decode_head, eligible, fused_decode_mode, is_plain_rms_norm
@@ -23,15 +30,25 @@ from avengers.inference.llama_compiled import decode_block, decode_head, eligibl
 class KVState:
     """One attention layer's keys and values: [B, H_kv, max_seq_len, head_dim] each."""
 
-    def __init__(self, batch_size: int, kv_heads: int, max_seq_len: int, head_dim: int,
-                 device=None, dtype=None, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        device=None,
+        dtype=None,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+    ):
         shape = (batch_size, kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype) if k is None else k
         self.v = torch.zeros(shape, device=device, dtype=dtype) if v is None else v
 
     @classmethod
-    def stacked(cls, n: int, batch_size: int, kv_heads: int, max_seq_len: int, head_dim: int,
-                device=None, dtype=None) -> list["KVState"]:
+    def stacked(
+        cls, n: int, batch_size: int, kv_heads: int, max_seq_len: int, head_dim: int, device=None, dtype=None
+    ) -> list[KVState]:
         """n layers' states as views of one [n, B, H_kv, max_seq_len, d] tensor each for keys and
         values (one TMA descriptor covers every layer's cache: gluon_step's decode kernel)."""
         shape = (n, batch_size, kv_heads, max_seq_len, head_dim)
@@ -70,15 +87,16 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
 class KVCache(InferenceCache):
     """Per-layer KVState plus the RoPE table for every position the cache can hold."""
 
-    def __init__(self, layers: list[KVState], batch_size: int, max_seq_len: int, rope: torch.Tensor,
-                 head_scale: torch.Tensor):
+    def __init__(
+        self, layers: list[KVState], batch_size: int, max_seq_len: int, rope: torch.Tensor, head_scale: torch.Tensor
+    ):
         super().__init__(layers, batch_size, max_seq_len)
         # Outside `layers`, so not counted by nbytes(). head_scale [H + H_kv, 1] folds the softmax
         # scale 1/sqrt(d) into the query rotation: q and k are rotated by one multiply.
         self.rope, self.head_scale = rope, head_scale
 
     @classmethod
-    def for_llama(cls, model: nn.Module, batch_size: int, max_seq_len: int, device=None, dtype=None) -> "KVCache":
+    def for_llama(cls, model: nn.Module, batch_size: int, max_seq_len: int, device=None, dtype=None) -> KVCache:
         cfg = model.config
         if batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"batch_size and max_seq_len must be >= 1, got {batch_size} and {max_seq_len}")
@@ -109,15 +127,21 @@ def _qkv(attn: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     H, Hkv, d = attn.nheads, attn.kvheads, attn.emb_kq_per_head
     if hasattr(attn.in_proj, "qkv_fused"):  # ibm-fms FusedQKV: q, k, v from one matmul
         qkv = attn.in_proj.qkv_fused(y)
-        qk, v = qkv[..., : (H + Hkv) * d], qkv[..., (H + Hkv) * d:]
+        qk, v = qkv[..., : (H + Hkv) * d], qkv[..., (H + Hkv) * d :]
     else:
         q, k, v = attn.in_proj(y, None, None)
         qk = torch.cat([q, k], dim=-1)
     return qk.unflatten(-1, (H + Hkv, d)), v.unflatten(-1, (Hkv, attn.emb_v_per_head))
 
 
-def _attention(attn: nn.Module, y: torch.Tensor, state: KVState, cache: KVCache, cis: torch.Tensor,
-               decode: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def _attention(
+    attn: nn.Module,
+    y: torch.Tensor,
+    state: KVState,
+    cache: KVCache,
+    cis: torch.Tensor,
+    decode: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
     B, T, _ = y.shape
     H, Hkv = attn.nheads, attn.kvheads
     qk, v = _qkv(attn, y)
@@ -164,7 +188,7 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
         length = cache.position + 1
         decode = (length, invalid_positions(cache.layers[0].k.shape[2], length))
     else:
-        cis, decode = cache.rope[cache.seq_len:cache.seq_len + T], None
+        cis, decode = cache.rope[cache.seq_len : cache.seq_len + T], None
     cis = cis[:, None, :] * cache.head_scale  # [T, H + H_kv, d/2]
     base = model.base_model
     h = base.embedding(x)
@@ -173,8 +197,16 @@ def llama_forward_with_cache(model: nn.Module, x: torch.Tensor, cache: KVCache) 
         cos, sin = (t.contiguous() for t in torch.view_as_real(cis[0]).unbind(-1))
     for layer, state in zip(base.layers, cache.layers):
         if fused and eligible(layer):
-            h = decode_block(layer, h, state, cache.position, cos, sin, lambda q, s=state: decode_attention(
-                q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]), decode[0])
+            h = decode_block(
+                layer,
+                h,
+                state,
+                cache.position,
+                cos,
+                sin,
+                lambda q, s=state: decode_attention(q, s.k, s.v, decode[0], scale=1.0, invalid=decode[1]),
+                decode[0],
+            )
             continue
         h = h + _attention(layer.attn, _rms_norm(layer.ln, h), state, cache, cis, decode)
         h = h + layer.ff_sub_layer(_rms_norm(layer.ff_ln, h))

@@ -78,19 +78,36 @@ def is_plain_rms_norm(norm: nn.Module) -> bool:
     return not norm.use_mean and norm.elementwise_scale and not norm.elementwise_shift
 
 
-def decode_pre(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, H: int, Hkv: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_pre(
+    h: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    qkv_w: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    H: int,
+    Hkv: int,
+    d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [B, 1, D] -> q [B, H, d] (rotated, pre-scaled), k, v [B, H_kv, 1, d]; cos/sin [H + H_kv, d/2]."""
     B = h.shape[0]
     qkv = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps), qkv_w).reshape(B, -1)
     qk = qkv[:, : (H + Hkv) * d].reshape(B, H + Hkv, d // 2, 2).float()
     x0, x1 = qk[..., 0], qk[..., 1]
     rot = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(h.dtype)
-    return rot[:, :H], rot[:, H:].unsqueeze(2), qkv[:, (H + Hkv) * d:].reshape(B, Hkv, 1, d)
+    return rot[:, :H], rot[:, H:].unsqueeze(2), qkv[:, (H + Hkv) * d :].reshape(B, Hkv, 1, d)
 
 
-def decode_post(h: torch.Tensor, attn: torch.Tensor, dense_w: torch.Tensor, ln_w: torch.Tensor, eps: float,
-                wg1_w: torch.Tensor, w2_w: torch.Tensor, hidden: int) -> torch.Tensor:
+def decode_post(
+    h: torch.Tensor,
+    attn: torch.Tensor,
+    dense_w: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    wg1_w: torch.Tensor,
+    w2_w: torch.Tensor,
+    hidden: int,
+) -> torch.Tensor:
     """Residual + attention output projection, then the gated MLP block (ibm-fms order: wg, then w1)."""
     h = h + F.linear(attn, dense_w)
     wg, w1 = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps), wg1_w).split(hidden, dim=-1)
@@ -101,9 +118,17 @@ def eligible(layer: nn.Module) -> bool:
     """The block has the layout the pure functions assume (fused weights, no biases, SiLU, RMSNorm)."""
     attn, ff = layer.attn, layer.ff_sub_layer
     norms_ok = is_plain_rms_norm(layer.ln) and is_plain_rms_norm(layer.ff_ln)
-    return (norms_ok and hasattr(attn.in_proj, "qkv_fused") and getattr(ff, "wg1_fused", None) is not None
-            and isinstance(ff.a, nn.SiLU) and attn.in_proj.qkv_fused.bias is None and attn.dense.bias is None
-            and ff.wg1_fused.bias is None and ff.w2.bias is None and not getattr(ff, "p_dropout", 0))
+    return (
+        norms_ok
+        and hasattr(attn.in_proj, "qkv_fused")
+        and getattr(ff, "wg1_fused", None) is not None
+        and isinstance(ff.a, nn.SiLU)
+        and attn.in_proj.qkv_fused.bias is None
+        and attn.dense.bias is None
+        and ff.wg1_fused.bias is None
+        and ff.w2.bias is None
+        and not getattr(ff, "p_dropout", 0)
+    )
 
 
 @functools.cache
@@ -135,8 +160,16 @@ def functions(mode: str, batch_size: int):
     return _torch_functions(mode)
 
 
-def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, attention, length: torch.Tensor) -> torch.Tensor:
+def decode_block(
+    layer: nn.Module,
+    h: torch.Tensor,
+    state,
+    position: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention,
+    length: torch.Tensor,
+) -> torch.Tensor:
     """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache
     (valid up to the 0-dim device `length`). cos/sin [H + H_kv, d/2], fp32 and contiguous."""
     attn, ff = layer.attn, layer.ff_sub_layer
@@ -145,15 +178,43 @@ def decode_block(layer: nn.Module, h: torch.Tensor, state, position: torch.Tenso
 
         if h.shape[0] <= GEMV_STEP_MAX_BATCH:
             return triton_block.decode_block(
-                h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin, attn.nheads,
-                attn.kvheads, attn.emb_kq_per_head, state, position, length, attn.dense.weight,
-                layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight, ff.w2.weight, ff.hidden_dim)
+                h,
+                layer.ln.weight,
+                layer.ln.eps,
+                attn.in_proj.qkv_fused.weight,
+                cos,
+                sin,
+                attn.nheads,
+                attn.kvheads,
+                attn.emb_kq_per_head,
+                state,
+                position,
+                length,
+                attn.dense.weight,
+                layer.ff_ln.weight,
+                layer.ff_ln.eps,
+                ff.wg1_fused.weight,
+                ff.w2.weight,
+                ff.hidden_dim,
+            )
     pre_write, post = functions(_state["mode"], h.shape[0])
-    q = pre_write(h, layer.ln.weight, layer.ln.eps, attn.in_proj.qkv_fused.weight, cos, sin,
-                  attn.nheads, attn.kvheads, attn.emb_kq_per_head, state=state, position=position)
+    q = pre_write(
+        h,
+        layer.ln.weight,
+        layer.ln.eps,
+        attn.in_proj.qkv_fused.weight,
+        cos,
+        sin,
+        attn.nheads,
+        attn.kvheads,
+        attn.emb_kq_per_head,
+        state=state,
+        position=position,
+    )
     out = attention(q).reshape(h.shape[0], 1, -1)
-    return post(h, out, attn.dense.weight, layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight,
-                ff.w2.weight, ff.hidden_dim)
+    return post(
+        h, out, attn.dense.weight, layer.ff_ln.weight, layer.ff_ln.eps, ff.wg1_fused.weight, ff.w2.weight, ff.hidden_dim
+    )
 
 
 def decode_head(norm: nn.Module, head: nn.Linear, h: torch.Tensor) -> torch.Tensor | None:

@@ -31,8 +31,10 @@ ITEMS_PER_SM = 1  # pass-1 programs per SM that num_splits counts as running at 
 def _partial_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK": BLOCK_N}, num_warps=4)]
-    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s)
-            for b, w, s in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3))]
+    return [
+        triton.Config({"BLOCK": b}, num_warps=w, num_stages=s)
+        for b, w, s in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3))
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -46,8 +48,9 @@ def _tile(q, k_base, v_base, n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRE
     """Online-softmax update of (running max, running sum, unnormalised output) with one key tile."""
     n_mask = n < end
     k = tl.load(k_base + n[:, None] * skn + offs_d[None, :], mask=n_mask[:, None], other=0.0, cache_modifier=".cg")
-    v = tl.load(v_base + n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0,
-                cache_modifier=".cg")  # issued together with k
+    v = tl.load(
+        v_base + n[:, None] * svn + offs_d[None, :], mask=n_mask[:, None], other=0.0, cache_modifier=".cg"
+    )  # issued together with k
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     s = tl.where(n_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -59,9 +62,36 @@ def _tile(q, k_base, v_base, n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRE
 
 
 @triton.jit
-def partial_item(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn, H_KV, G, SPLIT, NSPLIT, scale,
-                 bh, split, D: tl.constexpr, BLOCK_G: tl.constexpr, PRECISION: tl.constexpr,
-                 DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, BLOCK: tl.constexpr):
+def partial_item(
+    Q,
+    K,
+    V,
+    Length,
+    Acc,
+    M,
+    L,
+    sqb,
+    sqh,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    H_KV,
+    G,
+    SPLIT,
+    NSPLIT,
+    scale,
+    bh,
+    split,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DYNAMIC_BOUND: tl.constexpr,
+    STATIC_SPAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Pass 1 for (b * H_KV + kv head, split). Q and the caches are read past L1 (.cg): in the
     persistent block kernel other programs have just written them."""
     b = (bh // H_KV).to(tl.int64)  # 64-bit offsets: a large batch's buffer can pass 2^31 elements
@@ -70,8 +100,12 @@ def partial_item(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, 
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK)
     g_mask = offs_g < G
-    q = tl.load(Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :], mask=g_mask[:, None], other=0.0,
-                cache_modifier=".cg")
+    q = tl.load(
+        Q + b * sqb + (h * G + offs_g)[:, None] * sqh + offs_d[None, :],
+        mask=g_mask[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -81,12 +115,14 @@ def partial_item(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, 
     v_base = V + b * svb + h * svh
     if DYNAMIC_BOUND:  # compiled: stop at the valid length
         for off in range(0, end - start, BLOCK):
-            m_i, l_i, acc = _tile(q, k_base, v_base, start + off + offs_n, end, offs_d, skn, svn, scale,
-                                  m_i, l_i, acc, PRECISION)
+            m_i, l_i, acc = _tile(
+                q, k_base, v_base, start + off + offs_n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRECISION
+            )
     else:  # Triton's CPU interpreter loops only to constants: visit the whole split, masked
         for off in range(0, STATIC_SPAN, BLOCK):
-            m_i, l_i, acc = _tile(q, k_base, v_base, start + off + offs_n, end, offs_d, skn, svn, scale,
-                                  m_i, l_i, acc, PRECISION)
+            m_i, l_i, acc = _tile(
+                q, k_base, v_base, start + off + offs_n, end, offs_d, skn, svn, scale, m_i, l_i, acc, PRECISION
+            )
     row = (bh.to(tl.int64) * NSPLIT + split) * G + offs_g
     tl.store(Acc + row[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
     tl.store(M + row, m_i, mask=g_mask)
@@ -113,36 +149,93 @@ def merge_item(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, item, D: tl.constexpr,
     tl.store(Out + b * sob + hq * soh + offs_d, out.to(Out.dtype.element_ty))
 
 
-@triton.autotune(configs=_partial_configs(), key=["SPLIT", "G", "D", "PRECISION", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
+@triton.autotune(
+    configs=_partial_configs(),
+    key=["SPLIT", "G", "D", "PRECISION", "GDC"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=quick_bench,
+)
 @triton.jit
-def _partial_kernel(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn,
-                    H_KV, G, SPLIT, NSPLIT, scale,
-                    D: tl.constexpr, BLOCK_G: tl.constexpr, PRECISION: tl.constexpr,
-                    DYNAMIC_BOUND: tl.constexpr, STATIC_SPAN: tl.constexpr, GDC: tl.constexpr, BLOCK: tl.constexpr):
+def _partial_kernel(
+    Q,
+    K,
+    V,
+    Length,
+    Acc,
+    M,
+    L,
+    sqb,
+    sqh,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    H_KV,
+    G,
+    SPLIT,
+    NSPLIT,
+    scale,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DYNAMIC_BOUND: tl.constexpr,
+    STATIC_SPAN: tl.constexpr,
+    GDC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     if GDC:  # launched with PDL (triton_pdl.py): everything read below may come from the previous kernel
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    partial_item(Q, K, V, Length, Acc, M, L, sqb, sqh, skb, skh, skn, svb, svh, svn, H_KV, G, SPLIT, NSPLIT, scale,
-                 tl.program_id(0), tl.program_id(1), D, BLOCK_G, PRECISION, DYNAMIC_BOUND, STATIC_SPAN, BLOCK)
+    partial_item(
+        Q,
+        K,
+        V,
+        Length,
+        Acc,
+        M,
+        L,
+        sqb,
+        sqh,
+        skb,
+        skh,
+        skn,
+        svb,
+        svh,
+        svn,
+        H_KV,
+        G,
+        SPLIT,
+        NSPLIT,
+        scale,
+        tl.program_id(0),
+        tl.program_id(1),
+        D,
+        BLOCK_G,
+        PRECISION,
+        DYNAMIC_BOUND,
+        STATIC_SPAN,
+        BLOCK,
+    )
 
 
 @triton.jit
-def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  GDC: tl.constexpr):
+def _merge_kernel(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr, GDC: tl.constexpr):
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     merge_item(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, tl.program_id(0), D, BLOCK_S)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def num_splits(batch: int, kv_heads: int, buffer_len: int, device: torch.device,
-               programs: int | None = None) -> tuple[int, int]:
+def num_splits(
+    batch: int, kv_heads: int, buffer_len: int, device: torch.device, programs: int | None = None
+) -> tuple[int, int]:
     """(split length, number of splits) for `programs` (default ITEMS_PER_SM per SM) programs at a
     time: pass-1 programs all do equal work, so a last wave that is only partly full is idle time.
     Of 1..MAX_SPLITS splits (whole BLOCK_N tiles each), the fewest whose per-slot work,
@@ -169,12 +262,19 @@ def _splits(items: int, buffer_len: int, programs: int) -> tuple[int, int]:
 
 def supported(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
     d = q.shape[-1]
-    return (d & (d - 1)) == 0 and 16 <= d <= 256 and k_buf.stride(-1) == 1 and q.stride(-1) == 1 \
-        and q.dtype == k_buf.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (
+        (d & (d - 1)) == 0
+        and 16 <= d <= 256
+        and k_buf.stride(-1) == 1
+        and q.stride(-1) == 1
+        and q.dtype == k_buf.dtype
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
 
 
-def decode_attention_triton(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: torch.Tensor,
-                            scale: float | None = None) -> torch.Tensor:
+def decode_attention_triton(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """q [B, H, d]; k_buf, v_buf [B, H_kv, S, d]; length 0-dim int tensor on q's device -> [B, H, d]."""
     B, H, D = q.shape
     _, Hkv, S, _ = k_buf.shape
@@ -187,11 +287,46 @@ def decode_attention_triton(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     _partial_kernel[(B * Hkv, nsplit)](
-        q, k_buf, v_buf, length, acc, m, l_sum, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
-        k_buf.stride(2), v_buf.stride(0), v_buf.stride(1), v_buf.stride(2), Hkv, G, split, nsplit,
-        D**-0.5 if scale is None else scale, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        PRECISION=precision, DYNAMIC_BOUND=not interpret, STATIC_SPAN=split if interpret else 0, **pdl_kwargs(q.device),
+        q,
+        k_buf,
+        v_buf,
+        length,
+        acc,
+        m,
+        l_sum,
+        q.stride(0),
+        q.stride(1),
+        k_buf.stride(0),
+        k_buf.stride(1),
+        k_buf.stride(2),
+        v_buf.stride(0),
+        v_buf.stride(1),
+        v_buf.stride(2),
+        Hkv,
+        G,
+        split,
+        nsplit,
+        D**-0.5 if scale is None else scale,
+        D=D,
+        BLOCK_G=max(16, triton.next_power_of_2(G)),
+        PRECISION=precision,
+        DYNAMIC_BOUND=not interpret,
+        STATIC_SPAN=split if interpret else 0,
+        **pdl_kwargs(q.device),
     )
-    _merge_kernel[(B * H,)](acc, m, l_sum, out, out.stride(0), out.stride(1), Hkv, G, nsplit, D=D,
-                            BLOCK_S=triton.next_power_of_2(nsplit), num_warps=4, **pdl_kwargs(q.device))
+    _merge_kernel[(B * H,)](
+        acc,
+        m,
+        l_sum,
+        out,
+        out.stride(0),
+        out.stride(1),
+        Hkv,
+        G,
+        nsplit,
+        D=D,
+        BLOCK_S=triton.next_power_of_2(nsplit),
+        num_warps=4,
+        **pdl_kwargs(q.device),
+    )
     return out

@@ -53,8 +53,9 @@ def x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr
     ks = k0 + tl.arange(0, BK)
     k_ok = ks < K
     # .cg: in the persistent block kernel X was just written by other programs (read past L1)
-    x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0,
-                cache_modifier=".cg").to(tl.float32)
+    x = tl.load(
+        X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg"
+    ).to(tl.float32)
     gx = x
     if NORM:
         gx = x * tl.load(NormW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -72,8 +73,27 @@ def x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
-def _gemv_acc(X, NormW, W, Res, K, N, UP, eps, sxb, srb, rows, r_ok, bs, b_ok,
-              NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, GDC: tl.constexpr, BK: tl.constexpr):
+def _gemv_acc(
+    X,
+    NormW,
+    W,
+    Res,
+    K,
+    N,
+    UP,
+    eps,
+    sxb,
+    srb,
+    rows,
+    r_ok,
+    bs,
+    b_ok,
+    NORM: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    GDC: tl.constexpr,
+    BK: tl.constexpr,
+):
     """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
     up rows `rows + UP` when SWIGLU: returned second, else the first again), and the residual
     rows when RESIDUAL (read right after the wait, so that their latency overlaps the products).
@@ -88,8 +108,7 @@ def _gemv_acc(X, NormW, W, Res, K, N, UP, eps, sxb, srb, rows, r_ok, bs, b_ok,
     w_first = tl.load(W + rows[:, None] * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
     u_first = w_first
     if SWIGLU:  # the up rows sit UP rows from the gate rows in the fused weight
-        u_first = tl.load(W + (rows[:, None] + UP) * K + ks[None, :], mask=wm, other=0.0,
-                          eviction_policy="evict_first")
+        u_first = tl.load(W + (rows[:, None] + UP) * K + ks[None, :], mask=wm, other=0.0, eviction_policy="evict_first")
     if GDC:
         tl.extra.cuda.gdc_wait()
     res = tl.zeros((bs.shape[0], rows.shape[0]), tl.float32)
@@ -136,8 +155,29 @@ def rope_operands(tile, Cos, Sin, Pos, NQ, NK, BN: tl.constexpr):
 
 
 @triton.jit
-def rope_store(acc, tile, c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
-               BB: tl.constexpr, B: tl.constexpr, BN: tl.constexpr):
+def rope_store(
+    acc,
+    tile,
+    c,
+    s,
+    pos,
+    Q,
+    Kc,
+    Vc,
+    N,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    NQ,
+    NK,
+    HEAD_DIM,
+    BB: tl.constexpr,
+    B: tl.constexpr,
+    BN: tl.constexpr,
+):
     """The QKV epilogue for fp32 rows [tile * BN, + BN) of rmsnorm(x) @ Wqkv^T, given (c, s, pos)
     from rope_operands: query rows rotated into Q [B, NQ], key rows rotated and value rows copied
     into the caches at position pos."""
@@ -158,18 +198,42 @@ def rope_store(acc, tile, c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn,
     tl.store(Vc + v_at, y, mask=om & (vr >= 0)[None, :])
 
 
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
+@triton.autotune(
+    configs=_gemv_configs(),
+    key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=quick_bench,
+)
 @triton.jit
-def _gemv_kernel(X, NormW, W, Res, Out, K, N, UP, eps, sxb, srb, sob,
-                 BB: tl.constexpr, B: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                 RESIDUAL: tl.constexpr, GDC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _gemv_kernel(
+    X,
+    NormW,
+    W,
+    Res,
+    Out,
+    K,
+    N,
+    UP,
+    eps,
+    sxb,
+    srb,
+    sob,
+    BB: tl.constexpr,
+    B: tl.constexpr,
+    NORM: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    GDC: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r_ok = rows < N
     bs = tl.arange(0, BB)
     b_ok = bs < B
-    acc, acc_up, res = _gemv_acc(X, NormW, W, Res, K, N, UP, eps, sxb, srb, rows, r_ok, bs, b_ok, NORM, SWIGLU,
-                                 RESIDUAL, GDC, BK)
+    acc, acc_up, res = _gemv_acc(
+        X, NormW, W, Res, K, N, UP, eps, sxb, srb, rows, r_ok, bs, b_ok, NORM, SWIGLU, RESIDUAL, GDC, BK
+    )
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     om = b_ok[:, None] & r_ok[None, :]
@@ -178,12 +242,42 @@ def _gemv_kernel(X, NormW, W, Res, Out, K, N, UP, eps, sxb, srb, sob,
     tl.store(Out + bs[:, None] * sob + rows[None, :], acc.to(Out.dtype.element_ty), mask=om)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["K", "N", "BB", "GDC"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
+@triton.autotune(
+    configs=_gemv_configs(),
+    key=["K", "N", "BB", "GDC"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=quick_bench,
+)
 @triton.jit
-def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb, skh, skn, svb, svh, svn,
-                     NQ, NK, HEAD_DIM, BB: tl.constexpr, B: tl.constexpr, GDC: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
+def _qkv_rope_kernel(
+    X,
+    NormW,
+    W,
+    Cos,
+    Sin,
+    Q,
+    Kc,
+    Vc,
+    Pos,
+    K,
+    N,
+    eps,
+    sxb,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    NQ,
+    NK,
+    HEAD_DIM,
+    BB: tl.constexpr,
+    B: tl.constexpr,
+    GDC: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """rmsnorm(x) @ Wqkv^T, then the rope_store epilogue."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     bs = tl.arange(0, BB)
@@ -191,23 +285,32 @@ def _qkv_rope_kernel(X, NormW, W, Cos, Sin, Q, Kc, Vc, Pos, K, N, eps, sxb, skb,
     # were written by the plain (non-PDL) kernels before the step's first block, which the first
     # block's kernels cannot overtake
     c, s, pos = rope_operands(tl.program_id(0), Cos, Sin, Pos, NQ, NK, BN)
-    acc, _, _ = _gemv_acc(X, NormW, W, X, K, N, 0, eps, sxb, 0, rows, rows < N, bs, bs < B, True, False, False, GDC,
-                          BK)
-    rope_store(acc, tl.program_id(0), c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM,
-               BB, B, BN)
+    acc, _, _ = _gemv_acc(X, NormW, W, X, K, N, 0, eps, sxb, 0, rows, rows < N, bs, bs < B, True, False, False, GDC, BK)
+    rope_store(
+        acc, tl.program_id(0), c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM, BB, B, BN
+    )
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         residual: torch.Tensor | None = None, swiglu: bool = False, gate_last: bool = False,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    gate_last: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """x [B, K] (B <= MAX_BATCH, unit last stride) @ weight[N', K]^T with the optional fusions:
     rmsnorm(x) * norm_weight first; swiglu: weight is [gate; up] (N' = 2N; [up; gate] with
     gate_last, as mamba_ssm's GatedMLP fc1), output silu(gate) * up; residual [B, N] added last.
     Returns [B, N] in out_dtype (default x's dtype)."""
     B, K = x.shape
     if not 1 <= B <= MAX_BATCH or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != K:
-        raise ValueError(f"gemv needs x [B <= {MAX_BATCH}, K] with unit last stride and a contiguous weight [N, K]; "
-                         f"got x {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"gemv needs x [B <= {MAX_BATCH}, K] with unit last stride and a contiguous weight [N, K]; "
+            f"got x {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}"
+        )
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
     out = torch.empty(B, N, device=x.device, dtype=out_dtype or x.dtype)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
@@ -215,40 +318,106 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None
     # gate_last: the kernel's gate rows from row N on (a view), its up rows N rows before them
     w, up = (weight[N:], -N) if swiglu and gate_last else (weight, N)
     _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
-        x, norm_weight if norm_weight is not None else x, w, residual if residual is not None else out, out,
-        K, N, up, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        BB=triton.next_power_of_2(B), B=B, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        **pdl_kwargs(x.device))
+        x,
+        norm_weight if norm_weight is not None else x,
+        w,
+        residual if residual is not None else out,
+        out,
+        K,
+        N,
+        up,
+        eps,
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        BB=triton.next_power_of_2(B),
+        B=B,
+        NORM=norm_weight is not None,
+        SWIGLU=swiglu,
+        RESIDUAL=residual is not None,
+        **pdl_kwargs(x.device),
+    )
     return out
 
 
-def decode_pre_write(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, H: int, Hkv: int, d: int, state, position: torch.Tensor) -> torch.Tensor:
+def decode_pre_write(
+    h: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    qkv_w: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    H: int,
+    Hkv: int,
+    d: int,
+    state,
+    position: torch.Tensor,
+) -> torch.Tensor:
     """llama_compiled.decode_pre + KVState.write_at as one kernel: RMSNorm + QKV GEMV, then RoPE on
     q and k (adjacent pairs; cos/sin [H + H_kv, d/2] fp32, contiguous) with k and v written into the
     caches [B, H_kv, S, d] at the 0-dim device `position`. Returns q [B, H, d] (rotated, pre-scaled)."""
     B = h.shape[0]
     x = h.reshape(B, -1)
     k_cache, v_cache = state.k, state.v
-    if (not 1 <= B <= MAX_BATCH or x.stride(-1) != 1 or not qkv_w.is_contiguous()
-            or qkv_w.shape != ((H + 2 * Hkv) * d, x.shape[1]) or cos.shape != (H + Hkv, d // 2)
-            or sin.shape != cos.shape or not cos.is_contiguous() or not sin.is_contiguous()
-            or cos.dtype != torch.float32 or sin.dtype != torch.float32 or k_cache.shape != v_cache.shape
-            or k_cache.shape[-1] != d or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1):
-        raise ValueError(f"decode_pre_write: h {tuple(h.shape)}, qkv weight {tuple(qkv_w.shape)}, cos/sin "
-                         f"{tuple(cos.shape)} (fp32, contiguous), caches {tuple(k_cache.shape)} do not fit "
-                         f"B <= {MAX_BATCH}, H={H}, H_kv={Hkv}, d={d}")
+    if (
+        not 1 <= B <= MAX_BATCH
+        or x.stride(-1) != 1
+        or not qkv_w.is_contiguous()
+        or qkv_w.shape != ((H + 2 * Hkv) * d, x.shape[1])
+        or cos.shape != (H + Hkv, d // 2)
+        or sin.shape != cos.shape
+        or not cos.is_contiguous()
+        or not sin.is_contiguous()
+        or cos.dtype != torch.float32
+        or sin.dtype != torch.float32
+        or k_cache.shape != v_cache.shape
+        or k_cache.shape[-1] != d
+        or k_cache.stride(-1) != 1
+        or v_cache.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"decode_pre_write: h {tuple(h.shape)}, qkv weight {tuple(qkv_w.shape)}, cos/sin "
+            f"{tuple(cos.shape)} (fp32, contiguous), caches {tuple(k_cache.shape)} do not fit "
+            f"B <= {MAX_BATCH}, H={H}, H_kv={Hkv}, d={d}"
+        )
     q = torch.empty(B, H, d, device=h.device, dtype=k_cache.dtype)
     N = qkv_w.shape[0]
     _qkv_rope_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
-        x, ln_w, qkv_w, cos, sin, q, k_cache, v_cache, position, x.shape[1], N, eps, x.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], H * d, Hkv * d, d,
-        BB=triton.next_power_of_2(B), B=B, **pdl_kwargs(h.device))
+        x,
+        ln_w,
+        qkv_w,
+        cos,
+        sin,
+        q,
+        k_cache,
+        v_cache,
+        position,
+        x.shape[1],
+        N,
+        eps,
+        x.stride(0),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        H * d,
+        Hkv * d,
+        d,
+        BB=triton.next_power_of_2(B),
+        B=B,
+        **pdl_kwargs(h.device),
+    )
     return q
 
 
-def decode_post(h: torch.Tensor, attn: torch.Tensor, dense_w: torch.Tensor, ln_w: torch.Tensor, eps: float,
-                wg1_w: torch.Tensor, w2_w: torch.Tensor, hidden: int) -> torch.Tensor:
+def decode_post(
+    h: torch.Tensor,
+    attn: torch.Tensor,
+    dense_w: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    wg1_w: torch.Tensor,
+    w2_w: torch.Tensor,
+    hidden: int,
+) -> torch.Tensor:
     """llama_compiled.decode_post in three kernels: Wo + residual, norm + [Wg; W1] + SwiGLU, W2 + residual."""
     B, _, D = h.shape
     h2 = gemv(attn.reshape(B, -1), dense_w, residual=h.reshape(B, D))

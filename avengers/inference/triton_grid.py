@@ -19,7 +19,9 @@ from avengers.inference.triton_pdl import launch_option
 
 def cooperative_kwargs(device: torch.device) -> dict:
     """Launch keywords for a kernel that uses these barriers."""
-    return {"launch_cooperative_grid": True} if device.type == "cuda" and launch_option("launch_cooperative_grid") else {}
+    return (
+        {"launch_cooperative_grid": True} if device.type == "cuda" and launch_option("launch_cooperative_grid") else {}
+    )
 
 
 @triton.jit

@@ -9,7 +9,9 @@ def main() -> None:
         spec = get_model_spec(name)
         n = spec.num_params()
         gflops = spec.flops_per_token(spec.max_seq_len) / 1e9
-        print(f"{name:<24} {spec.family:<12} {n / 1e9:>9.3f}B {gflops:>12.2f}@{spec.max_seq_len:<5}  {spec.description}")
+        print(
+            f"{name:<24} {spec.family:<12} {n / 1e9:>9.3f}B {gflops:>12.2f}@{spec.max_seq_len:<5}  {spec.description}"
+        )
 
 
 if __name__ == "__main__":

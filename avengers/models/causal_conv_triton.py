@@ -49,8 +49,21 @@ def _load_bias(Bias, cols, c_ok, HAS_BIAS: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, Wt, Bias, Out, sxb, sxt, L, C, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _fwd_kernel(
+    X,
+    Wt,
+    Bias,
+    Out,
+    sxb,
+    sxt,
+    L,
+    C,
+    WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
     b, tb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tb * BT + tl.arange(0, BT)
     cols = cb * BC + tl.arange(0, BC)
@@ -64,8 +77,23 @@ def _fwd_kernel(X, Wt, Bias, Out, sxb, sxt, L, C, WIDTH: tl.constexpr, HAS_BIAS:
 
 
 @triton.jit
-def _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr, SILU: tl.constexpr,
-              BT: tl.constexpr, BC: tl.constexpr):
+def _grad_pre(
+    X,
+    Wt,
+    G,
+    bias,
+    b,
+    rows,
+    cols,
+    sxb,
+    sxt,
+    L,
+    C,
+    WIDTH: tl.constexpr,
+    SILU: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
     """d loss / d pre-activation at rows (0 outside [0, L)), fp32."""
     m = (rows < L)[:, None] & (cols < C)[None, :]
     g = tl.load(G + (b * L + rows[:, None]) * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -77,8 +105,25 @@ def _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr
 
 
 @triton.jit
-def _bwd_kernel(X, Wt, Bias, G, DX, DWp, DBp, sxb, sxt, L, C, n_tb, WIDTH: tl.constexpr,
-                HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _bwd_kernel(
+    X,
+    Wt,
+    Bias,
+    G,
+    DX,
+    DWp,
+    DBp,
+    sxb,
+    sxt,
+    L,
+    C,
+    n_tb,
+    WIDTH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
     b, tb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tb * BT + tl.arange(0, BT)
     cols = cb * BC + tl.arange(0, BC)
@@ -106,8 +151,9 @@ def _bwd_kernel(X, Wt, Bias, G, DX, DWp, DBp, sxb, sxt, L, C, n_tb, WIDTH: tl.co
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() != 3 or x.stride(-1) != 1:
-        raise ValueError(f"x must be [b, l, channels] with unit channel stride, got shape {tuple(x.shape)} "
-                         f"strides {x.stride()}")
+        raise ValueError(
+            f"x must be [b, l, channels] with unit channel stride, got shape {tuple(x.shape)} strides {x.stride()}"
+        )
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight has {weight.shape[0]} channels, x has {x.shape[-1]}")
 
@@ -121,8 +167,21 @@ class CausalConvChannelLast(torch.autograd.Function):
         w = weight.reshape(C, width).contiguous()
         out = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
         grid = (B, triton.cdiv(L, BLOCK_T), triton.cdiv(C, BLOCK_C))
-        _fwd_kernel[grid](x, w, bias if bias is not None else w, out, x.stride(0), x.stride(1), L, C, width,
-                          bias is not None, silu, BLOCK_T, BLOCK_C)
+        _fwd_kernel[grid](
+            x,
+            w,
+            bias if bias is not None else w,
+            out,
+            x.stride(0),
+            x.stride(1),
+            L,
+            C,
+            width,
+            bias is not None,
+            silu,
+            BLOCK_T,
+            BLOCK_C,
+        )
         ctx.save_for_backward(x, w, bias)
         ctx.silu, ctx.weight_shape = silu, weight.shape
         return out
@@ -138,8 +197,24 @@ class CausalConvChannelLast(torch.autograd.Function):
         dw_part = torch.empty(B * n_tb, width, C, device=x.device, dtype=torch.float32)
         db_part = torch.empty(B * n_tb, C, device=x.device, dtype=torch.float32) if bias is not None else dw_part
         _bwd_kernel[(B, n_tb, triton.cdiv(C, BLOCK_C))](
-            x, w, bias if bias is not None else w, grad, dx, dw_part, db_part, x.stride(0), x.stride(1), L, C, n_tb,
-            width, bias is not None, ctx.silu, BLOCK_T, BLOCK_C)
+            x,
+            w,
+            bias if bias is not None else w,
+            grad,
+            dx,
+            dw_part,
+            db_part,
+            x.stride(0),
+            x.stride(1),
+            L,
+            C,
+            n_tb,
+            width,
+            bias is not None,
+            ctx.silu,
+            BLOCK_T,
+            BLOCK_C,
+        )
         dw = dw_part.sum(0).t().reshape(ctx.weight_shape).to(w.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dw, db, None
@@ -170,8 +245,9 @@ def self_test(device: torch.device | str = "cuda") -> bool:
                 out = fn(*ins, True)
                 out.square().sum().backward()
                 grads.append([out.detach()] + [t.grad for t in ins])
-            err = max(float((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-6))
-                      for a, r in zip(grads[1], grads[0]))
+            err = max(
+                float((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-6)) for a, r in zip(grads[1], grads[0])
+            )
     except Exception as e:  # a compile or launch failure on this machine: use the reference
         log.warning("Triton causal conv unavailable (%s: %s); using F.conv1d", type(e).__name__, e)
         return False

@@ -28,7 +28,8 @@ def llama_param_counts(cfg: LLaMAConfig) -> tuple[int, int]:
 
 
 def llama_flops_per_token(cfg: LLaMAConfig, seq_len: int) -> float:
-    """6 * matmul params + 12 * layers * d_attn * seq_len (attention scores and values, fwd + bwd, no causal discount)."""
+    """6 * matmul params + 12 * layers * d_attn * seq_len (attention scores and values, fwd + bwd,
+    no causal discount)."""
     _, matmul_params = llama_param_counts(cfg)
     return 6 * matmul_params + 12 * cfg.nlayers * cfg.emb_dim * seq_len
 
@@ -74,30 +75,109 @@ _L2 = dict(src_vocab_size=32000, rope_theta=1e4, max_expected_seq_len=4096)
 _spec("llama2_7b", "Llama-2 7B", **_L2, emb_dim=4096, nheads=32, kvheads=32, nlayers=32)
 _spec("llama2_13b", "Llama-2 13B", **_L2, emb_dim=5120, nheads=40, kvheads=0, nlayers=40)
 _spec(
-    "llama2_34b", "Code-Llama-style 34B, 16k context",
-    src_vocab_size=32000, emb_dim=8192, nheads=64, kvheads=8, nlayers=48,
-    hidden_grow_factor=22016 / 8192, rope_theta=1e6, max_expected_seq_len=16384,
+    "llama2_34b",
+    "Code-Llama-style 34B, 16k context",
+    src_vocab_size=32000,
+    emb_dim=8192,
+    nheads=64,
+    kvheads=8,
+    nlayers=48,
+    hidden_grow_factor=22016 / 8192,
+    rope_theta=1e6,
+    max_expected_seq_len=16384,
 )
 _spec(
-    "llama2_70b", "Llama-2 70B", **_L2, emb_dim=8192, nheads=64, kvheads=8, nlayers=80,
-    hidden_grow_factor=1.3 * 8 / 3, multiple_of=4096,
+    "llama2_70b",
+    "Llama-2 70B",
+    **_L2,
+    emb_dim=8192,
+    nheads=64,
+    kvheads=8,
+    nlayers=80,
+    hidden_grow_factor=1.3 * 8 / 3,
+    multiple_of=4096,
 )
-_spec("llama2_1.4b", "Llama-2 shape, 1.4B (Tele@64 baseline)", **_L2, emb_dim=2048, nheads=16, kvheads=4, nlayers=24, hidden_grow_factor=3.0)
+_spec(
+    "llama2_1.4b",
+    "Llama-2 shape, 1.4B (Tele@64 baseline)",
+    **_L2,
+    emb_dim=2048,
+    nheads=16,
+    kvheads=4,
+    nlayers=24,
+    hidden_grow_factor=3.0,
+)
 
 _L3 = dict(src_vocab_size=128256, rope_theta=5e5)
 for ctx, suffix in ((8192, ""), (4096, "_4k")):
-    _spec(f"llama3_8b{suffix}", f"Llama-3 8B, {ctx} context", **_L3, max_expected_seq_len=ctx,
-          emb_dim=4096, nheads=32, kvheads=8, nlayers=32, hidden_grow_factor=3.5)
-    _spec(f"llama3_1.8b{suffix}", f"Llama-3 shape 1.8B, {ctx} context", **_L3, max_expected_seq_len=ctx,
-          emb_dim=2048, nheads=16, kvheads=8, nlayers=24, hidden_grow_factor=3.5)
-    _spec(f"llama3_3.2b{suffix}", f"Llama-3.2 3B shape, {ctx} context", **_L3, max_expected_seq_len=ctx,
-          emb_dim=3072, nheads=24, kvheads=8, nlayers=24, hidden_grow_factor=8 / 3)
-    _spec(f"llama3_70b{suffix}", f"Llama-3 70B, {ctx} context", **_L3, max_expected_seq_len=ctx,
-          emb_dim=8192, nheads=64, kvheads=8, nlayers=80, hidden_grow_factor=3.5, multiple_of=4096)
-_spec("llama3_194m_4k", "Llama-3 shape 194M (0.39B with embeddings)", **_L3, max_expected_seq_len=4096,
-      emb_dim=1024, nheads=8, kvheads=0, nlayers=10, hidden_grow_factor=2816 / 1024)
+    _spec(
+        f"llama3_8b{suffix}",
+        f"Llama-3 8B, {ctx} context",
+        **_L3,
+        max_expected_seq_len=ctx,
+        emb_dim=4096,
+        nheads=32,
+        kvheads=8,
+        nlayers=32,
+        hidden_grow_factor=3.5,
+    )
+    _spec(
+        f"llama3_1.8b{suffix}",
+        f"Llama-3 shape 1.8B, {ctx} context",
+        **_L3,
+        max_expected_seq_len=ctx,
+        emb_dim=2048,
+        nheads=16,
+        kvheads=8,
+        nlayers=24,
+        hidden_grow_factor=3.5,
+    )
+    _spec(
+        f"llama3_3.2b{suffix}",
+        f"Llama-3.2 3B shape, {ctx} context",
+        **_L3,
+        max_expected_seq_len=ctx,
+        emb_dim=3072,
+        nheads=24,
+        kvheads=8,
+        nlayers=24,
+        hidden_grow_factor=8 / 3,
+    )
+    _spec(
+        f"llama3_70b{suffix}",
+        f"Llama-3 70B, {ctx} context",
+        **_L3,
+        max_expected_seq_len=ctx,
+        emb_dim=8192,
+        nheads=64,
+        kvheads=8,
+        nlayers=80,
+        hidden_grow_factor=3.5,
+        multiple_of=4096,
+    )
+_spec(
+    "llama3_194m_4k",
+    "Llama-3 shape 194M (0.39B with embeddings)",
+    **_L3,
+    max_expected_seq_len=4096,
+    emb_dim=1024,
+    nheads=8,
+    kvheads=0,
+    nlayers=10,
+    hidden_grow_factor=2816 / 1024,
+)
 
 TINY_VOCAB = 4096  # the bundled demo tokenizer's vocabulary (data/sample/tokenizer.json)
-_spec("llama3_tiny", "CPU demo/test model for the bundled sample corpus", src_vocab_size=TINY_VOCAB,
-      emb_dim=256, nheads=8, kvheads=4, nlayers=4, hidden_grow_factor=8 / 3, multiple_of=64,
-      rope_theta=5e5, max_expected_seq_len=1024)
+_spec(
+    "llama3_tiny",
+    "CPU demo/test model for the bundled sample corpus",
+    src_vocab_size=TINY_VOCAB,
+    emb_dim=256,
+    nheads=8,
+    kvheads=4,
+    nlayers=4,
+    hidden_grow_factor=8 / 3,
+    multiple_of=64,
+    rope_theta=5e5,
+    max_expected_seq_len=1024,
+)

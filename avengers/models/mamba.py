@@ -13,7 +13,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,18 @@ class MambaConfig:
         def bad(name: str, value, accepted: str) -> ValueError:
             return ValueError(f"MambaConfig.{name}={value!r}: {accepted}")
 
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
-                     "chunk_size", "pad_vocab_size_multiple"):
+        for name in (
+            "d_model",
+            "n_layer",
+            "vocab_size",
+            "d_state",
+            "d_conv",
+            "expand",
+            "headdim",
+            "ngroups",
+            "chunk_size",
+            "pad_vocab_size_multiple",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, getattr(self, name), "must be >= 1")
         if self.d_inner % self.headdim:
@@ -88,13 +98,16 @@ class MambaConfig:
             raise bad("kernels", self.kernels, f"expected one of {KERNEL_MODES}")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise bad("A_init_range", self.A_init_range, "must satisfy 0 < low <= high")
-        if any(not 0 <= i < self.n_layer for i in self.attn_layer_idx) or len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
+        if any(not 0 <= i < self.n_layer for i in self.attn_layer_idx) or len(set(self.attn_layer_idx)) != len(
+            self.attn_layer_idx
+        ):
             raise bad("attn_layer_idx", self.attn_layer_idx, f"must be distinct layer indices in [0, {self.n_layer})")
         if self.attn_layer_idx:
             kv = self.kv_heads
             if self.attn_num_heads < 1 or self.attn_num_heads % kv:
-                raise bad("attn_num_heads_kv", self.attn_num_heads_kv,
-                          f"must divide attn_num_heads={self.attn_num_heads}")
+                raise bad(
+                    "attn_num_heads_kv", self.attn_num_heads_kv, f"must divide attn_num_heads={self.attn_num_heads}"
+                )
             if self.attn_head_dim is None and self.d_model % self.attn_num_heads:
                 raise bad("attn_head_dim", None, f"None needs attn_num_heads to divide d_model={self.d_model}")
             r = self.attn_rotary_emb_dim
@@ -138,22 +151,48 @@ class MambaConfig:
         """The dict mamba_ssm's MambaConfig(**d) accepts (what its save_pretrained writes)."""
         attn = {}
         if self.attn_layer_idx:
-            attn = dict(causal=True, num_heads=self.attn_num_heads, head_dim=self.head_dim,
-                        rotary_emb_dim=self.attn_rotary_emb_dim, rotary_emb_base=self.attn_rotary_emb_base,
-                        d_conv=self.attn_d_conv, qkv_proj_bias=self.attn_qkv_bias, out_proj_bias=self.attn_out_bias)
+            attn = dict(
+                causal=True,
+                num_heads=self.attn_num_heads,
+                head_dim=self.head_dim,
+                rotary_emb_dim=self.attn_rotary_emb_dim,
+                rotary_emb_base=self.attn_rotary_emb_base,
+                d_conv=self.attn_d_conv,
+                qkv_proj_bias=self.attn_qkv_bias,
+                out_proj_bias=self.attn_out_bias,
+            )
             if self.attn_num_heads_kv is not None:
                 attn["num_heads_kv"] = self.attn_num_heads_kv
-        ssm = dict(layer="Mamba2", d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-                   headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.chunk_size, dt_min=self.dt_min,
-                   dt_max=self.dt_max, dt_init_floor=self.dt_init_floor, A_init_range=list(self.A_init_range))
-        return dict(d_model=self.d_model, d_intermediate=self.d_intermediate, n_layer=self.n_layer,
-                    vocab_size=self.vocab_size, ssm_cfg=ssm, attn_layer_idx=list(self.attn_layer_idx),
-                    attn_cfg=attn, rms_norm=True, residual_in_fp32=self.residual_in_fp32,
-                    fused_add_norm=self.fused_add_norm, pad_vocab_size_multiple=self.pad_vocab_size_multiple,
-                    tie_embeddings=self.tie_embeddings)
+        ssm = dict(
+            layer="Mamba2",
+            d_state=self.d_state,
+            d_conv=self.d_conv,
+            expand=self.expand,
+            headdim=self.headdim,
+            ngroups=self.ngroups,
+            chunk_size=self.chunk_size,
+            dt_min=self.dt_min,
+            dt_max=self.dt_max,
+            dt_init_floor=self.dt_init_floor,
+            A_init_range=list(self.A_init_range),
+        )
+        return dict(
+            d_model=self.d_model,
+            d_intermediate=self.d_intermediate,
+            n_layer=self.n_layer,
+            vocab_size=self.vocab_size,
+            ssm_cfg=ssm,
+            attn_layer_idx=list(self.attn_layer_idx),
+            attn_cfg=attn,
+            rms_norm=True,
+            residual_in_fp32=self.residual_in_fp32,
+            fused_add_norm=self.fused_add_norm,
+            pad_vocab_size_multiple=self.pad_vocab_size_multiple,
+            tie_embeddings=self.tie_embeddings,
+        )
 
     @classmethod
-    def from_mamba_ssm(cls, d: dict, **overrides) -> "MambaConfig":
+    def from_mamba_ssm(cls, d: dict, **overrides) -> MambaConfig:
         """Inverse of to_mamba_ssm. Missing keys take mamba_ssm's defaults (MambaConfig, Mamba2, MHA);
         settings this implementation does not run are refused by name."""
         d = {**_SSM_TOP_DEFAULTS, **d}
@@ -182,15 +221,41 @@ class MambaConfig:
 
 
 # mamba_ssm 2.3 MambaConfig defaults, and the Mamba2 / MHA settings this implementation fixes.
-_SSM_TOP_DEFAULTS = dict(d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg={}, attn_layer_idx=[],
-                         attn_cfg={}, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                         pad_vocab_size_multiple=8, tie_embeddings=True)
-_MAMBA2_FIXED = dict(rmsnorm=True, norm_before_gate=False, D_has_hdim=False, bias=False, conv_bias=True, d_ssm=None,
-                     dt_limit=(0.0, float("inf")), conv_init=None)
+_SSM_TOP_DEFAULTS = dict(
+    d_model=2560,
+    d_intermediate=0,
+    n_layer=64,
+    vocab_size=50277,
+    ssm_cfg={},
+    attn_layer_idx=[],
+    attn_cfg={},
+    rms_norm=True,
+    residual_in_fp32=True,
+    fused_add_norm=True,
+    pad_vocab_size_multiple=8,
+    tie_embeddings=True,
+)
+_MAMBA2_FIXED = dict(
+    rmsnorm=True,
+    norm_before_gate=False,
+    D_has_hdim=False,
+    bias=False,
+    conv_bias=True,
+    d_ssm=None,
+    dt_limit=(0.0, float("inf")),
+    conv_init=None,
+)
 _MHA_FIXED = dict(causal=True, mlp_dim=0, rotary_emb_interleaved=False, softmax_scale=None)
-_MHA_RENAMED = {"num_heads": "attn_num_heads", "num_heads_kv": "attn_num_heads_kv", "head_dim": "attn_head_dim",
-                "rotary_emb_dim": "attn_rotary_emb_dim", "rotary_emb_base": "attn_rotary_emb_base",
-                "d_conv": "attn_d_conv", "qkv_proj_bias": "attn_qkv_bias", "out_proj_bias": "attn_out_bias"}
+_MHA_RENAMED = {
+    "num_heads": "attn_num_heads",
+    "num_heads_kv": "attn_num_heads_kv",
+    "head_dim": "attn_head_dim",
+    "rotary_emb_dim": "attn_rotary_emb_dim",
+    "rotary_emb_base": "attn_rotary_emb_base",
+    "d_conv": "attn_d_conv",
+    "qkv_proj_bias": "attn_qkv_bias",
+    "out_proj_bias": "attn_out_bias",
+}
 
 
 def _as_list(v):
@@ -198,6 +263,7 @@ def _as_list(v):
 
 
 # ---- decode state --------------------------------------------------------------------------
+
 
 class MambaState:
     """One Mamba-2 layer's constant decode state: the last d_conv conv inputs and the SSM state."""
@@ -213,12 +279,16 @@ class AttentionState(KVState):
     def __init__(self, batch_size: int, cfg: MambaConfig, max_seq_len: int, device=None, dtype=None):
         super().__init__(batch_size, cfg.kv_heads, padded_len(max_seq_len), cfg.head_dim, device=device, dtype=dtype)
         qkv_dim = cfg.head_dim * (cfg.attn_num_heads + 2 * cfg.kv_heads)
-        self.conv = (torch.zeros(batch_size, qkv_dim, cfg.attn_d_conv, device=device, dtype=dtype)
-                     if cfg.attn_d_conv > 0 else None)
+        self.conv = (
+            torch.zeros(batch_size, qkv_dim, cfg.attn_d_conv, device=device, dtype=dtype)
+            if cfg.attn_d_conv > 0
+            else None
+        )
 
 
-def _conv_with_state(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     silu: bool) -> torch.Tensor:
+def _conv_with_state(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
     """Causal depthwise conv of x [B, T, D] continuing from conv_state [B, D, w] (updated in place)."""
     w = weight.shape[-1]
     full = torch.cat([conv_state[..., 1:].to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, D, w-1+T]
@@ -229,6 +299,7 @@ def _conv_with_state(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Te
 
 # ---- modules -------------------------------------------------------------------------------
 
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -236,8 +307,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
 
-def conv_step(conv_state: torch.Tensor, xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-              A_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_step(
+    conv_state: torch.Tensor, xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, A_log: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's elementwise work before the SSM update: the conv window conv_state [B, C, W]
     shifted by the token's xBC [B, 1, C] (in place), its depthwise dot with weight [C, 1, W] + bias,
     SiLU -> [B, 1, C]; and A = -exp(A_log). Plain torch, so one torch.compile fuses it for all layers."""
@@ -284,12 +356,14 @@ class Mamba2Mixer(nn.Module):
     def allocate_state(self, batch_size: int, max_seq_len: int, device, dtype) -> MambaState:
         return MambaState(batch_size, self.cfg, device=device, dtype=dtype)
 
-    def forward(self, u: torch.Tensor, k: Kernels, state: MambaState | None = None,
-                cache: InferenceCache | None = None) -> torch.Tensor:
+    def forward(
+        self, u: torch.Tensor, k: Kernels, state: MambaState | None = None, cache: InferenceCache | None = None
+    ) -> torch.Tensor:
         return self.out_proj(self.core(self.in_proj(u), k, state, cache))
 
-    def core(self, zxbcdt: torch.Tensor, k: Kernels, state: MambaState | None = None,
-             cache: InferenceCache | None = None) -> torch.Tensor:
+    def core(
+        self, zxbcdt: torch.Tensor, k: Kernels, state: MambaState | None = None, cache: InferenceCache | None = None
+    ) -> torch.Tensor:
         """Between the projections: in_proj's output [b, T, d_in_proj] -> out_proj's input [b, T, d_inner]."""
         cfg = self.cfg
         b, T, _ = zxbcdt.shape
@@ -310,8 +384,18 @@ class Mamba2Mixer(nn.Module):
             y = k.ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias).unsqueeze(1)
         else:
             initial = state.ssm if state is not None and cache is not None and cache.seq_len > 0 else None
-            y, final = k.ssd(x, dt, A, B, C, cfg.chunk_size, self.D, self.dt_bias, initial_state=initial,
-                             return_final=state is not None)
+            y, final = k.ssd(
+                x,
+                dt,
+                A,
+                B,
+                C,
+                cfg.chunk_size,
+                self.D,
+                self.dt_bias,
+                initial_state=initial,
+                return_final=state is not None,
+            )
             if state is not None:
                 state.ssm.copy_(final)
         return k.gated_rmsnorm(y.reshape(b, T, cfg.d_inner), z, self.norm.weight, self.norm.eps)
@@ -333,12 +417,14 @@ class Attention(nn.Module):
     def allocate_state(self, batch_size: int, max_seq_len: int, device, dtype) -> AttentionState:
         return AttentionState(batch_size, self.cfg, max_seq_len, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, k: Kernels, state: AttentionState | None = None,
-                cache: InferenceCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, k: Kernels, state: AttentionState | None = None, cache: InferenceCache | None = None
+    ) -> torch.Tensor:
         return self.out_proj(self.core(self.in_proj(x), k, state, cache))
 
-    def core(self, qkv: torch.Tensor, k: Kernels, state: AttentionState | None = None,
-             cache: InferenceCache | None = None) -> torch.Tensor:
+    def core(
+        self, qkv: torch.Tensor, k: Kernels, state: AttentionState | None = None, cache: InferenceCache | None = None
+    ) -> torch.Tensor:
         """Between the projections: in_proj's output [b, T, qkv_dim] -> out_proj's input [b, T, heads * d]."""
         cfg = self.cfg
         b, T, _ = qkv.shape
@@ -415,8 +501,14 @@ class MambaBlock(nn.Module):
         else:
             self.mlp = None
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, state=None,
-                cache: InferenceCache | None = None, kernels: Kernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        state=None,
+        cache: InferenceCache | None = None,
+        kernels: Kernels | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # The model passes `kernels` in, so a compiled block never traces the selection itself.
         k = kernels or select_kernels(hidden.device, self.cfg.kernels)
         if k.for_compile is not None and torch.compiler.is_compiling():
@@ -476,8 +568,10 @@ class MambaLM(nn.Module):
             if input_ids.dim() != 2 or input_ids.shape[0] != cache.batch_size:
                 raise ValueError(f"input_ids must be [batch={cache.batch_size}, T], got {tuple(input_ids.shape)}")
             if cache.seq_len + input_ids.shape[1] > cache.max_seq_len:
-                raise ValueError(f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, "
-                                 f"{input_ids.shape[1]} more given")
+                raise ValueError(
+                    f"cache holds max_seq_len={cache.max_seq_len} tokens; {cache.seq_len} used, "
+                    f"{input_ids.shape[1]} more given"
+                )
         hidden = self.backbone.embedding(input_ids)
         k = select_kernels(hidden.device, self.config.kernels)
         if cache is not None and input_ids.shape[1] == 1 and self._triton_decode_applies(input_ids.shape[0]):
@@ -500,8 +594,9 @@ class MambaLM(nn.Module):
     @functools.cached_property
     def _gemv_layout(self) -> bool:  # the layout is fixed at build: not re-checked every decode step
         # (GatedMLP's projections never have biases; attention's may: attn_qkv_bias, attn_out_bias)
-        return all(layer.mixer.in_proj.bias is None and layer.mixer.out_proj.bias is None
-                   for layer in self.backbone.layers)
+        return all(
+            layer.mixer.in_proj.bias is None and layer.mixer.out_proj.bias is None for layer in self.backbone.layers
+        )
 
     def _triton_decode(self, hidden: torch.Tensor, cache: InferenceCache, k: Kernels) -> torch.Tensor:
         """One decode step with the residual stream kept whole in fp32: per block RMSNorm + in_proj
@@ -515,17 +610,26 @@ class MambaLM(nn.Module):
         h = hidden.reshape(B, -1).float()
         for layer, state in zip(self.backbone.layers, cache.layers):
             mixer = layer.mixer
-            projected = triton_gemv.gemv(h, mixer.in_proj.weight, norm_weight=layer.norm.weight, eps=layer.norm.eps,
-                                         out_dtype=hidden.dtype)
+            projected = triton_gemv.gemv(
+                h, mixer.in_proj.weight, norm_weight=layer.norm.weight, eps=layer.norm.eps, out_dtype=hidden.dtype
+            )
             y = mixer.core(projected.unsqueeze(1), k, state, cache)
             h = triton_gemv.gemv(y.reshape(B, -1), mixer.out_proj.weight, residual=h, out_dtype=torch.float32)
             if layer.mlp is not None:
-                act = triton_gemv.gemv(h, layer.mlp.fc1.weight, norm_weight=layer.norm2.weight, eps=layer.norm2.eps,
-                                       swiglu=True, gate_last=True, out_dtype=hidden.dtype)
+                act = triton_gemv.gemv(
+                    h,
+                    layer.mlp.fc1.weight,
+                    norm_weight=layer.norm2.weight,
+                    eps=layer.norm2.eps,
+                    swiglu=True,
+                    gate_last=True,
+                    out_dtype=hidden.dtype,
+                )
                 h = triton_gemv.gemv(act, layer.mlp.fc2.weight, residual=h, out_dtype=torch.float32)
         norm_f = self.backbone.norm_f
-        logits = triton_gemv.gemv(h, self.lm_head.weight, norm_weight=norm_f.weight, eps=norm_f.eps,
-                                  out_dtype=hidden.dtype)
+        logits = triton_gemv.gemv(
+            h, self.lm_head.weight, norm_weight=norm_f.weight, eps=norm_f.eps, out_dtype=hidden.dtype
+        )
         cache.advance(1)
         return logits.unsqueeze(1)
 
@@ -554,13 +658,16 @@ def save_pretrained(model: MambaLM, save_directory: str) -> None:
     torch.save(state, os.path.join(save_directory, WEIGHTS_NAME))
 
 
-def from_pretrained(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    **config_overrides) -> MambaLM:
+def from_pretrained(
+    path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **config_overrides
+) -> MambaLM:
     """Load a mamba_ssm save_pretrained folder (ours or mamba_ssm's own)."""
     cfg_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, weights_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p} not found: a mamba_ssm checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise FileNotFoundError(
+                f"{p} not found: a mamba_ssm checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
     with open(cfg_path) as f:
         cfg = MambaConfig.from_mamba_ssm(json.load(f), **config_overrides)
     with torch.device("meta"):
@@ -575,10 +682,13 @@ def from_pretrained(path: str, device: str | torch.device = "cpu", dtype: torch.
 
 # ---- FLOPs ---------------------------------------------------------------------------------
 
+
 def matmul_params(cfg: MambaConfig) -> int:
     """Weights that do a multiply-add per token: projections, convs, MLP, LM head (not the embedding lookup)."""
     d = cfg.d_model
-    mamba = d * (2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + cfg.nheads) + cfg.d_inner * d + cfg.conv_dim * cfg.d_conv
+    mamba = (
+        d * (2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + cfg.nheads) + cfg.d_inner * d + cfg.conv_dim * cfg.d_conv
+    )
     qkv = cfg.head_dim * (cfg.attn_num_heads + 2 * cfg.kv_heads)
     attn = d * qkv + cfg.attn_num_heads * cfg.head_dim * d + qkv * cfg.attn_d_conv
     mlp = 3 * d * cfg.mlp_hidden
@@ -608,28 +718,80 @@ def mamba_flops_per_token(cfg: MambaConfig, seq_len: int) -> float:
 
 # ---- registry ------------------------------------------------------------------------------
 
+
 def _spec(name: str, description: str, max_seq_len: int = 4096, **cfg_kwargs) -> ModelSpec:
     cfg = MambaConfig(**cfg_kwargs)
-    return register(ModelSpec(name=name, family="mamba", config=cfg, build_fn=MambaLM, block_types=(MambaBlock,),
-                              flops_fn=mamba_flops_per_token, vocab_size=cfg.vocab_size, max_seq_len=max_seq_len,
-                              description=description))
+    return register(
+        ModelSpec(
+            name=name,
+            family="mamba",
+            config=cfg,
+            build_fn=MambaLM,
+            block_types=(MambaBlock,),
+            flops_fn=mamba_flops_per_token,
+            vocab_size=cfg.vocab_size,
+            max_seq_len=max_seq_len,
+            description=description,
+        )
+    )
 
 
-for _name, _d, _n in (("130m", 768, 24), ("370m", 1024, 48), ("780m", 1536, 48), ("1.3b", 2048, 48), ("2.7b", 2560, 64)):
+for _name, _d, _n in (
+    ("130m", 768, 24),
+    ("370m", 1024, 48),
+    ("780m", 1536, 48),
+    ("1.3b", 2048, 48),
+    ("2.7b", 2560, 64),
+):
     _spec(f"mamba2_{_name}", f"pure Mamba-2, d_model {_d}, {_n} layers", d_model=_d, n_layer=_n)
 
 _HYBRID = dict(attn_rotary_emb_dim=64, attn_head_dim=128, tie_embeddings=True)
-_spec("mamba_9.8b", "Bamba-9B shape: 32 layers, attention at 9/18/27 (32 heads, 8 KV), gated MLP 14336",
-      d_model=4096, n_layer=32, d_intermediate=14336, attn_layer_idx=(9, 18, 27), attn_num_heads=32,
-      attn_num_heads_kv=8, **{**_HYBRID, "tie_embeddings": False})
-_spec("mamba_2.9b", "hybrid 2.9B: 64 layers, MHA (30 x 128, conv 4) at 9/18/27/36/45/56, tied",
-      d_model=2560, n_layer=64, attn_layer_idx=(9, 18, 27, 36, 45, 56), attn_num_heads=30, attn_d_conv=4, **_HYBRID)
-_spec("mamba_1.5b", "hybrid 1.5B: 48 layers, MHA (24 x 128, conv 4) at 8/16/24/32/40, tied",
-      d_model=2048, n_layer=48, attn_layer_idx=(8, 16, 24, 32, 40), attn_num_heads=24, attn_d_conv=4, **_HYBRID)
+_spec(
+    "mamba_9.8b",
+    "Bamba-9B shape: 32 layers, attention at 9/18/27 (32 heads, 8 KV), gated MLP 14336",
+    d_model=4096,
+    n_layer=32,
+    d_intermediate=14336,
+    attn_layer_idx=(9, 18, 27),
+    attn_num_heads=32,
+    attn_num_heads_kv=8,
+    **{**_HYBRID, "tie_embeddings": False},
+)
+_spec(
+    "mamba_2.9b",
+    "hybrid 2.9B: 64 layers, MHA (30 x 128, conv 4) at 9/18/27/36/45/56, tied",
+    d_model=2560,
+    n_layer=64,
+    attn_layer_idx=(9, 18, 27, 36, 45, 56),
+    attn_num_heads=30,
+    attn_d_conv=4,
+    **_HYBRID,
+)
+_spec(
+    "mamba_1.5b",
+    "hybrid 1.5B: 48 layers, MHA (24 x 128, conv 4) at 8/16/24/32/40, tied",
+    d_model=2048,
+    n_layer=48,
+    attn_layer_idx=(8, 16, 24, 32, 40),
+    attn_num_heads=24,
+    attn_d_conv=4,
+    **_HYBRID,
+)
 
 TINY_VOCAB = 4096  # avengers.models.llama.TINY_VOCAB: the bundled demo tokenizer's vocabulary
 _TINY = dict(vocab_size=TINY_VOCAB, d_model=64, d_state=16, headdim=16, chunk_size=16)
 _spec("mamba2_tiny", "CPU demo/test pure Mamba-2", max_seq_len=1024, n_layer=2, **_TINY)
-_spec("hybrid_tiny", "CPU demo/test hybrid: attention (4 heads, 2 KV, partial RoPE, conv) at layers 1, 3; MLP",
-      max_seq_len=1024, n_layer=4, d_intermediate=128, attn_layer_idx=(1, 3), attn_num_heads=4, attn_num_heads_kv=2,
-      attn_head_dim=16, attn_rotary_emb_dim=8, attn_d_conv=4, **_TINY)
+_spec(
+    "hybrid_tiny",
+    "CPU demo/test hybrid: attention (4 heads, 2 KV, partial RoPE, conv) at layers 1, 3; MLP",
+    max_seq_len=1024,
+    n_layer=4,
+    d_intermediate=128,
+    attn_layer_idx=(1, 3),
+    attn_num_heads=4,
+    attn_num_heads_kv=2,
+    attn_head_dim=16,
+    attn_rotary_emb_dim=8,
+    attn_d_conv=4,
+    **_TINY,
+)

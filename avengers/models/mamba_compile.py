@@ -13,7 +13,7 @@ mamba_ssm's `_mamba_chunk_scan_combined_fwd/_bwd`, the tests pass the pure-torch
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,8 +31,9 @@ def make_ssd_op(name: str, fwd: SsdFwd, bwd: SsdBwd):
     """
 
     @torch.library.custom_op(name, mutates_args=())
-    def ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
-            chunk_size: int) -> Tensor:
+    def ssd(
+        x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor, chunk_size: int
+    ) -> Tensor:
         return fwd(x, dt, A, B, C, D, dt_bias, chunk_size).to(x.dtype).contiguous()
 
     @ssd.register_fake
@@ -40,8 +41,18 @@ def make_ssd_op(name: str, fwd: SsdFwd, bwd: SsdBwd):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     @torch.library.custom_op(name + "_bwd", mutates_args=())
-    def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, dt_bias: Tensor,
-                y: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def ssd_bwd(
+        dy: Tensor,
+        x: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        dt_bias: Tensor,
+        y: Tensor,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         grads = bwd(dy, x, dt, A, B, C, D, dt_bias, y, chunk_size)
         return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (x, dt, A, B, C, D, dt_bias)))
 
@@ -84,7 +95,8 @@ def mamba_ssm_ssd_op():
 
     def bwd(dy, x, dt, A, B, C, D, dt_bias, y, chunk_size):
         dx, ddt, dA, dB, dC, dD, _, ddt_bias, _ = _mamba_chunk_scan_combined_bwd(
-            dy, x, dt, A, B, C, y, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True)
+            dy, x, dt, A, B, C, y, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True
+        )
         return dx, ddt, dA, dB, dC, dD, ddt_bias
 
     return make_ssd_op("avengers::mamba2_ssd", fwd, bwd)

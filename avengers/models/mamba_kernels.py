@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ KERNEL_MODES = ("auto", "mamba_ssm", "reference")
 
 
 # ---- reference ops -------------------------------------------------------------------------
+
 
 def ref_ssd(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state=None, return_final=False):
     """dt is raw (before bias and softplus), as mamba_chunk_scan_combined takes it.
@@ -70,6 +71,7 @@ def ref_causal_conv(x, weight, bias, silu: bool):
 
 # ---- mamba_ssm ops (imported only on CUDA) --------------------------------------------------
 
+
 def _mamba_ssm_ops() -> dict[str, Callable]:
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
@@ -77,17 +79,35 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     def ssd(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state=None, return_final=False):
-        out = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                                        initial_states=initial_state, dt_softplus=True,
-                                        return_final_states=return_final)
+        out = mamba_chunk_scan_combined(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size,
+            D=D,
+            dt_bias=dt_bias,
+            initial_states=initial_state,
+            dt_softplus=True,
+            return_final_states=return_final,
+        )
         return out if return_final else (out, None)
 
     def step(state, x, dt, A, B, C, D, dt_bias):
         h, p = x.shape[1], x.shape[2]
         n = state.shape[-1]
         return selective_state_update(
-            state, x, dt.unsqueeze(-1).expand(-1, -1, p), A.float()[:, None, None].expand(h, p, n), B, C,
-            D=D[:, None].expand(h, p), dt_bias=dt_bias[:, None].expand(h, p), dt_softplus=True)
+            state,
+            x,
+            dt.unsqueeze(-1).expand(-1, -1, p),
+            A.float()[:, None, None].expand(h, p, n),
+            B,
+            C,
+            D=D[:, None].expand(h, p),
+            dt_bias=dt_bias[:, None].expand(h, p),
+            dt_softplus=True,
+        )
 
     def gated(y, z, weight, eps):
         return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
@@ -95,8 +115,7 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
     def add_norm(x, residual, weight, eps, residual_in_fp32):
         if residual is not None and residual_in_fp32 and residual.dtype != torch.float32:
             residual = residual.float()  # e.g. FSDP2's MixedPrecisionPolicy cast the block's inputs to bf16
-        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True,
-                           residual_in_fp32=residual_in_fp32)
+        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=residual_in_fp32)
 
     try:
         from causal_conv1d import causal_conv1d_fn
@@ -119,7 +138,7 @@ class Kernels:
     gated_rmsnorm: Callable
     add_rmsnorm: Callable
     causal_conv: Callable
-    for_compile: "Kernels | None" = None  # what a block uses while torch.compile traces it (None: the same)
+    for_compile: Kernels | None = None  # what a block uses while torch.compile traces it (None: the same)
 
 
 REFERENCE = Kernels("reference", ref_ssd, ref_ssd_step, ref_gated_rmsnorm, ref_add_rmsnorm, ref_causal_conv)
@@ -142,8 +161,11 @@ def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
     try:
         ops = _mamba_ssm_ops()
     except ImportError as e:
-        warnings.warn(f"mamba_ssm is not importable ({e}); Mamba-2 layers run the pure-torch reference on "
-                      "CUDA, which is slow and memory-hungry. pip install -r requirements-gpu.txt", stacklevel=3)
+        warnings.warn(
+            f"mamba_ssm is not importable ({e}); Mamba-2 layers run the pure-torch reference on "
+            "CUDA, which is slow and memory-hungry. pip install -r requirements-gpu.txt",
+            stacklevel=3,
+        )
         return None
     if compile_mode == "traced":
         return Kernels("mamba_ssm", **ops)
@@ -152,8 +174,14 @@ def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
     if compile_mode == "custom_op":
         from avengers.models.mamba_compile import mamba_ssm_ssd_op, ssd_training
 
-        for_compile = Kernels("mamba_ssm_compile", ssd_training(mamba_ssm_ssd_op(), ops["ssd"]), ops["ssd_step"],
-                              ref_gated_rmsnorm, ref_add_rmsnorm, ref_causal_conv)
+        for_compile = Kernels(
+            "mamba_ssm_compile",
+            ssd_training(mamba_ssm_ssd_op(), ops["ssd"]),
+            ops["ssd_step"],
+            ref_gated_rmsnorm,
+            ref_add_rmsnorm,
+            ref_causal_conv,
+        )
     return Kernels("mamba_ssm", **ops, for_compile=for_compile)
 
 

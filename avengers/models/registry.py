@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class ModelSpec:
         model = self.build("meta")
         return sum(p.numel() for p in model.parameters())
 
-    def replace(self, **config_changes: Any) -> "ModelSpec":
+    def replace(self, **config_changes: Any) -> ModelSpec:
         """A copy whose family config has some fields changed (e.g. a hybrid's attention layers)."""
         if dataclasses.is_dataclass(self.config):
             config = dataclasses.replace(self.config, **config_changes)
@@ -89,7 +90,5 @@ def get_model_spec(name: str) -> ModelSpec:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown model_variant {name!r}.{hint} Known variants: {', '.join(sorted(_REGISTRY))}"
-        )
+        raise ValueError(f"unknown model_variant {name!r}.{hint} Known variants: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

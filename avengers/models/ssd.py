@@ -40,9 +40,16 @@ def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[2], dim=2) if t.shape[2] != heads else t
 
 
-def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                chunk_size: int, D: torch.Tensor | None = None,
-                initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [b, l, h, p] in x's dtype, final state [b, h, p, n] in the compute dtype).
 
     Per chunk of Q positions: a masked (Q x Q) attention-like product inside the chunk, the state
@@ -92,8 +99,15 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     return y.to(out_dtype), final
 
 
-def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-             C: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One position: updates `state` [b, h, p, n] in place and returns y [b, h, p] in x's dtype.
 
     x [b, h, p], dt [b, h] (softplus'd), B, C [b, g, n].
@@ -110,13 +124,21 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     return y.to(x.dtype)
 
 
-def ssd_sequential(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor | None = None,
-                   initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_sequential(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence one position at a time: slow, obviously right, the tests' ground truth."""
     b, l, h, p = x.shape
     ct = _compute_dtype(x)
     n = B.shape[-1]
-    state = torch.zeros(b, h, p, n, dtype=ct, device=x.device) if initial_state is None else initial_state.to(ct).clone()
+    state = (
+        torch.zeros(b, h, p, n, dtype=ct, device=x.device) if initial_state is None else initial_state.to(ct).clone()
+    )
     ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(l)]
     return torch.stack(ys, dim=1), state

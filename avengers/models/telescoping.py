@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ def build_schedule(n: int, cache_size: int, fmap: tuple[int, ...]) -> Schedule:
                 merged = len(depth)
                 depth.append(1 + max(depth[a], depth[b])), first.append(first[b]), last.append(last[a])
                 birth.append(t), children.append((a, b))
-            slots = [token_raw[t]] + slots[: m - 1] + [merged] + slots[m + 1:]
+            slots = [token_raw[t]] + slots[: m - 1] + [merged] + slots[m + 1 :]
         raw_table[t] = slots
 
     depth_a = np.asarray(depth)
@@ -194,9 +194,16 @@ def build_schedule(n: int, cache_size: int, fmap: tuple[int, ...]) -> Schedule:
         ids = np.nonzero(flat_depth == d)[0]
         passes.append((flat_of_raw[kids[ids, 0]], flat_of_raw[kids[ids, 1]]))
     return Schedule(
-        n=n, cache_size=cache_size, fmap=fmap, table=table, passes=tuple(passes),
-        birth=np.asarray(birth)[order], death=death, first=np.asarray(first)[order],
-        last=np.asarray(last)[order], num_empty=(table == 0).sum(1),
+        n=n,
+        cache_size=cache_size,
+        fmap=fmap,
+        table=table,
+        passes=tuple(passes),
+        birth=np.asarray(birth)[order],
+        death=death,
+        first=np.asarray(first)[order],
+        last=np.asarray(last)[order],
+        num_empty=(table == 0).sum(1),
     )
 
 
@@ -214,7 +221,9 @@ class TelePlan:
         self.passes = tuple((long(a), long(b)) for a, b in sched.passes)
         # log(#EMPTY slots) per query (-inf where none) for the flex path's sink correction
         log_k = np.where(sched.num_empty > 0, np.log(np.maximum(sched.num_empty, 1)), -np.inf)
-        self.log_num_empty = {dt: torch.as_tensor(log_k, dtype=dt, device=device) for dt in (torch.float32, torch.float64)}
+        self.log_num_empty = {
+            dt: torch.as_tensor(log_k, dtype=dt, device=device) for dt in (torch.float32, torch.float64)
+        }
         self.block_mask = self.layout = None
         self.score_mods: dict = {}  # flex score_mods for eager callers (telescoping_flex)
         if flex:
@@ -231,8 +240,14 @@ FLEX_BLOCK_Q = 128  # flex column runs per 128 queries (telescoping_flex.node_la
 
 
 @torch.compiler.disable
-def get_plan(n: int, cache_size: int, fmap: tuple[int, ...], device: torch.device | str,
-             flex: bool = False, flex_block_q: int | None = FLEX_BLOCK_Q) -> TelePlan:
+def get_plan(
+    n: int,
+    cache_size: int,
+    fmap: tuple[int, ...],
+    device: torch.device | str,
+    flex: bool = False,
+    flex_block_q: int | None = FLEX_BLOCK_Q,
+) -> TelePlan:
     """Cached TelePlan for (n, C, fmap, device, path); built on CPU once, then copied over."""
     device = torch.device(device)
     key = (n, cache_size, fmap, str(device), flex, flex_block_q if flex else None)
@@ -300,8 +315,9 @@ def wisq_gate(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp((qg * k.unsqueeze(3)).sum(-1) * d**-0.5, dim=-1)
 
 
-def node_values(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, plan: TelePlan
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def node_values(
+    k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, plan: TelePlan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Un-normed node means K̄, V̄ [B, Hkv, N, d] and log-masses Ŵ [B, Hkv, N] (heads first).
 
     k (RoPE'd), v [B, n, Hkv, d]; w [B, n, Hkv]. One pairwise merge pass per depth: the new
@@ -326,8 +342,14 @@ def _softcap(s: torch.Tensor, cap: float | None) -> torch.Tensor:
     return s if cap is None else cap * torch.tanh(s / cap)
 
 
-def gather_attention(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, plan: TelePlan,
-                     opts: TeleOptions, chunk_elems: int = 2**26) -> torch.Tensor:
+def gather_attention(
+    q: torch.Tensor,
+    k_hat: torch.Tensor,
+    v_hat: torch.Tensor,
+    plan: TelePlan,
+    opts: TeleOptions,
+    chunk_elems: int = 2**26,
+) -> torch.Tensor:
     """Reference read-out: query t attends to the C nodes table[t]. q [B,n,H,d] -> [B,n,H,d].
 
     k_hat, v_hat [B, Hkv, N, d]. Materialises [B, Hkv, n, C, d] (in query chunks of at most
@@ -340,12 +362,14 @@ def gather_attention(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, 
     if torch.is_grad_enabled() or n * per_query <= chunk_elems:
         return _gather_chunk(q, k_hat, v_hat, plan.table, opts)
     step = max(1, chunk_elems // per_query)
-    return torch.cat([_gather_chunk(q[:, i:i + step], k_hat, v_hat, plan.table[i:i + step], opts)
-                      for i in range(0, n, step)], 1)
+    return torch.cat(
+        [_gather_chunk(q[:, i : i + step], k_hat, v_hat, plan.table[i : i + step], opts) for i in range(0, n, step)], 1
+    )
 
 
-def _gather_chunk(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, table: torch.Tensor,
-                  opts: TeleOptions) -> torch.Tensor:
+def _gather_chunk(
+    q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, table: torch.Tensor, opts: TeleOptions
+) -> torch.Tensor:
     B, n, H, d = q.shape
     Hkv = k_hat.shape[1]
     kg, vg = k_hat[:, :, table], v_hat[:, :, table]  # [B, Hkv, n, C, d]
@@ -358,10 +382,17 @@ def _gather_chunk(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, tab
     return torch.einsum("bthec,bhtcd->bthed", p, vg).reshape(B, n, H, d)
 
 
-def telescoping_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-                         plan: TelePlan, opts: TeleOptions, k_gain: torch.Tensor | None = None,
-                         v_gain: torch.Tensor | None = None, impl: str = "gather",
-                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def telescoping_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    plan: TelePlan,
+    opts: TeleOptions,
+    k_gain: torch.Tensor | None = None,
+    v_gain: torch.Tensor | None = None,
+    impl: str = "gather",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Parallel form. q [B,n,H,d], k [B,n,Hkv,d] (both RoPE'd), v, w [B,n,Hkv].
 
     Returns the attention output [B,n,H,d] in q's dtype and the node arrays (K̄, V̄, Ŵ).
@@ -388,13 +419,13 @@ class TelescopingState:
     Logical order (slot 0 newest). The step counter is the cache's seq_len, shared by the batch.
     """
 
-    def __init__(self, batch_size: int, kv_heads: int, cache_size: int, head_dim: int,
-                 device=None, dtype=None):
+    def __init__(self, batch_size: int, kv_heads: int, cache_size: int, head_dim: int, device=None, dtype=None):
         dtype = dtype or torch.get_default_dtype()
         self.k = torch.zeros(batch_size, kv_heads, cache_size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.log_mass = torch.full((batch_size, kv_heads, cache_size), EMPTY_LOG_MASS,
-                                   device=device, dtype=compute_dtype(dtype))
+        self.log_mass = torch.full(
+            (batch_size, kv_heads, cache_size), EMPTY_LOG_MASS, device=device, dtype=compute_dtype(dtype)
+        )
 
     def load_nodes(self, nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor) -> None:
         """Set the slots to the nodes `ids` [C] of a parallel pass (its last table row)."""
@@ -421,8 +452,10 @@ class TelescopingState:
             wn = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
             merged = [(pa * x[:, :, slot - 1].to(dt) + pb * x[:, :, slot].to(dt)).to(x.dtype) for x in (K, V)]
             merged.append(wn)
-            parts = [(n, torch.cat([x[:, :, : slot - 1], m.unsqueeze(2), x[:, :, slot + 1:]], 2))
-                     for n, m, x in zip(new, merged, (K, V, W))]
+            parts = [
+                (n, torch.cat([x[:, :, : slot - 1], m.unsqueeze(2), x[:, :, slot + 1 :]], 2))
+                for n, m, x in zip(new, merged, (K, V, W))
+            ]
         for (n, rest), x in zip(parts, (K, V, W)):
             x.copy_(torch.cat([n, rest], 2))
 
@@ -442,7 +475,7 @@ class StepTables:
         merge = np.zeros((L + 1, C), dtype=bool)
         for a, m in enumerate(fmap):
             row = np.arange(C)
-            row[m + 1:] += 1  # slots above m stay where they were: old c = ext[c + 1]
+            row[m + 1 :] += 1  # slots above m stay where they were: old c = ext[c + 1]
             src_a[a], src_b[a] = row, row
             src_b[a, m] = m + 1
             merge[a, m] = True
@@ -466,8 +499,16 @@ def step_tables(cache_size: int, fmap: tuple[int, ...], device: torch.device) ->
     return _STEP_TABLES[key]
 
 
-def push_at(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-            position: torch.Tensor, tables: StepTables) -> None:
+def push_at(
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    position: torch.Tensor,
+    tables: StepTables,
+) -> None:
     """TelescopingState.push on a state's slot means K, V and log-masses W (updated in place) for
     the step at a device-side position (no host sync, graph-safe)."""
     a = tables.action(position)
@@ -486,8 +527,15 @@ def push_at(K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, k: torch.Tensor, 
     W.copy_(torch.where(merge, fused_w, wa))
 
 
-def slot_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_mass: torch.Tensor, opts: TeleOptions,
-                   k_gain: torch.Tensor | None = None, v_gain: torch.Tensor | None = None) -> torch.Tensor:
+def slot_attention(
+    q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    log_mass: torch.Tensor,
+    opts: TeleOptions,
+    k_gain: torch.Tensor | None = None,
+    v_gain: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Recurrent read-out for one query per sequence: q [B, H, d] over a state's C slots (means K,
     V, log-masses log_mass) -> [B, H, d]."""
     B, H, d = q.shape
@@ -503,9 +551,21 @@ def slot_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, log_mass: 
     return out.reshape(B, H, d).to(q.dtype)
 
 
-def step_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, position: torch.Tensor,
-              K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, tables: StepTables, opts: TeleOptions, theta: float,
-              k_gain: torch.Tensor | None, v_gain: torch.Tensor | None) -> torch.Tensor:
+def step_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    tables: StepTables,
+    opts: TeleOptions,
+    theta: float,
+    k_gain: torch.Tensor | None,
+    v_gain: torch.Tensor | None,
+) -> torch.Tensor:
     """A decode step between the projections: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k
     and q not yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device
     position -> rotate, push into the slots (K, V, W, in place), read out: [B, H, d]. A pure function
@@ -524,10 +584,22 @@ def compiled_step_core():
     return torch.compile(step_core, fullgraph=True)
 
 
-def fused_qkv_step_core(qkv: torch.Tensor, h: torch.Tensor, ln_w: torch.Tensor, eps: float, gate_w: torch.Tensor | None,
-                        position: torch.Tensor, K: torch.Tensor, V: torch.Tensor, W: torch.Tensor, tables: StepTables,
-                        opts: TeleOptions, theta: float, k_gain: torch.Tensor | None,
-                        v_gain: torch.Tensor | None) -> torch.Tensor:
+def fused_qkv_step_core(
+    qkv: torch.Tensor,
+    h: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    gate_w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    tables: StepTables,
+    opts: TeleOptions,
+    theta: float,
+    k_gain: torch.Tensor | None,
+    v_gain: torch.Tensor | None,
+) -> torch.Tensor:
     """step_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
     block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
     B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
@@ -567,13 +639,33 @@ class TelescopingAttention(MultiHeadAttention):
     read-time RMSNorm gains `k_norm.weight`, `v_norm.weight` [head_dim] (with kv_norm).
     """
 
-    def __init__(self, emb_dim: int, nheads: int, kvheads: int, opts: TeleOptions, rope_theta: float,
-                 impl: str = "auto", use_bias: bool = False, fused: bool = True, linear_config=None):
+    def __init__(
+        self,
+        emb_dim: int,
+        nheads: int,
+        kvheads: int,
+        opts: TeleOptions,
+        rope_theta: float,
+        impl: str = "auto",
+        use_bias: bool = False,
+        fused: bool = True,
+        linear_config=None,
+    ):
         if impl not in ("auto", "gather", "flex"):
             raise ValueError(f"tele impl must be 'auto', 'gather' or 'flex', got {impl!r}")
         head_dim = emb_dim // nheads
-        super().__init__(emb_dim, head_dim, head_dim, nheads, kvheads, p_dropout=0.0, use_bias=use_bias,
-                         position_encoder=None, fused=fused, linear_config=linear_config)
+        super().__init__(
+            emb_dim,
+            head_dim,
+            head_dim,
+            nheads,
+            kvheads,
+            p_dropout=0.0,
+            use_bias=use_bias,
+            position_encoder=None,
+            fused=fused,
+            linear_config=linear_config,
+        )
         self.opts = opts
         self.rope_theta = rope_theta
         self.impl = impl
@@ -618,8 +710,12 @@ class TelescopingAttention(MultiHeadAttention):
             dt = compute_dtype(x.dtype)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 w = F.linear(x.to(dt), self.gate.weight.to(dt)).view(B, T, self.kvheads)
-        return (q.view(B, T, self.nheads, self.emb_kq_per_head), k.view(B, T, self.kvheads, self.emb_kq_per_head),
-                v.view(B, T, self.kvheads, self.emb_v_per_head), w)
+        return (
+            q.view(B, T, self.nheads, self.emb_kq_per_head),
+            k.view(B, T, self.kvheads, self.emb_kq_per_head),
+            v.view(B, T, self.kvheads, self.emb_v_per_head),
+            w,
+        )
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """q, k (RoPE'd, compute dtype), v [B,T,*,d] and the gate w [B,T,Hkv] (compute dtype)."""
@@ -631,16 +727,28 @@ class TelescopingAttention(MultiHeadAttention):
         B, n, _ = x.shape
         q, k, v, w = self._project(x, torch.arange(n, device=x.device))
         attn_dtype = v.dtype  # the projection's output dtype (bf16 under autocast)
-        out, nodes = telescoping_parallel(q.to(attn_dtype), k, v, w, plan, self.opts, *self._gains(),
-                                          impl=self.resolve_impl(x.device))
+        out, nodes = telescoping_parallel(
+            q.to(attn_dtype), k, v, w, plan, self.opts, *self._gains(), impl=self.resolve_impl(x.device)
+        )
         return self.dense(out.reshape(B, n, self.nheads * self.emb_v_per_head)), nodes
 
-    def forward(self, q: torch.Tensor, k=None, v=None, position_ids=None, past_key_value_state=None,
-                use_cache: bool = False, tele_plan: TelePlan | None = None, **attn_kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k=None,
+        v=None,
+        position_ids=None,
+        past_key_value_state=None,
+        use_cache: bool = False,
+        tele_plan: TelePlan | None = None,
+        **attn_kwargs,
+    ) -> torch.Tensor:
         """Training / full forward over positions 0..n-1 (LLaMABlock calls it like fms attention)."""
         if k is not None or v is not None or past_key_value_state is not None or use_cache or position_ids is not None:
-            raise ValueError("TelescopingAttention is causal self-attention from position 0; for decode use "
-                             "the model's cache= path (position_ids / use_cache / past_key_value_state unsupported)")
+            raise ValueError(
+                "TelescopingAttention is causal self-attention from position 0; for decode use "
+                "the model's cache= path (position_ids / use_cache / past_key_value_state unsupported)"
+            )
         plan = tele_plan if tele_plan is not None else self.plan(q.shape[1], q.device)
         return self._parallel(q, plan)[0]
 
@@ -659,8 +767,17 @@ class TelescopingAttention(MultiHeadAttention):
         B = x.shape[0]
         tables = step_tables(self.opts.cache_size, self.opts.fmap, x.device)
         core = compiled_step_core() if compiled_step_cores() else step_core
-        out = core(*self._project_raw(x), position, state.k, state.v, state.log_mass, tables, self.opts,
-                   self.rope_theta, *self._gains())
+        out = core(
+            *self._project_raw(x),
+            position,
+            state.k,
+            state.v,
+            state.log_mass,
+            tables,
+            self.opts,
+            self.rope_theta,
+            *self._gains(),
+        )
         return self.dense(out.reshape(B, 1, self.nheads * self.emb_v_per_head))
 
 
@@ -690,15 +807,23 @@ class TeleLlamaConfig(LLaMAConfig):
     tele_impl: str = "auto"  # "auto" (flex for CUDA training, gather otherwise) | "gather" | "flex"
 
     def tele_options(self) -> TeleOptions:
-        return TeleOptions(self.tele_cache_size, resolve_fmap(self.tele_fmap, self.tele_cache_size),
-                           self.tele_gate, self.tele_mask_empty, self.tele_softcap, self.tele_kv_norm)
+        return TeleOptions(
+            self.tele_cache_size,
+            resolve_fmap(self.tele_fmap, self.tele_cache_size),
+            self.tele_gate,
+            self.tele_mask_empty,
+            self.tele_softcap,
+            self.tele_kv_norm,
+        )
 
     def full_attn_layers(self) -> tuple[int, ...]:
         spec = self.tele_full_attn_layers
         if isinstance(spec, str):
             if spec not in HYBRID_PRESETS:
-                raise ValueError(f"unknown tele_full_attn_layers preset {spec!r}; known: {', '.join(HYBRID_PRESETS)} "
-                                 "or a list of layer indices")
+                raise ValueError(
+                    f"unknown tele_full_attn_layers preset {spec!r}; known: {', '.join(HYBRID_PRESETS)} "
+                    "or a list of layer indices"
+                )
             return HYBRID_PRESETS[spec](self.nlayers)
         layers = tuple(int(i) for i in spec)
         bad = [i for i in layers if not 0 <= i < self.nlayers]
@@ -715,8 +840,9 @@ class TeleLlamaConfig(LLaMAConfig):
         if self.tele_impl not in ("auto", "gather", "flex"):
             raise ValueError(f"tele_impl must be 'auto', 'gather' or 'flex', got {self.tele_impl!r}")
         if (self.rope_scaling or {}).get("rope_type", "regular") != "regular":
-            raise ValueError("telescoping layers support rope_type 'regular' only, got "
-                             f"{self.rope_scaling.get('rope_type')!r}")
+            raise ValueError(
+                f"telescoping layers support rope_type 'regular' only, got {self.rope_scaling.get('rope_type')!r}"
+            )
 
 
 class TelescopingLlama(Llama):
@@ -730,9 +856,16 @@ class TelescopingLlama(Llama):
         for i, layer in enumerate(self.base_model.layers):
             if i not in self.full_layers:
                 layer.attn = TelescopingAttention(
-                    config.emb_dim, config.nheads, config.kvheads or config.nheads, opts, config.rope_theta,
-                    impl=config.tele_impl, use_bias=config.attn_bias, fused=config.fused_weights,
-                    linear_config=config.linear_config)
+                    config.emb_dim,
+                    config.nheads,
+                    config.kvheads or config.nheads,
+                    opts,
+                    config.rope_theta,
+                    impl=config.tele_impl,
+                    use_bias=config.attn_bias,
+                    fused=config.fused_weights,
+                    linear_config=config.linear_config,
+                )
 
     def _tele_layers(self) -> list[TelescopingAttention]:
         return [l.attn for i, l in enumerate(self.base_model.layers) if i not in self.full_layers]
@@ -757,9 +890,12 @@ class TelescopingLlama(Llama):
         device = torch.device(device) if device is not None else param.device
         dtype = dtype or param.dtype
         kv, d = cfg.kvheads or cfg.nheads, cfg.emb_dim // cfg.nheads
-        layers = [KVState(batch_size, kv, padded_len(max_seq_len), d, device=device, dtype=dtype) if i in self.full_layers
-                  else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype)
-                  for i in range(cfg.nlayers)]
+        layers = [
+            KVState(batch_size, kv, padded_len(max_seq_len), d, device=device, dtype=dtype)
+            if i in self.full_layers
+            else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype)
+            for i in range(cfg.nlayers)
+        ]
         return InferenceCache(layers, batch_size, max_seq_len)
 
     def _forward_cached(self, x: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -771,7 +907,7 @@ class TelescopingLlama(Llama):
         if start == 0:  # empty cache: prefill through the parallel form
             logits = self._cached_chunk(x, cache, None)
         else:  # existing state: one recurrent step per token, position read on the device
-            logits = torch.cat([self._cached_chunk(x[:, i:i + 1], cache, cache.position + i) for i in range(T)], 1)
+            logits = torch.cat([self._cached_chunk(x[:, i : i + 1], cache, cache.position + i) for i in range(T)], 1)
         cache.advance(T)
         return logits
 
@@ -816,18 +952,40 @@ class TelescopingLlama(Llama):
         core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
         for layer, state in zip(base.layers, cache.layers):
             attn, ff = layer.attn, layer.ff_sub_layer
-            qkv = triton_gemv.gemv(h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight,
-                                   eps=layer.ln.eps)
-            out = core(qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps,
-                       attn.gate.weight if attn.gate is not None else None, position, state.k, state.v,
-                       state.log_mass, tables, attn.opts, attn.rope_theta, *attn._gains())
-            h = triton_gemv.decode_post(h, out.reshape(B, 1, -1), attn.dense.weight, layer.ff_ln.weight,
-                                        layer.ff_ln.eps, ff.wg1_fused.weight, ff.w2.weight, ff.hidden_dim)
+            qkv = triton_gemv.gemv(
+                h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
+            )
+            out = core(
+                qkv,
+                h.view(B, -1),
+                layer.ln.weight,
+                layer.ln.eps,
+                attn.gate.weight if attn.gate is not None else None,
+                position,
+                state.k,
+                state.v,
+                state.log_mass,
+                tables,
+                attn.opts,
+                attn.rope_theta,
+                *attn._gains(),
+            )
+            h = triton_gemv.decode_post(
+                h,
+                out.reshape(B, 1, -1),
+                attn.dense.weight,
+                layer.ff_ln.weight,
+                layer.ff_ln.eps,
+                ff.wg1_fused.weight,
+                ff.w2.weight,
+                ff.hidden_dim,
+            )
         return llama_compiled.decode_head(base.dec_norm, self.head, h)  # a GEMV: this path serves batch 1 only
 
 
-def full_attention_cached(attn: MultiHeadAttention, y: torch.Tensor, state: KVState,
-                          position: torch.Tensor | None, theta: float) -> torch.Tensor:
+def full_attention_cached(
+    attn: MultiHeadAttention, y: torch.Tensor, state: KVState, position: torch.Tensor | None, theta: float
+) -> torch.Tensor:
     """A hybrid model's full-attention layer over a KVState: prefill (position None) or one step."""
     B, T, _ = y.shape
     q, k, v = attn.in_proj(y, None, None)
@@ -875,22 +1033,45 @@ def _tele_spec(name: str, base: str, description: str, **changes) -> ModelSpec:
     values.update(changes)
     cfg = TeleLlamaConfig(**values)
     cfg.validate()
-    return register(ModelSpec(
-        name=name, family="telescoping", config=cfg, build_fn=TelescopingLlama, block_types=(LLaMABlock,),
-        flops_fn=tele_flops_per_token, vocab_size=cfg.src_vocab_size, max_seq_len=cfg.max_expected_seq_len,
-        description=description,
-    ))
+    return register(
+        ModelSpec(
+            name=name,
+            family="telescoping",
+            config=cfg,
+            build_fn=TelescopingLlama,
+            block_types=(LLaMABlock,),
+            flops_fn=tele_flops_per_token,
+            vocab_size=cfg.src_vocab_size,
+            max_seq_len=cfg.max_expected_seq_len,
+            description=description,
+        )
+    )
 
 
-_tele_spec("tele64_llama2_1.4b", "llama2_1.4b", "Tele@64 on the Llama-2 1.4B shape (published comparison)",
-           tele_cache_size=64)
+_tele_spec(
+    "tele64_llama2_1.4b", "llama2_1.4b", "Tele@64 on the Llama-2 1.4B shape (published comparison)", tele_cache_size=64
+)
 for _sfx in ("", "_4k"):
-    _tele_spec(f"tele128_llama3_1.8b{_sfx}", f"llama3_1.8b{_sfx}",
-               "Tele@128 Llama-3 1.8B as published: 32 heads / 2 KV heads (d=64), FFN x3.75",
-               tele_cache_size=128, nheads=32, kvheads=2, hidden_grow_factor=3.75)
+    _tele_spec(
+        f"tele128_llama3_1.8b{_sfx}",
+        f"llama3_1.8b{_sfx}",
+        "Tele@128 Llama-3 1.8B as published: 32 heads / 2 KV heads (d=64), FFN x3.75",
+        tele_cache_size=128,
+        nheads=32,
+        kvheads=2,
+        hidden_grow_factor=3.75,
+    )
     for _shape in ("8b", "3.2b", "70b"):
-        _tele_spec(f"tele128_llama3_{_shape}{_sfx}", f"llama3_{_shape}{_sfx}",
-                   f"Tele@128 on the llama3_{_shape}{_sfx} shape (its own head layout)", tele_cache_size=128)
+        _tele_spec(
+            f"tele128_llama3_{_shape}{_sfx}",
+            f"llama3_{_shape}{_sfx}",
+            f"Tele@128 on the llama3_{_shape}{_sfx} shape (its own head layout)",
+            tele_cache_size=128,
+        )
 _tele_spec("tele128_llama3_194m_4k", "llama3_194m_4k", "Tele@128 on the llama3_194m_4k shape", tele_cache_size=128)
-_tele_spec("tele_tiny", "llama3_tiny", f"CPU demo/test telescoping model (C=16, fmap c16, vocab {TINY_VOCAB})",
-           tele_cache_size=16)
+_tele_spec(
+    "tele_tiny",
+    "llama3_tiny",
+    f"CPU demo/test telescoping model (C=16, fmap c16, vocab {TINY_VOCAB})",
+    tele_cache_size=16,
+)

@@ -66,8 +66,9 @@ def node_layout(sched: Schedule, block_q: int | None, device: torch.device) -> N
         ids[i, : len(r)] = r
     birth = np.where(ids == 0, n, sched.birth[ids])  # padding columns (id 0): never alive
     death = np.where(ids == 0, 0, sched.death[ids])
-    return NodeLayout(block_q, width, torch.as_tensor(ids.ravel(), device=device), i32(birth.ravel()),
-                      i32(death.ravel()))
+    return NodeLayout(
+        block_q, width, torch.as_tensor(ids.ravel(), device=device), i32(birth.ravel()), i32(death.ravel())
+    )
 
 
 def _mask_mod(layout: NodeLayout):
@@ -114,8 +115,9 @@ def _flex_outside_graph(qf, kf, vf, plan: TelePlan, softcap: float | None, kwarg
         return _flex(qf.device)(qf, kf, vf, score_mod=plan.score_mods.get(softcap), **kwargs)
 
 
-def flex_attention_nodes(q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, plan: TelePlan,
-                         opts: TeleOptions) -> torch.Tensor:
+def flex_attention_nodes(
+    q: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor, plan: TelePlan, opts: TeleOptions
+) -> torch.Tensor:
     """q [B, n, H, d] over the node array k_hat, v_hat [B, Hkv, N, d] (normed) -> [B, n, H, d]."""
     if plan.block_mask is None:
         raise ValueError("this TelePlan was built without a block mask; get it with flex=True")

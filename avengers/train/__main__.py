@@ -10,8 +10,10 @@ from avengers.config import ConfigError, config_from_argv
 def usage() -> str:
     from avengers.config import FIELDS
 
-    lines = ["usage: python -m avengers.train [--config FILE.yaml] [--field=value ...]",
-             "fields (defaults; 'None' = unset; details in docs/training.md):"]
+    lines = [
+        "usage: python -m avengers.train [--config FILE.yaml] [--field=value ...]",
+        "fields (defaults; 'None' = unset; details in docs/training.md):",
+    ]
     lines += [f"  --{name}={field.default!r}" for name, field in FIELDS.items()]
     return "\n".join(lines)
 

@@ -103,8 +103,9 @@ class Checkpointer:
         self.root = checkpoints_dir(cfg.ckpt_save_path)
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, tokens_seen: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler, loader) -> str:
+    def save(
+        self, step: int, tokens_seen: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loader
+    ) -> str:
         final = os.path.join(self.root, f"step_{step}_ckp")
         tmp = final + ".tmp"
         if self.rank == 0:
@@ -119,12 +120,21 @@ class Checkpointer:
         torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
         _barrier()
         if self.rank == 0:
-            train_state = {"step": step, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(),
-                           "world_size": self.world_size}
+            train_state = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "scheduler": scheduler.state_dict(),
+                "world_size": self.world_size,
+            }
             torch.save(train_state, os.path.join(tmp, "train_state.pt"))
             self.cfg.save(os.path.join(tmp, "config.yaml"))
-            meta = {"step": step, "tokens_seen": tokens_seen, "world_size": self.world_size,
-                    "model_variant": self.cfg.model_variant, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            meta = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "world_size": self.world_size,
+                "model_variant": self.cfg.model_variant,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             with open(os.path.join(tmp, "metadata.json"), "w") as f:
                 json.dump(meta, f, indent=2)
             with open(os.path.join(tmp, MARKER), "w") as f:
@@ -168,13 +178,15 @@ class Checkpointer:
                 f"ckpt_load_path={src!r} is neither a model file nor a folder with a complete checkpoint "
                 f"(a run folder with checkpoints/step_N_ckp/{MARKER}, or such a step folder)"
             )
-        self._load_full(path, model, optimizer, scheduler, loader, load_loader=self.cfg.resuming_dataset,
-                        keep_progress=False)
+        self._load_full(
+            path, model, optimizer, scheduler, loader, load_loader=self.cfg.resuming_dataset, keep_progress=False
+        )
         what = "model, optimizer and data state" if self.cfg.resuming_dataset else "model and optimizer"
         return 0, 0, f"continued from {path} ({what}; step, tokens and LR schedule restart)"
 
-    def _load_full(self, path: str, model, optimizer, scheduler, loader, load_loader: bool,
-                   keep_progress: bool = True) -> tuple[int, int]:
+    def _load_full(
+        self, path: str, model, optimizer, scheduler, loader, load_loader: bool, keep_progress: bool = True
+    ) -> tuple[int, int]:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=path)
@@ -228,8 +240,9 @@ def load_model_file(model: nn.Module, path: str) -> None:
     expected = set(get_model_state_dict(model))
     missing, unexpected = expected - set(sd), set(sd) - expected
     if missing or unexpected:
-        raise KeyError(f"{path}: does not match the model: missing {sorted(missing)[:5]}, "
-                       f"unexpected {sorted(unexpected)[:5]}")
+        raise KeyError(
+            f"{path}: does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
 
 
@@ -243,8 +256,10 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
 
     step_dir = resolve_checkpoint(path)
     if step_dir is None:
-        raise FileNotFoundError(f"{path!r} holds no complete checkpoint (expected a run folder with "
-                                f"checkpoints/step_N_ckp/{MARKER} or such a step folder)")
+        raise FileNotFoundError(
+            f"{path!r} holds no complete checkpoint (expected a run folder with "
+            f"checkpoints/step_N_ckp/{MARKER} or such a step folder)"
+        )
     cfg = make_config(os.path.join(step_dir, "config.yaml"))
     model = get_model_spec(cfg.model_variant).build(device)
     model.init_weights()

@@ -17,10 +17,22 @@ log = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched by substring of the device name.
 PEAK_BF16_FLOPS = (
-    ("GB200", 2.5e15), ("B200", 2.25e15), ("B100", 1.75e15),
-    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("A6000", 155e12),
-    ("A10G", 70e12), ("L4", 121e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("B100", 1.75e15),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("A6000", 155e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
 )
 
 
@@ -41,8 +53,10 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
 
 def peak_memory_gib(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        out = {"mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-               "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        out = {
+            "mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
         torch.cuda.reset_peak_memory_stats(device)
         return out
     import resource
@@ -113,16 +127,20 @@ def _open_tracker(cfg):
         if name == "wandb":
             import wandb
 
-            run = wandb.init(project=cfg.tracker_project_name, dir=root, id=cfg.tracker_run_id,
-                             resume="allow", config=cfg.to_dict())
+            run = wandb.init(
+                project=cfg.tracker_project_name, dir=root, id=cfg.tracker_run_id, resume="allow", config=cfg.to_dict()
+            )
             return lambda r: run.log({k: v for k, v in r.items() if v is not None}, step=r["step"])
         if name == "aim":
             import aim
 
             run = aim.Run(experiment=cfg.tracker_project_name, repo=root, run_hash=cfg.tracker_run_id)
             run["hparams"] = cfg.to_dict()
-            return lambda r: [run.track(v, name=k, step=r["step"]) for k, v in r.items()
-                              if k != "step" and isinstance(v, (int, float))]
+            return lambda r: [
+                run.track(v, name=k, step=r["step"])
+                for k, v in r.items()
+                if k != "step" and isinstance(v, (int, float))
+            ]
         if name == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -137,8 +155,10 @@ def _open_tracker(cfg):
             return write
     except ImportError as e:
         pip = {"wandb": "wandb", "aim": "aim", "tensorboard": "tensorboard"}[name]
-        raise RuntimeError(f"tracker={name!r} but it is not installed ({e}); pip install {pip}, "
-                           f"or use tracker=None (metrics.jsonl is always written)") from None
+        raise RuntimeError(
+            f"tracker={name!r} but it is not installed ({e}); pip install {pip}, "
+            f"or use tracker=None (metrics.jsonl is always written)"
+        ) from None
     raise ValueError(f"tracker={name!r}: expected None, wandb, aim or tensorboard")
 
 
@@ -149,6 +169,11 @@ def build_profiler(cfg, rank: int):
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    return profile(activities=activities, schedule=schedule(wait=1, warmup=2, active=3, repeat=1),
-                   on_trace_ready=tensorboard_trace_handler(os.path.join(cfg.ckpt_save_path, "profile_traces")),
-                   profile_memory=True, record_shapes=True, with_stack=False)
+    return profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=2, active=3, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(os.path.join(cfg.ckpt_save_path, "profile_traces")),
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=False,
+    )

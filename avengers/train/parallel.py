@@ -48,8 +48,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(minutes=60)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                    device_id=dev if use_cuda else None)
+            dist.init_process_group(
+                backend, rank=rank, world_size=world, timeout=timeout, device_id=dev if use_cuda else None
+            )
         else:
             if world != 1:
                 raise RuntimeError(f"WORLD_SIZE={world} without MASTER_ADDR: launch with torchrun")
@@ -100,9 +101,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def parallelize(model: nn.Module, block_types: tuple[type[nn.Module], ...], mesh: DeviceMesh | None,
-                activation_checkpointing: bool = False, selective: float | str = 1, compile_blocks: bool = False,
-                mixed_precision: bool = False, compile_cache_size_limit: int = 128) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    block_types: tuple[type[nn.Module], ...],
+    mesh: DeviceMesh | None,
+    activation_checkpointing: bool = False,
+    selective: float | str = 1,
+    compile_blocks: bool = False,
+    mixed_precision: bool = False,
+    compile_cache_size_limit: int = 128,
+) -> nn.Module:
     """Apply AC, per-block compile and FSDP2 in place; returns the (same) root module."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -111,8 +119,11 @@ def parallelize(model: nn.Module, block_types: tuple[type[nn.Module], ...], mesh
     pattern = selective_ac_pattern(len(blocks), selective) if activation_checkpointing else [False] * len(blocks)
     if compile_blocks:
         dyn = torch._dynamo.config  # identical blocks share one graph; big models need a larger total
-        name = "accumulated_recompile_limit" if hasattr(dyn, "accumulated_recompile_limit") else \
-            "accumulated_cache_size_limit"
+        name = (
+            "accumulated_recompile_limit"
+            if hasattr(dyn, "accumulated_recompile_limit")
+            else "accumulated_cache_size_limit"
+        )
         setattr(dyn, name, max(getattr(dyn, name), compile_cache_size_limit))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mesh": mesh} if mesh is not None else {}
@@ -129,6 +140,11 @@ def parallelize(model: nn.Module, block_types: tuple[type[nn.Module], ...], mesh
             fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
     if mesh is not None:
         fully_shard(model, **kwargs)
-    log.info("parallelize: %d blocks, %d checkpointed, compile=%s, mixed_precision=%s",
-             len(blocks), sum(pattern), compile_blocks, mixed_precision)
+    log.info(
+        "parallelize: %d blocks, %d checkpointed, compile=%s, mixed_precision=%s",
+        len(blocks),
+        sum(pattern),
+        compile_blocks,
+        mixed_precision,
+    )
     return model

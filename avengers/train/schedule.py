@@ -22,8 +22,9 @@ def default_warmup(num_steps: int) -> float:
     return min(2000.0, num_steps / 20)
 
 
-def lr_multiplier(step: int, num_steps: int, stage: str = "initial", warmup_steps: float | None = None,
-                  min_lr_ratio: float = 0.1) -> float:
+def lr_multiplier(
+    step: int, num_steps: int, stage: str = "initial", warmup_steps: float | None = None, min_lr_ratio: float = 0.1
+) -> float:
     """Multiplier of the peak LR for the 1-based optimizer step `step`."""
     if stage == "annealing":
         return 1.0 - (step - 1) / num_steps
@@ -37,9 +38,8 @@ def lr_multiplier(step: int, num_steps: int, stage: str = "initial", warmup_step
     return min(warm, cos)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, num_steps: int, stage: str,
-                    warmup_steps: int | None, min_lr_ratio: float) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, num_steps: int, stage: str, warmup_steps: int | None, min_lr_ratio: float
+) -> LambdaLR:
     """LambdaLR whose `last_epoch` counts completed optimizer steps; call .step() after each update."""
-    return LambdaLR(
-        optimizer, lambda done: lr_multiplier(done + 1, num_steps, stage, warmup_steps, min_lr_ratio)
-    )
+    return LambdaLR(optimizer, lambda done: lr_multiplier(done + 1, num_steps, stage, warmup_steps, min_lr_ratio))

@@ -1,7 +1,7 @@
 """The training loop: config -> model (FSDP2) -> AdamW + schedule -> steps, metrics, checkpoints.
 
-    python -m avengers.train --config configs/demo.yaml             # one process (CPU or one GPU)
-    torchrun --nproc_per_node=8 -m avengers.train --config ...     # every visible GPU
+python -m avengers.train --config configs/demo.yaml             # one process (CPU or one GPU)
+torchrun --nproc_per_node=8 -m avengers.train --config ...     # every visible GPU
 """
 
 from __future__ import annotations
@@ -66,9 +66,16 @@ def build_model(cfg: TrainConfig, spec, device: torch.device, mesh, mixed_precis
         model = spec.build("cpu")
         model.init_weights()
         model.to(device)
-    parallelize(model, spec.block_types, mesh, activation_checkpointing=cfg.fsdp_activation_checkpointing,
-                selective=cfg.selective_checkpointing, compile_blocks=cfg.use_torch_compile,
-                mixed_precision=mixed_precision, compile_cache_size_limit=cfg.compile_cache_size_limit)
+    parallelize(
+        model,
+        spec.block_types,
+        mesh,
+        activation_checkpointing=cfg.fsdp_activation_checkpointing,
+        selective=cfg.selective_checkpointing,
+        compile_blocks=cfg.use_torch_compile,
+        mixed_precision=mixed_precision,
+        compile_cache_size_limit=cfg.compile_cache_size_limit,
+    )
     if cfg.low_cpu_fsdp:
         model.to_empty(device=device)
         with torch.no_grad():
@@ -79,8 +86,10 @@ def build_model(cfg: TrainConfig, spec, device: torch.device, mesh, mixed_precis
 def _check_tracker(cfg: TrainConfig) -> None:
     module = {"wandb": "wandb", "aim": "aim", "tensorboard": "torch.utils.tensorboard"}.get(cfg.tracker or "")
     if module and importlib.util.find_spec(module.split(".")[0]) is None:
-        raise ConfigError(f"tracker={cfg.tracker!r} but {module} is not installed; pip install it, "
-                          f"or use tracker=None (metrics.jsonl is always written)")
+        raise ConfigError(
+            f"tracker={cfg.tracker!r} but {module} is not installed; pip install it, "
+            f"or use tracker=None (metrics.jsonl is always written)"
+        )
     if cfg.tracker == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("tracker='tensorboard' but tensorboard is not installed; pip install tensorboard")
 
@@ -92,15 +101,18 @@ def _check_load_path(cfg: TrainConfig) -> None:
     if os.path.realpath(src) == os.path.realpath(cfg.ckpt_save_path):
         return
     if not os.path.isdir(src) or resolve_checkpoint(src) is None:
-        raise ConfigError(f"ckpt_load_path={src!r} is neither a model file nor a run/step folder with a complete "
-                          f"checkpoint (checkpoints/step_N_ckp/COMPLETE); use None to start from scratch")
+        raise ConfigError(
+            f"ckpt_load_path={src!r} is neither a model file nor a run/step folder with a complete "
+            f"checkpoint (checkpoints/step_N_ckp/COMPLETE); use None to start from scratch"
+        )
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the last reported metrics."""
     info = init_distributed(cfg.device)
-    logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if info.rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
     validate(cfg, info.world_size, info.local_world_size)
     _check_tracker(cfg)
     spec = get_model_spec(cfg.model_variant)
@@ -118,16 +130,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mixed = cfg.mixed_precision and on_gpu
     mesh = build_mesh(cfg.sharding_strategy, world, device.type, cfg.hsdp_shard_size or info.local_world_size)
     model = build_model(cfg, spec, device, mesh, mixed)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_all_params),
-                                  lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                  fused=on_gpu or None)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, cfg.decay_all_params),
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+        fused=on_gpu or None,
+    )
     scheduler = build_scheduler(optimizer, cfg.num_steps, cfg.training_stage, cfg.warmup_steps, cfg.min_lr_ratio)
     loader = train_data.build_loader(cfg, rank, world, spec.vocab_size)
     ckpt = Checkpointer(cfg, rank, world)
     step, tokens_seen, how = ckpt.resume(model, optimizer, scheduler, loader)
     metrics = MetricsLogger(cfg, rank, step)
-    metrics.event(f"[avengers.train] {spec.name}: {spec.num_params() / 1e6:.1f}M params, world {world} "
-                  f"({cfg.sharding_strategy}, {device.type}), {how}")
+    metrics.event(
+        f"[avengers.train] {spec.name}: {spec.num_params() / 1e6:.1f}M params, world {world} "
+        f"({cfg.sharding_strategy}, {device.type}), {how}"
+    )
 
     flops_tok = spec.flops_per_token(cfg.seq_length)
     peak = peak_flops(device)
@@ -168,10 +186,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             stats /= world
             elapsed = time.perf_counter() - window_start
             tok_s = cfg.batch_size * cfg.seq_length * cfg.grad_accum_steps * window_steps / elapsed
-            summary = {"step": step, "loss": stats[0].item(), "lr": _lr_of_step(scheduler, step),
-                       "grad_norm": stats[1].item(),
-                       "tokens_seen": tokens_seen, "tokens_per_s_per_gpu": tok_s, "step_time_s": elapsed / window_steps,
-                       "mfu": mfu(flops_tok, tok_s, peak), **peak_memory_gib(device)}
+            summary = {
+                "step": step,
+                "loss": stats[0].item(),
+                "lr": _lr_of_step(scheduler, step),
+                "grad_norm": stats[1].item(),
+                "tokens_seen": tokens_seen,
+                "tokens_per_s_per_gpu": tok_s,
+                "step_time_s": elapsed / window_steps,
+                "mfu": mfu(flops_tok, tok_s, peak),
+                **peak_memory_gib(device),
+            }
             metrics.log(summary)
             loss_sum.zero_()
             gnorm_sum.zero_()

@@ -31,8 +31,7 @@ _VERSE = re.compile(r"^\s*\d+ (.*)$")
 
 def read_chapters() -> list[tuple[str, int, str]]:
     """(book, chapter, text) in canonical order, from the `bible` program of Debian's bible-kjv."""
-    raw = subprocess.run(["bible", "-l100000", "Gen1:1-Rev22:21"], check=True, capture_output=True,
-                         text=True).stdout
+    raw = subprocess.run(["bible", "-l100000", "Gen1:1-Rev22:21"], check=True, capture_output=True, text=True).stdout
     chapters: list[tuple[str, int, list[str]]] = []
     for line in raw.splitlines():
         if m := _HEADER.match(line):
@@ -49,8 +48,12 @@ def train_tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=[BOS, EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
@@ -72,21 +75,55 @@ def main() -> None:
     rows = []
     for book, ch, text in fineweb:
         n = len(tok.encode(text, add_special_tokens=False).ids)
-        rows.append({"text": text, "id": f"<urn:uuid:{uid(book, ch)}>", "dump": "KJV-1769",
-                     "url": f"kjv://{book.replace(' ', '_')}/{ch}", "file_path": "debian:bible-kjv-text",
-                     "language": "en", "language_score": 1.0, "token_count": n, "score": 3.0, "int_score": 3})
-    schema = pa.schema([("text", pa.string()), ("id", pa.string()), ("dump", pa.string()), ("url", pa.string()),
-                        ("file_path", pa.string()), ("language", pa.string()), ("language_score", pa.float64()),
-                        ("token_count", pa.int64()), ("score", pa.float64()), ("int_score", pa.int64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), HERE / "fineweb-edu-sample.parquet",
-                   compression="zstd", row_group_size=64)
+        rows.append(
+            {
+                "text": text,
+                "id": f"<urn:uuid:{uid(book, ch)}>",
+                "dump": "KJV-1769",
+                "url": f"kjv://{book.replace(' ', '_')}/{ch}",
+                "file_path": "debian:bible-kjv-text",
+                "language": "en",
+                "language_score": 1.0,
+                "token_count": n,
+                "score": 3.0,
+                "int_score": 3,
+            }
+        )
+    schema = pa.schema(
+        [
+            ("text", pa.string()),
+            ("id", pa.string()),
+            ("dump", pa.string()),
+            ("url", pa.string()),
+            ("file_path", pa.string()),
+            ("language", pa.string()),
+            ("language_score", pa.float64()),
+            ("token_count", pa.int64()),
+            ("score", pa.float64()),
+            ("int_score", pa.int64()),
+        ]
+    )
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema),
+        HERE / "fineweb-edu-sample.parquet",
+        compression="zstd",
+        row_group_size=64,
+    )
     with gzip.GzipFile(HERE / "dolma-sample.json.gz", "wb", mtime=0) as f:
         for book, ch, text in dolma:
-            doc = {"id": uid(book, ch), "text": text, "source": "kjv", "added": "2026-01-01T00:00:00.000Z",
-                   "created": "1769-01-01T00:00:00.000Z", "metadata": {"book": book, "chapter": ch}}
+            doc = {
+                "id": uid(book, ch),
+                "text": text,
+                "source": "kjv",
+                "added": "2026-01-01T00:00:00.000Z",
+                "created": "1769-01-01T00:00:00.000Z",
+                "metadata": {"book": book, "chapter": ch},
+            }
             f.write((json.dumps(doc) + "\n").encode())
-    print(f"fineweb-edu-sample.parquet: {len(fineweb)} docs; dolma-sample.json.gz: {len(dolma)} docs; "
-          f"bos={tok.token_to_id(BOS)} eos={tok.token_to_id(EOS)}")
+    print(
+        f"fineweb-edu-sample.parquet: {len(fineweb)} docs; dolma-sample.json.gz: {len(dolma)} docs; "
+        f"bos={tok.token_to_id(BOS)} eos={tok.token_to_id(EOS)}"
+    )
 
 
 if __name__ == "__main__":
