@@ -2,7 +2,9 @@
 
     python -m avengers.generate --ckpt runs/demo --prompt "The cell membrane" --max_new_tokens 40
     python -m avengers.generate --model_variant llama3_tiny --prompt_ids 1,2,3   # random weights, token ids
-    python -m avengers.generate --ckpt runs/tele --prompt "..." --cuda_graph --compile   # fastest decode on a GPU
+
+On a GPU the decode step takes the fastest tested path for the model (`--decode auto`, replayed
+from a CUDA graph); `--decode reference` is the plain per-module path every other one is tested against.
 
 The tokenizer comes from --tokenizer, else from the checkpoint's saved config (tokenizer_path).
 Prompts that tokenize to the same length are generated as one batch; others in separate batches.
@@ -17,8 +19,9 @@ from collections import defaultdict
 
 import torch
 
+from avengers.decode.options import DECODE_PATHS, DecodeOptions
+from avengers.dtypes import DTYPES
 from avengers.inference.generate import generate
-from avengers.inference.llama_compiled import FUSED_DECODE_MODES, fused_decode
 
 
 class Tokenizer:
@@ -56,7 +59,7 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer | None, i
         model = get_model_spec(args.model_variant).build(args.device)
         model.init_weights()
     if args.dtype:
-        model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
+        model.to(DTYPES[args.dtype])
     tokenizer = Tokenizer(tok_path) if tok_path else None
     return model.eval(), tokenizer, bos, eos
 
@@ -73,37 +76,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens (0 or unset: all)")
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--eos_token_id", type=int, default=None, help="default: the checkpoint's eos_token")
     p.add_argument("--no_eos", action="store_true", help="never stop early")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--cuda_graph", action="store_true", help="replay the decode step from a CUDA graph")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument(
-        "--fused_decode",
-        choices=FUSED_DECODE_MODES,
-        default="off",
-        help="decode-step path (docs/inference.md): inductor = torch.compile'd Llama blocks, "
-        "telescoping steps and Mamba-2 conv steps; triton = fused Triton GEMVs (CUDA, batch 1; "
-        "larger batches as inductor)",
+        "--decode",
+        choices=DECODE_PATHS,
+        default="auto",
+        help="decode path (docs/inference.md); auto: the fastest tested one for the model, device and batch",
     )
-    p.add_argument("--compile", action="store_true", help="same as --fused_decode inductor")
+    p.add_argument(
+        "--no_cuda_graph", action="store_true", help="run decode steps eagerly on CUDA (default: replay a CUDA graph)"
+    )
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_ids:
         p.error("give at least one --prompt or --prompt_ids")
-    if args.compile:
-        args.fused_decode = "inductor"
-    if (
-        args.fused_decode in ("triton", "persistent", "gluon")
-        and not args.device.startswith("cuda")
-        and os.environ.get("TRITON_INTERPRET") != "1"
-    ):
-        p.error(
-            f"--fused_decode {args.fused_decode} runs Triton kernels: it needs a CUDA --device "
-            f"(or TRITON_INTERPRET=1 and triton installed), got --device {args.device}"
-        )
+    try:
+        DecodeOptions(args.decode).resolve("llama", args.device)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -135,22 +130,23 @@ def main(argv: list[str] | None = None) -> int:
         by_len[len(ids)].append(i)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     results: dict[int, list[int]] = {}
-    with fused_decode(args.fused_decode):
-        for length, idx in by_len.items():  # one batch per prompt length: no padding (see generate's docstring)
-            batch = torch.tensor([prompts[i][1] for i in idx], dtype=torch.long, device=args.device)
-            out = generate(
-                model,
-                batch,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_k,
-                args.top_p,
-                eos,
-                generator=gen,
-                cuda_graph=args.cuda_graph,
-            )
-            for row, i in zip(out.tolist(), idx):
-                results[i] = row[length:]
+    options = DecodeOptions(args.decode)
+    for length, idx in by_len.items():  # one batch per prompt length: no padding (see generate's docstring)
+        batch = torch.tensor([prompts[i][1] for i in idx], dtype=torch.long, device=args.device)
+        out = generate(
+            model,
+            batch,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            eos,
+            generator=gen,
+            cuda_graph=False if args.no_cuda_graph else None,
+            options=options,
+        )
+        for row, i in zip(out.tolist(), idx):
+            results[i] = row[length:]
     for i, (prompt, _) in enumerate(prompts):
         new = results[i]
         if eos is not None and eos in new:

@@ -38,11 +38,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avengers.models import (
-    get_model_spec,  # noqa: E402
-    mamba_kernels,  # noqa: E402
-)
+from avengers.models import get_model_spec  # noqa: E402
 from avengers.models.mamba import MambaConfig  # noqa: E402
+from avengers.models.mamba import kernels as mamba_kernels  # noqa: E402
 from benchmarks.profiling import profile_step  # noqa: E402
 
 OUT: Path = Path(".")

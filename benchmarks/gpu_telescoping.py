@@ -32,15 +32,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from avengers.decode.options import DecodeOptions  # noqa: E402
 from avengers.models import get_model_spec  # noqa: E402
 from avengers.models.telescoping import (  # noqa: E402
     FMAP_PRESETS,
     TeleOptions,
     get_plan,
-    rope,
     telescoping_parallel,
     window,
 )
+from avengers.ops.telescoping import rope  # noqa: E402
 from benchmarks.profiling import profile_step  # noqa: E402
 
 
@@ -293,7 +294,7 @@ def decode(device: torch.device, smoke: bool) -> dict:
         )
         latency = {}
         for batch in (1, 4) if smoke else (1, 16):
-            cache = model.allocate_cache(batch, prompt + 64, device=device, dtype=torch.bfloat16)
+            cache = model.allocate_cache(batch, prompt + 64, device, torch.bfloat16, DecodeOptions("reference"))
             model(x[:1, :prompt].expand(batch, -1), cache=cache)
             tok = x[:1, prompt : prompt + 1].expand(batch, -1)
             for _ in range(3):
@@ -309,16 +310,16 @@ def decode(device: torch.device, smoke: bool) -> dict:
         results["step_latency_s"] = latency
         if device.type == "cuda":  # the same step replayed from a CUDA graph
             from avengers.inference.graphs import DecodeStep
-            from avengers.inference.llama_compiled import fused_decode
 
             graph, compiled = {}, {}
             for batch in (1, 16):
                 steps = []
-                for use_graph, mode in ((False, "off"), (True, "off"), (True, "inductor")):
-                    cache = model.allocate_cache(batch, prompt + 64, device=device, dtype=torch.bfloat16)
+                for use_graph, path in ((False, "reference"), (True, "reference"), (True, "compile")):
+                    # compile: each layer's step_core torch.compile'd, then captured
+                    options = DecodeOptions(path)
+                    cache = model.allocate_cache(batch, prompt + 64, device, torch.bfloat16, options)
                     model(x[:1, :prompt].expand(batch, -1), cache=cache)
-                    with fused_decode(mode):  # "inductor": each layer's step_core torch.compile'd, then captured
-                        steps.append(DecodeStep(model, cache, cuda_graph=use_graph))
+                    steps.append(DecodeStep(model, cache, cuda_graph=use_graph))
                 toks = [x[:1, prompt + i : prompt + i + 1].expand(batch, -1) for i in range(16)]
                 eager = torch.stack([steps[0](t).float() for t in toks])
                 for step, out in ((steps[1], graph), (steps[2], compiled)):

@@ -6,19 +6,18 @@ import torch
 
 
 @torch.no_grad()
-def decode_logits(model, ids: torch.Tensor, prefill: int, mode: str = "off", dtype=None) -> torch.Tensor:
-    """Prefill ids[:, :prefill] into a fresh cache (of `dtype`, default the model's), then decode
-    the rest one token at a time, all under llama_compiled.fused_decode(mode): every call's logits
-    concatenated along time, [B, T, V], comparable with one full forward over ids."""
-    from avengers.inference.llama_compiled import fused_decode
+def decode_logits(model, ids: torch.Tensor, prefill: int, path: str = "reference", dtype=None) -> torch.Tensor:
+    """Prefill ids[:, :prefill] into a fresh cache (of `dtype`, default the model's) whose steps take
+    the decode `path`, then decode the rest one token at a time: every call's logits concatenated
+    along time, [B, T, V], comparable with one full forward over ids."""
+    from avengers.decode.options import DecodeOptions
 
     B, T = ids.shape
-    with fused_decode(mode):
-        cache = model.allocate_cache(B, T, dtype=dtype) if dtype is not None else model.allocate_cache(B, T)
-        return torch.cat(
-            [model(ids[:, :prefill], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(prefill, T)],
-            1,
-        )
+    cache = model.allocate_cache(B, T, dtype=dtype, options=DecodeOptions(path))
+    return torch.cat(
+        [model(ids[:, :prefill], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(prefill, T)],
+        1,
+    )
 
 
 def track_compiled(monkeypatch, module, name: str):

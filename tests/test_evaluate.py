@@ -4,6 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -r requirements.txt)")
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 

@@ -19,29 +19,28 @@ def triton_device() -> str:
 
 
 @torch.no_grad()
-def assert_fused_decode_matches_full_forward(model, spec, mode: str, device: str, batch: int = 2) -> None:
-    """Prefill 16 tokens, then decode 4 one at a time under `fused_decode(mode)`: the logits
-    equal one full forward over all 20."""
+def assert_decode_path_matches_full_forward(model, spec, path: str, device: str, batch: int = 2) -> None:
+    """Prefill 16 tokens, then decode 4 one at a time on the decode `path`: the logits equal one
+    full forward over all 20."""
     from decode_helpers import decode_logits
 
     ids = torch.randint(0, spec.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(2)).to(device)
-    torch.testing.assert_close(decode_logits(model, ids, 16, mode), model(ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode_logits(model, ids, 16, path), model(ids), atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
-def assert_graph_decode_matches_eager(model, spec, mode: str, device: str) -> None:
-    """8 decode steps under `fused_decode(mode)` replayed from a CUDA graph give the per-module
-    eager path's logits (the kernels keep their order inside the graph)."""
-    from avengers.inference import llama_compiled
+def assert_graph_decode_matches_eager(model, spec, path: str, device: str) -> None:
+    """8 decode steps on the decode `path` replayed from a CUDA graph give the per-module eager
+    path's logits (the kernels keep their order inside the graph)."""
+    from avengers.decode.options import DecodeOptions
     from avengers.inference.graphs import DecodeStep
 
     ids = torch.randint(0, spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).to(device)
-    eager_cache = model.allocate_cache(1, 24)
+    eager_cache = model.allocate_cache(1, 24, options=DecodeOptions("reference"))
     model(ids[:, :16], cache=eager_cache)
     eager = [model(ids[:, i : i + 1], cache=eager_cache) for i in range(16, 24)]
-    with llama_compiled.fused_decode(mode):
-        cache = model.allocate_cache(1, 24)
-        model(ids[:, :16], cache=cache)
-        step = DecodeStep(model, cache, cuda_graph=True)
-        replayed = [step(ids[:, i : i + 1]).clone() for i in range(16, 24)]
+    cache = model.allocate_cache(1, 24, options=DecodeOptions(path))
+    model(ids[:, :16], cache=cache)
+    step = DecodeStep(model, cache, cuda_graph=True)
+    replayed = [step(ids[:, i : i + 1]).clone() for i in range(16, 24)]
     torch.testing.assert_close(torch.stack(replayed).squeeze(), torch.cat(eager, 1).squeeze(), atol=2e-4, rtol=2e-4)

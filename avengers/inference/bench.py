@@ -20,15 +20,16 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from avengers.inference import llama_compiled
+from avengers.decode.cache import InferenceCache
+from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, DecodeOptions
+from avengers.dtypes import DTYPES
 from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
-from avengers.inference.cache import InferenceCache
 from avengers.inference.check import (
     CheckResult,
     DecodeMismatch,
@@ -38,16 +39,12 @@ from avengers.inference.check import (
     timed_dtype_case,
 )
 from avengers.inference.graphs import DecodeStep
-from avengers.inference.kv_cache import DECODE_BACKENDS, decode_backends_used, set_decode_backend
-from avengers.inference.llama_compiled import FUSED_DECODE_MODES, set_fused_decode
-from avengers.inference.triton_pdl import set_pdl
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
 
 H200_BANDWIDTH_GBS = 4800.0
 GPU_DEFAULT_VARIANTS = ("llama3_1.8b", "mamba2_1.3b", "mamba_1.5b", "tele128_llama3_1.8b")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -69,10 +66,12 @@ class BenchConfig:
     out: str = "bench_out"
     seed: int = 0
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
-    fused_decode: str = "off"  # decode-step fusion: one of llama_compiled.FUSED_DECODE_MODES
-    decode_attn: str = "auto"  # Llama/hybrid attention decode: auto | triton | torch (kv_cache.decode_attention)
-    pdl: bool = True  # launch the Triton decode kernels with programmatic dependent launch (triton_pdl.py)
-    tune_gemv: bool = False  # fused_decode triton: pick the GEMV tiles by whole-step time first (gemv_tuning.py)
+    decode: str = "auto"  # decode path (avengers.decode.options.DECODE_PATHS); auto: the fastest per family
+    decode_attn: str = "auto"  # attention decode kernel: auto | triton | torch
+
+    @property
+    def options(self) -> DecodeOptions:
+        return DecodeOptions(path=self.decode, attention=self.decode_attn)
 
     def validate(self) -> None:
         known = list_variants()
@@ -81,14 +80,10 @@ class BenchConfig:
             raise ValueError(f"unknown variants {bad}; known: {', '.join(known)}")
         if not self.variants:
             raise ValueError("no variants to benchmark")
-        if self.fused_decode not in FUSED_DECODE_MODES:
-            raise ValueError(f"fused_decode must be one of {FUSED_DECODE_MODES}, got {self.fused_decode!r}")
-        if self.tune_gemv and self.fused_decode != "triton":
-            raise ValueError(
-                f"tune_gemv tunes the Triton decode GEMVs: it needs fused_decode 'triton', got {self.fused_decode!r}"
-            )
-        if self.decode_attn not in DECODE_BACKENDS:
-            raise ValueError(f"decode_attn must be one of {DECODE_BACKENDS}, got {self.decode_attn!r}")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
+        if self.decode_attn not in ATTENTION_BACKENDS:
+            raise ValueError(f"decode_attn must be one of {ATTENTION_BACKENDS}, got {self.decode_attn!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if any(c < self.room + 2 for c in self.contexts):
@@ -97,6 +92,7 @@ class BenchConfig:
             raise ValueError(f"batch sizes and steps must be >= 1, got {self.batch_sizes}, steps={self.steps}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        self.options.resolve("llama", self.device)  # a path this device cannot run fails here, before any model
 
     @property
     def room(self) -> int:
@@ -179,7 +175,7 @@ class VariantResult:
     check: dict | None = None
     decode_mode: str = "eager"
     errors: list[str] = field(default_factory=list)
-    gemv_tuning: dict = field(default_factory=dict)  # --tune_gemv's choices per batch block
+    decode_path: str = ""  # the resolved DecodeOptions path the variant ran
 
 
 def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float) -> VariantResult:
@@ -218,14 +214,14 @@ def _run_checks(
     on_cuda = device.type == "cuda"
     tol = cfg.check_tol or (1e-2 if on_cuda else 1e-4)
     model.float()
-    check = check_cached_decode(model, vocab, device, tol=tol, seed=cfg.seed)
+    check = check_cached_decode(model, vocab, device, tol=tol, seed=cfg.seed, options=cfg.options)
     case = timed_dtype_case(model, vocab, device, seed=cfg.seed + 2) if dtype != torch.float32 else None
     model.to(dtype)
     if case is not None:  # the timed dtype's own batch-1 path (some serve bf16 only)
-        check.dtype_rel_err, check.dtype_tol = check_timed_dtype(model, *case)
+        check.dtype_rel_err, check.dtype_tol = check_timed_dtype(model, *case, options=cfg.options)
     if on_cuda and cfg.cuda_graph:
         try:
-            check.graph_rel_err = check_graph_decode(model, vocab, device, seed=cfg.seed + 1)
+            check.graph_rel_err = check_graph_decode(model, vocab, device, seed=cfg.seed + 1, options=cfg.options)
             check.decode_mode = "cuda_graph"
         except (DecodeMismatch, ValueError, RuntimeError) as e:  # e.g. a decode position from a Python int
             log.warning("%s: CUDA-graph decode unusable, timing eager decode: %s", type(model).__name__, e)
@@ -248,7 +244,8 @@ def _bench_context(
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     fill = ctx - cfg.room
-    cache1 = model.allocate_cache(1, ctx, device, dtype)
+    cache1 = model.allocate_cache(1, ctx, device, dtype, cfg.options)
+    res.decode_path = cache1.options.path
     ids = torch.randint(0, spec.vocab_size, (1, fill), device=device)
     _sync(device)
     t0 = time.perf_counter()
@@ -315,11 +312,9 @@ def _measure_batch(
             if batch == 1:
                 cache = cache1
             else:
-                cache = model.allocate_cache(batch, cache1.max_seq_len, device, dtype)
+                cache = model.allocate_cache(batch, cache1.max_seq_len, device, dtype, cfg.options)
                 cache1.set_seq_len(fill)
                 cache.broadcast_from(cache1)
-            if cfg.tune_gemv:
-                _tune_gemvs(model, cache, fill, cfg, spec.vocab_size, res)
             step_s = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
             nbytes = cache.nbytes()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -349,22 +344,6 @@ def _measure_batch(
             if cache is not None and cache is not cache1:
                 del cache
     return None
-
-
-def _tune_gemvs(model, cache: InferenceCache, fill: int, cfg: BenchConfig, vocab: int, res: VariantResult) -> None:
-    """--tune_gemv: the decode GEMV tiles chosen by whole CUDA-graph step time (gemv_tuning.py), once
-    per variant and batch block, at the first context measured; the choices hold for the rest of the run."""
-    from avengers.inference import gemv_tuning
-
-    batch = cache.batch_size
-    block = 1 << (batch - 1).bit_length()  # the kernels' BB
-    if res.decode_mode != "cuda_graph" or batch > llama_compiled.GEMV_STEP_MAX_BATCH or f"BB{block}" in res.gemv_tuning:
-        return
-    quick = replace(cfg, steps=20, warmup=2)
-    log.info("%s: tuning the decode GEMV tiles by step time (batch block %d)", res.variant, block)
-    res.gemv_tuning[f"BB{block}"] = gemv_tuning.tune(
-        lambda: time_decode(model, cache, fill, quick, vocab, True) * 1e3, block, log=log.info
-    )
 
 
 def _default_variants(device: str) -> list[str]:
@@ -406,35 +385,18 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--deadline_s", type=float, default=450.0)
     p.add_argument("--check_tol", type=float, default=None)
     p.add_argument(
-        "--fused_decode",
-        default=None,
-        choices=FUSED_DECODE_MODES,
-        help="decode steps through fused functions: torch.compile'd (inductor), Triton GEMV kernels "
-        "with the norms/SwiGLU/residuals fused (triton: batch 1, every family; larger batches "
-        "as inductor), one persistent Triton kernel per Llama block (persistent, batch 1), or a "
-        "Llama's whole batch-1 step as one Gluon kernel (gluon: Hopper, caches up to 32k tokens; "
-        "the fastest batch-1 Llama path there; else as triton)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="same as --fused_decode inductor (Llama blocks, telescoping steps and Mamba-2 conv steps torch.compile'd)",
-    )
-    p.add_argument(
-        "--tune_gemv",
-        action="store_true",
-        help="with --fused_decode triton on CUDA: choose the GEMV tiles by whole decode-step time first",
-    )
-    p.add_argument(
-        "--no_pdl",
-        action="store_true",
-        help="launch the Triton decode kernels without programmatic dependent launch (on by default, Hopper+)",
+        "--decode",
+        default="auto",
+        choices=DECODE_PATHS,
+        help="decode path (docs/inference.md): auto = the fastest tested path for the family, device and "
+        "batch; reference = per-module torch; compile = torch.compile'd steps; triton = fused Triton GEMVs "
+        "at batch 1 (else compile); gluon = a Llama's batch-1 step as one Hopper kernel (else triton)",
     )
     p.add_argument(
         "--decode_attn",
         default="auto",
-        choices=DECODE_BACKENDS,
-        help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or torch ops",
+        choices=ATTENTION_BACKENDS,
+        help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or forced",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
@@ -459,10 +421,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         out=a.out,
         seed=a.seed,
         check_tol=a.check_tol,
+        decode=a.decode,
         decode_attn=a.decode_attn,
-        fused_decode=a.fused_decode or ("inductor" if a.compile else "off"),
-        pdl=not a.no_pdl,
-        tune_gemv=a.tune_gemv,
     )
     cfg.validate()
     return cfg
@@ -471,9 +431,6 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 def run(cfg: BenchConfig) -> dict:
     """Benchmark every variant; returns (and writes to cfg.out) the JSON report."""
     cfg.validate()
-    set_decode_backend(cfg.decode_attn)
-    set_fused_decode(cfg.fused_decode)
-    set_pdl(cfg.pdl)
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}
@@ -495,14 +452,11 @@ def run(cfg: BenchConfig) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_s": time.monotonic() - t_start,
         "variants": variants,
-        "decode_attention_backends_used": decode_backends_used(),
         "rows": rows,
     }
     rows.sort(key=lambda r: (cfg.variants.index(r["variant"]), r["context"], r["batch"]))
     report["targets"] = targets_summary(rows)
     print(write_report(report, Path(cfg.out)))
-    set_fused_decode("off")
-    set_pdl(True)  # the default
     return report
 
 

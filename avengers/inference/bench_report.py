@@ -51,25 +51,11 @@ def targets_summary(rows: list[dict]) -> dict:
     }
 
 
-def _fused_note(config: dict) -> str:
-    mode = config.get("fused_decode") or ("inductor" if config.get("compile") else "off")  # "compile": older reports
-    return {
-        "off": "",
-        "eager": ", Llama decode blocks as fused functions (eager)",
-        "inductor": ", Llama decode element-wise work torch.compiled",
-        "triton": ", Llama decode blocks as fused Triton GEMV kernels",
-        "persistent": ", Llama decode blocks as one persistent Triton kernel each",
-    }.get(mode, f", fused decode {mode}") + (
-        ", Triton kernels launched with PDL" if config.get("pdl") and config.get("device") == "cuda" else ""
-    )
-
-
 def markdown_table(report: dict) -> str:
     lines = [
         f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
-        f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s, decode attention "
-        f"{'+'.join(report.get('decode_attention_backends_used', [])) or 'n/a'}"
-        f"{_fused_note(report['config'])}",
+        f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s, decode path "
+        f"{report['config'].get('decode', 'auto')}, decode attention {report['config'].get('decode_attn', 'auto')}",
         "",
     ]
     for name, v in report["variants"].items():
@@ -85,7 +71,7 @@ def markdown_table(report: dict) -> str:
             )
             + f", chunked prefill {chk.get('chunked_prefill')}"
             + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
-            + f", decode timed {v.get('decode_mode', 'n/a')}"
+            + f", decode path {v.get('decode_path') or 'n/a'} timed {v.get('decode_mode', 'n/a')}"
             + "".join(f"; {n}" for n in chk.get("notes", []))
             + ("".join(f"; {e}" for e in v.get("errors", [])))
         )

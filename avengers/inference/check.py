@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from avengers.decode.options import DecodeOptions
 from avengers.inference.graphs import DecodeStep
 
 
@@ -31,9 +32,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _cached_logits(model: nn.Module, ids: torch.Tensor, prefill_splits: list[int]) -> torch.Tensor:
+def _cached_logits(
+    model: nn.Module, ids: torch.Tensor, prefill_splits: list[int], options: DecodeOptions | None = None
+) -> torch.Tensor:
     B, L = ids.shape
-    cache = model.allocate_cache(B, L, ids.device, next(model.parameters()).dtype)
+    cache = model.allocate_cache(B, L, ids.device, next(model.parameters()).dtype, options)
     out, pos = [], 0
     for n in prefill_splits:
         out.append(model(ids[:, pos : pos + n], cache=cache))
@@ -55,6 +58,7 @@ def check_cached_decode(
     batch: int = 2,
     tol: float = 1e-4,
     seed: int = 0,
+    options: DecodeOptions | None = None,
 ) -> CheckResult:
     """Full forward vs one-shot prefill + decode (must match within tol, relative to max |logit|),
     at `batch` and at batch 1 (some decode paths serve batch 1 only), then vs a two-chunk prefill +
@@ -62,14 +66,14 @@ def check_cached_decode(
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, length), generator=g).to(device)
     full = model(ids)
-    err = _rel(_cached_logits(model, ids, [prefill]), full)
+    err = _rel(_cached_logits(model, ids, [prefill], options), full)
     if batch > 1:
-        err = max(err, _rel(_cached_logits(model, ids[:1], [prefill]), full[:1]))
+        err = max(err, _rel(_cached_logits(model, ids[:1], [prefill], options), full[:1]))
     if not err <= tol:
         raise DecodeMismatch(f"cached decode differs from the full forward: max relative error {err:.3g} > tol {tol:g}")
     result = CheckResult(max_rel_err=err, chunked_prefill=True)
     try:
-        err2 = _rel(_cached_logits(model, ids, [prefill // 2, prefill - prefill // 2]), full)
+        err2 = _rel(_cached_logits(model, ids, [prefill // 2, prefill - prefill // 2], options), full)
         if not err2 <= tol:
             result.chunked_prefill, result.chunked_note = False, f"two-chunk prefill error {err2:.3g} > tol {tol:g}"
     except (NotImplementedError, ValueError, RuntimeError) as e:
@@ -87,6 +91,7 @@ def check_graph_decode(
     batch: int = 2,
     tol: float = 2e-2,
     seed: int = 1,
+    options: DecodeOptions | None = None,
 ) -> float:
     """CUDA-graph replay vs eager decode on the same tokens; returns the max relative error."""
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +99,7 @@ def check_graph_decode(
     dtype = next(model.parameters()).dtype
     runs = []
     for use_graph in (False, True):
-        cache = model.allocate_cache(batch, length, device, dtype)
+        cache = model.allocate_cache(batch, length, device, dtype, options)
         model(ids[:, :prefill], cache=cache)
         step = DecodeStep(model, cache, cuda_graph=use_graph)
         runs.append(torch.stack([step(ids[:, i : i + 1]).clone() for i in range(prefill, length)], 1))
@@ -126,17 +131,18 @@ def check_timed_dtype(
     prefill: int = 32,
     factor: float = 3.0,
     min_tol: float = 0.02,
+    options: DecodeOptions | None = None,
 ) -> tuple[float, float]:
     """Batch-1 prefill + decode vs the full forward in the model's own dtype (the one the bench
     times), for decode paths that serve only low precision and so miss the fp32 check (e.g.
-    fused_decode "gluon", bf16 only). The tolerance scales with the dtype's own rounding: `factor`
+    the gluon path, bf16 only). The tolerance scales with the dtype's own rounding: `factor`
     x the full forward's error against fp32_logits (timed_dtype_case, same weights before the
     cast), at least min_tol. Measured on the CPU in bf16: decode errors equal that rounding error
     (llama3_1.8b 3.3%, tele128_llama3_1.8b 5.0%, tiny models ~0.8%); Llama decoding without RoPE
     145%. Returns (error, tolerance)."""
     full = model(ids)
     tol = max(min_tol, factor * _rel(full, fp32_logits))
-    err = _rel(_cached_logits(model, ids, [prefill]), full)
+    err = _rel(_cached_logits(model, ids, [prefill], options), full)
     if not err <= tol:
         raise DecodeMismatch(
             f"batch-1 decode in {next(model.parameters()).dtype} differs from the full forward: "

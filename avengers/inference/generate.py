@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avengers.decode.options import DecodeOptions
 from avengers.inference.graphs import DecodeStep
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be None, 0 (no top-k filter) or >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
 
@@ -29,7 +30,7 @@ def sample_next(
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
+    if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1:
@@ -53,8 +54,9 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     cache_dtype: torch.dtype | None = None,
+    options: DecodeOptions | None = None,
 ) -> torch.Tensor:
     """Continue every row of input_ids [B, T] by up to max_new_tokens tokens; returns [B, T + n].
 
@@ -62,6 +64,8 @@ def generate(
     right-padded prompt would be continued after its padding: pad-free, equal-length prompts only
     (generate prompts of different lengths in separate calls). Generation stops early once every
     row has produced eos_token_id; a finished row is filled with eos_token_id from then on.
+    `options` picks the decode path (default: auto); `cuda_graph` None replays the decode step
+    from a CUDA graph on CUDA devices.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1 or input_ids.dtype != torch.long:
         raise ValueError(
@@ -78,9 +82,12 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache = model.allocate_cache(B, T + max_new_tokens, device, cache_dtype or next(model.parameters()).dtype)
+        cache = model.allocate_cache(
+            B, T + max_new_tokens, device, cache_dtype or next(model.parameters()).dtype, options
+        )
         logits = model(input_ids, cache=cache)[:, -1]
-        step = DecodeStep(model, cache, cuda_graph=cuda_graph) if max_new_tokens > 1 else None
+        use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        step = DecodeStep(model, cache, cuda_graph=use_graph) if max_new_tokens > 1 else None
         out = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):

@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from avengers.inference.cache import InferenceCache
-
-
-def _state_tensors(cache: InferenceCache) -> list[torch.Tensor]:
-    from avengers.inference.cache import _tensors
-
-    return list(_tensors(cache.layers, set()))
+from avengers.decode.cache import InferenceCache, state_tensors
 
 
 class DecodeStep:
@@ -41,7 +35,7 @@ class DecodeStep:
         start = cache.seq_len
         if start + 1 > cache.max_seq_len:
             raise ValueError(f"no room to capture a decode step: cache is full at {start} tokens")
-        saved = [t.clone() for t in _state_tensors(cache)] if preserve_state else None
+        saved = [t.clone() for t in state_tensors(cache)] if preserve_state else None
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.position.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -59,7 +53,7 @@ class DecodeStep:
             self._verify(saved, start)
 
     def _restore(self, saved: list[torch.Tensor], start: int) -> None:
-        for t, s in zip(_state_tensors(self.cache), saved):
+        for t, s in zip(state_tensors(self.cache), saved):
             t.copy_(s)
         self.cache.set_seq_len(start)
 

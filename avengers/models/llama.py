@@ -7,6 +7,8 @@ import math
 import torch
 from fms.models.llama import LLaMA, LLaMABlock, LLaMAConfig
 
+from avengers.decode.llama import KVCache, allocate_kv_cache, forward_with_cache
+from avengers.decode.options import DecodeOptions
 from avengers.models.registry import ModelSpec, register
 
 
@@ -41,17 +43,15 @@ class Llama(LLaMA):
         self.reset_parameters()
         self.post_init()  # RoPE tables live outside the state dict and must be rebuilt on the real device
 
-    def forward(self, x: torch.Tensor, cache=None, **kwargs) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, **kwargs) -> torch.Tensor:  # type: ignore[override]
         if cache is None:
             return super().forward(x, **kwargs)
-        from avengers.inference.kv_cache import llama_forward_with_cache
+        return forward_with_cache(self, x, cache)
 
-        return llama_forward_with_cache(self, x, cache)
-
-    def allocate_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None):
-        from avengers.inference.kv_cache import KVCache
-
-        return KVCache.for_llama(self, batch_size, max_seq_len, device=device, dtype=dtype)
+    def allocate_cache(
+        self, batch_size: int, max_seq_len: int, device=None, dtype=None, options: DecodeOptions | None = None
+    ) -> KVCache:
+        return allocate_kv_cache(self, batch_size, max_seq_len, device, dtype, options)
 
 
 def _spec(name: str, description: str = "", **cfg_kwargs) -> ModelSpec:

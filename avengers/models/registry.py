@@ -5,7 +5,7 @@ Every model built from a spec follows one contract:
 
     model(input_ids[B, T])               -> logits[B, T, V]   (training / full forward)
     model(input_ids[B, T], cache=cache)  -> logits[B, T, V]   (consumes T tokens, advances cache)
-    model.allocate_cache(batch_size, max_seq_len, device, dtype) -> avengers.inference.cache.InferenceCache
+    model.allocate_cache(batch_size, max_seq_len, device, dtype) -> avengers.decode.cache.InferenceCache
     model.init_weights()                 re-initialises every parameter (used after meta-device build)
 """
 

@@ -1,0 +1,378 @@
+"""The telescoping cache's recurrent form: per-layer slot state, the branch-free step, the cached forward.
+
+Each telescoping layer keeps its C slot means and log-masses (TelescopingState) and applies the
+merge rule of its schedule one token at a time; the step is looked up on the device from the
+position (StepTables), so it can be replayed from a CUDA graph. Prefill runs the parallel form
+(the layer's `prefill`) and loads the last row of its node table into the slots. Full-attention
+layers of hybrid variants read a KVState through decode.attention.cached_attention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avengers.decode.attention import cached_attention
+from avengers.decode.cache import InferenceCache, KVState, check_allocation
+from avengers.decode.llama_block import decode_head, eligible
+from avengers.decode.options import DecodeOptions
+from avengers.ops.telescoping import (
+    EMPTY_LOG_MASS,
+    EMPTY_THRESHOLD,
+    compute_dtype,
+    rms_norm,
+    rope,
+    softcap,
+    wisq_gate,
+)
+
+
+class TelescopingState:
+    """One layer's decode state: slot means k, v [B, Hkv, C, d] and log-masses [B, Hkv, C].
+
+    Logical order (slot 0 newest). The step counter is the cache's seq_len, shared by the batch.
+    """
+
+    def __init__(self, batch_size: int, kv_heads: int, cache_size: int, head_dim: int, device=None, dtype=None):
+        dtype = dtype or torch.get_default_dtype()
+        self.k = torch.zeros(batch_size, kv_heads, cache_size, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.log_mass = torch.full(
+            (batch_size, kv_heads, cache_size), EMPTY_LOG_MASS, device=device, dtype=compute_dtype(dtype)
+        )
+
+    def load_nodes(self, nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor) -> None:
+        """Set the slots to the nodes `ids` [C] of a parallel pass (its last table row)."""
+        K, V, W = nodes
+        self.k.copy_(K[:, :, ids])
+        self.v.copy_(V[:, :, ids])
+        self.log_mass.copy_(W[:, :, ids])
+
+    def push(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, slot: int | None) -> None:
+        """One step: merge slots slot-1, slot into slot (or drop the oldest), shift, insert (k, v, w).
+
+        k, v [B, Hkv, d]; w [B, Hkv]. Vectorised over slots (one concatenation per tensor).
+        """
+        K, V, W = self.k, self.v, self.log_mass
+        dt = W.dtype
+        new = (k.to(K.dtype).unsqueeze(2), v.to(V.dtype).unsqueeze(2), w.to(dt).unsqueeze(2))
+        if slot is None:
+            parts = [(n, x[:, :, :-1]) for n, x in zip(new, (K, V, W))]
+        else:
+            wa, wb = W[:, :, slot - 1], W[:, :, slot]
+            wn = torch.logaddexp(wa, wb)
+            pa, pb = torch.exp(wa - wn).unsqueeze(-1), torch.exp(wb - wn).unsqueeze(-1)
+            # EMPTY + x = x exactly, EMPTY + EMPTY stays at the sentinel
+            wn = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+            merged = [(pa * x[:, :, slot - 1].to(dt) + pb * x[:, :, slot].to(dt)).to(x.dtype) for x in (K, V)]
+            merged.append(wn)
+            parts = [
+                (n, torch.cat([x[:, :, : slot - 1], m.unsqueeze(2), x[:, :, slot + 1 :]], 2))
+                for n, m, x in zip(new, merged, (K, V, W))
+            ]
+        for (n, rest), x in zip(parts, (K, V, W)):
+            x.copy_(torch.cat([n, rest], 2))
+
+
+class StepTables:
+    """Device tables that make one decode step branch-free (CUDA-graph safe).
+
+    Step t reads an extended slot array ext = [new token, old slot 0, ..., old slot C-1].
+    Its action a = min(ctz(t), L) (a = L at t = 0) picks row a: new slot c takes ext[src_a[a, c]],
+    fused with ext[src_b[a, c]] where merge[a, c] (only c = m_{a+1}); a = L is the drop step.
+    """
+
+    def __init__(self, cache_size: int, fmap: tuple[int, ...], device: torch.device):
+        L, C = len(fmap), cache_size
+        src_a = np.tile(np.arange(C), (L + 1, 1))  # drop: new slot c <- ext[c]
+        src_b = src_a.copy()
+        merge = np.zeros((L + 1, C), dtype=bool)
+        for a, m in enumerate(fmap):
+            row = np.arange(C)
+            row[m + 1 :] += 1  # slots above m stay where they were: old c = ext[c + 1]
+            src_a[a], src_b[a] = row, row
+            src_b[a, m] = m + 1
+            merge[a, m] = True
+        self.src_a = torch.as_tensor(src_a, device=device)
+        self.src_b = torch.as_tensor(src_b, device=device)
+        self.merge = torch.as_tensor(merge, device=device)
+        self.pow2 = torch.as_tensor([2**k for k in range(1, L + 1)], device=device)
+
+    def action(self, position: torch.Tensor) -> torch.Tensor:
+        """min(ctz(t), L) for a 0-dim long position t (L for t = 0), on the device."""
+        return (position.view(1) % self.pow2 == 0).sum().view(1)
+
+
+_STEP_TABLES: dict[tuple, StepTables] = {}
+
+
+def step_tables(cache_size: int, fmap: tuple[int, ...], device: torch.device) -> StepTables:
+    key = (cache_size, fmap, str(device))
+    if key not in _STEP_TABLES:
+        _STEP_TABLES[key] = StepTables(cache_size, fmap, device)
+    return _STEP_TABLES[key]
+
+
+def push_at(
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    position: torch.Tensor,
+    tables: StepTables,
+) -> None:
+    """TelescopingState.push on a state's slot means K, V and log-masses W (updated in place) for
+    the step at a device-side position (no host sync, graph-safe)."""
+    a = tables.action(position)
+    src_a, src_b = tables.src_a.index_select(0, a)[0], tables.src_b.index_select(0, a)[0]
+    merge = tables.merge.index_select(0, a)[0]
+    dt = W.dtype
+    ext_w = torch.cat([w.to(dt).unsqueeze(2), W], 2)
+    wa, wb = ext_w.index_select(2, src_a), ext_w.index_select(2, src_b)
+    wn = torch.logaddexp(wa, wb)
+    pa = torch.where(merge, torch.exp(wa - wn), 1.0).unsqueeze(-1)
+    pb = torch.where(merge, torch.exp(wb - wn), 0.0).unsqueeze(-1)
+    fused_w = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+    for x, new in ((K, k), (V, v)):
+        ext = torch.cat([new.to(x.dtype).unsqueeze(2), x], 2).to(dt)
+        x.copy_(pa * ext.index_select(2, src_a) + pb * ext.index_select(2, src_b))
+    W.copy_(torch.where(merge, fused_w, wa))
+
+
+def slot_attention(
+    q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    log_mass: torch.Tensor,
+    opts,
+    k_gain: torch.Tensor | None = None,
+    v_gain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Recurrent read-out for one query per sequence: q [B, H, d] over a state's C slots (means K,
+    V, log-masses log_mass) -> [B, H, d]."""
+    B, H, d = q.shape
+    Hkv = K.shape[1]
+    if opts.kv_norm:
+        K, V = rms_norm(K, k_gain), rms_norm(V, v_gain)
+    dt = compute_dtype(q.dtype)
+    qg = q.to(dt).view(B, Hkv, H // Hkv, d)
+    s = softcap(torch.einsum("bhed,bhcd->bhec", qg, K.to(dt)) * d**-0.5, opts.softcap)
+    if opts.mask_empty:
+        s = s.masked_fill((log_mass <= EMPTY_THRESHOLD).unsqueeze(2), float("-inf"))
+    out = torch.einsum("bhec,bhcd->bhed", torch.softmax(s, -1), V.to(dt))
+    return out.reshape(B, H, d).to(q.dtype)
+
+
+def step_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    tables: StepTables,
+    opts,
+    theta: float,
+    k_gain: torch.Tensor | None,
+    v_gain: torch.Tensor | None,
+) -> torch.Tensor:
+    """A decode step between the projections: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k
+    and q not yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device
+    position -> rotate, push into the slots (K, V, W, in place), read out: [B, H, d]. A pure function
+    of tensors, so that one torch.compile serves every layer (compiled_step_core)."""
+    q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
+    if w is None:
+        w = wisq_gate(q, k)
+    push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    return slot_attention(q[:, 0].to(v.dtype), K, V, W, opts, k_gain, v_gain)
+
+
+@functools.cache
+def compiled_step_core():
+    """step_core through torch.compile (the decode step's ~40 small kernels per layer fused into a
+    few); used by the `compile` and `triton` decode paths."""
+    return torch.compile(step_core, fullgraph=True)
+
+
+def fused_qkv_step_core(
+    qkv: torch.Tensor,
+    h: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    gate_w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    tables: StepTables,
+    opts,
+    theta: float,
+    k_gain: torch.Tensor | None,
+    v_gain: torch.Tensor | None,
+) -> torch.Tensor:
+    """step_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
+    block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
+    B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
+    q, k, v = qkv.view(B, 1, -1, d).split([qkv.shape[1] // d - 2 * Hkv, Hkv, Hkv], dim=2)
+    w = None
+    if gate_w is not None:
+        dt = compute_dtype(h.dtype)
+        w = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps).to(dt), gate_w.to(dt)).view(B, 1, Hkv)
+    return step_core(q, k, v, w, position, K, V, W, tables, opts, theta, k_gain, v_gain)
+
+
+@functools.cache
+def compiled_fused_qkv_step_core():
+    return torch.compile(fused_qkv_step_core, fullgraph=True)
+
+
+def attention_step(attn: nn.Module, x: torch.Tensor, state: TelescopingState, position: torch.Tensor, compiled: bool):
+    """A TelescopingAttention layer's recurrent form for one token: x [B, 1, d_model] at the 0-dim
+    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable)."""
+    B = x.shape[0]
+    tables = step_tables(attn.opts.cache_size, attn.opts.fmap, x.device)
+    core = compiled_step_core() if compiled else step_core
+    out = core(
+        *attn._project_raw(x),
+        position,
+        state.k,
+        state.v,
+        state.log_mass,
+        tables,
+        attn.opts,
+        attn.rope_theta,
+        *attn._gains(),
+    )
+    return attn.dense(out.reshape(B, 1, attn.nheads * attn.emb_v_per_head))
+
+
+def full_attention(
+    attn: nn.Module, y: torch.Tensor, state: KVState, cache: InferenceCache, position: torch.Tensor | None, theta: float
+) -> torch.Tensor:
+    """A hybrid variant's full-attention layer over a KVState: prefill (position None) or one step."""
+    B, T, _ = y.shape
+    q, k, v = attn.in_proj(y, None, None)
+    pos = torch.arange(T, device=y.device) if position is None else position.view(1)
+    q = rope(q.view(B, T, attn.nheads, attn.emb_kq_per_head), pos, theta).to(v.dtype)
+    k = rope(k.view(B, T, attn.kvheads, attn.emb_kq_per_head), pos, theta)
+    v = v.view(B, T, attn.kvheads, attn.emb_v_per_head)
+    out = cached_attention(q, k, v, state, 0, position, backend=cache.options.attention)
+    return attn.dense(out.reshape(B, T, attn.nheads * attn.emb_v_per_head))
+
+
+def allocate_cache(
+    model: nn.Module,
+    batch_size: int,
+    max_seq_len: int,
+    device=None,
+    dtype=None,
+    options: DecodeOptions | None = None,
+) -> InferenceCache:
+    """Per layer: TelescopingState (C slots) or, for full-attention layers, a KVState."""
+    check_allocation(batch_size, max_seq_len)
+    cfg = model.config
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    dtype = dtype or param.dtype
+    kv, d = cfg.kvheads or cfg.nheads, cfg.emb_dim // cfg.nheads
+    layers = [
+        KVState(batch_size, kv, max_seq_len, d, device=device, dtype=dtype)
+        if i in model.full_layers
+        else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype)
+        for i in range(cfg.nlayers)
+    ]
+    return InferenceCache(layers, batch_size, max_seq_len, (options or DecodeOptions()).resolve("telescoping", device))
+
+
+def forward_with_cache(model: nn.Module, x: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+    """Consume x [B, T]: an empty cache is prefilled through the parallel form; a cache that holds
+    tokens takes one recurrent step per token, its position read on the device."""
+    cache.check_tokens(x)
+    start, T = cache.seq_len, x.shape[1]
+    if start == 0:
+        logits = _chunk(model, x, cache, None)
+    else:
+        logits = torch.cat([_chunk(model, x[:, i : i + 1], cache, cache.position + i) for i in range(T)], 1)
+    cache.advance(T)
+    return logits
+
+
+def _chunk(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor | None) -> torch.Tensor:
+    """Prefill (position None: tokens 0..T-1) or one decode step at a device position."""
+    options = cache.options
+    if position is not None and options.gemv_step(x.shape[0]) and _gemv_layout(model):
+        return gemv_step(model, x, cache, position)
+    base = model.base_model
+    h = base.embedding(x)
+    for layer, state in zip(base.layers, cache.layers):
+        y = layer.ln(h)
+        if isinstance(state, KVState):
+            a = full_attention(layer.attn, y, state, cache, position, model.config.rope_theta)
+        elif position is None:
+            a = layer.attn.prefill(y, state)
+        else:
+            a = attention_step(layer.attn, y, state, position, options.compiled_cores)
+        h = h + a
+        h = h + layer.ff_sub_layer(layer.ff_ln(h))
+    return model.head(base.dec_norm(h))
+
+
+def _gemv_layout(model: nn.Module) -> bool:
+    """The Triton GEMV step's layout: telescoping layers only, Llama's block layout (checked once)."""
+    if not hasattr(model, "_tele_gemv_layout"):
+        model._tele_gemv_layout = not model.full_layers and all(eligible(l) for l in model.base_model.layers)
+    return model._tele_gemv_layout
+
+
+def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
+    """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
+    RMSNorm + QKV as one GEMV, the slot update and read-out (fused_qkv_step_core), then Wo +
+    residual, RMSNorm + gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final
+    norm + LM head as one GEMV."""
+    from avengers.decode.kernels import triton_gemv
+
+    base, B = model.base_model, x.shape[0]
+    h = base.embedding(x)
+    opts = base.layers[0].attn.opts
+    tables = step_tables(opts.cache_size, opts.fmap, x.device)
+    # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
+    core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
+    for layer, state in zip(base.layers, cache.layers):
+        attn, ff = layer.attn, layer.ff_sub_layer
+        qkv = triton_gemv.gemv(
+            h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
+        )
+        out = core(
+            qkv,
+            h.view(B, -1),
+            layer.ln.weight,
+            layer.ln.eps,
+            attn.gate.weight if attn.gate is not None else None,
+            position,
+            state.k,
+            state.v,
+            state.log_mass,
+            tables,
+            attn.opts,
+            attn.rope_theta,
+            *attn._gains(),
+        )
+        h = triton_gemv.decode_post(
+            h,
+            out.reshape(B, 1, -1),
+            attn.dense.weight,
+            layer.ff_ln.weight,
+            layer.ff_ln.eps,
+            ff.wg1_fused.weight,
+            ff.w2.weight,
+            ff.hidden_dim,
+        )
+    return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only

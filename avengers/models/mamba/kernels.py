@@ -1,0 +1,190 @@
+"""The one place that picks Mamba-2 kernels: mamba_ssm's Triton kernels on CUDA, pure torch elsewhere.
+
+Every op has a reference implementation here (built on avengers.models.mamba.ssd) with the same
+signature, so a model runs the same weights on either path and tests can compare the two.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from avengers.models.mamba.conv import ref_causal_conv
+from avengers.models.mamba.ssd import ssd_chunked, ssd_step
+
+log = logging.getLogger(__name__)
+KERNEL_MODES = ("auto", "mamba_ssm", "reference")
+
+
+# ---- reference ops -------------------------------------------------------------------------
+
+
+def ref_ssd(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state=None, return_final=False):
+    """dt is raw (before bias and softplus), as mamba_chunk_scan_combined takes it.
+
+    -> (y [b, l, h, p], final state [b, h, p, n] or None unless return_final).
+    """
+    dt = F.softplus(dt.float() + dt_bias.float())
+    y, final = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+    return y, (final if return_final else None)
+
+
+def ref_ssd_step(state, x, dt, A, B, C, D, dt_bias):
+    """state [b,h,p,n] updated in place; x [b,h,p]; raw dt [b,h]; B, C [b,g,n] -> y [b,h,p]."""
+    return ssd_step(state, x, F.softplus(dt.float() + dt_bias.float()), A, B, C, D)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def ref_gated_rmsnorm(y, z, weight, eps):
+    """rmsnorm(y * silu(z)) * weight (mamba_ssm's RMSNormGated with norm_before_gate=False, one group)."""
+    return _rms(y.float() * F.silu(z.float()), weight, eps).to(y.dtype)
+
+
+def ref_add_rmsnorm(x, residual, weight, eps, residual_in_fp32):
+    """(rmsnorm(x + residual), x + residual): the pre-norm residual step of mamba_ssm's Block."""
+    residual = x if residual is None else x + residual
+    if residual_in_fp32:
+        residual = residual.float()
+    return _rms(residual, weight, eps).to(x.dtype), residual
+
+
+# ---- mamba_ssm ops (imported only on CUDA) --------------------------------------------------
+
+
+def _mamba_ssm_ops() -> dict[str, Callable]:
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    def ssd(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state=None, return_final=False):
+        out = mamba_chunk_scan_combined(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size,
+            D=D,
+            dt_bias=dt_bias,
+            initial_states=initial_state,
+            dt_softplus=True,
+            return_final_states=return_final,
+        )
+        return out if return_final else (out, None)
+
+    def step(state, x, dt, A, B, C, D, dt_bias):
+        h, p = x.shape[1], x.shape[2]
+        n = state.shape[-1]
+        return selective_state_update(
+            state,
+            x,
+            dt.unsqueeze(-1).expand(-1, -1, p),
+            A.float()[:, None, None].expand(h, p, n),
+            B,
+            C,
+            D=D[:, None].expand(h, p),
+            dt_bias=dt_bias[:, None].expand(h, p),
+            dt_softplus=True,
+        )
+
+    def gated(y, z, weight, eps):
+        return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
+
+    def add_norm(x, residual, weight, eps, residual_in_fp32):
+        if residual is not None and residual_in_fp32 and residual.dtype != torch.float32:
+            residual = residual.float()  # e.g. FSDP2's MixedPrecisionPolicy cast the block's inputs to bf16
+        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=residual_in_fp32)
+
+    try:
+        from causal_conv1d import causal_conv1d_fn
+
+        def conv(x, weight, bias, silu):
+            return causal_conv1d_fn(x, weight.squeeze(1), bias, activation="silu" if silu else None)
+    except ImportError:  # our Triton kernel on the same channel-last layout (cuDNN's depthwise is slow)
+        from avengers.models.mamba.causal_conv_triton import self_test, triton_causal_conv
+
+        conv = triton_causal_conv if self_test() else ref_causal_conv
+
+    return dict(ssd=ssd, ssd_step=step, gated_rmsnorm=gated, add_rmsnorm=add_norm, causal_conv=conv)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str  # "mamba_ssm" or "reference"
+    ssd: Callable
+    ssd_step: Callable
+    gated_rmsnorm: Callable
+    add_rmsnorm: Callable
+    causal_conv: Callable
+    for_compile: Kernels | None = None  # what a block uses while torch.compile traces it (None: the same)
+
+
+REFERENCE = Kernels("reference", ref_ssd, ref_ssd_step, ref_gated_rmsnorm, ref_add_rmsnorm, ref_causal_conv)
+
+
+# What torch.compile'd Mamba blocks see of mamba_ssm (benchmarks/gpu_mamba.py compares them):
+#   "opaque"    each mamba_ssm op behind torch.compiler.disable (graph breaks around every op)
+#   "traced"    dynamo traces into mamba_ssm's autograd.Functions and Triton launches
+#   "custom_op" the SSD scan as a torch.library custom op and norms/conv in torch, so the block is
+#               one graph and inductor fuses everything but the scan (avengers.models.mamba.compile)
+# Eager execution is the same in all three.
+COMPILE_MODES = ("opaque", "traced", "custom_op")
+COMPILE_MODE = "opaque"
+
+
+@functools.cache
+def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"COMPILE_MODE={compile_mode!r}: expected one of {COMPILE_MODES}")
+    try:
+        ops = _mamba_ssm_ops()
+    except ImportError as e:
+        warnings.warn(
+            f"mamba_ssm is not importable ({e}); Mamba-2 layers run the pure-torch reference on "
+            "CUDA, which is slow and memory-hungry. pip install -r requirements-gpu.txt",
+            stacklevel=3,
+        )
+        return None
+    if compile_mode == "traced":
+        return Kernels("mamba_ssm", **ops)
+    ops = {k: torch.compiler.disable(f) for k, f in ops.items()}
+    for_compile = None
+    if compile_mode == "custom_op":
+        from avengers.models.mamba.compile import mamba_ssm_ssd_op, ssd_training
+
+        for_compile = Kernels(
+            "mamba_ssm_compile",
+            ssd_training(mamba_ssm_ssd_op(), ops["ssd"]),
+            ops["ssd_step"],
+            ref_gated_rmsnorm,
+            ref_add_rmsnorm,
+            ref_causal_conv,
+        )
+    return Kernels("mamba_ssm", **ops, for_compile=for_compile)
+
+
+def select_kernels(device: torch.device, mode: str = "auto") -> Kernels:
+    """mode auto: mamba_ssm on CUDA when importable (one warning when not), reference elsewhere."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r}: expected one of {KERNEL_MODES}")
+    if mode == "reference" or (mode == "auto" and device.type != "cuda"):
+        return REFERENCE
+    if device.type != "cuda":
+        raise ValueError(f"kernels='mamba_ssm' needs CUDA tensors, got device {device}; use 'auto' or 'reference'")
+    kernels = _mamba_ssm_kernels(COMPILE_MODE)
+    if kernels is None:
+        if mode == "mamba_ssm":
+            raise RuntimeError("kernels='mamba_ssm' but mamba_ssm cannot be imported; see the warning above")
+        return REFERENCE
+    return kernels

@@ -1,0 +1,162 @@
+"""CPU smoke test of the inference benchmark with every registered tiny variant."""
+
+import json
+
+import pytest
+import torch
+
+from avengers.decode import llama as llama_decode
+from avengers.inference import bench
+from avengers.inference.bench import BenchConfig, parse_args, parse_size, run
+from avengers.inference.check import DecodeMismatch, check_cached_decode, check_timed_dtype, timed_dtype_case
+from avengers.models.registry import list_variants
+
+
+def test_smoke_every_tiny_variant(tmp_path):
+    variants = [v for v in list_variants() if "tiny" in v]
+    assert "llama3_tiny" in variants
+    cfg = parse_args(
+        [
+            "--device",
+            "cpu",
+            "--contexts",
+            "128,256",
+            "--batch_sizes",
+            "1,2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--bandwidth_gbs",
+            "20",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert cfg.variants == variants
+    report = run(cfg)
+    assert not any(v.get("failed") for v in report["variants"].values()), report["variants"]
+    rows = report["rows"]
+    assert {(r["variant"], r["context"], r["batch"]) for r in rows} == {
+        (v, c, b) for v in variants for c in (128, 256) for b in (1, 2)
+    }
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["prefill_s"] > 0 and r["roofline_ratio"] > 0
+        assert r["cache_bytes"] == pytest.approx(r["batch"] * r["cache_bytes_per_seq"])
+    llama = {r["context"]: r["cache_bytes_per_seq"] for r in rows if r["variant"] == "llama3_tiny"}
+    assert llama[256] == 2 * llama[128]  # KV cache grows linearly
+    for name in variants:
+        assert report["variants"][name]["check"]["max_rel_err"] < 1e-4
+    saved = json.loads((tmp_path / "inference_bench.json").read_text())
+    assert len(saved["rows"]) == len(rows)
+    assert "| llama3_tiny | 256 | 2 |" in (tmp_path / "inference_bench.md").read_text()
+    for png in ("decode_tok_s_vs_context.png", "cache_mib_vs_context.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+    # --merge: a rerun of one variant replaces that variant's rows; the targets are recomputed
+    rerun = {
+        **saved,
+        "variants": {"llama3_tiny": saved["variants"]["llama3_tiny"]},
+        "rows": [{**r, "decode_tok_s": 2 * r["decode_tok_s"]} for r in saved["rows"] if r["variant"] == "llama3_tiny"],
+    }
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    merged_dir = tmp_path / "merged"
+    assert (
+        bench.main(
+            ["--merge", str(tmp_path / "inference_bench.json"), str(tmp_path / "rerun.json"), "--out", str(merged_dir)]
+        )
+        == 0
+    )
+    merged = json.loads((merged_dir / "inference_bench.json").read_text())
+    assert len(merged["rows"]) == len(rows) and set(merged["variants"]) == set(variants)
+    by_key = {(r["variant"], r["context"], r["batch"]): r["decode_tok_s"] for r in merged["rows"]}
+    for r in rows:
+        factor = 2 if r["variant"] == "llama3_tiny" else 1
+        assert by_key[(r["variant"], r["context"], r["batch"])] == pytest.approx(factor * r["decode_tok_s"])
+    assert (merged_dir / "cache_mib_vs_context.png").exists()
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.main(["--merge", str(tmp_path / "missing.json")])
+
+
+def test_check_passes_a_correct_model_and_catches_a_wrong_cached_forward(tiny, monkeypatch):
+    spec, model = tiny
+    assert check_cached_decode(model, spec.vocab_size, torch.device("cpu")).max_rel_err < 1e-5
+    monkeypatch.setattr(llama_decode, "apply_rope", lambda x, cos, sin: x)  # positions ignored
+    with pytest.raises(DecodeMismatch, match="differs from the full forward"):
+        check_cached_decode(model, spec.vocab_size, torch.device("cpu"))
+
+
+def test_check_covers_paths_taken_at_batch_one_only(tiny, monkeypatch):
+    spec, model = tiny
+    rope = llama_decode.apply_rope
+    monkeypatch.setattr(llama_decode, "apply_rope", lambda x, cos, sin: x if x.shape[0] == 1 else rope(x, cos, sin))
+    with pytest.raises(DecodeMismatch, match="differs from the full forward"):
+        check_cached_decode(model, spec.vocab_size, torch.device("cpu"))
+
+
+def test_timed_dtype_check_passes_bf16_rounding_and_catches_a_broken_decode(tmp_path, monkeypatch):
+    """Below fp32 the bench also checks the batch-1 path it times in that dtype (the gluon path
+    serves bf16 only): bf16 noise (~1% of the top logit) passes, positions ignored do not."""
+    rc = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--variants",
+            "llama3_tiny",
+            "--contexts",
+            "128",
+            "--batch_sizes",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--no_max_batch",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / "inference_bench.json").read_text())
+    err = report["variants"]["llama3_tiny"]["check"]["dtype_rel_err"]
+    assert rc == 0 and 0 < err < 0.05
+    assert "bf16 batch 1 vs full forward" in (tmp_path / "inference_bench.md").read_text()
+    assert err <= report["variants"]["llama3_tiny"]["check"]["dtype_tol"]
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("llama3_tiny")
+    model = spec.build("cpu")
+    model.init_weights()
+    case = timed_dtype_case(model.eval(), spec.vocab_size, torch.device("cpu"))
+    model = model.to(torch.bfloat16)
+    err, tol = check_timed_dtype(model, *case)
+    assert err < tol < 0.05
+    monkeypatch.setattr(llama_decode, "apply_rope", lambda x, cos, sin: x)  # positions ignored
+    with pytest.raises(DecodeMismatch, match="in torch.bfloat16 differs from the full forward"):
+        check_timed_dtype(model, *case)
+
+
+def test_failed_variant_is_reported_and_exit_code_nonzero(monkeypatch, tmp_path):
+    monkeypatch.setattr(llama_decode, "apply_rope", lambda x, cos, sin: x)
+    rc = bench.main(
+        ["--device", "cpu", "--variants", "llama3_tiny", "--contexts", "128", "--steps", "1", "--out", str(tmp_path)]
+    )
+    report = json.loads((tmp_path / "inference_bench.json").read_text())
+    assert rc == 1 and report["variants"]["llama3_tiny"]["failed"] and report["rows"] == []
+
+
+def test_config_errors():
+    assert [parse_size(s) for s in ("4k", "128K", "100")] == [4096, 131072, 100]
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("4m")
+    with pytest.raises(ValueError, match="unknown variants"):
+        BenchConfig(variants=["nope"], contexts=[128], batch_sizes=[1], device="cpu").validate()
+    with pytest.raises(ValueError, match="every context must be"):
+        BenchConfig(variants=["llama3_tiny"], contexts=[8], batch_sizes=[1], device="cpu").validate()
+    with pytest.raises(ValueError, match="decode must be one of"):
+        BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", decode="tvm").validate()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", decode="triton").validate()
+    assert parse_args(["--device", "cpu", "--decode", "compile"]).options.path == "compile"
+    assert parse_args(["--device", "cpu"]).decode == "auto"

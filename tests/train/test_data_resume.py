@@ -1,0 +1,64 @@
+"""The real loader inside the trainer: 2 ranks x 1 loader worker, killed and resumed, bit-identical."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from train_helpers import read_metrics, run_training
+
+from avengers.train.checkpoint import complete_checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avengers.data.prepare",
+            "--source",
+            "local",
+            "--input",
+            os.path.join(ROOT, "data/sample/fineweb-edu-sample.parquet"),
+            "--tokenizer",
+            os.path.join(ROOT, "data/sample/tokenizer"),
+            "--output",
+            str(out),
+            "--dataset",
+            "sample",
+            "--workers",
+            "1",
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    return dict(
+        use_dummy_dataset=False,
+        data_path=str(out),
+        datasets="sample",
+        logical_shards=8,
+        num_workers=1,
+        eos_token=1,
+        bos_token=0,
+        seq_length=32,
+        shuffle_buffer=16,
+        num_steps=4,
+        checkpoint_interval=2,
+    )
+
+
+def test_real_loader_resume_is_bit_identical(data, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_training(ckpt_save_path=str(ref), **data) == [0, 0]
+    assert run_training(ckpt_save_path=str(run), env={"AVENGERS_FAULT_AT_STEP": "3"}, **data) == [19, 19]
+    assert [s for s, _ in complete_checkpoints(str(run))] == [2]
+    assert run_training(ckpt_save_path=str(run), **data) == [0, 0]
+    a, b = read_metrics(ref), read_metrics(run)
+    assert [b[s]["loss"] for s in (3, 4)] == [a[s]["loss"] for s in (3, 4)]
+    assert a[4]["loss"] != a[3]["loss"]
