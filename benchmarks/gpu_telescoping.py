@@ -427,7 +427,7 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    """The result as a docs/benchmarks.md section body."""
+    """The result as a markdown section (the source of docs/results.md's telescoping rows)."""
     info = result["info"]
     lines = [f"{info['device']}, torch {info['torch']}, {info['date']}, `{' '.join(info['argv']) or '(defaults)'}`", ""]
     eq = result.get("equivalence")

@@ -33,9 +33,8 @@ log = logging.getLogger(__name__)
 
 DECODE_PATHS = ("auto", "reference", "compile", "triton", "gluon")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
-# The largest batch the Triton GEMV steps serve. H200 at 1k context, ms/step vs `compile`:
-# llama3_1.8b batch 1 1.37 vs 1.69, batch 2 1.81 vs 1.78; mamba2_1.3b batch 1 1.76 vs 1.87,
-# batch 8 5.42 vs 2.43 (a GEMV program re-reads its input tile for every few rows of weights).
+# The largest batch the Triton GEMV steps serve: above it `compile` is faster (a GEMV program
+# re-reads its input tile for every few rows of weights; docs/results.md, decode by path).
 GEMV_STEP_MAX_BATCH = 1
 
 

@@ -59,7 +59,7 @@ class BenchConfig:
     find_max_batch: bool = True
     max_batch_cap: int = 4096
     memory_fraction: float = 0.9  # of the free GPU memory the largest batch may use
-    bandwidth_gbs: float | None = None  # None: H200's 4.8 TB/s on CUDA, no roofline on CPU
+    bandwidth_gbs: float | None = None  # None: 4.8 TB/s (H200) on CUDA, no roofline on CPU
     prefill_chunk: int = 0  # >0: prefill in chunks of this many tokens (families whose chunked prefill checks out)
     cuda_graph: bool = True
     deadline_s: float = 450.0  # stop starting new measurements after this many seconds

@@ -1,7 +1,7 @@
 """The GEMV chain of a Llama decode step (every block's QKV, Wo, gate/up and W2 GEMVs at batch 1)
 as one warp-specialised persistent Gluon kernel: the first part of a one-kernel decode step.
 
-Why (docs/benchmarks.md): at batch 1 a Llama step is a chain of GEMVs whose weights do not depend
+Why: at batch 1 a Llama step is a chain of GEMVs whose weights do not depend
 on the token, but at every kernel (or grid-barrier phase) boundary the weight stream stops until
 the previous phase's output is there. Here it never stops: in every program (one per SM) a
 one-warp loader partition walks the weights of all blocks in step order and copies them with TMA
@@ -206,9 +206,8 @@ def _loader(
         _stamp(Stamps, pid, n_layers * 5, 0, STAMPS)
 
 
-# the Triton kernels' grid barrier (triton_grid.py), called from Gluon. Measured slower on the H200:
-# polling with plain acquire loads (1.5%), and a flag that the last arrival sets, polled instead of
-# the counter (8%).
+# the Triton kernels' grid barrier (triton_grid.py), called from Gluon (measured faster than polling
+# with plain acquire loads, or a flag that the last arrival sets: experiments/README.md).
 _grid_arrive = _import_from_triton(triton_grid.grid_arrive)
 _grid_wait = _import_from_triton(triton_grid.grid_wait)
 

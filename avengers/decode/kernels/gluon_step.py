@@ -29,9 +29,8 @@ class LlamaStepKernel:
     weights) when the caches are one tensor (KVState.stacked) and KV_RING is set; else the
     consumer warps load them. Between phases a grid barrier, or (TAGGED) none: each row is stored
     with its phase's tag next to every value, and a phase polls its input row until all tags are
-    this launch's (the attention items only their own head's q, k and v); measured slower on the
-    H200 (1.42 vs 1.21 ms at 1k, 2.39 vs 1.94 ms at 32k: docs/benchmarks.md), the polls' traffic
-    costing more than the barriers they replace. Holds a packed copy of the block weights (2.6 GB
+    this launch's (the attention items only their own head's q, k and v); measured slower (the
+    polls' traffic costs more than the barriers they replace: experiments/README.md). Holds a packed copy of the block weights (2.6 GB
     for llama3_1.8b) and the step's buffers."""
 
     STAGES = 12
@@ -40,13 +39,12 @@ class LlamaStepKernel:
     TAGGED = False  # True: phases wait for their input rows' tags instead of a grid barrier
     # longer caches take the per-kernel Triton path: there reading the cache dominates, and its
     # split-K attention kernel (every warp of every SM loading keys) outruns this kernel's attention
-    # phase (H200, llama3_1.8b: 1.92 vs 2.06 ms at 32k, 2.77 vs 2.75 at 64k, 4.29 vs 4.15 at 128k)
+    # phase (docs/results.md: the two paths at 32k-128k)
     MAX_CACHE_TOKENS = 32768
     LOAD = True  # False (timing only): no weight or K/V copies, stale ring stages
     MATH = True  # False (timing only): stages released unread
     # the loader keeps at most this many copies (16 KB each) in flight: with the ring's 12 allowed,
-    # the grid barriers' atomics and the attention's loads queue behind the stream (H200, llama3_1.8b:
-    # 1.004 vs 1.081 ms at 1k, 1.392 vs 1.466 at 16k; 1 starves the stream: docs/benchmarks.md)
+    # the grid barriers' atomics and the attention's loads queue behind the stream; 1 starves it
     INFLIGHT = 2
     SPLIT_PROGRAMS = None  # programs the attention's split plan fills (None: the SMs, rounded to kv heads)
 

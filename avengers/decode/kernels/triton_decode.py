@@ -6,9 +6,8 @@ streams its slice of keys/values once for all H/H_kv query heads of the group (r
 tl.dot, padded to 16) and writes an unnormalised partial output with its running max and sum.
 Pass 2: program (b, query head) merges the splits. Splits past the valid length do no work.
 Key tile size, warps and pipeline depth of pass 1 are autotuned per split length on a GPU. The
-split count fills the waves of pass-1 programs best (num_splits): with one wave at batch 1 and a
-choice of pipeline depth the kernel alone went from 44.0 to 37.1 us per layer at 32k context on
-an H200 (benchmarks/gpu_decode_attention.py, docs/benchmarks.md).
+split count fills the waves of pass-1 programs best (num_splits): one wave at batch 1, where
+every SM streams one split (its speed against the cache-read floor: docs/results.md).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from avengers.decode.kernels.triton_pdl import pdl_kwargs
 
 BLOCK_N = 64  # split lengths are whole multiples of this
 MAX_SPLITS = 64
-ITEMS_PER_SM = 1  # pass-1 programs per SM that num_splits counts as running at once (docs/benchmarks.md)
+ITEMS_PER_SM = 1  # pass-1 programs per SM that num_splits counts as running at once
 
 
 def _partial_configs() -> list[triton.Config]:

@@ -2,7 +2,7 @@
 
 A Llama decode step at batch 1 is bandwidth-bound on the weights, but torch runs each block as
 ~15 kernels (norm, matmul, RoPE, cache write, residual add, SiLU-multiply, ...), and at 1-2B parameters their
-fixed per-kernel cost is as large as the weight reads (docs/benchmarks.md). Here a block's four
+fixed per-kernel cost is as large as the weight reads. Here a block's four
 weight matmuls are four kernels that also do the work around them:
 
     rmsnorm(h) @ Wqkv^T          h + attn @ Wo^T          silu(g) * u, [g; u] = rmsnorm(h) @ Wg1^T          h + a @ W2^T
@@ -30,7 +30,7 @@ MAX_BATCH = 8  # rows the kernels take; decode steps use them at batch 1 (option
 def _gemv_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BN": 16, "BK": 128})]
-    # (rows, K block): on the H200 every shape picked BK = 1024 over 256/512 (docs/benchmarks.md)
+    # (rows, K block); the autotuner picks per shape
     tiles = [(2, 1024), (2, 2048), (4, 512), (4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512)]
     return [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk in tiles for w in (2, 4, 8)]
 

@@ -1,9 +1,9 @@
-"""A grid-wide barrier for persistent Triton kernels (triton_block.py).
+"""A grid-wide barrier for persistent kernels (the Gluon decode step, gluon_chain.py).
 
 Every program adds one to a zeroed int32 counter Count[0] (a release) when it has stored its part
 of a phase (`grid_arrive`) and, before it reads another program's output, polls the counter with
 acquire reads until it reaches `phase * number of programs` (`grid_wait`; Count[1] is set if a
-wait gave up). On the H200 a barrier costs about 1 us (docs/benchmarks.md). Correct only if all
+wait gave up). A barrier costs about a microsecond. Correct only if all
 programs of the grid are resident at once: never with programmatic dependent launch, and as a
 cooperative launch where Triton offers it (the driver then refuses a grid that cannot be resident
 instead of letting it hang). Under Triton's CPU interpreter programs run one after another, so

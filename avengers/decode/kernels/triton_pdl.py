@@ -39,6 +39,6 @@ def _supported(device_index: int) -> bool:
 
 def pdl_kwargs(device: torch.device) -> dict:
     """Launch keywords for a kernel with a `GDC` constexpr: PDL wherever the device and Triton
-    support it (it shortened the batch-1 Llama step by 8% on an H200, docs/results.md)."""
+    support it (it shortens the batch-1 Llama step: experiments/README.md)."""
     on = device.type == "cuda" and _supported(device.index or 0)
     return {"GDC": on, "launch_pdl": on}

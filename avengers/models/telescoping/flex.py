@@ -19,7 +19,7 @@ value 0, so with k of them query t's output is the output over its live slots sc
 Z / (Z + k), Z the live slots' softmax normaliser. flex returns log Z (return_lse, differentiable),
 so the scale is sigmoid(lse - log k), applied outside the kernel: the mask holds live nodes only
 and the kernel needs no per-query score bias (a bias read from a per-query table made the kernel
-several times slower on an H200, docs/benchmarks.md).
+several times slower: experiments/README.md).
 """
 
 from __future__ import annotations
