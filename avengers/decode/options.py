@@ -36,6 +36,9 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 # The largest batch the Triton GEMV steps serve: above it `compile` is faster (a GEMV program
 # re-reads its input tile for every few rows of weights; docs/results.md, decode by path).
 GEMV_STEP_MAX_BATCH = 1
+# Gluon is Triton's experimental layer and its API moves between releases: the Gluon step is
+# tested on this release only, and any other takes the Triton path.
+GLUON_TESTED_TRITON = "3.6"
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,8 @@ def gluon_unavailable_reason(device: torch.device) -> str | None:
         return f"it is built for Hopper (sm_90), got {torch.cuda.get_device_name(device)}"
     import triton
 
-    from avengers.decode.kernels.gluon_step import TESTED_TRITON
-
-    if not triton.__version__.startswith(TESTED_TRITON):
-        return f"it is tested with Triton {TESTED_TRITON}.x, found {triton.__version__}"
+    if not triton.__version__.startswith(GLUON_TESTED_TRITON):
+        return f"it is tested with Triton {GLUON_TESTED_TRITON}.x, found {triton.__version__}"
     return None
 
 

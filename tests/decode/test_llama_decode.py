@@ -137,3 +137,29 @@ def test_cache_carries_its_resolved_options(tiny):
     _, model = tiny
     assert model.allocate_cache(1, 8).options == DecodeOptions("reference")
     assert model.allocate_cache(1, 8, options=DecodeOptions("compile", "torch")).options.attention == "torch"
+
+
+def test_gluon_falls_back_to_triton_off_its_tested_triton(monkeypatch):
+    """The Gluon step runs only on Hopper with the Triton release it is tested with; elsewhere the
+    `gluon` path (asked for, or chosen by auto) takes the Triton path, with a warning when asked."""
+    import sys
+    import types
+
+    from avengers.decode import options
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.9.0"))
+    assert "tested with Triton 3.6.x, found 3.9.0" in options.gluon_unavailable_reason(cuda)
+    assert DecodeOptions().resolve("llama", cuda).path == "triton"
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))
+    assert options.gluon_unavailable_reason(cuda) is None
+    assert DecodeOptions().resolve("llama", cuda).path == "gluon"  # auto: Llama on Hopper, tested Triton
+    assert DecodeOptions().resolve("mamba", cuda).path == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "B200")
+    assert "Hopper" in options.gluon_unavailable_reason(cuda)
+    assert DecodeOptions().resolve("llama", cuda).path == "triton"  # auto, off Hopper
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.warns(UserWarning, match="'gluon' cannot run here"):
+        assert DecodeOptions("gluon").resolve("llama", torch.device("cpu")).path == "triton"

@@ -15,10 +15,6 @@ from avengers.decode.kernels import gluon_chain as gc
 
 log = logging.getLogger(__name__)
 
-# Gluon is Triton's experimental layer: its API moves between releases. This kernel is tested on
-# this release only; DecodeOptions.resolve falls back to the Triton path on any other.
-TESTED_TRITON = "3.6"
-
 
 class LlamaStepKernel:
     """A Llama's batch-1 decode step through all its blocks as one kernel (the `gluon` path):
@@ -30,8 +26,8 @@ class LlamaStepKernel:
     consumer warps load them. Between phases a grid barrier, or (TAGGED) none: each row is stored
     with its phase's tag next to every value, and a phase polls its input row until all tags are
     this launch's (the attention items only their own head's q, k and v); measured slower (the
-    polls' traffic costs more than the barriers they replace: experiments/README.md). Holds a packed copy of the block weights (2.6 GB
-    for llama3_1.8b) and the step's buffers."""
+    polls' traffic costs more than the barriers they replace: experiments/README.md). Holds a
+    packed copy of the block weights (2.6 GB for llama3_1.8b) and the step's buffers."""
 
     STAGES = 12
     NUM_WARPS = 8
