@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from torch import nn
 from avengers.decode.cache import InferenceCache
 from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, DecodeOptions
 from avengers.dtypes import DTYPES
+from avengers.hardware import device_spec, measure_copy_bandwidth
 from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
 from avengers.inference.check import (
     CheckResult,
@@ -43,7 +45,6 @@ from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
 
-H200_BANDWIDTH_GBS = 4800.0
 GPU_DEFAULT_VARIANTS = ("llama3_1.8b", "mamba2_1.3b", "mamba_1.5b", "tele128_llama3_1.8b")
 
 
@@ -54,12 +55,14 @@ class BenchConfig:
     batch_sizes: list[int]
     device: str
     dtype: str = "bf16"
-    steps: int = 20  # timed decode steps per measurement
+    steps: int = 20  # timed decode steps per round
+    rounds: int = 5  # timed rounds per measurement: the median is reported, with the spread
     warmup: int = 3
     find_max_batch: bool = True
     max_batch_cap: int = 4096
     memory_fraction: float = 0.9  # of the free GPU memory the largest batch may use
-    bandwidth_gbs: float | None = None  # None: 4.8 TB/s (H200) on CUDA, no roofline on CPU
+    bandwidth_gbs: float | None = None  # None: the device's own (avengers.hardware), no roofline on CPU
+    peak_tflops: float | None = None  # None: the device's dense bf16 peak (avengers.hardware)
     prefill_chunk: int = 0  # >0: prefill in chunks of this many tokens (families whose chunked prefill checks out)
     cuda_graph: bool = True
     deadline_s: float = 450.0  # stop starting new measurements after this many seconds
@@ -88,8 +91,11 @@ class BenchConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if any(c < self.room + 2 for c in self.contexts):
             raise ValueError(f"every context must be >= {self.room + 2} (steps + warm-up room), got {self.contexts}")
-        if any(b < 1 for b in self.batch_sizes) or self.steps < 1 or self.warmup < 0:
-            raise ValueError(f"batch sizes and steps must be >= 1, got {self.batch_sizes}, steps={self.steps}")
+        if any(b < 1 for b in self.batch_sizes) or self.steps < 1 or self.rounds < 1 or self.warmup < 0:
+            raise ValueError(
+                f"batch sizes, steps and rounds must be >= 1, got {self.batch_sizes}, steps={self.steps}, "
+                f"rounds={self.rounds}"
+            )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
         self.options.resolve("llama", self.device)  # a path this device cannot run fails here, before any model
@@ -141,20 +147,54 @@ def prefill(model: nn.Module, cache: InferenceCache, ids: torch.Tensor, chunk: i
 def time_decode(
     model: nn.Module, cache: InferenceCache, start: int, cfg: BenchConfig, vocab: int, use_graph: bool
 ) -> float:
-    """Seconds per decode step at positions start.., warm-up excluded."""
+    """Seconds per decode step at positions start.., one figure per round of cfg.steps steps
+    (warm-up excluded); every round starts from the same position."""
     device = cache.position.device
     cache.set_seq_len(start)
     step = DecodeStep(model, cache, cuda_graph=use_graph, preserve_state=False)
     tokens = torch.randint(0, vocab, (cache.batch_size, 1), device=device)
     for _ in range(cfg.warmup):
         step(tokens)
-    cache.set_seq_len(start)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(cfg.steps):
-        step(tokens)
-    _sync(device)
-    return (time.perf_counter() - t0) / cfg.steps
+    rounds = []
+    for _ in range(cfg.rounds):
+        cache.set_seq_len(start)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg.steps):
+            step(tokens)
+        _sync(device)
+        rounds.append((time.perf_counter() - t0) / cfg.steps)
+    return rounds
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The device's memory bandwidth (bytes/s) and dense peak (FLOP/s) the roofline divides by."""
+
+    bandwidth: float | None
+    peak: float | None
+    source: str = ""
+
+    def bound(self, nbytes: float, flops: float) -> tuple[float, str] | None:
+        """(the least time a step can take, "memory" or "compute"), None without a bandwidth."""
+        if not self.bandwidth:
+            return None
+        memory_s, compute_s = nbytes / self.bandwidth, flops / self.peak if self.peak else 0.0
+        return (memory_s, "memory") if memory_s >= compute_s else (compute_s, "compute")
+
+
+def device_limits(cfg: BenchConfig) -> Limits:
+    """Flags first, then the device's datasheet figures (avengers.hardware); a GPU missing from the
+    table gets its bandwidth from a measured device-to-device copy; a CPU needs --bandwidth_gbs."""
+    spec = device_spec(cfg.device)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else spec.bf16_flops
+    if cfg.bandwidth_gbs:
+        return Limits(cfg.bandwidth_gbs * 1e9, peak, "--bandwidth_gbs")
+    if spec.bandwidth:
+        return Limits(spec.bandwidth, peak, f"datasheet ({spec.name})")
+    if torch.device(cfg.device).type == "cuda":
+        return Limits(measure_copy_bandwidth(cfg.device), peak, f"measured copy ({spec.name})")
+    return Limits(None, peak)
 
 
 def _largest_batch(cache_per_seq: float, device: torch.device, cfg: BenchConfig) -> int | None:
@@ -178,7 +218,7 @@ class VariantResult:
     decode_path: str = ""  # the resolved DecodeOptions path the variant ran
 
 
-def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float) -> VariantResult:
+def bench_variant(name: str, cfg: BenchConfig, limits: Limits, rows: list[dict], deadline: float) -> VariantResult:
     """Checks, then every context; measurements that would start after `deadline` (monotonic) are skipped."""
     spec = get_model_spec(name)
     device = torch.device(cfg.device)
@@ -191,7 +231,6 @@ def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float
     check = _run_checks(model, spec.vocab_size, device, dtype, cfg)
     res.check = asdict(check)
     res.weight_bytes = weight_bytes_per_step(model)
-    bandwidth = cfg.bandwidth_gbs or (H200_BANDWIDTH_GBS if device.type == "cuda" else None)
     chunk = cfg.prefill_chunk if check.chunked_prefill else 0
     res.decode_mode = check.decode_mode
     for ctx in measure_order(cfg.contexts):
@@ -199,7 +238,7 @@ def bench_variant(name: str, cfg: BenchConfig, rows: list[dict], deadline: float
             res.errors.append(f"context {ctx}: skipped, this variant's share of --deadline_s was used up")
             continue
         try:
-            _bench_context(model, spec, ctx, chunk, bandwidth, res, cfg, rows, deadline)
+            _bench_context(model, spec, ctx, chunk, limits, res, cfg, rows, deadline)
         except torch.cuda.OutOfMemoryError as e:
             res.errors.append(f"context {ctx}: out of memory at batch 1 ({str(e).splitlines()[0]})")
         if device.type == "cuda":
@@ -235,7 +274,7 @@ def _bench_context(
     spec,
     ctx: int,
     chunk: int,
-    bandwidth: float | None,
+    limits: Limits,
     res: VariantResult,
     cfg: BenchConfig,
     rows: list[dict],
@@ -271,7 +310,7 @@ def _bench_context(
         if time.monotonic() > deadline:
             res.errors.append(f"context {ctx} batch {b}: skipped, deadline reached")
             break
-        row = _measure_batch(model, spec, cache1, fill, b, b == largest, bandwidth, res, cfg)
+        row = _measure_batch(model, spec, cache1, fill, b, b == largest, limits, res, cfg)
         if row is None:
             continue
         fits = row.pop("_fits") or fits
@@ -297,7 +336,7 @@ def _measure_batch(
     fill: int,
     batch: int,
     is_largest: bool,
-    bandwidth: float | None,
+    limits: Limits,
     res: VariantResult,
     cfg: BenchConfig,
 ) -> dict | None:
@@ -315,20 +354,28 @@ def _measure_batch(
                 cache = model.allocate_cache(batch, cache1.max_seq_len, device, dtype, cfg.options)
                 cache1.set_seq_len(fill)
                 cache.broadcast_from(cache1)
-            step_s = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
+            rounds = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
+            step_s = statistics.median(rounds)
             nbytes = cache.nbytes()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             moved = res.weight_bytes + nbytes
-            roof_s = moved / (bandwidth * 1e9) if bandwidth else None
+            # a decode step's forward FLOPs: a third of the training (fwd + bwd) FLOPs per token at this context
+            flops = batch * spec.flops_per_token(cache1.max_seq_len) / 3
+            bound = limits.bound(moved, flops)
             return dict(
                 batch=batch,
                 decode_step_ms=step_s * 1e3,
+                decode_step_ms_min=min(rounds) * 1e3,
+                decode_step_ms_max=max(rounds) * 1e3,
+                rounds=len(rounds),
                 decode_tok_s=batch / step_s,
                 cache_bytes=nbytes,
                 peak_mem_gib=peak,
                 bytes_per_step=moved,
-                roofline_ms=roof_s * 1e3 if roof_s else None,
-                roofline_ratio=step_s / roof_s if roof_s else None,
+                flops_per_step=flops,
+                roofline_ms=bound[0] * 1e3 if bound else None,
+                roofline_bound=bound[1] if bound else None,
+                roofline_ratio=step_s / bound[0] if bound else None,
                 decode_mode=res.decode_mode,
                 _fits=batch if is_largest else None,
             )
@@ -373,8 +420,15 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--max_batch_cap", type=int, default=4096)
     p.add_argument("--memory_fraction", type=float, default=0.9)
     p.add_argument(
-        "--bandwidth_gbs", type=float, default=None, help="memory bandwidth for the roofline (CUDA default 4800)"
+        "--bandwidth_gbs",
+        type=float,
+        default=None,
+        help="memory bandwidth for the roofline, GB/s (default: the GPU's own; CPU: no roofline)",
     )
+    p.add_argument(
+        "--peak_tflops", type=float, default=None, help="dense bf16 peak for the roofline (default: the GPU's own)"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds of --steps steps; the median is reported")
     p.add_argument(
         "--prefill_chunk",
         type=int,
@@ -415,6 +469,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         max_batch_cap=a.max_batch_cap,
         memory_fraction=a.memory_fraction,
         bandwidth_gbs=a.bandwidth_gbs,
+        peak_tflops=a.peak_tflops,
+        rounds=a.rounds,
         prefill_chunk=a.prefill_chunk,
         cuda_graph=not a.no_cuda_graph,
         deadline_s=a.deadline_s,
@@ -434,10 +490,11 @@ def run(cfg: BenchConfig) -> dict:
     t_start = time.monotonic()
     rows: list[dict] = []
     variants = {}
+    limits = device_limits(cfg)
     share = cfg.deadline_s / len(cfg.variants)  # time left over by one variant passes to the next
     for i, name in enumerate(cfg.variants):
         try:
-            variants[name] = asdict(bench_variant(name, cfg, rows, t_start + share * (i + 1)))
+            variants[name] = asdict(bench_variant(name, cfg, limits, rows, t_start + share * (i + 1)))
         except Exception as e:  # one family's failure must not hide the others' numbers
             log.exception("variant %s failed", name)
             variants[name] = {"variant": name, "errors": [f"{type(e).__name__}: {e}"], "failed": True}
@@ -451,6 +508,11 @@ def run(cfg: BenchConfig) -> dict:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_s": time.monotonic() - t_start,
+        "roofline": {
+            "bandwidth_gbs": limits.bandwidth / 1e9 if limits.bandwidth else None,
+            "peak_tflops": limits.peak / 1e12 if limits.peak else None,
+            "source": limits.source,
+        },
         "variants": variants,
         "rows": rows,
     }

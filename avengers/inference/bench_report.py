@@ -51,11 +51,22 @@ def targets_summary(rows: list[dict]) -> dict:
     }
 
 
+def _roofline_note(roof: dict | None) -> str:
+    if not roof or not roof.get("bandwidth_gbs"):
+        return "Roofline: none (no memory bandwidth for this device; pass --bandwidth_gbs)."
+    peak = f"{roof['peak_tflops']:.0f} TFLOP/s dense bf16" if roof.get("peak_tflops") else "no FLOP peak"
+    return (
+        f"Roofline: max(bytes / {roof['bandwidth_gbs']:.0f} GB/s, FLOPs / {peak}), from {roof['source']}; "
+        "decode ms/step is the median of the timed rounds."
+    )
+
+
 def markdown_table(report: dict) -> str:
     lines = [
         f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
         f"dtype {report['config']['dtype']}, {report['wall_s']:.0f} s, decode path "
         f"{report['config'].get('decode', 'auto')}, decode attention {report['config'].get('decode_attn', 'auto')}",
+        _roofline_note(report.get("roofline")),
         "",
     ]
     for name, v in report["variants"].items():
@@ -77,15 +88,17 @@ def markdown_table(report: dict) -> str:
         )
     lines += [
         "",
-        "| variant | context | batch | prefill s (b=1) | decode ms/step | decode tok/s | cache MiB/seq "
-        "| peak GiB | max batch | roofline ms | measured/roofline |",
-        "|" + "---|" * 11,
+        "| variant | context | batch | prefill s (b=1) | decode ms/step (median) | spread (min-max) "
+        "| decode tok/s | cache MiB/seq | peak GiB | max batch | roofline ms | bound | measured/roofline |",
+        "|" + "---|" * 13,
     ]
     for r in report["rows"]:
+        spread = f"{r['decode_step_ms_min']:.3f}-{r['decode_step_ms_max']:.3f}" if "decode_step_ms_min" in r else "n/a"
         lines.append(
             f"| {r['variant']} | {r['context']} | {r['batch']} | {r['prefill_s']:.3f} | {r['decode_step_ms']:.3f} "
-            f"| {r['decode_tok_s']:.0f} | {r['cache_bytes_per_seq'] / 2**20:.3f} | {_fmt(r['peak_mem_gib'], '.1f')} "
-            f"| {_fmt(r['max_batch'], 'd')} | {_fmt(r['roofline_ms'], '.3f')} | {_fmt(r['roofline_ratio'], '.2f')} |"
+            f"| {spread} | {r['decode_tok_s']:.0f} | {r['cache_bytes_per_seq'] / 2**20:.3f} "
+            f"| {_fmt(r['peak_mem_gib'], '.1f')} | {_fmt(r['max_batch'], 'd')} | {_fmt(r['roofline_ms'], '.3f')} "
+            f"| {r.get('roofline_bound') or 'n/a'} | {_fmt(r['roofline_ratio'], '.2f')} |"
         )
     t = report["targets"]
     lines += ["", "Targets:"]

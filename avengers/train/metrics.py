@@ -13,38 +13,14 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from avengers.hardware import device_spec
 
-# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched by substring of the device name.
-PEAK_BF16_FLOPS = (
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("B100", 1.75e15),
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("H800", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("A6000", 155e12),
-    ("A10G", 70e12),
-    ("L4", 121e12),
-    ("MI300X", 1307e12),
-    ("MI250X", 383e12),
-)
+log = logging.getLogger(__name__)
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of one device, or None where unknown (CPU, unlisted GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS:
-        if key in name:
-            return value
-    return None
+    """Peak dense bf16 FLOP/s of one device, or None where unknown (CPU, unlisted GPUs)."""
+    return device_spec(device).bf16_flops
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:

@@ -29,6 +29,8 @@ def test_smoke_every_tiny_variant(tmp_path):
             "1",
             "--bandwidth_gbs",
             "20",
+            "--rounds",
+            "3",
             "--out",
             str(tmp_path),
         ]
@@ -43,6 +45,10 @@ def test_smoke_every_tiny_variant(tmp_path):
     for r in rows:
         assert r["decode_tok_s"] > 0 and r["prefill_s"] > 0 and r["roofline_ratio"] > 0
         assert r["cache_bytes"] == pytest.approx(r["batch"] * r["cache_bytes_per_seq"])
+        assert r["rounds"] == 3 and r["decode_step_ms_min"] <= r["decode_step_ms"] <= r["decode_step_ms_max"]
+        # no FLOP peak on a CPU: the bound is the bytes at --bandwidth_gbs
+        assert r["roofline_bound"] == "memory" and r["roofline_ms"] == pytest.approx(r["bytes_per_step"] / 20e6)
+    assert report["roofline"] == {"bandwidth_gbs": 20.0, "peak_tflops": None, "source": "--bandwidth_gbs"}
     llama = {r["context"]: r["cache_bytes_per_seq"] for r in rows if r["variant"] == "llama3_tiny"}
     assert llama[256] == 2 * llama[128]  # KV cache grows linearly
     for name in variants:
@@ -160,3 +166,27 @@ def test_config_errors():
         BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", decode="triton").validate()
     assert parse_args(["--device", "cpu", "--decode", "compile"]).options.path == "compile"
     assert parse_args(["--device", "cpu"]).decode == "auto"
+
+
+def test_roofline_is_the_larger_of_the_memory_and_compute_bounds():
+    from avengers.inference.bench import Limits
+
+    h100 = Limits(bandwidth=3.35e12, peak=989e12)
+    assert h100.bound(nbytes=3.35e9, flops=1e11) == (pytest.approx(1e-3), "memory")  # batch 1: the weights
+    assert h100.bound(nbytes=3.35e9, flops=9.89e12) == (pytest.approx(1e-2), "compute")  # a large batch
+    assert Limits(bandwidth=1e9, peak=None).bound(1e9, 1e30) == (1.0, "memory")  # no peak known: bytes only
+    assert Limits(bandwidth=None, peak=989e12).bound(1e9, 1e12) is None  # no bandwidth: no roofline
+
+
+def test_device_limits_take_flags_over_the_datasheet(monkeypatch):
+    from avengers.hardware import DeviceSpec
+    from avengers.inference import bench as bench_mod
+
+    cfg = BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu")
+    assert bench_mod.device_limits(cfg).bandwidth is None  # a CPU has no datasheet figure
+    monkeypatch.setattr(bench_mod, "device_spec", lambda device: DeviceSpec("NVIDIA H100 80GB HBM3", 989e12, 3.35e12))
+    limits = bench_mod.device_limits(cfg)
+    assert (limits.bandwidth, limits.peak) == (3.35e12, 989e12) and "datasheet" in limits.source
+    cfg.bandwidth_gbs, cfg.peak_tflops = 3000.0, 500.0
+    limits = bench_mod.device_limits(cfg)
+    assert (limits.bandwidth, limits.peak, limits.source) == (3000e9, 500e12, "--bandwidth_gbs")
