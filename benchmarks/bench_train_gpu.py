@@ -4,7 +4,9 @@
     python benchmarks/bench_train_gpu.py --smoke                  # tiny CPU check of the script itself
 
 (a) bare: fully_shard per block + root (bf16 params, fp32 reduce, fp32 master weights), block.compile(),
-    fused AdamW, random tokens, nothing else. (b) trainer: avengers.train.train() with
+    fused AdamW, random tokens, nothing else; once per --bare_loss: `chunked` (the models' labels= path,
+    avengers/ops/loss.py, what the trainer runs) and/or `full` (cross-entropy over the whole batch's fp32
+    logits, the path before it), each with its peak memory (out of memory is reported, not fatal). (b) trainer: avengers.train.train() with
     use_dummy_dataset and the same shapes (its loader, clipping, schedule, metrics). Both report
     tokens/s/GPU over the timed steps after the warm-up steps, and MFU against the device's peak.
 Writes <out>/bench_train_gpu.json.
@@ -33,8 +35,10 @@ from avengers.train.metrics import mfu, peak_flops  # noqa: E402
 from avengers.train.parallel import build_mesh, find_blocks, init_distributed  # noqa: E402
 
 
-def bare_loop(spec, device, batch: int, seq: int, warmup: int, steps: int, compile_blocks: bool, mixed: bool) -> float:
-    """Tokens/s of the timed steps of a minimal FSDP2 training loop."""
+def bare_loop(
+    spec, device, batch: int, seq: int, warmup: int, steps: int, compile_blocks: bool, mixed: bool, loss_mode: str
+) -> dict:
+    """Tokens/s and peak memory of the timed steps of a minimal FSDP2 training loop."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
@@ -57,25 +61,35 @@ def bare_loop(spec, device, batch: int, seq: int, warmup: int, steps: int, compi
     inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     def step() -> None:
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        if loss_mode == "full":
+            loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten())
+        else:
+            loss = model(inputs, labels=labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    elapsed = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        result = {"tokens_per_s_per_gpu": batch * seq * steps / elapsed}
+    except torch.cuda.OutOfMemoryError as e:
+        result = {"tokens_per_s_per_gpu": None, "error": f"out of memory: {str(e).splitlines()[0]}"}
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     del model, opt, x, inputs, labels
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return batch * seq * steps / elapsed
+    return result
 
 
 def trainer_run(
@@ -126,6 +140,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no_compile", action="store_true")
+    p.add_argument(
+        "--bare_loss", default="chunked", help="comma-separated bare-loop losses: chunked (the trainer's), full"
+    )
     p.add_argument("--smoke", action="store_true", help="llama3_tiny, tiny shapes, no compile (CPU check)")
     args = p.parse_args()
     if args.smoke:
@@ -140,10 +157,22 @@ def main() -> None:
     flops = spec.flops_per_token(args.seq_length)
     peak = peak_flops(device)
 
-    t0 = time.perf_counter()
-    bare = bare_loop(spec, device, args.batch_size, args.seq_length, args.warmup, args.steps, compile_blocks, mixed)
-    t_bare = time.perf_counter() - t0
-    print(f"bare loop: {bare:,.0f} tokens/s/GPU, MFU {_pct(mfu(flops, bare, peak))} ({t_bare:.0f} s)", flush=True)
+    modes = [m for m in args.bare_loss.split(",") if m]
+    if not modes or any(m not in ("chunked", "full") for m in modes):
+        raise SystemExit(f"--bare_loss takes chunked and/or full, got {args.bare_loss!r}")
+    bare_runs = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        run = bare_loop(
+            spec, device, args.batch_size, args.seq_length, args.warmup, args.steps, compile_blocks, mixed, mode
+        )
+        run["wall_s"] = time.perf_counter() - t0
+        run["mfu"] = mfu(flops, run["tokens_per_s_per_gpu"] or 0.0, peak)
+        bare_runs[mode] = run
+        speed = f"{run['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU" if run["tokens_per_s_per_gpu"] else run["error"]
+        mem = f", peak {run['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in run else ""
+        print(f"bare loop ({mode} loss): {speed}, MFU {_pct(run['mfu'])}{mem} ({run['wall_s']:.0f} s)", flush=True)
+    bare = bare_runs[modes[0]]["tokens_per_s_per_gpu"] or float("nan")
     t0 = time.perf_counter()
     trainer, last = trainer_run(
         args.variant,
@@ -169,7 +198,7 @@ def main() -> None:
         "torch": torch.__version__,
         "flops_per_token": flops,
         "peak_flops": peak,
-        "bare": {"tokens_per_s_per_gpu": bare, "mfu": mfu(flops, bare, peak), "wall_s": t_bare},
+        "bare": bare_runs,
         "trainer": {
             "tokens_per_s_per_gpu": trainer,
             "mfu": mfu(flops, trainer, peak),

@@ -10,6 +10,7 @@ from fms.models.llama import LLaMA, LLaMABlock, LLaMAConfig
 from avengers.decode.llama import KVCache, allocate_kv_cache, forward_with_cache
 from avengers.decode.options import DecodeOptions
 from avengers.models.registry import ModelSpec, register
+from avengers.ops.loss import linear_cross_entropy
 
 
 def ffn_hidden(cfg: LLaMAConfig) -> int:
@@ -43,7 +44,12 @@ class Llama(LLaMA):
         self.reset_parameters()
         self.post_init()  # RoPE tables live outside the state dict and must be rebuilt on the real device
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, **kwargs) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, cache: KVCache | None = None, labels: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        if labels is not None:  # the training loss, without the [tokens, vocab] logits
+            hidden, _ = self.base_model(x, **kwargs)
+            return linear_cross_entropy(hidden, self.head.weight, labels)
         if cache is None:
             return super().forward(x, **kwargs)
         return forward_with_cache(self, x, cache)

@@ -5,6 +5,8 @@ Every model built from a spec follows one contract:
 
     model(input_ids[B, T])               -> logits[B, T, V]   (training / full forward)
     model(input_ids[B, T], cache=cache)  -> logits[B, T, V]   (consumes T tokens, advances cache)
+    model(input_ids[B, T], labels=labels[B, T]) -> mean next-token loss, fp32 scalar (ops/loss.py:
+                                            the [B*T, V] logits are never materialised; -100 ignored)
     model.allocate_cache(batch_size, max_seq_len, device, dtype) -> avengers.decode.cache.InferenceCache
     model.init_weights()                 re-initialises every parameter (used after meta-device build)
 """

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from avengers.config import ConfigError, TrainConfig, validate
@@ -45,10 +44,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
         skip = p.ndim < 2 or id(p) in embedding_params or leaf in NO_DECAY_SUFFIXES
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -159,14 +154,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     gnorm_sum = torch.zeros((), device=device)
     window_steps, window_start, summary = 0, time.perf_counter(), {}
     fault_step = int(os.environ.get(_FAULT_ENV, "0"))
-    # A compiled loss fuses the fp32 upcast into the log-softmax instead of materialising fp32 logits.
-    compute_loss = torch.compile(loss_fn) if cfg.use_torch_compile and on_gpu else loss_fn
     model.train()
     while step < last_step:
         for micro in range(cfg.grad_accum_steps):
             inputs, labels = (to_device(t, device) for t in next(batches))
             model.set_requires_gradient_sync(micro == cfg.grad_accum_steps - 1)
-            loss = compute_loss(model(inputs), labels) / cfg.grad_accum_steps
+            loss = model(inputs, labels=labels) / cfg.grad_accum_steps  # no [tokens, vocab] logits held
             loss.backward()
             loss_sum += loss.detach()
         gnorm = clip_grad_norm(model, cfg.grad_clip_thresh)

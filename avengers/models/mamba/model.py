@@ -27,6 +27,7 @@ from avengers.decode.mamba import (
 from avengers.decode.options import DecodeOptions
 from avengers.models.mamba.config import MambaConfig
 from avengers.models.mamba.kernels import REFERENCE, Kernels, select_kernels
+from avengers.ops.loss import linear_cross_entropy
 from avengers.ops.rope import rope_cos_sin, rotate_half
 
 
@@ -256,21 +257,28 @@ class MambaLM(nn.Module):
                 m.init_ssm_parameters()
         nn.init.normal_(self.backbone.embedding.weight, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, cache: InferenceCache | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         k = select_kernels(input_ids.device, self.config.kernels)
         if cache is not None:
             return forward_with_cache(self, input_ids, cache, k)
         hidden, residual = self.backbone.embedding(input_ids), None
         for layer in self.backbone.layers:
             hidden, residual = layer(hidden, residual, kernels=k)
+        if labels is not None:  # the training loss, without the [tokens, vocab] logits
+            return linear_cross_entropy(self.final_norm(hidden, residual, k), self.lm_head.weight, labels)
         return self.logits(hidden, residual, k)
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None, k: Kernels) -> torch.Tensor:
+        """The last residual add and the final RMSNorm."""
+        add_norm = k.add_rmsnorm if self.config.fused_add_norm else REFERENCE.add_rmsnorm
+        norm_f = self.backbone.norm_f
+        return add_norm(hidden, residual, norm_f.weight, norm_f.eps, self.config.residual_in_fp32)[0]
 
     def logits(self, hidden: torch.Tensor, residual: torch.Tensor | None, k: Kernels) -> torch.Tensor:
         """The last residual add, the final RMSNorm and the LM head."""
-        add_norm = k.add_rmsnorm if self.config.fused_add_norm else REFERENCE.add_rmsnorm
-        norm_f = self.backbone.norm_f
-        hidden, _ = add_norm(hidden, residual, norm_f.weight, norm_f.eps, self.config.residual_in_fp32)
-        return self.lm_head(hidden)
+        return self.lm_head(self.final_norm(hidden, residual, k))
 
     def allocate_cache(
         self, batch_size: int, max_seq_len: int, device=None, dtype=None, options: DecodeOptions | None = None

@@ -18,6 +18,7 @@ from avengers.decode.telescoping import allocate_cache, forward_with_cache
 from avengers.models.llama import Llama
 from avengers.models.telescoping.attention import TeleOptions, TelescopingAttention
 from avengers.models.telescoping.schedule import resolve_fmap
+from avengers.ops.loss import linear_cross_entropy
 
 HYBRID_PRESETS = {  # full-attention layer choices of the hybrid branches (spec §1), for nlayers
     "first4": lambda nl: tuple(range(min(4, nl))),
@@ -104,9 +105,11 @@ class TelescopingLlama(Llama):
     def _tele_layers(self) -> list[TelescopingAttention]:
         return [l.attn for i, l in enumerate(self.base_model.layers) if i not in self.full_layers]
 
-    def forward(self, x: torch.Tensor, cache: InferenceCache | None = None, **kwargs) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, cache: InferenceCache | None = None, labels: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         if kwargs:
-            raise TypeError(f"TelescopingLlama.forward takes input_ids and cache= only, got {sorted(kwargs)}")
+            raise TypeError(f"TelescopingLlama.forward takes input_ids, cache= and labels= only, got {sorted(kwargs)}")
         if cache is not None:
             return forward_with_cache(self, x, cache)
         tele = self._tele_layers()
@@ -114,7 +117,10 @@ class TelescopingLlama(Llama):
         h = self.base_model.embedding(x)
         for i, layer in enumerate(self.base_model.layers):
             h = layer(h) if i in self.full_layers else layer(h, tele_plan=plan)
-        return self.head(self.base_model.dec_norm(h))
+        h = self.base_model.dec_norm(h)
+        if labels is not None:  # the training loss, without the [tokens, vocab] logits
+            return linear_cross_entropy(h, self.head.weight, labels)
+        return self.head(h)
 
     def allocate_cache(
         self, batch_size: int, max_seq_len: int, device=None, dtype=None, options: DecodeOptions | None = None
