@@ -75,6 +75,7 @@ class TrainConfig:
     use_torch_compile: bool = True
     # --- additions of this project ---
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    float8: bool = False  # the blocks' linear layers in fp8 (torchao Float8Linear; Llama, telescoping; sm_89+)
     warmup_steps: int | None = None  # None = fms-fsdp's min(2000, num_steps / 20)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of learning_rate (fms-fsdp: fixed 0.1)
     weight_decay: float = 0.1

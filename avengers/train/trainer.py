@@ -21,8 +21,9 @@ from avengers.config import ConfigError, TrainConfig, validate
 from avengers.models import get_model_spec
 from avengers.train import data as train_data
 from avengers.train.checkpoint import Checkpointer, resolve_checkpoint
+from avengers.train.float8 import convert_blocks_to_float8, float8_unavailable_reason
 from avengers.train.metrics import MetricsLogger, build_profiler, mfu, peak_flops, peak_memory_gib
-from avengers.train.parallel import build_mesh, init_distributed, parallelize
+from avengers.train.parallel import build_mesh, find_blocks, init_distributed, parallelize
 from avengers.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ def build_model(cfg: TrainConfig, spec, device: torch.device, mesh, mixed_precis
         model = spec.build("cpu")
         model.init_weights()
         model.to(device)
+    if cfg.float8:
+        convert_blocks_to_float8(model, [block for _, block in find_blocks(model, spec.block_types)])
     parallelize(
         model,
         spec.block_types,
@@ -113,6 +116,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     spec = get_model_spec(cfg.model_variant)
     train_data.validate_data(cfg, info.world_size, spec.vocab_size)
     _check_load_path(cfg)
+    if cfg.float8 and (reason := float8_unavailable_reason(spec.family, info.device)):
+        raise ConfigError(reason)
     if cfg.seq_length > spec.max_seq_len:
         log.warning("seq_length %d exceeds %s's max_seq_len %d", cfg.seq_length, spec.name, spec.max_seq_len)
 
