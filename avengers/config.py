@@ -91,6 +91,7 @@ class TrainConfig:
     min_doc_length: int = 3  # shorter documents are skipped (fms-fsdp: fixed 3)
     device: str = "auto"  # auto = cuda when available, else cpu
     compile_cache_size_limit: int = 128
+    skip_nonfinite_steps: int = 0  # consecutive NaN/inf steps skipped (no update) before stopping; 0 = stop at once
 
     @property
     def run_dir(self) -> str:
@@ -288,7 +289,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
         "compile_cache_size_limit",
     ):
         need(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)}: expected an integer >= 1")
-    for name in ("num_workers", "ckpt_keep_last", "shuffle_buffer", "min_doc_length"):
+    for name in ("num_workers", "ckpt_keep_last", "shuffle_buffer", "min_doc_length", "skip_nonfinite_steps"):
         need(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)}: expected an integer >= 0")
     need(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate}: expected a positive number")
     need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio}: expected a number in [0, 1]")
@@ -307,11 +308,12 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
             f"stop_at_step={cfg.stop_at_step}: expected None or an integer in [1, num_steps={cfg.num_steps}]",
         )
     parse_fraction(cfg.selective_checkpointing)
-    if cfg.vocab_size is not None:
+    if cfg.vocab_size is not None and cfg.use_dummy_dataset:  # real data is checked against the model's vocabulary
         need(
             1 <= cfg.vocab_size <= spec.vocab_size,
-            f"vocab_size={cfg.vocab_size}: the dummy data must fit model_variant {cfg.model_variant!r}'s "
-            f"vocabulary of {spec.vocab_size} (use a value in [1, {spec.vocab_size}] or None)",
+            f"vocab_size={cfg.vocab_size} with use_dummy_dataset=True: the dummy token ids must be below "
+            f"model_variant {cfg.model_variant!r}'s vocabulary of {spec.vocab_size} "
+            f"(use a value in [1, {spec.vocab_size}] or None)",
         )
     if cfg.hsdp_shard_size is not None:
         need(
@@ -352,3 +354,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
                 tok is None or 0 <= tok < spec.vocab_size,
                 f"{name}={tok}: expected None or a token id in [0, {spec.vocab_size})",
             )
+    need(
+        not spec.max_seq_len_is_limit or cfg.seq_length <= spec.max_seq_len,
+        f"seq_length={cfg.seq_length}: model_variant {cfg.model_variant!r} cannot take sequences longer than its "
+        f"max_seq_len={spec.max_seq_len}; use seq_length <= {spec.max_seq_len} or a variant with a longer context",
+    )

@@ -151,6 +151,7 @@ def test_missing_ckpt_load_path_fails_before_training(tmp_path):
             "-m",
             "avengers.train",
             "--model_variant=llama3_tiny",
+            "--seq_length=16",
             "--device=cpu",
             "--use_dummy_dataset",
             f"--ckpt_save_path={tmp_path}/run",

@@ -1,4 +1,5 @@
-"""Run avengers.train in N forked processes on gloo (a torchrun stand-in that costs no re-import)."""
+"""Run avengers.train in N forked processes on gloo (a torchrun stand-in that costs no re-import), with
+faults injected from the test side."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ BASE = dict(
     learning_rate=1e-3,
     sharding_strategy="fsdp",
 )
+FAULT_EXIT_CODE = 19  # what a process killed by an injected fault exits with
 
 
 def free_port() -> int:
@@ -26,7 +28,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: dict, env: dict) -> None:
+class _DieAfterSteps:
+    """A loader that ends the process abruptly (os._exit, like kill -9: no cleanup, no exception) when
+    the trainer asks for the batch after `steps` batches, i.e. once that many optimizer steps, their
+    reports and their checkpoints are done (one batch per step: grad_accum_steps=1, fresh run)."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, steps
+
+    def __iter__(self):
+        for n, batch in enumerate(self.loader):
+            if n == self.steps:
+                os._exit(FAULT_EXIT_CODE)
+            yield batch
+
+    def __getattr__(self, name):  # state_dict / load_state_dict for the checkpointer
+        return getattr(self.loader, name)
+
+
+def _inject_fault(
+    die_after_step: int | None, die_in_save: int | None, nan_at_steps: tuple[int, ...], disk_full_in_save: int | None
+) -> None:
+    """Patch, in this process only, the trainer's data, its loss or its file writes to fail at chosen points."""
+    if die_after_step is not None:
+        from avengers.train import data as train_data
+
+        build_loader = train_data.build_loader
+        train_data.build_loader = lambda *a, **k: _DieAfterSteps(build_loader(*a, **k), die_after_step)
+    if die_in_save is not None:
+        import torch.distributed.checkpoint as dcp
+
+        save = dcp.save
+
+        def save_then_die(state, *, checkpoint_id, **kwargs):
+            out = save(state, checkpoint_id=checkpoint_id, **kwargs)
+            if str(checkpoint_id).endswith(f"step_{die_in_save}_ckp.tmp"):
+                os._exit(FAULT_EXIT_CODE)  # the tensors are written, the checkpoint is not committed
+            return out
+
+        dcp.save = save_then_die
+    if disk_full_in_save is not None:
+        import errno
+
+        import torch
+
+        torch_save = torch.save
+
+        def save_on_a_full_disk(obj, f, *args, **kwargs):
+            if f"step_{disk_full_in_save}_ckp.tmp{os.sep}loader_state_" in str(f):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            return torch_save(obj, f, *args, **kwargs)
+
+        torch.save = save_on_a_full_disk
+    if nan_at_steps:
+        from avengers.ops import loss as loss_module
+
+        apply, calls = loss_module._LinearCrossEntropy.apply, [0]
+
+        def nan_loss(*args):  # every family's training loss; one call per step when grad_accum_steps=1
+            calls[0] += 1
+            loss = apply(*args)
+            return loss * float("nan") if calls[0] in nan_at_steps else loss
+
+        loss_module._LinearCrossEntropy.apply = nan_loss
+
+
+def _worker(rank: int, world: int, port: int, overrides: dict, env: dict, faults: dict) -> None:
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -36,22 +103,46 @@ def _worker(rank: int, world: int, port: int, overrides: dict, env: dict) -> Non
         MASTER_PORT=str(port),
         **env,
     )
+    import logging
+    import sys
+
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
-    from avengers.config import make_config
-    from avengers.train.trainer import train
+    logging.root.handlers.clear()  # pytest's capture handlers: the trainer logs to stderr, as on the command line
+    from avengers.train.__main__ import main
 
-    train(make_config(**{**BASE, **overrides}))
-    dist.destroy_process_group()
+    _inject_fault(**faults)
+    sys.exit(main([f"--{key}={value}" for key, value in {**BASE, **overrides}.items()]))
 
 
-def run_training(world: int = 2, env: dict | None = None, timeout: float = 120, **overrides) -> list[int]:
-    """Returns each process's exit code."""
+def run_training(
+    world: int = 2,
+    env: dict | None = None,
+    timeout: float = 120,
+    die_after_step: int | None = None,
+    die_in_save: int | None = None,
+    nan_at_steps: tuple[int, ...] = (),
+    disk_full_in_save: tuple[int, int] | None = None,
+    **overrides,
+) -> list[int]:
+    """Run `python -m avengers.train` with BASE + overrides as flags; returns each process's exit code.
+
+    Injected faults: die_after_step=N, every process exits abruptly (FAULT_EXIT_CODE) after optimizer
+    step N; die_in_save=N, inside step N's save, after DCP wrote the tensors; nan_at_steps, the loss
+    of those steps (counted from 1 in this launch) is NaN; disk_full_in_save=(N, r), rank r's disk is full
+    when step N's save writes its loader state."""
     ctx = mp.get_context("fork")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, overrides, env or {})) for r in range(world)]
+    procs = []
+    for rank in range(world):
+        faults = dict(
+            die_after_step=die_after_step,
+            die_in_save=die_in_save,
+            nan_at_steps=tuple(nan_at_steps),
+            disk_full_in_save=disk_full_in_save[0] if disk_full_in_save and disk_full_in_save[1] == rank else None,
+        )
+        procs.append(ctx.Process(target=_worker, args=(rank, world, port, overrides, env or {}, faults)))
     for p in procs:
         p.start()
     for p in procs:

@@ -191,11 +191,9 @@ def index_dataset(spec: DataSpec, name: str, meta: dict[str, shards.FileMeta], o
             f"dataset {name!r}: no {'arrow/parquet' if spec.file_type == 'auto' else spec.file_type} "
             f"files under {Path(spec.data_path) / name} (file_type={spec.file_type!r})"
         )
-    root = Path(spec.data_path).resolve()
     docs, tokens, sizes, max_ids = [], [], [], []
     for path, kind in zip(files, kinds):
-        key = "/" + os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
-        m = meta.get(key)
+        m = meta.get(shards.meta_key(spec.data_path, path))
         n = None
         if open_all or m is None:
             n = _count_docs(path, kind, spec.col_name)
@@ -212,6 +210,11 @@ def index_dataset(spec: DataSpec, name: str, meta: dict[str, shards.FileMeta], o
     if docs_a.sum() == 0:
         raise ValueError(
             f"dataset {name!r}: its {len(files)} files under {Path(spec.data_path) / name} hold no documents"
+        )
+    if all(t is not None for t in tokens) and sum(tokens) == 0:
+        raise ValueError(
+            f"dataset {name!r}: its {docs_a.sum()} documents under {Path(spec.data_path) / name} are all empty "
+            f"(0 tokens in meta/combined_counts.csv); re-prepare it, or give it weight 0 or leave it out of datasets"
         )
     weight = np.asarray(tokens if all(t is not None for t in tokens) else sizes, dtype=np.float64)
     return DatasetIndex(
@@ -240,12 +243,13 @@ class Plan:
     spec: DataSpec
     indexes: list[DatasetIndex]
     epochs: int | None = None  # None = endless; k = stop after k passes (tests, evaluation)
+    vocab_size: int | None = None  # documents with an id >= this are reported with file and index
 
 
-def make_plan(cfg: Any, epochs: int | None = None, open_all: bool = False) -> Plan:
+def make_plan(cfg: Any, epochs: int | None = None, open_all: bool = False, vocab_size: int | None = None) -> Plan:
     spec = parse_spec(cfg)
     meta = shards.read_meta(spec.data_path)
-    return Plan(spec, [index_dataset(spec, n, meta, open_all) for n in spec.datasets], epochs)
+    return Plan(spec, [index_dataset(spec, n, meta, open_all) for n in spec.datasets], epochs, vocab_size)
 
 
 def check_coverage(plan: Plan, world_size: int) -> None:

@@ -44,7 +44,11 @@ num_workers are unchanged.
 from __future__ import annotations
 
 import collections
+import functools
+import logging
+import os
 import pickle
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,18 +57,22 @@ import torch
 
 from avengers.data import shards
 from avengers.data.index import Plan, check_coverage, make_plan, parse_spec, tokenizer_for
+from avengers.data.orphans import exit_with_parent
 from avengers.data.stream import Stream, WorkerSet, initial_worker_state, mix
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 BLOCK_TOKENS = 1 << 16  # tokens per worker -> main-process message
-VOCAB_SAMPLE_DOCS = 8  # documents checked per file when meta/token_stats.csv has no max id
+PROGRESS_EVERY_S = 10.0  # seconds between progress lines of the start-up token-id scan
 
 
 def validate_data_config(cfg: Any, world_size: int, vocab_size: int) -> None:
     """Every data check before training starts; raises ValueError naming the value and what is accepted.
 
     Opens each shard's footer (corrupt/truncated files), checks document counts against the meta
-    CSV and token ids against vocab_size (meta/token_stats.csv, else a sample of documents per file).
+    CSV and token ids against vocab_size: the max id of meta/token_stats.csv, or, for a shard without
+    one, a scan of the whole shard whose result is recorded there for the next start.
     """
     spec = parse_spec(cfg)
     loaders = world_size * max(spec.num_workers, 1)
@@ -79,31 +87,62 @@ def validate_data_config(cfg: Any, world_size: int, vocab_size: int) -> None:
             raise ValueError(f"{name}_token={t}: expected None or a token id in [0, {vocab_size})")
     plan = make_plan(cfg, open_all=True)
     check_coverage(plan, world_size)
-    tokenizer = None
+    unscanned = []
     for ix in plan.indexes:
         for f, (path, kind) in enumerate(zip(ix.files, ix.kinds)):
-            n = int(ix.doc_start[f + 1] - ix.doc_start[f])
             if kind == "parquet":
-                if tokenizer is None:
-                    tokenizer = tokenizer_for(spec)
-                    tv = tokenizer.get_vocab_size(with_added_tokens=True)
-                    if tv > vocab_size:
-                        raise ValueError(
-                            f"tokenizer_path={spec.tokenizer_path!r} has {tv} tokens, more than "
-                            f"vocab_size={vocab_size}: use the model's tokenizer"
-                        )
                 continue
-            mx = ix.max_token_ids[f]
-            if mx is None and n:
-                r = shards.ShardReader(path, spec.col_name)
-                picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, VOCAB_SAMPLE_DOCS))})
-                mx = max((int(d.max()) for d in (r.doc(i) for i in picks) if d.size), default=-1)
-            if mx is not None and mx >= vocab_size:
-                raise ValueError(
-                    f"{path}: token id {mx} >= vocab_size={vocab_size}; the shards were made with a "
-                    f"larger tokenizer than the model's vocabulary (re-tokenize or pick a model "
-                    f"with vocab >= {mx + 1})"
-                )
+            if ix.max_token_ids[f] is not None:
+                _check_max_id(path, ix.max_token_ids[f], vocab_size)
+            elif ix.doc_start[f + 1] > ix.doc_start[f]:
+                unscanned.append(path)
+    if any(kind == "parquet" for ix in plan.indexes for kind in ix.kinds):
+        _check_tokenizer(spec, vocab_size)
+    if unscanned:
+        scanned = _scan_max_ids(unscanned, spec.col_name)
+        for path, largest in scanned.items():
+            _check_max_id(path, largest, vocab_size)
+        try:
+            keys = {shards.meta_key(spec.data_path, p): m for p, m in scanned.items()}
+            shards.record_max_token_ids(spec.data_path, keys)
+        except OSError as e:
+            log.info("could not record max token ids under %s/meta (%s); the next start scans again", spec.data_path, e)
+
+
+def _check_tokenizer(spec: Any, vocab_size: int) -> None:
+    tv = tokenizer_for(spec).get_vocab_size(with_added_tokens=True)
+    if tv > vocab_size:
+        raise ValueError(
+            f"tokenizer_path={spec.tokenizer_path!r} has {tv} tokens, more than vocab_size={vocab_size}: use the "
+            f"model's tokenizer"
+        )
+
+
+def _check_max_id(path: str, largest: int, vocab_size: int) -> None:
+    if largest >= vocab_size:
+        raise ValueError(
+            f"{path}: token id {largest} >= vocab_size={vocab_size}; the shards were made with a larger "
+            f"tokenizer than the model's vocabulary (re-tokenize or pick a model with vocab >= {largest + 1})"
+        )
+
+
+def _scan_max_ids(paths: list[str], col_name: str) -> dict[str, int]:
+    """Max token id of each shard, read in full, with a progress line every PROGRESS_EVERY_S seconds."""
+    total = sum(os.path.getsize(p) for p in paths)
+    log.info(
+        "checking the token ids of %d shard(s) (%.2f GB) that meta/token_stats.csv has no max_token_id for",
+        len(paths),
+        total / 1e9,
+    )
+    out, done, t0 = {}, 0, time.monotonic()
+    last = t0
+    for k, path in enumerate(paths):
+        out[path] = shards.ShardReader(path, col_name).max_token_id()
+        done += os.path.getsize(path)
+        if time.monotonic() - last >= PROGRESS_EVERY_S or k == len(paths) - 1:
+            last = time.monotonic()
+            log.info("  %d/%d shards, %.2f/%.2f GB, %.0f s", k + 1, len(paths), done / 1e9, total / 1e9, last - t0)
+    return out
 
 
 class TokenLoader:
@@ -206,6 +245,7 @@ class TokenLoader:
             num_workers=self.nw,
             prefetch_factor=4,
             persistent_workers=False,
+            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
         )
         for lines, state in dl:
             yield lines, pickle.loads(state)
@@ -323,12 +363,15 @@ def rescale(states: Sequence[dict], plan: Plan, rank: int, world_size: int) -> d
     }
 
 
-def build_dataloader(cfg: Any, rank: int, world_size: int, epochs: int | None = None) -> TokenLoader:
+def build_dataloader(
+    cfg: Any, rank: int, world_size: int, epochs: int | None = None, vocab_size: int | None = None
+) -> TokenLoader:
     """The loader of one rank. epochs=None streams forever; epochs=k stops after k passes (the last line
-    is padded: inputs 0, labels -100) — for tests and evaluation."""
+    is padded: inputs 0, labels -100) — for tests and evaluation. With vocab_size, a document holding
+    an id >= vocab_size (a corrupt record batch) raises ValueError naming its file and index."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}: expected 0 <= rank < world_size={world_size}")
-    plan = make_plan(cfg, epochs)
+    plan = make_plan(cfg, epochs, vocab_size=vocab_size)
     spec = plan.spec
     loaders = world_size * max(spec.num_workers, 1)
     if spec.logical_shards % loaders:

@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -63,6 +64,7 @@ DOLMA_SOURCES = (
     "megawika",
 )
 TEXT_FIELDS = ("text", "contents")
+ON_ERROR = ("raise", "skip")
 
 
 class PrepareError(ValueError):
@@ -119,40 +121,104 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return files
 
 
-def _json_lines(stream: io.BufferedIOBase, name: str, text_field: str) -> Iterator[str]:
-    for n, line in enumerate(stream):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{name}: line {n + 1} is not JSON ({e})") from None
-        text = row.get(text_field)
-        if text is None:
-            raise PrepareError(f"{name}: line {n + 1} has no {text_field!r} field (fields: {sorted(row)})")
-        yield text
+class BadRecords:
+    """What to do with an input record that is not a usable document: raise PrepareError naming the
+    file and line (--on_error raise, the default), or skip it and count it (--on_error skip)."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.first: dict[str, str] = {}  # reason -> where it was first seen
+
+    def __call__(self, where: str, reason: str, detail: str = "") -> None:
+        if not self.skip:
+            more = f" ({detail})" if detail else ""
+            raise PrepareError(f"{where}: {reason}{more}; fix the input, or pass --on_error skip to skip such records")
+        self.counts[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def summary(self) -> str:
+        parts = [f"{n} {reason} (first at {self.first[reason]})" for reason, n in self.counts.most_common()]
+        return f"skipped {sum(self.counts.values())} input records: {'; '.join(parts)}"
 
 
-def read_local(path: str, text_field: str = "text") -> Iterator[str]:
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+def _json_lines(stream: io.BufferedIOBase, name: str, text_field: str, bad: BadRecords) -> Iterator[str]:
+    n = 0
+    try:
+        for n, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            where = f"{name}:{n}"
+            try:
+                row = json.loads(line.decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                bad(where, "invalid UTF-8", f"byte {e.start} of the line")
+                continue
+            except json.JSONDecodeError as e:
+                bad(where, "not JSON", str(e))
+                continue
+            if not isinstance(row, dict):
+                bad(where, "not a JSON object", f"a JSON {type(row).__name__}")
+                continue
+            text = row.get(text_field)
+            if text is None:
+                bad(where, f"no {text_field!r} field", f"fields: {sorted(row)}")
+            elif not isinstance(text, str):
+                bad(where, f"{text_field!r} is not a string", f"a JSON {type(text).__name__}")
+            else:
+                yield text
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz: the rest of the file is lost
+        bad(f"{name}:{n + 1}", "unreadable from here on", f"{type(e).__name__}: {e}")
 
+
+def _read_parquet(path: str, text_field: str, bad: BadRecords) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
         pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        col = next((c for c in (text_field, *TEXT_FIELDS) if c in names), None)
-        if col is None:
-            raise PrepareError(f"{path}: no text column {text_field!r} (columns: {names})")
+    except (pa.ArrowException, OSError) as e:
+        bad(path, "not a readable parquet file", f"{type(e).__name__}: {e}")
+        return
+    names = pf.schema_arrow.names
+    col = next((c for c in (text_field, *TEXT_FIELDS) if c in names), None)
+    if col is None:
+        raise PrepareError(f"{path}: no text column {text_field!r} (columns: {names})")
+    kind = pf.schema_arrow.field(col).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        bad(path, f"column {col!r} holds {kind}, not text")
+        return
+    row = 0
+    try:
         for batch in pf.iter_batches(columns=[col], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if text is not None:
+                    yield text
+    except (pa.ArrowException, OSError) as e:
+        bad(f"{path}: row {row + 1}", "unreadable from here on", f"{type(e).__name__}: {e}")
+
+
+def read_local(path: str, text_field: str = "text", bad: BadRecords | None = None) -> Iterator[str]:
+    bad = bad or BadRecords()
+    if path.endswith(".parquet"):
+        yield from _read_parquet(path, text_field, bad)
     elif path.endswith(".gz"):
         with gzip.open(path, "rb") as f:
-            yield from _json_lines(f, path, text_field)
+            yield from _json_lines(f, path, text_field, bad)
     elif path.endswith((".jsonl", ".json")):
         with open(path, "rb") as f:
-            yield from _json_lines(f, path, text_field)
+            yield from _json_lines(f, path, text_field, bad)
     else:
-        with open(path, encoding="utf-8") as f:
-            yield f.read()
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            bad(f"{path}:{line}", "invalid UTF-8", f"byte {e.start} of the file")
+            return
+        yield text
 
 
 def _offline_error(what: str, e: Exception) -> PrepareError:
@@ -194,7 +260,7 @@ def dolma_urls(sources: list[str], version: str) -> list[str]:
     return picked
 
 
-def read_dolma(sources: list[str], version: str, text_field: str) -> Iterator[str]:
+def read_dolma(sources: list[str], version: str, text_field: str, bad: BadRecords) -> Iterator[str]:
     import urllib.request
 
     for url in dolma_urls(sources, version):
@@ -203,17 +269,17 @@ def read_dolma(sources: list[str], version: str, text_field: str) -> Iterator[st
         except OSError as e:
             raise _offline_error(url, e) from None
         with resp, gzip.GzipFile(fileobj=resp) as f:
-            yield from _json_lines(f, url, text_field)
+            yield from _json_lines(f, url, text_field, bad)
 
 
-def iter_source(args: argparse.Namespace) -> Iterator[str]:
+def iter_source(args: argparse.Namespace, bad: BadRecords) -> Iterator[str]:
     if args.source == "local":
         for path in expand_inputs(args.input):
-            yield from read_local(path, args.text_field)
+            yield from read_local(path, args.text_field, bad)
     elif args.source == "fineweb-edu":
         yield from read_fineweb(args.config, args.text_field)
     else:
-        yield from read_dolma(args.dolma_sources, args.dolma_version, args.text_field)
+        yield from read_dolma(args.dolma_sources, args.dolma_version, args.text_field, bad)
 
 
 # ---------------------------------------------------------------- tokenization workers
@@ -258,6 +324,8 @@ def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
 
 
 def _settings(args: argparse.Namespace) -> dict:
+    # Not on_error: a run that raises stops at the first bad record, so the shards it finished are the
+    # ones a skipping run writes too.
     keys = (
         "source",
         "input",
@@ -285,6 +353,8 @@ def check_args(args: argparse.Namespace) -> None:
         bad = [s for s in args.dolma_sources if s not in DOLMA_SOURCES]
         if bad:
             raise PrepareError(f"--dolma_sources {','.join(bad)}: unknown; accepted: {', '.join(DOLMA_SOURCES)}")
+    if args.on_error not in ON_ERROR:
+        raise PrepareError(f"--on_error {args.on_error!r}: expected one of {', '.join(ON_ERROR)}")
     for name, low in (("docs_per_shard", 1), ("workers", 1), ("min_tokens", 0)):
         if getattr(args, name) < low:
             raise PrepareError(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
@@ -344,7 +414,8 @@ def prepare(args: argparse.Namespace) -> dict[str, dict]:
         dt = max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix_str(f"{bar.n / dt:,.0f} docs/s {n_tok / dt:,.0f} tok/s")
 
-    texts: Iterable[str] = iter_source(args)
+    bad = BadRecords(skip=args.on_error == "skip")
+    texts: Iterable[str] = iter_source(args, bad)
     if args.max_docs:
         texts = (t for _, t in zip(range(args.max_docs), texts))
     pool = None
@@ -385,6 +456,11 @@ def prepare(args: argparse.Namespace) -> dict[str, dict]:
         if pool is not None:
             pool.terminate()
     shards.update_meta(args.output, args.dataset, stats)
+    if bad.counts:
+        log.warning("%s: %s", args.dataset, bad.summary())
+        info = json.loads(info_path.read_text())
+        info["skipped_records"] = dict(bad.counts)
+        info_path.write_text(json.dumps(info, indent=1))
     dt = time.perf_counter() - t0
     log.info(
         "%s: %d docs, %d tokens in %d shards, %.1f s (%.0f tok/s)",
@@ -423,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_tokens_per_doc", type=int, default=None, help="truncate longer documents")
     p.add_argument("--max_docs", type=int, default=None, help="stop after this many input documents")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: all cores)")
+    p.add_argument(
+        "--on_error",
+        default="raise",
+        help="a record that is not a document (invalid UTF-8, not a JSON object, non-string text, unreadable file): "
+        "raise = stop naming file and line; skip = skip it, count and report it",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete this dataset's shards and start again")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

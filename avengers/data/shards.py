@@ -5,7 +5,8 @@
     data_path/meta/combined_counts.csv `dataset/filename,documents,tokens,size` with keys such as
                                        `/fineweb-edu/part-00000.arrow` (size in bytes)
     data_path/meta/token_stats.csv     `dataset/filename,max_token_id` (this project's addition, used by
-                                       the loader's cheap vocabulary check; absent files are sampled)
+                                       the loader's cheap vocabulary check; files without a row are
+                                       scanned once at training start and recorded here)
 
 Documents are stored without BOS/EOS: the loader adds the delimiters chosen in the training config.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +87,24 @@ class ShardReader:
 
     def doc(self, i: int) -> np.ndarray:
         """Document i as a read-only numpy view (no copy for uint32 data)."""
-        col = self._reader.get_batch(i).column(self.column)
-        return col.to_numpy(zero_copy_only=col.null_count == 0)
+        try:
+            col = self._reader.get_batch(i).column(self.column)
+            return col.to_numpy(zero_copy_only=col.null_count == 0)
+        except pa.ArrowException as e:
+            raise ValueError(
+                f"{self.path}, document {i}: corrupt record batch ({e}); re-run `python -m avengers.data.prepare` "
+                f"for this dataset"
+            ) from None
+
+    def max_token_id(self) -> int:
+        """The largest id in the shard (-1 if it holds no tokens): every record batch read once, vectorised."""
+        import pyarrow.compute as pc
+
+        try:
+            largest = pc.max(self._reader.read_all().column(self.column)).as_py()
+        except pa.ArrowException as e:
+            raise ValueError(f"{self.path}: corrupt record batches ({e}); re-run prepare for this dataset") from None
+        return -1 if largest is None else int(largest)
 
     def doc_lengths(self) -> np.ndarray:
         return np.fromiter(
@@ -140,6 +158,30 @@ def read_meta(data_path: str | os.PathLike) -> dict[str, FileMeta]:
         if key in out and row.get("max_token_id") not in (None, ""):
             out[key].max_token_id = int(row["max_token_id"])
     return out
+
+
+def meta_key(data_path: str | os.PathLike, path: str | os.PathLike) -> str:
+    """The `/dataset/relpath` key of a shard file in the meta CSVs."""
+    rel = os.path.relpath(os.path.abspath(path), Path(data_path).resolve())
+    return "/" + rel.replace(os.sep, "/")
+
+
+def record_max_token_ids(data_path: str | os.PathLike, max_ids: dict[str, int]) -> None:
+    """Add or replace rows of meta/token_stats.csv (keys from meta_key); an atomic replace, safe to
+    run from several processes at once (the last writer wins and all write the same values)."""
+    path = Path(data_path) / "meta" / STATS_FILE
+    rows = {"/" + r[STATS_HEADER[0]].strip("/"): r.get("max_token_id", "") for r in _read_csv(path)}
+    rows.update({key: str(v) for key, v in max_ids.items()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=STATS_FILE + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(STATS_HEADER)
+            w.writerows(sorted(rows.items()))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def update_meta(data_path: str | os.PathLike, dataset: str, rows: dict[str, dict]) -> None:

@@ -38,6 +38,10 @@ class Documents:
         self.rg_cache: collections.OrderedDict = collections.OrderedDict()
         self.tok = None
 
+    def where(self, g: int) -> str:
+        f, i = self.ix.locate(g)
+        return f"{self.ix.files[f]}, document {i}"
+
     def __call__(self, g: int) -> np.ndarray:
         f, i = self.ix.locate(g)
         if self.ix.kinds[f] == "arrow":
@@ -119,6 +123,8 @@ class Stream:
         self.w = np.where(self.active, w, 0.0)
         self.w = self.w / self.w.sum() if self.w.sum() > 0 else self.w
         self.cur: tuple[int, int, np.ndarray, int] | None = None  # dataset, row, doc tokens, offset
+        self.owned_docs = [int(self.sizes[d][t[:, 0]].sum()) if len(t) else 0 for d, t in enumerate(self.tables)]
+        self.unusable_in_a_row = [0] * len(self.tables)
         self.resume = [(d, r) for d, t in enumerate(self.tables) for r in np.flatnonzero(t[:, 4] >= 0)]
 
     def state(self) -> dict:
@@ -136,6 +142,13 @@ class Stream:
 
     def _doc_tokens(self, d: int, g: int) -> np.ndarray | None:
         doc = self.docs[d](g)
+        vocab = self.plan.vocab_size
+        if vocab is not None and doc.size and int(doc.max()) >= vocab:
+            raise ValueError(
+                f"{self.docs[d].where(g)} (dataset {self.spec.datasets[d]!r}) holds token id {int(doc.max())} >= "
+                f"the model's vocabulary of {vocab}: a corrupt record batch or another tokenizer's data; "
+                f"re-prepare this file or remove it (and its meta/combined_counts.csv row)"
+            )
         a, b = 0, len(doc)
         strip = self.spec.strip
         if b and int(doc[0]) in strip:
@@ -206,10 +219,25 @@ class Stream:
             g = int(self.plan.indexes[d].bounds[s]) + x
             toks = self._doc_tokens(d, g)
             if toks is None:
+                self._note_unusable(d)
                 continue
+            self.unusable_in_a_row[d] = 0
             t[r, 4], t[r, 5] = g, 0
             self.cur = (d, r, toks, 0)
             return True
+
+    def _note_unusable(self, d: int) -> None:
+        """Too-short documents are skipped; if they are all this worker has of dataset d, fail instead of
+        looping forever (2 x its documents in a row hold at least one whole pass over them)."""
+        self.unusable_in_a_row[d] += 1
+        if self.unusable_in_a_row[d] >= 2 * self.owned_docs[d]:
+            shards = self.tables[d][:, 0]
+            raise ValueError(
+                f"dataset {self.spec.datasets[d]!r}: none of the {self.owned_docs[d]} documents in logical shards "
+                f"{int(shards.min())}-{int(shards.max())} (loader worker {self.gid}) is long enough to use "
+                f"(min_doc_length={self.spec.min_doc_length}, counting the added bos/eos); lower min_doc_length, "
+                f"give the dataset weight 0, or re-prepare it"
+            )
 
     def _piece(self, need: int) -> np.ndarray | None:
         if self.cur is None and not self._start_doc():

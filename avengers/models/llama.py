@@ -73,6 +73,7 @@ def _spec(name: str, description: str = "", **cfg_kwargs) -> ModelSpec:
             vocab_size=cfg.src_vocab_size,
             max_seq_len=cfg.max_expected_seq_len,
             description=description,
+            max_seq_len_is_limit=True,  # ibm-fms RoPE tables hold max_expected_seq_len positions
         )
     )
 

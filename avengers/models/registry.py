@@ -34,6 +34,7 @@ class ModelSpec:
     vocab_size: int
     max_seq_len: int
     description: str = ""
+    max_seq_len_is_limit: bool = False  # True: longer inputs fail (e.g. precomputed RoPE tables end there)
 
     def build(self, device: torch.device | str | None = None) -> nn.Module:
         """Build the model; on "meta" no memory is allocated (call to_empty + init_weights later).

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"avengers.train: error: {e}", file=sys.stderr)
         return 2
+    from avengers.train.checkpoint import CheckpointError
+    from avengers.train.nonfinite import NonFiniteError
     from avengers.train.trainer import train
 
     try:
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"avengers.train: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointError) as e:
+        print(f"avengers.train: error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

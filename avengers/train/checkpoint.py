@@ -15,11 +15,11 @@ crash during a save leaves the previous checkpoint as the newest complete one.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import warnings
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,37 +37,25 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
+
+from avengers.train.checkpoint_files import (
+    MARKER,
+    checkpoints_dir,
+    complete_checkpoints,
+    find_problem,
+    resolve_checkpoint,
+    saved_shapes,
+    saved_variant,
+    shape_mismatch,
+    strip_wrapper_prefixes,
+)
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
-_STEP_RE = re.compile(r"^step_(\d+)_ckp$")
-_FAULT_ENV = "AVENGERS_FAULT_IN_SAVE"  # tests: exit abruptly inside the save of this step
 
-
-def checkpoints_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, folder) of every committed checkpoint under run_dir/checkpoints, oldest first."""
-    root = checkpoints_dir(run_dir)
-    found = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            m = _STEP_RE.match(name)
-            path = os.path.join(root, name)
-            if m and os.path.isfile(os.path.join(path, MARKER)):
-                found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def resolve_checkpoint(path: str) -> str | None:
-    """A committed step folder, or the newest one in a run folder; None if there is none."""
-    if os.path.isfile(os.path.join(path, MARKER)):
-        return path
-    found = complete_checkpoints(path)
-    return found[-1][1] if found else None
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message names the folder and what to do."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -83,89 +72,220 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier() -> None:
+def _describe(exc: BaseException) -> str:
+    """One line per failure; DCP's CheckpointException carries one exception per failed rank."""
+    if isinstance(exc, CheckpointException):
+        return "; ".join(f"{type(e).__name__}: {e}" for e, _ in exc.failures.values())
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT anywhere in the exception, its DCP failures or its causes."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, CheckpointException):
+            stack += [failure for failure, _ in e.failures.values()]
+        stack += [e.__cause__, e.__context__]
+    return False
+
+
+def _gather(problem: Any) -> list[tuple[int, Any]]:
+    """(rank, problem) of every rank whose problem is not None. A collective: every rank must call it,
+    so that a failure on one rank makes all ranks take the same branch instead of waiting for it."""
+    if not dist.is_initialized():
+        return [] if problem is None else [(0, problem)]
+    problems: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return [(rank, p) for rank, p in enumerate(problems) if p is not None]
+
+
+def _all_finite(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """True if every rank's shards of the weights and the optimizer state are finite (one all-reduce)."""
+    tensors = list(model.parameters()) + [
+        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()
+    ]
+    flags = [torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all() for t in tensors]
+    ok = torch.stack(flags).all().to(torch.int32)
     if dist.is_initialized():
-        dist.barrier()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
-def _strip_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in sd.items():
-        for junk in ("_orig_mod.", "_checkpoint_wrapped_module.", "module."):
-            key = key.replace(junk, "")
-        out[key] = value
-    return out
+def _torch_load(path: str) -> Any:
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError, zip and pickle errors: all name the file
+        raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
 
 
 class Checkpointer:
     def __init__(self, cfg, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.root = checkpoints_dir(cfg.ckpt_save_path)
+        self._candidates: list[str] | None = None
 
     # ------------------------------------------------------------------ save
     def save(
         self, step: int, tokens_seen: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loader
     ) -> str:
+        """Write and commit step N's checkpoint, or raise CheckpointError on every rank and leave the
+        newest committed checkpoint as it was (the partial folder is removed)."""
         final = os.path.join(self.root, f"step_{step}_ckp")
         tmp = final + ".tmp"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
-            os.makedirs(tmp)
-        _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        if os.environ.get(_FAULT_ENV) == str(step):
-            os._exit(17)
-        torch.save(loader.state_dict(), os.path.join(tmp, f"loader_state_{self.rank}.pt"))
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
-        _barrier()
-        if self.rank == 0:
-            train_state = {
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "scheduler": scheduler.state_dict(),
-                "world_size": self.world_size,
-            }
-            torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-            self.cfg.save(os.path.join(tmp, "config.yaml"))
-            meta = {
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "world_size": self.world_size,
-                "model_variant": self.cfg.model_variant,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            with open(os.path.join(tmp, "metadata.json"), "w") as f:
-                json.dump(meta, f, indent=2)
-            with open(os.path.join(tmp, MARKER), "w") as f:
-                f.write(f"{step}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if os.path.exists(final):  # re-saving a step (e.g. a rerun with the same stop step)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            self._prune()
-        _barrier()
+        if not _all_finite(model, optimizer):
+            raise CheckpointError(
+                f"step {step}: the weights or optimizer state hold NaN/inf values, so no checkpoint was saved; "
+                f"the newest checkpoint is still {resolve_checkpoint(self.cfg.ckpt_save_path)}"
+            )
+
+        def start() -> None:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
+                os.makedirs(tmp)
+
+        def write_tensors() -> None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+
+        def write_rank_files() -> None:
+            torch.save(loader.state_dict(), os.path.join(tmp, f"loader_state_{self.rank}.pt"))
+            torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
+
+        def commit() -> None:
+            if self.rank == 0:
+                self._commit(step, tokens_seen, scheduler, tmp, final)
+
+        for phase in (start, write_tensors, write_rank_files, commit):  # each ends with every rank in step
+            self._run(phase, step, tmp)
         log.info("saved checkpoint %s", final)
         return final
 
-    def _prune(self) -> None:
+    def _run(self, phase, step: int, tmp: str) -> None:
+        try:
+            phase()
+            problem = None
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported on every rank below
+            problem = (_no_space(e), _describe(e))
+        failed = _gather(problem)
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = resolve_checkpoint(self.cfg.ckpt_save_path) or "none"
+        detail = "; ".join(f"rank {r}: {text}" if self.world_size > 1 else text for r, (_, text) in failed)
+        if any(no_space for _, (no_space, _) in failed):
+            free = shutil.disk_usage(self.cfg.ckpt_save_path).free / 2**30
+            raise CheckpointError(
+                f"checkpoint of step {step}: no space left on the device of {self.root} ({free:.2f} GiB free; "
+                f"{detail}). The partial save was removed; the newest complete checkpoint ({newest}) is intact. "
+                f"Free space or lower ckpt_keep_last, then resume"
+            )
+        raise CheckpointError(
+            f"checkpoint of step {step} could not be written to {tmp} ({detail}). The partial save was removed; "
+            f"the newest complete checkpoint ({newest}) is intact"
+        )
+
+    def _commit(self, step: int, tokens_seen: int, scheduler, tmp: str, final: str) -> None:
+        train_state = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "scheduler": scheduler.state_dict(),
+            "world_size": self.world_size,
+        }
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+        self.cfg.save(os.path.join(tmp, "config.yaml"))
+        meta = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "world_size": self.world_size,
+            "model_variant": self.cfg.model_variant,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with open(os.path.join(tmp, "metadata.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # re-saving a step (e.g. a rerun with the same stop step)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        self._prune(keep_path=final)
+
+    def _prune(self, keep_path: str | None = None) -> None:
+        """Keep the newest ckpt_keep_last checkpoints by step, and always the one just saved (a resume that
+        fell back past a damaged newer checkpoint saves below it)."""
         keep = self.cfg.ckpt_keep_last
         found = complete_checkpoints(self.cfg.ckpt_save_path)
         if keep > 0:
             for _, path in found[:-keep]:
-                shutil.rmtree(path, ignore_errors=True)
+                if path != keep_path:
+                    shutil.rmtree(path, ignore_errors=True)
         for name in os.listdir(self.root):
             if name.endswith(".tmp"):  # only rank 0 commits, so no other save is in flight
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     # ---------------------------------------------------------------- resume
+    def own_checkpoints(self) -> list[str]:
+        """This run's committed checkpoints whose files are whole, newest first (see whole_checkpoints)."""
+        if self._candidates is None:
+            self._candidates = whole_checkpoints(self.cfg.ckpt_save_path)
+        return self._candidates
+
+    def check_model(self, model_variant: str, expected_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Before the model is built: the checkpoint that resume() will load holds this variant's parameters."""
+        from avengers.config import ConfigError
+
+        own = self.own_checkpoints()
+        flag, src = "ckpt_save_path", self.cfg.ckpt_save_path
+        source = own[0] if own else None
+        if source is None:
+            flag, src = "ckpt_load_path", self.cfg.ckpt_load_path
+            if not src or _same_path(src, self.cfg.ckpt_save_path) or not os.path.exists(src):
+                return
+            source = src if os.path.isfile(src) else resolve_checkpoint(src)
+            if source is None:
+                return
+        try:
+            mismatch = shape_mismatch(saved_shapes(source), expected_shapes)
+        except Exception as e:  # noqa: BLE001 - an unreadable file is reported with its path
+            raise ConfigError(f"{flag}={src!r}: cannot read the parameter shapes of {source} ({e})") from None
+        variant = saved_variant(source) if os.path.isdir(source) else None
+        if mismatch is None:
+            if variant and variant != model_variant:
+                log.warning("%s holds model_variant %r with the same shapes as %r", source, variant, model_variant)
+            return
+        if variant is None:
+            raise ConfigError(f"{flag}={src!r}: {source} does not fit model_variant {model_variant!r}: {mismatch}")
+        if variant == model_variant:
+            raise ConfigError(
+                f"{flag}={src!r}: {source} was saved by an earlier definition of model_variant {variant!r}: {mismatch}"
+            )
+        raise ConfigError(
+            f"{flag}={src!r} holds a checkpoint of model_variant {variant!r}, but this run is {model_variant!r} "
+            f"({mismatch}); use --model_variant={variant} or another {flag}"
+        )
+
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loader) -> tuple[int, int, str]:
-        """Load the newest complete checkpoint of this run, else ckpt_load_path. Returns (step, tokens, how)."""
-        own = resolve_checkpoint(self.cfg.ckpt_save_path)
-        if own is not None:
-            step, tokens = self._load_full(own, model, optimizer, scheduler, loader, load_loader=True)
-            return step, tokens, f"resumed from {own} (step {step})"
+        """Load the newest loadable checkpoint of this run, else ckpt_load_path. Returns (step, tokens, how)."""
+        failures = []
+        for path in self.own_checkpoints():
+            try:
+                step, tokens = self._load_everywhere(path, model, optimizer, scheduler, loader, load_loader=True)
+            except CheckpointError as e:
+                log.warning("%s; falling back to the previous complete checkpoint", e)
+                failures.append(str(e))
+                continue
+            return step, tokens, f"resumed from {path} (step {step})"
+        if failures:
+            raise CheckpointError(f"no checkpoint under {self.root} could be loaded: {'; '.join(failures)}")
         src = self.cfg.ckpt_load_path
         if not src or _same_path(src, self.cfg.ckpt_save_path):
             return 0, 0, "started from scratch"
@@ -178,11 +298,23 @@ class Checkpointer:
                 f"ckpt_load_path={src!r} is neither a model file nor a folder with a complete checkpoint "
                 f"(a run folder with checkpoints/step_N_ckp/{MARKER}, or such a step folder)"
             )
-        self._load_full(
+        self._load_everywhere(
             path, model, optimizer, scheduler, loader, load_loader=self.cfg.resuming_dataset, keep_progress=False
         )
         what = "model, optimizer and data state" if self.cfg.resuming_dataset else "model and optimizer"
         return 0, 0, f"continued from {path} ({what}; step, tokens and LR schedule restart)"
+
+    def _load_everywhere(self, path: str, *args, **kwargs) -> tuple[int, int]:
+        """_load_full on every rank; if it fails on any rank, CheckpointError on all of them."""
+        try:
+            result, problem = self._load_full(path, *args, **kwargs), None
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported on every rank below
+            result, problem = None, _describe(e)
+        failed = _gather(problem)
+        if failed:
+            detail = "; ".join(f"rank {r}: {text}" if self.world_size > 1 else text for r, text in failed)
+            raise CheckpointError(f"checkpoint {path} could not be loaded ({detail})")
+        return result
 
     def _load_full(
         self, path: str, model, optimizer, scheduler, loader, load_loader: bool, keep_progress: bool = True
@@ -196,18 +328,37 @@ class Checkpointer:
         if not keep_progress:
             _restart_optimizer_hparams(optimizer, scheduler, self.cfg)
             return 0, 0
-        train_state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+        train_state = _torch_load(os.path.join(path, "train_state.pt"))
         scheduler.load_state_dict(train_state["scheduler"])
         rng = os.path.join(path, f"rng_state_{self.rank}.pt")
         if os.path.exists(rng):
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(_torch_load(rng))
         return int(train_state["step"]), int(train_state["tokens_seen"])
 
     def _load_loader(self, path: str, loader) -> None:
         """Every rank reads all saved ranks' states (the loader rescales when the world changed)."""
         n = len([f for f in os.listdir(path) if f.startswith("loader_state_")])
-        states = [torch.load(os.path.join(path, f"loader_state_{r}.pt"), weights_only=False) for r in range(n)]
-        loader.load_state_dict(states)
+        loader.load_state_dict([_torch_load(os.path.join(path, f"loader_state_{r}.pt")) for r in range(n)])
+
+
+def whole_checkpoints(run_dir: str, model_only: bool = False) -> list[str]:
+    """The committed checkpoints of a run whose files are whole, newest first. A damaged one is skipped
+    with a warning; if every one is damaged, CheckpointError (never a silent fresh start)."""
+    found = [path for _, path in reversed(complete_checkpoints(run_dir))]
+    whole, problems = [], []
+    for path in found:
+        problem = find_problem(path, model_only)
+        if problem is None:
+            whole.append(path)
+        else:
+            problems.append(problem)
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, problem)
+    if found and not whole:
+        raise CheckpointError(
+            f"every complete checkpoint under {checkpoints_dir(run_dir)} is damaged ({'; '.join(problems)}); "
+            f"restore them, or move them away to start this run from scratch"
+        )
+    return whole
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -236,7 +387,7 @@ def load_model_file(model: nn.Module, path: str) -> None:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    sd = _strip_prefixes(obj)
+    sd = {strip_wrapper_prefixes(k): v for k, v in obj.items()}
     expected = set(get_model_state_dict(model))
     missing, unexpected = expected - set(sd), set(sd) - expected
     if missing or unexpected:
@@ -260,6 +411,11 @@ def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") ->
             f"{path!r} holds no complete checkpoint (expected a run folder with "
             f"checkpoints/step_N_ckp/{MARKER} or such a step folder)"
         )
+    if step_dir != path:  # a run folder: its newest checkpoint whose model files are whole
+        step_dir = whole_checkpoints(path, model_only=True)[0]
+    problem = find_problem(step_dir, model_only=True)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
     cfg = make_config(os.path.join(step_dir, "config.yaml"))
     model = get_model_spec(cfg.model_variant).build(device)
     model.init_weights()

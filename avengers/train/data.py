@@ -48,7 +48,7 @@ def build_loader(cfg, rank: int, world_size: int, vocab_size: int):
         if e.name != "avengers.data.loader":
             raise
         raise RuntimeError("avengers.data.loader is not installed; use --use_dummy_dataset=True") from None
-    return build_dataloader(cfg, rank, world_size)
+    return build_dataloader(cfg, rank, world_size, vocab_size=vocab_size)
 
 
 def validate_data(cfg, world_size: int, vocab_size: int) -> None:

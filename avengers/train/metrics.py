@@ -71,7 +71,8 @@ class MetricsLogger:
         self.file.flush()
         text = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            loss = record.get("loss")  # None when every step of the window was skipped as non-finite
+            self.bar.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}")
             self.bar.write(text)
         else:
             print(text, flush=True)

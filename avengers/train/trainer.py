@@ -14,22 +14,22 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from avengers.config import ConfigError, TrainConfig, validate
 from avengers.models import get_model_spec
+from avengers.train import checks
 from avengers.train import data as train_data
 from avengers.train.checkpoint import Checkpointer, resolve_checkpoint
 from avengers.train.float8 import convert_blocks_to_float8, float8_unavailable_reason
 from avengers.train.metrics import MetricsLogger, build_profiler, mfu, peak_flops, peak_memory_gib
+from avengers.train.nonfinite import StepStats
 from avengers.train.parallel import build_mesh, find_blocks, init_distributed, parallelize
 from avengers.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
 NO_DECAY_SUFFIXES = ("A_log", "D", "dt_bias")  # Mamba's SSM parameters
-_FAULT_ENV = "AVENGERS_FAULT_AT_STEP"  # tests: exit abruptly (like kill -9) after this optimizer step
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
@@ -114,17 +114,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg, info.world_size, info.local_world_size)
     _check_tracker(cfg)
     spec = get_model_spec(cfg.model_variant)
+    checks.note_unused_vocab_size(cfg, spec.vocab_size)
     train_data.validate_data(cfg, info.world_size, spec.vocab_size)
     _check_load_path(cfg)
     if cfg.float8 and (reason := float8_unavailable_reason(spec.family, info.device)):
         raise ConfigError(reason)
-    if cfg.seq_length > spec.max_seq_len:
-        log.warning("seq_length %d exceeds %s's max_seq_len %d", cfg.seq_length, spec.name, spec.max_seq_len)
+    shapes = {name: tuple(t.shape) for name, t in spec.build("meta").state_dict().items()}
+    checks.check_run_folder(cfg.ckpt_save_path, checks.checkpoint_bytes(spec.num_params(), cfg, info.world_size))
+    ckpt = Checkpointer(cfg, info.rank, info.world_size)
+    ckpt.check_model(cfg.model_variant, shapes)
 
     device, rank, world = info.device, info.rank, info.world_size
     on_gpu = device.type == "cuda"
-    if rank == 0:
-        cfg.save(os.path.join(cfg.ckpt_save_path, "config.yaml"))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     mixed = cfg.mixed_precision and on_gpu
@@ -135,12 +136,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.adam_eps,
-        fused=on_gpu or None,
+        fused=True,  # one kernel, and it can skip a non-finite step on the device (nonfinite.py)
     )
     scheduler = build_scheduler(optimizer, cfg.num_steps, cfg.training_stage, cfg.warmup_steps, cfg.min_lr_ratio)
     loader = train_data.build_loader(cfg, rank, world, spec.vocab_size)
-    ckpt = Checkpointer(cfg, rank, world)
     step, tokens_seen, how = ckpt.resume(model, optimizer, scheduler, loader)
+    if rank == 0:  # only now: a launch that fails to start leaves the run's config.yaml as it was
+        cfg.save(os.path.join(cfg.ckpt_save_path, "config.yaml"))
     metrics = MetricsLogger(cfg, rank, step)
     metrics.event(
         f"[avengers.train] {spec.name}: {spec.num_params() / 1e6:.1f}M params, world {world} "
@@ -155,10 +157,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     profiler = build_profiler(cfg, rank)
     if profiler is not None:
         profiler.start()
-    loss_sum = torch.zeros((), device=device)
-    gnorm_sum = torch.zeros((), device=device)
+    stats = StepStats(device, cfg.skip_nonfinite_steps)
     window_steps, window_start, summary = 0, time.perf_counter(), {}
-    fault_step = int(os.environ.get(_FAULT_ENV, "0"))
     model.train()
     while step < last_step:
         for micro in range(cfg.grad_accum_steps):
@@ -166,12 +166,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             model.set_requires_gradient_sync(micro == cfg.grad_accum_steps - 1)
             loss = model(inputs, labels=labels) / cfg.grad_accum_steps  # no [tokens, vocab] logits held
             loss.backward()
-            loss_sum += loss.detach()
+            stats.add_loss(loss)
         gnorm = clip_grad_norm(model, cfg.grad_clip_thresh)
+        stats.end_step(gnorm, optimizer, step + 1)  # a non-finite step's update is skipped on the device
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        gnorm_sum += gnorm
         step += 1
         window_steps += 1
         tokens_seen += tokens_per_step
@@ -179,16 +179,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if profiler is not None:
             profiler.step()
         if step % cfg.report_interval == 0 or step == last_step:
-            stats = torch.stack([loss_sum, gnorm_sum]) / window_steps
-            dist.all_reduce(stats)
-            stats /= world
+            window = stats.report(step, world)  # raises NonFiniteError past skip_nonfinite_steps
             elapsed = time.perf_counter() - window_start
             tok_s = cfg.batch_size * cfg.seq_length * cfg.grad_accum_steps * window_steps / elapsed
             summary = {
                 "step": step,
-                "loss": stats[0].item(),
+                "loss": window.loss,
                 "lr": _lr_of_step(scheduler, step),
-                "grad_norm": stats[1].item(),
+                "grad_norm": window.grad_norm,
+                "skipped_steps": window.skipped_steps,
                 "tokens_seen": tokens_seen,
                 "tokens_per_s_per_gpu": tok_s,
                 "step_time_s": elapsed / window_steps,
@@ -196,16 +195,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 **peak_memory_gib(device),
             }
             metrics.log(summary)
-            loss_sum.zero_()
-            gnorm_sum.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if step % cfg.checkpoint_interval == 0 or (step == last_step and cfg.save_final_checkpoint):
             t_save = time.perf_counter()
+            stats.check()  # never save after more non-finite steps than allowed
             path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader)
             metrics.event(f"[avengers.train] checkpoint step {step} -> {path}")
             window_start += time.perf_counter() - t_save  # the save is not training time
-        if step == fault_step:
-            os._exit(19)
     if profiler is not None:
         profiler.stop()
     metrics.close()

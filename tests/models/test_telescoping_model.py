@@ -125,7 +125,7 @@ def test_cache_errors():
         model(torch.zeros(1, 11, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match=r"batch=1"):
         model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
-    with pytest.raises(TypeError, match="input_ids and cache"):
+    with pytest.raises(TypeError, match="input_ids, cache= and labels= only"):
         model(torch.zeros(1, 3, dtype=torch.long), use_cache=True)
 
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import read_metrics, run_training
+from train_helpers import FAULT_EXIT_CODE, read_metrics, run_training
 
 from avengers.train.checkpoint import complete_checkpoints
 
@@ -56,7 +56,7 @@ def data(tmp_path_factory):
 def test_real_loader_resume_is_bit_identical(data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert run_training(ckpt_save_path=str(ref), **data) == [0, 0]
-    assert run_training(ckpt_save_path=str(run), env={"AVENGERS_FAULT_AT_STEP": "3"}, **data) == [19, 19]
+    assert run_training(ckpt_save_path=str(run), die_after_step=3, **data) == [FAULT_EXIT_CODE, FAULT_EXIT_CODE]
     assert [s for s, _ in complete_checkpoints(str(run))] == [2]
     assert run_training(ckpt_save_path=str(run), **data) == [0, 0]
     a, b = read_metrics(ref), read_metrics(run)

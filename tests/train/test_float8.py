@@ -32,7 +32,7 @@ def test_unavailable_reasons():
 
 def test_train_refuses_float8_on_cpu_before_building(tmp_path):
     cmd = [sys.executable, "-m", "avengers.train", "--model_variant=llama3_tiny", "--use_dummy_dataset=True"]
-    cmd += ["--device=cpu", "--float8=True", f"--ckpt_save_path={tmp_path}", "--num_steps=2"]
+    cmd += ["--device=cpu", "--float8=True", f"--ckpt_save_path={tmp_path}", "--num_steps=2", "--seq_length=64"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "--float8 needs a CUDA GPU with fp8 tensor cores" in run.stderr
     assert not list(tmp_path.glob("checkpoints/*"))

@@ -1,7 +1,7 @@
 """2-process gloo FSDP2 training of hybrid_tiny through avengers.train: learns, resumes exactly."""
 
 import pytest
-from train_helpers import read_metrics, run_training
+from train_helpers import FAULT_EXIT_CODE, read_metrics, run_training
 
 from avengers.train.checkpoint import complete_checkpoints, load_model_from_checkpoint
 
@@ -27,8 +27,8 @@ def test_hybrid_trains_and_checkpoints(reference):
 
 
 def test_hybrid_killed_then_resumed_matches(reference, tmp_path):
-    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, env={"AVENGERS_FAULT_AT_STEP": "3"}, **MAMBA)
-    assert codes == [19, 19]
+    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, die_after_step=3, **MAMBA)
+    assert codes == [FAULT_EXIT_CODE, FAULT_EXIT_CODE]
     assert run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, **MAMBA) == [0, 0]
     ref, got = read_metrics(reference), read_metrics(tmp_path)
     for step in range(3, STEPS + 1):

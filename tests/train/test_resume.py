@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from train_helpers import read_metrics, run_training
+from train_helpers import FAULT_EXIT_CODE, read_metrics, run_training
 
 from avengers.train.checkpoint import complete_checkpoints, load_model_from_checkpoint
 
@@ -28,10 +28,8 @@ def test_uninterrupted_run_learns_and_checkpoints(reference):
 
 
 def test_killed_then_resumed_is_bit_identical(reference, tmp_path):
-    codes = run_training(
-        ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2, env={"AVENGERS_FAULT_AT_STEP": "3"}
-    )
-    assert codes == [19, 19]  # died after step 3, one step after the step-2 checkpoint
+    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2, die_after_step=3)
+    assert codes == [FAULT_EXIT_CODE, FAULT_EXIT_CODE]  # died after step 3, one step after the step-2 checkpoint
     assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [2]
     assert run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2) == [0, 0]
     ref, got = read_metrics(reference), read_metrics(tmp_path)
@@ -41,10 +39,8 @@ def test_killed_then_resumed_is_bit_identical(reference, tmp_path):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(reference, tmp_path):
-    codes = run_training(
-        ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2, env={"AVENGERS_FAULT_IN_SAVE": "4"}
-    )
-    assert codes == [17, 17]
+    codes = run_training(ckpt_save_path=str(tmp_path), num_steps=STEPS, checkpoint_interval=2, die_in_save=4)
+    assert codes == [FAULT_EXIT_CODE, FAULT_EXIT_CODE]
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["step_2_ckp", "step_4_ckp.tmp"]  # the half-written save is not a checkpoint
     model, cfg = load_model_from_checkpoint(str(tmp_path))
