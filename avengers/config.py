@@ -86,6 +86,7 @@ class TrainConfig:
     hsdp_shard_size: int | None = None  # HSDP shard-group size; None = processes per node
     ckpt_keep_last: int = 3  # complete checkpoints kept in ckpt_save_path (0 = keep all)
     save_final_checkpoint: bool = True
+    async_checkpoint: bool = False  # periodic saves written by a thread while training goes on (train/checkpoint.py)
     stop_at_step: int | None = None  # end this job after this step with a checkpoint (schedule keeps num_steps)
     shuffle_buffer: int = 10_000  # lines in each loader's shuffle buffer (fms-fsdp: fixed 10,000)
     min_doc_length: int = 3  # shorter documents are skipped (fms-fsdp: fixed 3)

@@ -11,6 +11,13 @@ Layout of one checkpoint, `<ckpt_save_path>/checkpoints/step_<N>_ckp/`:
 
 Everything is written into `step_<N>_ckp.tmp` and renamed after every rank has finished, so a
 crash during a save leaves the previous checkpoint as the newest complete one.
+
+With `async_checkpoint`, a periodic save copies the tensors to CPU memory and returns; a thread
+writes them while training goes on (`dcp.async_save`, over gloo groups of its own). The small
+per-rank files are written at once, so they hold the state of the step saved; the checkpoint is
+committed (COMPLETE, rename) only once every rank's write has finished, polled between steps
+(`poll`) and waited for before the next save and at the end (`wait`). Until then the previous
+checkpoint is the newest complete one, exactly as during a blocking save.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import random
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,18 +134,40 @@ def _torch_load(path: str) -> Any:
         raise CheckpointError(f"{path}: {type(e).__name__}: {e}") from None
 
 
+@dataclass
+class _PendingSave:
+    step: int
+    tmp: str
+    final: str
+    write: Future
+
+
 class Checkpointer:
     def __init__(self, cfg, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.root = checkpoints_dir(cfg.ckpt_save_path)
         self._candidates: list[str] | None = None
+        self._pending: _PendingSave | None = None
+        self._write_group = self._poll_group = None
+        if getattr(cfg, "async_checkpoint", False) and dist.is_initialized():
+            # the writer thread's collectives and the main thread's polls never share a group
+            self._write_group, self._poll_group = dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ save
     def save(
-        self, step: int, tokens_seen: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loader
+        self,
+        step: int,
+        tokens_seen: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        loader,
+        blocking: bool = True,
     ) -> str:
         """Write and commit step N's checkpoint, or raise CheckpointError on every rank and leave the
-        newest committed checkpoint as it was (the partial folder is removed)."""
+        newest committed checkpoint as it was (the partial folder is removed). blocking=False (with
+        async_checkpoint): return once the tensors are staged; the commit follows (poll, wait)."""
+        self.wait()
         final = os.path.join(self.root, f"step_{step}_ckp")
         tmp = final + ".tmp"
         if not _all_finite(model, optimizer):
@@ -150,22 +181,54 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
                 os.makedirs(tmp)
 
-        def write_tensors() -> None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-
-        def write_rank_files() -> None:
+        def write_state_files() -> None:  # the step's own state, whatever happens to the tensors' write
             torch.save(loader.state_dict(), os.path.join(tmp, f"loader_state_{self.rank}.pt"))
             torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.rank}.pt"))
+            if self.rank == 0:
+                self._write_train_state(step, tokens_seen, scheduler, tmp)
 
+        def write_tensors() -> None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            if blocking or self._write_group is None:
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+            else:
+                write = dcp.async_save(
+                    {"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=self._write_group
+                )
+                self._pending = _PendingSave(step, tmp, final, write)
+
+        for phase in (start, write_state_files, write_tensors):  # each ends with every rank in step
+            self._run(phase, step, tmp)
+        if self._pending is None:
+            self._run(self._commit_phase(step, tmp, final), step, tmp)
+            log.info("saved checkpoint %s", final)
+        return final
+
+    def poll(self) -> None:
+        """Commit a pending asynchronous save if every rank's write has finished (a CPU all-reduce
+        over a gloo group; nothing when no save is pending)."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending.write.done())])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_group)
+        if done.item():
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish and commit a pending asynchronous save (every rank calls this at the same step)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self._run(pending.write.result, pending.step, pending.tmp)
+        self._run(self._commit_phase(pending.step, pending.tmp, pending.final), pending.step, pending.tmp)
+        log.info("saved checkpoint %s (written while training went on)", pending.final)
+
+    def _commit_phase(self, step: int, tmp: str, final: str):
         def commit() -> None:
             if self.rank == 0:
-                self._commit(step, tokens_seen, scheduler, tmp, final)
+                self._commit(step, tmp, final)
 
-        for phase in (start, write_tensors, write_rank_files, commit):  # each ends with every rank in step
-            self._run(phase, step, tmp)
-        log.info("saved checkpoint %s", final)
-        return final
+        return commit
 
     def _run(self, phase, step: int, tmp: str) -> None:
         try:
@@ -192,7 +255,7 @@ class Checkpointer:
             f"the newest complete checkpoint ({newest}) is intact"
         )
 
-    def _commit(self, step: int, tokens_seen: int, scheduler, tmp: str, final: str) -> None:
+    def _write_train_state(self, step: int, tokens_seen: int, scheduler, tmp: str) -> None:
         train_state = {
             "step": step,
             "tokens_seen": tokens_seen,
@@ -210,6 +273,8 @@ class Checkpointer:
         }
         with open(os.path.join(tmp, "metadata.json"), "w") as f:
             json.dump(meta, f, indent=2)
+
+    def _commit(self, step: int, tmp: str, final: str) -> None:
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(f"{step}\n")
             f.flush()

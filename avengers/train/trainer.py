@@ -176,6 +176,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         window_steps += 1
         tokens_seen += tokens_per_step
         metrics.step()
+        ckpt.poll()  # commits an asynchronous save once every rank has written it
         if profiler is not None:
             profiler.step()
         if step % cfg.report_interval == 0 or step == last_step:
@@ -199,9 +200,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if step % cfg.checkpoint_interval == 0 or (step == last_step and cfg.save_final_checkpoint):
             t_save = time.perf_counter()
             stats.check()  # never save after more non-finite steps than allowed
-            path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader)
-            metrics.event(f"[avengers.train] checkpoint step {step} -> {path}")
-            window_start += time.perf_counter() - t_save  # the save is not training time
+            path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader, blocking=step == last_step)
+            stall = time.perf_counter() - t_save
+            metrics.event(f"[avengers.train] checkpoint step {step} -> {path} (the step loop waited {stall:.2f} s)")
+            window_start += stall  # the save is not training time
+    ckpt.wait()  # an asynchronous save still being written is committed before the run ends
     if profiler is not None:
         profiler.stop()
     metrics.close()

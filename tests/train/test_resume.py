@@ -74,3 +74,34 @@ def test_continuation_modes_from_another_run(reference, tmp_path):
     fresh = read_metrics(reference)[1]["loss"]
     assert losses["file"] == losses["dir"] < fresh  # same weights, same (restarted) data
     assert losses["data"] != losses["dir"]  # the data position came along
+
+
+def test_async_checkpoints_hold_the_step_they_were_taken_at(reference, tmp_path):
+    """async_checkpoint: the tensors are written by a thread while training goes on, and each
+    checkpoint still holds exactly its own step's weights; the run's trajectory is unchanged."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flags = dict(num_steps=STEPS, checkpoint_interval=2, async_checkpoint=True)
+    assert run_training(ckpt_save_path=str(tmp_path), **flags) == [0, 0]
+    assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [2, 4, 6]
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.endswith(".tmp")]
+    ref, got = read_metrics(reference), read_metrics(tmp_path)
+    assert all(got[s]["loss"] == ref[s]["loss"] for s in range(1, STEPS + 1))
+    for step in (2, 4):
+        pair = []
+        for run in (reference, tmp_path):
+            out = tmp_path / f"{run.name}_{step}.pt"
+            dcp_to_torch_save(str(run / "checkpoints" / f"step_{step}_ckp"), str(out))
+            pair.append(torch.load(out, weights_only=False))
+        for key, value in pair[0]["model"].items():
+            assert torch.equal(pair[1]["model"][key], value), (step, key)
+
+
+def test_killed_while_an_async_save_is_pending_resumes_exactly(reference, tmp_path):
+    flags = dict(num_steps=STEPS, checkpoint_interval=2, async_checkpoint=True)
+    codes = run_training(ckpt_save_path=str(tmp_path), die_after_step=3, **flags)
+    assert codes == [FAULT_EXIT_CODE, FAULT_EXIT_CODE]
+    # step 2's save is committed only once both ranks have written it: either it was, or it is not a checkpoint
+    assert [s for s, _ in complete_checkpoints(str(tmp_path))] in ([], [2])
+    assert run_training(ckpt_save_path=str(tmp_path), **flags) == [0, 0]
+    assert read_metrics(tmp_path)[STEPS]["loss"] == read_metrics(reference)[STEPS]["loss"]
