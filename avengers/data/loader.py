@@ -54,6 +54,7 @@ import torch
 from avengers.data import shards
 from avengers.data.index import Plan, check_coverage, make_plan, parse_spec, tokenizer_for
 from avengers.data.stream import Stream, WorkerSet, initial_worker_state, mix
+from avengers.data.worker_signals import init_worker_signals
 
 STATE_VERSION = 1
 BLOCK_TOKENS = 1 << 16  # tokens per worker -> main-process message
@@ -206,6 +207,7 @@ class TokenLoader:
             num_workers=self.nw,
             prefetch_factor=4,
             persistent_workers=False,
+            worker_init_fn=init_worker_signals,
         )
         for lines, state in dl:
             yield lines, pickle.loads(state)
