@@ -6,6 +6,10 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BASE = dict(
     model_variant="llama3_tiny",
@@ -18,6 +22,16 @@ BASE = dict(
     learning_rate=1e-3,
     sharding_strategy="fsdp",
 )
+
+
+def prepare_sample(out) -> str:
+    """Tokenizes the bundled sample corpus into `out`/sample (dataset name "sample"); returns `out`."""
+    sample = os.path.join(ROOT, "data", "sample")
+    args = ["--source", "local", "--input", os.path.join(sample, "fineweb-edu-sample.parquet")]
+    args += ["--tokenizer", os.path.join(sample, "tokenizer"), "--output", str(out), "--dataset", "sample"]
+    cmd = [sys.executable, "-m", "avengers.data.prepare", *args, "--workers", "1"]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONPATH": ROOT})
+    return str(out)
 
 
 def free_port() -> int:
@@ -47,13 +61,23 @@ def _worker(rank: int, world: int, port: int, overrides: dict, env: dict) -> Non
     dist.destroy_process_group()
 
 
-def run_training(world: int = 2, env: dict | None = None, timeout: float = 120, **overrides) -> list[int]:
-    """Returns each process's exit code."""
+def start_training(world: int = 2, env: dict | None = None, **overrides) -> list[mp.Process]:
+    """Starts the ranks (rank r is the r-th process) without waiting for them; `join_training` waits."""
     ctx = mp.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, overrides, env or {})) for r in range(world)]
     for p in procs:
         p.start()
+    return procs
+
+
+def run_training(world: int = 2, env: dict | None = None, timeout: float = 120, **overrides) -> list[int]:
+    """Returns each process's exit code."""
+    return join_training(start_training(world, env, **overrides), timeout)
+
+
+def join_training(procs: list[mp.Process], timeout: float = 120) -> list[int]:
+    """Waits for every rank (killing those still alive after `timeout` s); returns their exit codes."""
     for p in procs:
         p.join(timeout)
         if p.is_alive():

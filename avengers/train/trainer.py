@@ -24,6 +24,7 @@ from avengers.train import data as train_data
 from avengers.train.checkpoint import Checkpointer, resolve_checkpoint
 from avengers.train.metrics import MetricsLogger, build_profiler, mfu, peak_flops, peak_memory_gib
 from avengers.train.parallel import build_mesh, init_distributed, parallelize
+from avengers.train.preemption import StopOnSignal
 from avengers.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,15 @@ def _check_load_path(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns a summary with the last reported metrics."""
+    """Run (or resume) training; returns a summary with the last reported metrics.
+
+    SIGUSR1 or SIGTERM ends it early: every rank stops after the same step, with a checkpoint.
+    """
+    with StopOnSignal(cfg.signal_check_interval) as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     logging.basicConfig(
         level=logging.INFO if info.rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
@@ -180,6 +189,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics.step()
         if profiler is not None:
             profiler.step()
+        if stop.should_stop(step, device):
+            last_step = step  # report, checkpoint and return after this step
         if step % cfg.report_interval == 0 or step == last_step:
             stats = torch.stack([loss_sum, gnorm_sum]) / window_steps
             dist.all_reduce(stats)
@@ -201,7 +212,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss_sum.zero_()
             gnorm_sum.zero_()
             window_steps, window_start = 0, time.perf_counter()
-        if step % cfg.checkpoint_interval == 0 or (step == last_step and cfg.save_final_checkpoint):
+        if step % cfg.checkpoint_interval == 0 or (
+            step == last_step and (cfg.save_final_checkpoint or stop.agreed is not None)
+        ):
             t_save = time.perf_counter()
             path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader)
             metrics.event(f"[avengers.train] checkpoint step {step} -> {path}")
@@ -210,6 +223,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             os._exit(19)
     if profiler is not None:
         profiler.stop()
+    if stop.agreed is not None:
+        metrics.event(f"[avengers.train] {stop.agreed.name}: stopped after step {step}; the same command resumes")
     metrics.close()
     return summary
 
