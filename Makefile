@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-triton test-gpu lint format install gpu-install clean
+.PHONY: demo test test-triton test-slurm test-gpu lint format install gpu-install clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 test-triton: $(STAMP)
 	test -d .triton-site || $(PY) -m pip install -q --no-deps --target .triton-site triton
 	TRITON_INTERPRET=1 PYTHONPATH=.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_inference_triton.py tests/test_causal_conv_triton.py tests/test_triton_gemv.py tests/test_triton_block.py tests/test_stream_read.py tests/test_decode_attention_bench.py tests/test_gemv_tuning.py tests/test_sm90_compile.py tests/test_gluon_chain.py
+
+# scripts/slurm/train.sbatch on a one-node Slurm cluster started on localhost (as root; apt-installs slurmctld,
+# slurmd and munge if missing): CPU ranks over gloo, cancel / time-limit signal / requeue, exact resume.
+test-slurm: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 # Every gpu-marked test; run on a CUDA host after `make gpu-install`.
 test-gpu: $(STAMP)
