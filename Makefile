@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-triton test-gpu lint format install gpu-install clean
+.PHONY: demo test test-triton test-slurm test-gpu lint format install gpu-install clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ TRITON_TESTS := tests/decode/test_triton_decode.py tests/decode/test_triton_gemv
 test-triton: $(STAMP)
 	test -d .triton-site || $(PY) -m pip install -q --no-deps --target .triton-site "$(TRITON_INTERPRETER)"
 	TRITON_INTERPRET=1 PYTHONPATH=.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TRITON_TESTS)
+
+# scripts/slurm/train.sbatch on a one-node Slurm cluster started on localhost (as root; apt-installs slurmctld,
+# slurmd and munge if missing): CPU ranks over gloo, cancel / time-limit signal / requeue, exact resume.
+test-slurm: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slurm tests/scripts/test_slurm.py
 
 # Every gpu-marked test; run on a CUDA host after `make gpu-install`.
 test-gpu: $(STAMP)

@@ -88,6 +88,7 @@ class TrainConfig:
     save_final_checkpoint: bool = True
     async_checkpoint: bool = False  # periodic saves written by a thread while training goes on (train/checkpoint.py)
     stop_at_step: int | None = None  # end this job after this step with a checkpoint (schedule keeps num_steps)
+    signal_check_interval: int = 10  # steps between the ranks' checks for SIGUSR1/SIGTERM (stop with a checkpoint)
     shuffle_buffer: int = 10_000  # lines in each loader's shuffle buffer (fms-fsdp: fixed 10,000)
     min_doc_length: int = 3  # shorter documents are skipped (fms-fsdp: fixed 3)
     device: str = "auto"  # auto = cuda when available, else cpu
@@ -285,6 +286,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
         "seq_length",
         "report_interval",
         "checkpoint_interval",
+        "signal_check_interval",
         "grad_accum_steps",
         "logical_shards",
         "compile_cache_size_limit",

@@ -1,4 +1,4 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files; slurm-marked tests run only when selected (`-m slurm`)."""
 
 import pytest
 import torch
@@ -24,3 +24,12 @@ def tiny():
 def tiny_on_device(request):
     """As `tiny`, built on the test module's DEVICE (CPU when it has none)."""
     return _build_tiny(getattr(request.module, "DEVICE", "cpu"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if "slurm" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="starts a local Slurm cluster: make test-slurm (pytest -m slurm)")
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(skip)

@@ -7,6 +7,10 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BASE = dict(
     model_variant="llama3_tiny",
@@ -20,6 +24,16 @@ BASE = dict(
     sharding_strategy="fsdp",
 )
 FAULT_EXIT_CODE = 19  # what a process killed by an injected fault exits with
+
+
+def prepare_sample(out) -> str:
+    """Tokenizes the bundled sample corpus into `out`/sample (dataset name "sample"); returns `out`."""
+    sample = os.path.join(ROOT, "data", "sample")
+    args = ["--source", "local", "--input", os.path.join(sample, "fineweb-edu-sample.parquet")]
+    args += ["--tokenizer", os.path.join(sample, "tokenizer"), "--output", str(out), "--dataset", "sample"]
+    cmd = [sys.executable, "-m", "avengers.data.prepare", *args, "--workers", "1"]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONPATH": ROOT})
+    return str(out)
 
 
 def free_port() -> int:
@@ -116,17 +130,17 @@ def _worker(rank: int, world: int, port: int, overrides: dict, env: dict, faults
     sys.exit(main([f"--{key}={value}" for key, value in {**BASE, **overrides}.items()]))
 
 
-def run_training(
+def start_training(
     world: int = 2,
     env: dict | None = None,
-    timeout: float = 120,
     die_after_step: int | None = None,
     die_in_save: int | None = None,
     nan_at_steps: tuple[int, ...] = (),
     disk_full_in_save: tuple[int, int] | None = None,
     **overrides,
-) -> list[int]:
-    """Run `python -m avengers.train` with BASE + overrides as flags; returns each process's exit code.
+) -> list[mp.Process]:
+    """Start `python -m avengers.train` with BASE + overrides as flags on `world` forked ranks (rank r is
+    the r-th process) without waiting for them; `join_training` waits.
 
     Injected faults: die_after_step=N, every process exits abruptly (FAULT_EXIT_CODE) after optimizer
     step N; die_in_save=N, inside step N's save, after DCP wrote the tensors; nan_at_steps, the loss
@@ -145,6 +159,16 @@ def run_training(
         procs.append(ctx.Process(target=_worker, args=(rank, world, port, overrides, env or {}, faults)))
     for p in procs:
         p.start()
+    return procs
+
+
+def run_training(world: int = 2, env: dict | None = None, timeout: float = 120, **overrides) -> list[int]:
+    """start_training, then join_training: each process's exit code."""
+    return join_training(start_training(world, env, **overrides), timeout)
+
+
+def join_training(procs: list[mp.Process], timeout: float = 120) -> list[int]:
+    """Waits for every rank (killing those still alive after `timeout` s); returns their exit codes."""
     for p in procs:
         p.join(timeout)
         if p.is_alive():

@@ -59,8 +59,17 @@ from avengers.data import shards
 from avengers.data.index import Plan, check_coverage, make_plan, parse_spec, tokenizer_for
 from avengers.data.orphans import exit_with_parent
 from avengers.data.stream import Stream, WorkerSet, initial_worker_state, mix
+from avengers.data.worker_signals import init_worker_signals
 
 log = logging.getLogger(__name__)
+
+
+def _init_worker(trainer_pid: int, worker_id: int) -> None:
+    """Each DataLoader worker dies with its trainer (orphans.py) and leaves a scheduler's
+    SIGTERM/SIGUSR1 to its rank (worker_signals.py)."""
+    exit_with_parent(trainer_pid)
+    init_worker_signals(worker_id)
+
 
 STATE_VERSION = 1
 BLOCK_TOKENS = 1 << 16  # tokens per worker -> main-process message
@@ -245,7 +254,7 @@ class TokenLoader:
             num_workers=self.nw,
             prefetch_factor=4,
             persistent_workers=False,
-            worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
         )
         for lines, state in dl:
             yield lines, pickle.loads(state)

@@ -25,6 +25,7 @@ from avengers.train.float8 import convert_blocks_to_float8, float8_unavailable_r
 from avengers.train.metrics import MetricsLogger, build_profiler, mfu, peak_flops, peak_memory_gib
 from avengers.train.nonfinite import StepStats
 from avengers.train.parallel import build_mesh, find_blocks, init_distributed, parallelize
+from avengers.train.preemption import StopOnSignal
 from avengers.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,15 @@ def _check_load_path(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns a summary with the last reported metrics."""
+    """Run (or resume) training; returns a summary with the last reported metrics.
+
+    SIGUSR1 or SIGTERM ends it early: every rank stops after the same step, with a checkpoint.
+    """
+    with StopOnSignal(cfg.signal_check_interval) as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     logging.basicConfig(
         level=logging.INFO if info.rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
@@ -179,6 +188,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt.poll()  # commits an asynchronous save once every rank has written it
         if profiler is not None:
             profiler.step()
+        if stop.should_stop(step, device):
+            last_step = step  # report, checkpoint and return after this step
         if step % cfg.report_interval == 0 or step == last_step:
             window = stats.report(step, world)  # raises NonFiniteError past skip_nonfinite_steps
             elapsed = time.perf_counter() - window_start
@@ -197,7 +208,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             }
             metrics.log(summary)
             window_steps, window_start = 0, time.perf_counter()
-        if step % cfg.checkpoint_interval == 0 or (step == last_step and cfg.save_final_checkpoint):
+        if step % cfg.checkpoint_interval == 0 or (
+            step == last_step and (cfg.save_final_checkpoint or stop.agreed is not None)
+        ):
             t_save = time.perf_counter()
             stats.check()  # never save after more non-finite steps than allowed
             path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader, blocking=step == last_step)
@@ -207,6 +220,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ckpt.wait()  # an asynchronous save still being written is committed before the run ends
     if profiler is not None:
         profiler.stop()
+    if stop.agreed is not None:
+        metrics.event(f"[avengers.train] {stop.agreed.name}: stopped after step {step}; the same command resumes")
     metrics.close()
     return summary
 

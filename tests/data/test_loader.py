@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import collections
 import io
+import os
+import subprocess
+import sys
+import time
 import types
 from pathlib import Path
 
@@ -104,6 +108,45 @@ def test_resume_equals_uninterrupted_stream(corpus, workers):
     x, y = full[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # labels are inputs shifted by one, label[0] not masked
     assert (y >= 0).all()
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == pid:
+            found.add(int(entry))
+    return found
+
+
+def test_workers_leave_a_schedulers_signals_to_their_rank(corpus):
+    """Slurm signals every process of a job step: SIGTERM/SIGUSR1 from another process must not end a worker (its
+    rank stops at a step of its choosing first); a process that exits with a worker still running ends it."""
+    root, _ = corpus
+    cfg = config(root, num_workers=1)
+    want = take(iter(build_dataloader(cfg, 0, 1)), 40)
+    before = children_of(os.getpid())
+    it = iter(build_dataloader(cfg, 0, 1))
+    got = take(it, 2)
+    (worker,) = children_of(os.getpid()) - before
+    for sig in ("TERM", "USR1"):
+        subprocess.run(["kill", "-s", sig, str(worker)], check=True)  # sent by another process, like slurmstepd
+    time.sleep(0.2)
+    got += take(it, 38)
+    assert worker in children_of(os.getpid())
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want, strict=True))
+    del it
+
+    # Exiting with the iterator alive: multiprocessing ends the worker with SIGTERM from this process, then joins it.
+    code = "import types; from avengers.data.loader import build_dataloader as build; "
+    code += f"it = iter(build(types.SimpleNamespace(**{vars(cfg)!r}), 0, 1)); next(it)"
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+    assert time.monotonic() - start < 30
 
 
 def test_rescale_2_1_3_ranks_every_document_exactly_once(corpus):

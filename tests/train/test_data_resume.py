@@ -1,46 +1,17 @@
 """The real loader inside the trainer: 2 ranks x 1 loader worker, killed and resumed, bit-identical."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-from train_helpers import FAULT_EXIT_CODE, read_metrics, run_training
+from train_helpers import FAULT_EXIT_CODE, prepare_sample, read_metrics, run_training
 
 from avengers.train.checkpoint import complete_checkpoints
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "avengers.data.prepare",
-            "--source",
-            "local",
-            "--input",
-            os.path.join(ROOT, "data/sample/fineweb-edu-sample.parquet"),
-            "--tokenizer",
-            os.path.join(ROOT, "data/sample/tokenizer"),
-            "--output",
-            str(out),
-            "--dataset",
-            "sample",
-            "--workers",
-            "1",
-        ],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    out = prepare_sample(tmp_path_factory.mktemp("prepared"))
     return dict(
         use_dummy_dataset=False,
-        data_path=str(out),
+        data_path=out,
         datasets="sample",
         logical_shards=8,
         num_workers=1,
