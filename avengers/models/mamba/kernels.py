@@ -60,10 +60,16 @@ def ref_gated_rmsnorm(y, z, weight, eps, group_size):
 
 
 def ref_add_rmsnorm(x, residual, weight, eps, residual_in_fp32):
-    """(rmsnorm(x + residual), x + residual): the pre-norm residual step of mamba_ssm's Block."""
-    residual = x if residual is None else x + residual
-    if residual_in_fp32:
-        residual = residual.float()
+    """(rmsnorm(x + residual), x + residual): the pre-norm residual step of mamba_ssm's Block.
+
+    With no residual yet (the first block) the stream starts as a copy of x: a block handing back its
+    own input makes FSDP2 warn that in-place use of that output would skip its backward hooks."""
+    if residual is None:
+        residual = x.to(torch.float32 if residual_in_fp32 else x.dtype, copy=True)
+    else:
+        residual = x + residual
+        if residual_in_fp32:
+            residual = residual.float()
     return _rms(residual, weight, eps).to(x.dtype), residual
 
 
@@ -113,7 +119,12 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
     def add_norm(x, residual, weight, eps, residual_in_fp32):
         if residual is not None and residual_in_fp32 and residual.dtype != torch.float32:
             residual = residual.float()  # e.g. FSDP2's MixedPrecisionPolicy cast the block's inputs to bf16
-        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=residual_in_fp32)
+        out, res = rms_norm_fn(
+            x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=residual_in_fp32
+        )
+        if residual is None and (x.dtype == torch.float32 or not residual_in_fp32):
+            res = res.clone()  # the kernel hands back x itself here (see ref_add_rmsnorm)
+        return out, res
 
     try:
         from causal_conv1d import causal_conv1d_fn
