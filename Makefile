@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-triton test-slurm test-gpu lint format install gpu-install clean
+.PHONY: demo test test-triton test-compat test-slurm test-gpu lint format install gpu-install clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,20 @@ test-triton: $(STAMP)
 # slurmd and munge if missing): CPU ranks over gloo, cancel / time-limit signal / requeue, exact resume.
 test-slurm: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slurm tests/scripts/test_slurm.py
+
+# Exports against the loaders of the tools they target, each in its own folder so `make test` keeps
+# skipping these: transformers at requirements.txt's floor (with the tokenizers / huggingface_hub it
+# was released with) in .compat/transformers4, run in a subprocess; mamba_ssm built without CUDA in
+# .compat/mamba_ssm, importable through tests/stubs (its Mamba-1 extension) and the Triton of test-triton.
+COMPAT_TRANSFORMERS4 ?= transformers==4.48.0 tokenizers==0.21.0 huggingface-hub==0.27.1
+COMPAT_MAMBA_SSM ?= mamba-ssm==2.3.2.post1
+test-compat: $(STAMP)
+	test -d .compat/transformers4 || $(PY) -m pip install -q --no-deps --target .compat/transformers4 $(COMPAT_TRANSFORMERS4)
+	test -d .triton-site || $(PY) -m pip install -q --no-deps --target .triton-site "$(TRITON_INTERPRETER)"
+	test -d .compat/mamba_ssm || MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(PY) -m pip install -q --no-deps \
+		--no-build-isolation --target .compat/mamba_ssm "$(COMPAT_MAMBA_SSM)" einops
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/export/test_export_compat.py
+	PYTHONPATH=tests/stubs:.compat/mamba_ssm:.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/models/test_mamba_ssm_compat.py
 
 # Every gpu-marked test; run on a CUDA host after `make gpu-install`.
 test-gpu: $(STAMP)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from avengers.data import shards
+from avengers.progress import progress
 
 log = logging.getLogger(__name__)
 SOURCES = ("fineweb-edu", "dolma", "local")
@@ -399,11 +400,7 @@ def prepare(args: argparse.Namespace) -> dict[str, dict]:
     stats: dict[str, dict] = {}
     n_docs = n_tok = 0
     t0 = time.perf_counter()
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=args.max_docs, unit="doc", dynamic_ncols=True, disable=args.quiet or None, desc=f"prepare {args.dataset}"
-    )
+    bar = progress(total=args.max_docs, unit="doc", disable=args.quiet, desc=f"prepare {args.dataset}")
 
     def done(name: str, st: dict) -> None:
         nonlocal n_docs, n_tok

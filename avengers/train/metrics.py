@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # unix seconds
         self.file.flush()
         text = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
         if self.bar is not None:

@@ -138,3 +138,12 @@ def test_cli_rejects_triton_decode_on_cpu(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         generate_main(["--model_variant", "llama3_tiny", "--prompt_ids", "1", "--device", "cpu", "--decode", "triton"])
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_cli_top_k_zero_samples_from_the_whole_vocabulary(capsys):
+    """`--top_k 0` is Hugging Face's "no top-k filter", not a crash."""
+    argv = ["--model_variant", "llama3_tiny", "--prompt_ids", "5,6", "--max_new_tokens", "3", "--device", "cpu"]
+    assert generate_main([*argv, "--temperature", "1.0", "--top_k", "0", "--seed", "1"]) == 0
+    sampled = capsys.readouterr().out
+    assert generate_main([*argv, "--temperature", "1.0", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == sampled  # the same draw as no top-k at all

@@ -87,13 +87,14 @@ def test_reference_ops_bf16_inputs_compute_in_fp32():
 
 def test_reference_step_applies_softplus_and_bias():
     x, dt, A, B, C, D, state0 = _inputs(l=1)
-    raw = torch.randn_like(dt[:, 0])
-    bias = torch.randn(dt.shape[-1], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    raw = torch.randn(dt[:, 0].shape, dtype=torch.float64, generator=gen)
+    bias = torch.randn(dt.shape[-1], dtype=torch.float64, generator=gen)
     s_ref = state0.clone()
     y = REFERENCE.ssd_step(s_ref, x[:, 0], raw, A, B[:, 0], C[:, 0], D, bias)
     y_seq, s_seq = ssd_sequential(x, F.softplus(raw + bias).unsqueeze(1), A, B, C, D, initial_state=state0)
-    torch.testing.assert_close(y, y_seq[:, 0])
-    torch.testing.assert_close(s_ref, s_seq)
+    torch.testing.assert_close(y, y_seq[:, 0], rtol=1e-12, atol=1e-12)  # fp64 throughout, dt included
+    torch.testing.assert_close(s_ref, s_seq, rtol=1e-12, atol=1e-12)
 
 
 def test_kernel_selection():

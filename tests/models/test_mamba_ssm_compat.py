@@ -20,8 +20,10 @@ from mamba_ssm.ops.triton import selective_state_update as ssm_ssu  # noqa: E402
 from mamba_ssm.ops.triton import ssd_combined as ssm_ssd  # noqa: E402
 
 import avengers.models.mamba as mamba_mod  # noqa: E402
+import avengers.models.mamba.model as mamba_model  # noqa: E402
 from avengers.models import get_model_spec  # noqa: E402
 from avengers.models.mamba import MambaLM, from_pretrained  # noqa: E402
+from avengers.models.mamba.config import _SSM_TOP_DEFAULTS  # noqa: E402
 from avengers.models.mamba.kernels import Kernels, _mamba_ssm_ops  # noqa: E402
 from avengers.models.mamba.ssd import ssd_chunked  # noqa: E402
 
@@ -84,7 +86,7 @@ def cpu_refs(monkeypatch):
 def test_missing_keys_take_mamba_ssm_defaults():
     import dataclasses
 
-    assert dataclasses.asdict(SsmConfig()) == mamba_mod._SSM_TOP_DEFAULTS
+    assert dataclasses.asdict(SsmConfig()) == _SSM_TOP_DEFAULTS
 
 
 @pytest.mark.parametrize("name", ["mamba2_tiny", "hybrid_tiny", "mamba_9.8b", "mamba_1.5b"])
@@ -132,7 +134,8 @@ def test_our_mamba_ssm_call_conventions(name, cpu_refs, monkeypatch):
     ids = torch.randint(0, 4096, (2, 32))  # their ref needs whole chunks
     with torch.no_grad():
         want = model(ids)
-        monkeypatch.setattr(mamba_mod, "select_kernels", lambda device, mode: Kernels("mamba_ssm", **_mamba_ssm_ops()))
+        kernels = Kernels("mamba_ssm", **_mamba_ssm_ops())
+        monkeypatch.setattr(mamba_model, "select_kernels", lambda device, mode: kernels)
         torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
         cache = model.allocate_cache(2, 40)
         got = torch.cat(
@@ -155,3 +158,19 @@ def test_custom_op_over_mamba_ssm_makes_one_graph_per_block():
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     ops = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
     assert any("avengers.mamba2_ssd" in o for o in ops), ops
+
+
+def test_export_loads_with_mamba_lm_head_model_from_pretrained(tmp_path):
+    """`python -m avengers.export` (mamba_ssm format) -> mamba_ssm's own from_pretrained loads it
+    strictly, with parameters equal to the checkpoint's."""
+    from checkpoint_helpers import save_checkpoint
+
+    from avengers.export import export_checkpoint
+
+    ours = save_checkpoint(tmp_path / "run", "mamba2_tiny")
+    out = export_checkpoint(str(tmp_path / "run"), str(tmp_path / "export"), dtype="fp32")
+    theirs = MambaLMHeadModel.from_pretrained(out)  # load_state_dict(strict=True) inside
+    theirs_sd, ours_sd = theirs.state_dict(), ours.state_dict()
+    assert list(theirs_sd) == list(ours_sd)
+    for k, v in ours_sd.items():
+        assert torch.equal(theirs_sd[k], v), k

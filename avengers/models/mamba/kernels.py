@@ -25,19 +25,25 @@ KERNEL_MODES = ("auto", "mamba_ssm", "reference")
 # ---- reference ops -------------------------------------------------------------------------
 
 
+def _softplus_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """softplus(dt + dt_bias) in at least fp32 (fp64 inputs stay fp64, as in ssd.py)."""
+    ct = torch.promote_types(dt.dtype, torch.float32)
+    return F.softplus(dt.to(ct) + dt_bias.to(ct))
+
+
 def ref_ssd(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state=None, return_final=False):
     """dt is raw (before bias and softplus), as mamba_chunk_scan_combined takes it.
 
     -> (y [b, l, h, p], final state [b, h, p, n] or None unless return_final).
     """
-    dt = F.softplus(dt.float() + dt_bias.float())
+    dt = _softplus_dt(dt, dt_bias)
     y, final = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
     return y, (final if return_final else None)
 
 
 def ref_ssd_step(state, x, dt, A, B, C, D, dt_bias):
     """state [b,h,p,n] updated in place; x [b,h,p]; raw dt [b,h]; B, C [b,g,n] -> y [b,h,p]."""
-    return ssd_step(state, x, F.softplus(dt.float() + dt_bias.float()), A, B, C, D)
+    return ssd_step(state, x, _softplus_dt(dt, dt_bias), A, B, C, D)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,16 +51,25 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-def ref_gated_rmsnorm(y, z, weight, eps):
-    """rmsnorm(y * silu(z)) * weight (mamba_ssm's RMSNormGated with norm_before_gate=False, one group)."""
-    return _rms(y.float() * F.silu(z.float()), weight, eps).to(y.dtype)
+def ref_gated_rmsnorm(y, z, weight, eps, group_size):
+    """rmsnorm(y * silu(z)) * weight, normalised over groups of `group_size` channels (mamba_ssm's
+    RMSNormGated with norm_before_gate=False; Mamba2 uses one group per B/C group)."""
+    gated = (y.float() * F.silu(z.float())).unflatten(-1, (-1, group_size))
+    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed.flatten(-2) * weight.float()).to(y.dtype)
 
 
 def ref_add_rmsnorm(x, residual, weight, eps, residual_in_fp32):
-    """(rmsnorm(x + residual), x + residual): the pre-norm residual step of mamba_ssm's Block."""
-    residual = x if residual is None else x + residual
-    if residual_in_fp32:
-        residual = residual.float()
+    """(rmsnorm(x + residual), x + residual): the pre-norm residual step of mamba_ssm's Block.
+
+    With no residual yet (the first block) the stream starts as a copy of x: a block handing back its
+    own input makes FSDP2 warn that in-place use of that output would skip its backward hooks."""
+    if residual is None:
+        residual = x.to(torch.float32 if residual_in_fp32 else x.dtype, copy=True)
+    else:
+        residual = x + residual
+        if residual_in_fp32:
+            residual = residual.float()
     return _rms(residual, weight, eps).to(x.dtype), residual
 
 
@@ -98,13 +113,18 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
             dt_softplus=True,
         )
 
-    def gated(y, z, weight, eps):
-        return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=None, norm_before_gate=False)
+    def gated(y, z, weight, eps, group_size):
+        return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
 
     def add_norm(x, residual, weight, eps, residual_in_fp32):
         if residual is not None and residual_in_fp32 and residual.dtype != torch.float32:
             residual = residual.float()  # e.g. FSDP2's MixedPrecisionPolicy cast the block's inputs to bf16
-        return rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=residual_in_fp32)
+        out, res = rms_norm_fn(
+            x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=residual_in_fp32
+        )
+        if residual is None and (x.dtype == torch.float32 or not residual_in_fp32):
+            res = res.clone()  # the kernel hands back x itself here (see ref_add_rmsnorm)
+        return out, res
 
     try:
         from causal_conv1d import causal_conv1d_fn

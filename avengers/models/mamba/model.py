@@ -105,7 +105,8 @@ class Mamba2Mixer(nn.Module):
             )
             if state is not None:
                 state.ssm.copy_(final)
-        return k.gated_rmsnorm(y.reshape(b, T, cfg.d_inner), z, self.norm.weight, self.norm.eps)
+        group = cfg.d_inner // cfg.ngroups
+        return k.gated_rmsnorm(y.reshape(b, T, cfg.d_inner), z, self.norm.weight, self.norm.eps, group)
 
 
 class Attention(nn.Module):

@@ -116,3 +116,16 @@ _spec(
     attn_d_conv=4,
     **_TINY,
 )
+_spec(
+    "bamba_tiny",
+    "CPU demo/test hybrid in the Bamba layout (mamba_9.8b's): hybrid_tiny without the attention conv",
+    max_seq_len=1024,
+    n_layer=4,
+    d_intermediate=128,
+    attn_layer_idx=(1, 3),
+    attn_num_heads=4,
+    attn_num_heads_kv=2,
+    attn_head_dim=16,
+    attn_rotary_emb_dim=8,
+    **_TINY,
+)

@@ -1,21 +1,10 @@
-"""Export trained checkpoints to formats other tools read.
-
-Llama (ibm-fms layout) -> Hugging Face `LlamaForCausalLM` (safetensors + config.json), so lm-eval,
-vLLM and transformers load it directly. Mamba-2 / hybrids save in mamba_ssm's `save_pretrained`
-layout (see avengers.models.mamba). Telescoping models have no HF architecture and are exported
-as a plain state dict plus our variant name.
-
-    python -m avengers.export --ckpt runs/demo --out exports/demo-hf
-"""
+"""Llama (ibm-fms layout) -> Hugging Face `LlamaForCausalLM`, which transformers, lm-eval and vLLM load."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import torch
 
+from avengers.export.hf import save_hf_folder
 from avengers.models.llama import ffn_hidden
 
 
@@ -39,8 +28,9 @@ def llama_to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {
         "model.embed_tokens.weight": sd["base_model.embedding.weight"],
         "model.norm.weight": sd["base_model.dec_norm.weight"],
-        "lm_head.weight": sd["head.weight"],
     }
+    if not cfg.tie_heads:
+        out["lm_head.weight"] = sd["head.weight"]
     for i in range(cfg.nlayers):
         src, dst = f"base_model.layers.{i}.", f"model.layers.{i}."
         q, k, v = sd[src + "attn.in_proj.qkv_fused.weight"].split([q_rows, kv_rows, kv_rows])
@@ -58,13 +48,20 @@ def llama_to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 dst + "post_attention_layernorm.weight": sd[src + "ff_ln.weight"],
             }
         )
-    return {k: v.contiguous() for k, v in out.items()}
+    return out
 
 
 def llama_hf_config(model: torch.nn.Module, bos_token_id: int | None, eos_token_id: int | None):
     from transformers import LlamaConfig
 
     cfg = model.config
+    if cfg.attn_bias or cfg.mlp_bias:
+        raise ValueError(
+            f"attn_bias={cfg.attn_bias}, mlp_bias={cfg.mlp_bias}: the HF export maps bias-free Llama "
+            "variants only (every registered one)"
+        )
+    if (cfg.rope_scaling or {}).get("rope_type", "regular") != "regular":
+        raise ValueError(f"rope_scaling {cfg.rope_scaling}: only regular RoPE exports to HF Llama")
     return LlamaConfig(
         vocab_size=cfg.src_vocab_size,
         hidden_size=cfg.emb_dim,
@@ -77,11 +74,11 @@ def llama_hf_config(model: torch.nn.Module, bos_token_id: int | None, eos_token_
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_heads,
-        attention_bias=cfg.attn_bias,
-        mlp_bias=cfg.mlp_bias,
+        attention_bias=False,
+        mlp_bias=False,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
     )
 
 
@@ -93,46 +90,6 @@ def export_llama_to_hf(
     eos_token_id: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> str:
-    from transformers import LlamaForCausalLM
-
-    hf_config = llama_hf_config(model, bos_token_id, eos_token_id)
-    with torch.device("meta"):
-        hf_model = LlamaForCausalLM(hf_config)
-    state = {k: v.to(dtype) for k, v in llama_to_hf_state_dict(model).items()}
-    hf_model.load_state_dict(state, assign=True, strict=True)
-    hf_model.save_pretrained(out_dir, safe_serialization=True)
+    """Write `model` as a LlamaForCausalLM folder (config.json, model.safetensors, generation_config.json)."""
+    save_hf_folder(llama_hf_config(model, bos_token_id, eos_token_id), llama_to_hf_state_dict(model), out_dir, dtype)
     return out_dir
-
-
-def export_checkpoint(ckpt: str, out: str, tokenizer_path: str | None = None, dtype: str = "bfloat16") -> str:
-    """Export a training run folder or checkpoint folder to `out` in the family's standard format."""
-    from avengers.models import get_model_spec
-    from avengers.train.checkpoint import load_model_from_checkpoint
-
-    model, cfg = load_model_from_checkpoint(ckpt, device="cpu")
-    spec = get_model_spec(cfg.model_variant)
-    os.makedirs(out, exist_ok=True)
-    torch_dtype = getattr(torch, dtype)
-    if spec.family == "llama":
-        bos = cfg.bos_token if cfg.bos_token is not None else None
-        export_llama_to_hf(model, out, bos_token_id=bos, eos_token_id=cfg.eos_token, dtype=torch_dtype)
-    elif spec.family == "mamba":
-        from avengers.models.mamba import save_pretrained
-
-        save_pretrained(model.to(torch_dtype), out)
-    else:
-        torch.save({k: v.to(torch_dtype) for k, v in model.state_dict().items()}, os.path.join(out, "model.pt"))
-        with open(os.path.join(out, "variant.json"), "w") as f:
-            json.dump({"model_variant": cfg.model_variant, "family": spec.family}, f, indent=2)
-    tok = tokenizer_path or getattr(cfg, "tokenizer_path", None)
-    if tok and os.path.isdir(tok):
-        for name in os.listdir(tok):
-            if name.startswith(("tokenizer", "special_tokens")):
-                shutil.copy(os.path.join(tok, name), out)
-    return out
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(export_checkpoint)

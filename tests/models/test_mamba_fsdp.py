@@ -1,0 +1,44 @@
+"""A pure Mamba-2 model under FSDP2 (one gloo process): no block hands back its own input, so FSDP2's
+"returned a view tensor ... wrong gradients" warning stays silent, and gradients equal the plain model's."""
+
+import copy
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+
+from avengers.models import get_model_spec
+from avengers.models.mamba.kernels import REFERENCE
+from avengers.train.parallel import parallelize
+
+
+def test_first_block_residual_is_not_its_input():
+    block = get_model_spec("mamba2_tiny").build().backbone.layers[0]
+    x = torch.randn(2, 8, 64)
+    _, residual = block(x, None)
+    assert residual.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(residual, x)
+    _, res = REFERENCE.add_rmsnorm(x, None, torch.ones(64), 1e-5, False)
+    assert res.data_ptr() != x.data_ptr() and torch.equal(res, x)
+
+
+def test_fsdp2_pure_mamba2_trains_without_the_view_warning_and_with_equal_gradients():
+    spec = get_model_spec("mamba2_tiny")
+    torch.manual_seed(0)
+    plain = spec.build()
+    sharded = copy.deepcopy(plain)
+    ids = torch.randint(0, spec.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parallelize(sharded, spec.block_types, init_device_mesh("cpu", (1,), mesh_dim_names=("shard",)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            F.cross_entropy(sharded(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        assert not [str(w.message) for w in caught if "view tensor" in str(w.message)]
+        F.cross_entropy(plain(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        for (name, p), q in zip(plain.named_parameters(), sharded.parameters()):
+            torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,21 @@
+"""metrics.jsonl rows carry the time they were written."""
+
+import json
+import time
+
+from avengers.config import make_config
+from avengers.train.metrics import MetricsLogger
+
+
+def test_rows_get_a_unix_timestamp(tmp_path, capsys):
+    cfg = make_config(model_variant="llama3_tiny", ckpt_save_path=str(tmp_path), num_steps=2)
+    logger = MetricsLogger(cfg, rank=0, start_step=0)
+    before = time.time()
+    logger.log({"step": 1, "loss": 2.5})
+    logger.log({"step": 2, "loss": 2.25})
+    after = time.time()
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.5), (2, 2.25)]
+    assert before - 0.001 <= rows[0]["time"] <= rows[1]["time"] <= after + 0.001
+    assert "time" not in capsys.readouterr().out  # the printed line stays as it was
