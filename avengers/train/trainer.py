@@ -47,6 +47,17 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with the config's LR, betas, eps and weight decay over `param_groups`."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, cfg.decay_all_params),
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+        fused=fused or None,
+    )
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
@@ -130,13 +141,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mixed = cfg.mixed_precision and on_gpu
     mesh = build_mesh(cfg.sharding_strategy, world, device.type, cfg.hsdp_shard_size or info.local_world_size)
     model = build_model(cfg, spec, device, mesh, mixed)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.decay_all_params),
-        lr=cfg.learning_rate,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.adam_eps,
-        fused=on_gpu or None,
-    )
+    optimizer = build_optimizer(model, cfg, fused=on_gpu)
     scheduler = build_scheduler(optimizer, cfg.num_steps, cfg.training_stage, cfg.warmup_steps, cfg.min_lr_ratio)
     loader = train_data.build_loader(cfg, rank, world, spec.vocab_size)
     ckpt = Checkpointer(cfg, rank, world)
