@@ -95,7 +95,8 @@ class MetricsLogger:
         self.file.flush()
         text = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            if "loss" in record:  # eval records carry eval_loss only
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}")
             self.bar.write(text)
         else:
             print(text, flush=True)

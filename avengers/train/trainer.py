@@ -25,6 +25,7 @@ from avengers.train.checkpoint import Checkpointer, resolve_checkpoint
 from avengers.train.metrics import MetricsLogger, build_profiler, mfu, peak_flops, peak_memory_gib
 from avengers.train.parallel import build_mesh, init_distributed, parallelize
 from avengers.train.schedule import build_scheduler
+from avengers.train.validation import build_validator
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     spec = get_model_spec(cfg.model_variant)
     train_data.validate_data(cfg, info.world_size, spec.vocab_size)
     _check_load_path(cfg)
+    validator = build_validator(cfg, info.rank, info.world_size, info.device)
     if cfg.seq_length > spec.max_seq_len:
         log.warning("seq_length %d exceeds %s's max_seq_len %d", cfg.seq_length, spec.name, spec.max_seq_len)
 
@@ -206,6 +208,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss_sum.zero_()
             gnorm_sum.zero_()
             window_steps, window_start = 0, time.perf_counter()
+        if validator is not None and (step % cfg.eval_interval == 0 or step == last_step):
+            record = {"step": step, "tokens_seen": tokens_seen, **validator.evaluate(model)}
+            metrics.log(record)
+            window_start += record["eval_time_s"]  # evaluation is not training time
         if step % cfg.checkpoint_interval == 0 or (step == last_step and cfg.save_final_checkpoint):
             t_save = time.perf_counter()
             path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader)
