@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import run_training
 
 from avengers.config import ConfigError, make_config, validate
 from avengers.data.eval_split import eval_lines
@@ -31,6 +32,27 @@ def test_eval_loss_is_logged_and_is_the_loss_on_the_heldout_lines(tiny_run):
             tokens += int((labels != -100).sum())
     assert evals[1]["eval_tokens"] == tokens == 2 * 2 * 32  # eval_steps x batch_size x seq_length, no padding
     assert evals[1]["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_two_ranks_report_the_loss_over_the_same_lines_as_one(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    cfg = make_config(str(run / "config.yaml"))
+    two = tmp_path / "two"
+    flags = {k: getattr(cfg, k) for k in ("data_path", "datasets", "tokenizer_path", "bos_token", "eos_token")}
+    flags.update(use_dummy_dataset=False, logical_shards=4, num_workers=0, seq_length=32, shuffle_buffer=0)
+    flags.update(num_steps=2, eval_fraction=0.25, eval_interval=2, eval_steps=1)  # 1 x 2 x 2 ranks = 4 lines
+    assert run_training(world=2, ckpt_save_path=str(two), **flags) == [0, 0]
+    with open(two / "metrics.jsonl") as f:
+        (record,) = [r for r in map(json.loads, f) if "eval_loss" in r]
+    model, cfg = load_model_from_checkpoint(str(two))
+    cfg.eval_steps = 2  # the same 4 lines on one rank
+    total = tokens = 0.0
+    with torch.no_grad():
+        for inputs, labels in eval_batches(cfg, 0, 1):
+            total += F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), reduction="sum").item()
+            tokens += labels.numel()
+    assert record["eval_tokens"] == tokens == 4 * 32
+    assert record["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
 
 
 def test_eval_batches_split_one_set_of_lines_over_any_world(tiny_run):
