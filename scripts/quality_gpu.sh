@@ -7,8 +7,9 @@
 # Every stage resumes: the recall sweep skips the runs already in its results.jsonl and the trainer
 # continues from a run's newest checkpoint, so a stage cut short is finished by running it again.
 # Environment: PYTHON (default python3), OUT (default runs/quality); for compare, VARIANTS (space-separated
-# registry names) and TRAIN_FLAGS (extra avengers.train flags), e.g. a CPU dry run:
-#   PYTHON=.venv/bin/python VARIANTS="llama3_tiny mamba2_tiny" TRAIN_FLAGS="--num_steps=4" bash scripts/quality_gpu.sh compare
+# registry names), TRAIN_FLAGS (extra avengers.train flags) and PASSKEY_LENGTHS, e.g. a CPU dry run:
+#   PYTHON=.venv/bin/python VARIANTS="llama3_tiny mamba2_tiny" PASSKEY_LENGTHS=128,512 OUT=/tmp/q \
+#   TRAIN_FLAGS="--num_steps=4 --warmup_steps=1 --eval_interval=2 --device=cpu" bash scripts/quality_gpu.sh compare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -32,7 +33,8 @@ case "$stage" in
     CSV=$(IFS=,; echo "${RUNS[*]}")
     "$PYTHON" -m avengers.quality.curves --runs "$CSV" --out "$OUT/curves"
     "$PYTHON" -m avengers.quality.position_loss --ckpt "$CSV" --seq_length 512 --num_docs 32 --out "$OUT/position"
-    "$PYTHON" -m avengers.quality.passkey --ckpt "$CSV" --lengths 128,256,512,1024,2048 --trials 16 --out "$OUT/passkey"
+    "$PYTHON" -m avengers.quality.passkey --ckpt "$CSV" --lengths "${PASSKEY_LENGTHS:-128,256,512,1024,2048}" \
+      --trials 16 --out "$OUT/passkey"
     ;;
   *) echo "unknown stage $stage: expected recall, recall_long or compare" >&2; exit 2 ;;
 esac

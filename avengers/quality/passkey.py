@@ -69,16 +69,28 @@ def build_prompt(parts: PromptParts, answer: list[int], length: int, depth: floa
     return parts.instruction + filler[:cut] + needle + filler[cut:] + parts.question
 
 
-def check_grid(parts: PromptParts, encode, lengths: list[int], depths: list[float]) -> None:
-    """Every length fits the prompt and every depth is in [0, 1]; raises ValueError naming the first that does not."""
+def longest_answer(encode) -> list[int]:
+    return max((encode(f" {k}") for k in (10_000, 99_999, 12_345, 55_555)), key=len)
+
+
+def check_grid(
+    parts: PromptParts, encode, lengths: list[int], depths: list[float], max_seq_len: int | None = None
+) -> None:
+    """Every length fits the prompt (and the model's max_seq_len with the answer after it) and every
+    depth is in [0, 1]; raises ValueError naming the first value that does not."""
     if not lengths or not depths:
         raise ValueError(f"lengths={lengths}, depths={depths}: give at least one of each")
     for depth in depths:
         if not 0 <= depth <= 1:
             raise ValueError(f"depth={depth}: expected a number in [0, 1]")
-    longest = max((encode(f" {k}") for k in (10_000, 99_999, 12_345)), key=len)
+    answer = longest_answer(encode)
     for length in lengths:
-        build_prompt(parts, longest, length, 0.0)
+        build_prompt(parts, answer, length, 0.0)
+        if max_seq_len is not None and length + len(answer) - 1 > max_seq_len:
+            raise ValueError(
+                f"length={length}: with the answer the model reads {length + len(answer) - 1} positions, more than "
+                f"its max_seq_len={max_seq_len}; use lengths <= {max_seq_len - len(answer) + 1}"
+            )
 
 
 @torch.no_grad()
@@ -141,18 +153,22 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(1.2 + 0.9 * len(results[0]["lengths"]) * len(results), 3.6))
+    panel = max(3.2, 1.2 + 0.7 * max(len(r["lengths"]) for r in results))
+    fig, axes = plt.subplots(1, len(results), figsize=(panel * len(results) + 1.2, 3.6), layout="constrained")
     axes = np.atleast_1d(axes)
-    for ax, r in zip(axes, results):
+    for k, (ax, r) in enumerate(zip(axes, results)):
         acc = np.asarray(r["accuracy"])
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(r["lengths"])), [str(x) for x in r["lengths"]])
         ax.set_yticks(range(len(r["depths"])), [f"{d:.2f}" for d in r["depths"]])
-        ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=r["label"])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(r["label"], fontsize=9)
+        if k == 0:
+            ax.set_ylabel("needle depth")
         for (i, j), v in np.ndenumerate(acc):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="retrieval accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -173,6 +189,7 @@ def plan_checkpoints(
 ) -> list[dict[str, Any]]:
     """Resolve every checkpoint, its tokenizer and lengths, and check every grid before any model loads."""
     from avengers.config import make_config
+    from avengers.models import get_model_spec
     from avengers.train.checkpoint import resolve_checkpoint
 
     if not ckpts:
@@ -186,8 +203,10 @@ def plan_checkpoints(
         if not (tokenizer or cfg.tokenizer_path):
             raise ValueError(f"{ckpt!r}: its run has no tokenizer_path; pass --tokenizer")
         encode = token_encoder(tokenizer or cfg.tokenizer_path)
-        its_lengths = lengths or [cfg.seq_length * m // 8 for m in (1, 2, 4, 8, 16)]
-        check_grid(PromptParts.from_tokenizer(encode, filler), encode, its_lengths, depths)
+        max_seq_len = get_model_spec(cfg.model_variant).max_seq_len
+        room = max_seq_len - len(longest_answer(encode)) + 1
+        its_lengths = lengths or [n for n in (cfg.seq_length * m // 8 for m in (1, 2, 4, 8, 16)) if n <= room]
+        check_grid(PromptParts.from_tokenizer(encode, filler), encode, its_lengths, depths, max_seq_len)
         jobs.append({"ckpt": ckpt, "step_dir": step_dir, "encode": encode, "lengths": its_lengths})
     return jobs
 
@@ -195,7 +214,9 @@ def plan_checkpoints(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m avengers.quality.passkey", description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="run or step folders, comma-separated")
-    parser.add_argument("--lengths", default=None, help="prompt lengths in tokens (default: 1/8..2x the seq_length)")
+    parser.add_argument(
+        "--lengths", default=None, help="prompt lengths in tokens (default: 1/8..2x the run's seq_length that fit)"
+    )
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     parser.add_argument("--trials", type=int, default=8, help="random numbers per (length, depth)")
     parser.add_argument("--seed", type=int, default=0)

@@ -78,3 +78,6 @@ def test_cli_on_a_checkpoint_is_deterministic(tiny_run, tmp_path, capsys):
     assert (tmp_path / "a" / "passkey.png").stat().st_size > 1000
     assert main(args[:2] + ["--lengths", "8", "--out", str(tmp_path / "c")]) == 2
     assert "too short for the passkey prompt" in capsys.readouterr().err
+    assert main(args[:2] + ["--lengths", "1024", "--out", str(tmp_path / "c")]) == 2  # llama3_tiny: RoPE to 1024
+    assert "more than its max_seq_len=1024" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before any model ran
