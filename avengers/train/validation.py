@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Validator:
-    """`validator.evaluate(model)` -> {"step"-less metrics}: eval_loss, eval_tokens, eval_time_s."""
+    """`validator.evaluate(model)` -> {"eval_loss", "eval_tokens", "eval_time_s"} over the fixed eval batches."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
         self.batches = batches
