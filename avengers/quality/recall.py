@@ -1,8 +1,8 @@
 """Associative recall vs decode-cache size: train small models of every family on MQAR and score them.
 
     python -m avengers.recall --preset smoke --out runs/recall_smoke      # seconds, CPU
-    python -m avengers.recall --preset cpu --out runs/recall_cpu          # ~10 minutes on 2 CPU cores
-    python -m avengers.recall --preset gpu --out runs/recall_gpu          # one H100/H200, ~8 minutes
+    python -m avengers.recall --preset cpu --out runs/recall_cpu          # ~20 minutes on 2 busy CPU cores
+    python -m avengers.recall --preset gpu --out runs/recall_gpu          # one H100/H200, ~8 minutes (estimated)
 
 A sweep names registry base variants and config-field overrides (width, depth, d_state,
 tele_cache_size, ...), so a new family is swept by adding one `RecallModel` line. Each (model,
@@ -186,7 +186,7 @@ PRESETS: dict[str, RecallSweep] = {
         warmup_steps=2,
         eval_examples=16,
     ),
-    # ~10 minutes on 2 CPU cores: attention at two widths, the state knob of each fixed-state family swept.
+    # ~20 minutes on 2 busy CPU cores: attention at two widths, the state knob of each fixed-state family.
     "cpu": RecallSweep(
         models=(
             _attention(32),
@@ -204,8 +204,8 @@ PRESETS: dict[str, RecallSweep] = {
         warmup_steps=100,
         eval_examples=512,
     ),
-    # One H100/H200 device call of ~8 minutes: T=256 (Zoology's MQAR grid at one length), every family
-    # at its main knob, widths 64..256.
+    # One H100/H200 device call of ~8 minutes (estimated: 52k steps of 2-layer models at ~8 ms): T=256,
+    # Zoology's MQAR grid at one length, every family at its state knob, widths 64..256.
     "gpu": RecallSweep(
         models=(
             *(_attention(w) for w in (64, 128, 256)),
@@ -472,15 +472,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
-    """Accuracy (mean over kv-pair counts) vs cache bytes per sequence, a line per family, a panel per T."""
+    """Accuracy (mean over kv-pair counts) vs cache KiB per sequence, a line per family, a panel per T;
+    each point is labelled with its model's name less the family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     seq_lens = sorted({r["seq_len"] for r in rows})
     families = sorted({r["family"] for r in rows})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.5 * len(seq_lens), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5.5 * len(seq_lens) + 1.3, 4.2), squeeze=False, sharey=True)
     for ax, seq_len in zip(axes[0], seq_lens):
         for family in families:
             points: dict[str, list[dict[str, Any]]] = {}
@@ -490,15 +492,24 @@ def plot(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
             if not points:
                 continue
             xy = sorted(
-                (ps[0]["cache_bytes_per_seq"], sum(p["accuracy"] for p in ps) / len(ps)) for ps in points.values()
+                (ps[0]["cache_bytes_per_seq"] / 1024, sum(p["accuracy"] for p in ps) / len(ps), name)
+                for name, ps in points.items()
             )
-            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=family)
+            line = ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], marker="o", label=family)[0]
+            for x, y, name in xy:
+                short = name[len(family) :].strip() if name.startswith(family) else name
+                ax.annotate(
+                    short, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=6, color=line.get_color()
+                )
         kvs = sorted({r["kv_pairs"] for r in rows if r["seq_len"] == seq_len})
-        ax.set(xscale="log", title=f"T={seq_len}, kv pairs {kvs[0]}..{kvs[-1]}", xlabel="decode cache bytes / sequence")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set(xscale="log", title=f"T={seq_len}, kv pairs {kvs[0]}..{kvs[-1]}", xlabel="decode cache KiB / sequence")
+        ax.xaxis.set_major_locator(LogLocator(base=2))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(-0.02, 1.05)
+        ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy (mean over kv pairs)")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -542,15 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time_budget_s", type=float, default=None, help="start no new run after this long")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sweep = load_sweep(args.sweep) if args.sweep else PRESETS[args.preset]
-    if args.steps is not None:
-        sweep = dataclasses.replace(sweep, steps=args.steps, warmup_steps=min(sweep.warmup_steps, args.steps))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or os.path.join("runs", f"recall_{args.preset if not args.sweep else 'custom'}")
     families = tuple(f for f in args.families.split(",") if f)
     try:
+        sweep = load_sweep(args.sweep) if args.sweep else PRESETS[args.preset]
+        if args.steps is not None:
+            sweep = dataclasses.replace(sweep, steps=args.steps, warmup_steps=min(sweep.warmup_steps, args.steps))
         rows = run_sweep(sweep, out, device, families, args.compile, args.time_budget_s)
-    except ValueError as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:  # TypeError: a sweep file's model with unknown keys
         print(f"avengers.recall: error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(rows))

@@ -108,3 +108,26 @@ def test_smoke_sweep_covers_every_family_writes_reports_and_resumes(tmp_path):
         return [{k: v for k, v in r.items() if k not in ("train_s", "run_s")} for r in rs]
 
     assert numbers(fresh) == numbers([r for r in rows if r["family"] == "mamba2"])  # seeded: the same again
+
+
+def test_a_sweep_file_gives_the_same_sweep_as_its_fields(tmp_path):
+    from avengers.quality.recall import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "models:\n"
+        "  - {family: mamba2, base: mamba2_tiny, overrides: {d_model: 32, d_state: 8}, label: m}\n"
+        "seq_lens: [16, 32]\nkv_pairs: [2, 4]\nvocab_size: 64\nsteps: 5\nlearning_rates: [0.001]\n"
+    )
+    sweep = load_sweep(str(path))
+    assert sweep == RecallSweep(
+        models=(RecallModel("mamba2", "mamba2_tiny", {"d_model": 32, "d_state": 8}, "m"),),
+        seq_lens=(16, 32),
+        kv_pairs=(2, 4),
+        vocab_size=64,
+        steps=5,
+        learning_rates=(0.001,),
+    )
+    path.write_text("models: []\nseq_len: [16]\n")
+    with pytest.raises(ValueError, match="unknown sweep fields \\['seq_len'\\]"):
+        load_sweep(str(path))
