@@ -390,7 +390,7 @@ def run_sweep(
     bar = tqdm(todo, desc="recall", unit="run", disable=not sys.stderr.isatty())
     start = time.perf_counter()
     for i, (model, seq_len) in enumerate(bar):
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+        if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
             log.warning(
                 "time budget of %.0f s spent: %d runs left; run the same command again", time_budget_s, len(todo) - i
             )
