@@ -92,6 +92,9 @@ class TrainConfig:
     shuffle_buffer: int = 10_000  # lines in each loader's shuffle buffer (fms-fsdp: fixed 10,000)
     min_doc_length: int = 3  # shorter documents are skipped (fms-fsdp: fixed 3)
     device: str = "auto"  # auto = cuda when available, else cpu
+    eval_fraction: float = 0.0  # share of each dataset's documents held out from training (doc-id hash)
+    eval_interval: int = 0  # optimizer steps between evaluations on the held-out documents; 0 = never
+    eval_steps: int = 10  # batches per rank in each evaluation
     compile_cache_size_limit: int = 128
     skip_nonfinite_steps: int = 0  # consecutive NaN/inf steps skipped (no update) before stopping; 0 = stop at once
 
@@ -290,9 +293,17 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
         "grad_accum_steps",
         "logical_shards",
         "compile_cache_size_limit",
+        "eval_steps",
     ):
         need(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)}: expected an integer >= 1")
-    for name in ("num_workers", "ckpt_keep_last", "shuffle_buffer", "min_doc_length", "skip_nonfinite_steps"):
+    for name in (
+        "num_workers",
+        "ckpt_keep_last",
+        "shuffle_buffer",
+        "min_doc_length",
+        "skip_nonfinite_steps",
+        "eval_interval",
+    ):
         need(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)}: expected an integer >= 0")
     need(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate}: expected a positive number")
     need(0 <= cfg.min_lr_ratio <= 1, f"min_lr_ratio={cfg.min_lr_ratio}: expected a number in [0, 1]")
@@ -311,6 +322,21 @@ def validate(cfg: TrainConfig, world_size: int = 1, local_world_size: int | None
             f"stop_at_step={cfg.stop_at_step}: expected None or an integer in [1, num_steps={cfg.num_steps}]",
         )
     parse_fraction(cfg.selective_checkpointing)
+    need(
+        0 <= cfg.eval_fraction < 1,
+        f"eval_fraction={cfg.eval_fraction}: expected a number in [0, 1) (0 = no documents held out)",
+    )
+    if cfg.eval_interval:
+        need(
+            not cfg.use_dummy_dataset,
+            f"eval_interval={cfg.eval_interval} needs real data (use_dummy_dataset=False): the dummy stream "
+            f"has no held-out documents; use eval_interval=0",
+        )
+        need(
+            cfg.eval_fraction > 0,
+            f"eval_interval={cfg.eval_interval} needs held-out documents: set eval_fraction to a number in "
+            f"(0, 1), e.g. 0.01, or use eval_interval=0",
+        )
     if cfg.vocab_size is not None and cfg.use_dummy_dataset:  # real data is checked against the model's vocabulary
         need(
             1 <= cfg.vocab_size <= spec.vocab_size,

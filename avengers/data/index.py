@@ -47,6 +47,7 @@ class DataSpec:
     seed: int
     shuffle_buffer: int
     min_doc_length: int
+    eval_fraction: float = 0.0  # share of documents held out for evaluation (avengers/data/heldout.py)
 
     @property
     def content_len(self) -> int:
@@ -113,7 +114,10 @@ def parse_spec(cfg: Any) -> DataSpec:
         min_doc_length=int(
             getattr(cfg, "min_doc_length", 3) if getattr(cfg, "min_doc_length", None) is not None else 3
         ),
+        eval_fraction=float(getattr(cfg, "eval_fraction", 0.0) or 0.0),
     )
+    if not 0 <= spec.eval_fraction < 1:
+        raise ValueError(f"eval_fraction={spec.eval_fraction}: expected a number in [0, 1) (0 = no eval split)")
     for name, low in (
         ("seq_length", 1),
         ("batch_size", 1),

@@ -188,6 +188,7 @@ class TokenLoader:
             "logical_shards": self.spec.logical_shards,
             "seq_length": self.spec.seq_length,
             "datasets": list(self.spec.datasets),
+            "eval_fraction": self.spec.eval_fraction,
             "workers": [_clone(self.workers[g]) for g in self.order],
             "worker_order": list(self.order),
             "buffer": stack(self.buffer),
@@ -228,10 +229,12 @@ class TokenLoader:
             ("logical_shards", self.spec.logical_shards),
             ("seq_length", self.spec.seq_length),
             ("datasets", list(self.spec.datasets)),
+            ("eval_fraction", self.spec.eval_fraction),  # another split would train on held-out documents
         ):
-            if s[k] != mine:
+            saved = s.get(k, 0.0)  # states saved before eval_fraction existed held nothing out
+            if saved != mine:
                 raise ValueError(
-                    f"loader state has {k}={s[k]!r} but the config has {mine!r}; they must match "
+                    f"loader state has {k}={saved!r} but the config has {mine!r}; they must match "
                     f"to resume (start a new data run to change them)"
                 )
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from avengers.data import shards
+from avengers.data.heldout import HeldOut
 from avengers.data.index import DatasetIndex, DataSpec, Plan, csv_list, tokenizer_for
 
 _M64 = (1 << 64) - 1
@@ -81,6 +82,27 @@ class Documents:
         return np.asarray(ids, dtype=np.uint32)
 
 
+def frame_document(spec: DataSpec, doc: np.ndarray) -> np.ndarray | None:
+    """[bos] + doc + [eos] with one leading/trailing special token stripped; None if too short."""
+    a, b = 0, len(doc)
+    if b and int(doc[0]) in spec.strip:
+        a = 1
+    if b > a and int(doc[b - 1]) in spec.strip:
+        b -= 1
+    n = b - a + (spec.eos is not None) + (spec.bos is not None)
+    if b - a + 1 + (spec.bos is not None) < spec.min_doc_length or n == 0:
+        return None
+    out = np.empty(n, dtype=np.int64)
+    k = 0
+    if spec.bos is not None:
+        out[0] = spec.bos
+        k = 1
+    out[k : k + b - a] = doc[a:b]
+    if spec.eos is not None:
+        out[-1] = spec.eos
+    return out
+
+
 def _lcg_params(seed: int, d: int, shard: int, epoch: int, n: int) -> tuple[int, int, int]:
     m = 1 << max(n - 1, 0).bit_length()
     return m, (2 * mix(seed, d, shard, epoch, 1) + 1) % m, mix(seed, d, shard, epoch, 2) % m
@@ -116,6 +138,7 @@ class Stream:
         self.seen = state["seen"].numpy().astype(np.int64).copy()
         self.draws = int(state["draws"])
         self.docs = [Documents(self.spec, ix) for ix in plan.indexes]
+        self.heldout = HeldOut(plan) if self.spec.eval_fraction > 0 else None  # the eval split: never trained on
         self.sizes = [ix.bounds[1:] - ix.bounds[:-1] for ix in plan.indexes]
         w = np.asarray(self.spec.weights, dtype=np.float64)
         owned = np.array([(self.sizes[d][t[:, 0]]).sum() if len(t) else 0 for d, t in enumerate(self.tables)])
@@ -149,24 +172,7 @@ class Stream:
                 f"the model's vocabulary of {vocab}: a corrupt record batch or another tokenizer's data; "
                 f"re-prepare this file or remove it (and its meta/combined_counts.csv row)"
             )
-        a, b = 0, len(doc)
-        strip = self.spec.strip
-        if b and int(doc[0]) in strip:
-            a = 1
-        if b > a and int(doc[b - 1]) in strip:
-            b -= 1
-        n = b - a + (self.spec.eos is not None) + (self.spec.bos is not None)
-        if b - a + 1 + (self.spec.bos is not None) < self.spec.min_doc_length or n == 0:
-            return None
-        out = np.empty(n, dtype=np.int64)
-        k = 0
-        if self.spec.bos is not None:
-            out[0] = self.spec.bos
-            k = 1
-        out[k : k + b - a] = doc[a:b]
-        if self.spec.eos is not None:
-            out[-1] = self.spec.eos
-        return out
+        return frame_document(self.spec, doc)
 
     def _pick_dataset(self) -> int | None:
         if not self.active.any():
@@ -217,6 +223,8 @@ class Stream:
                     break
             t[r, 2], t[r, 3] = x, t[r, 3] + 1
             g = int(self.plan.indexes[d].bounds[s]) + x
+            if self.heldout is not None and self.heldout(d, g):
+                continue
             toks = self._doc_tokens(d, g)
             if toks is None:
                 self._note_unusable(d)

@@ -188,3 +188,16 @@ _spec(
     rope_theta=5e5,
     max_expected_seq_len=1024,
 )
+_spec(
+    "llama3_100m_v4k",
+    "Llama-3 shape ~100M on the demo vocabulary (the quality comparison, docs/quality.md)",
+    src_vocab_size=TINY_VOCAB,
+    emb_dim=768,
+    nheads=12,
+    kvheads=4,
+    nlayers=14,
+    hidden_grow_factor=8 / 3,
+    multiple_of=256,
+    rope_theta=5e5,
+    max_expected_seq_len=4096,
+)

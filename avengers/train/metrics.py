@@ -72,8 +72,9 @@ class MetricsLogger:
         self.file.flush()
         text = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
         if self.bar is not None:
-            loss = record.get("loss")  # None when every step of the window was skipped as non-finite
-            self.bar.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}")
+            if "loss" in record:  # eval records carry eval_loss only
+                loss = record["loss"]  # None when every step of the window was skipped as non-finite
+                self.bar.set_postfix(loss="n/a" if loss is None else f"{loss:.4f}")
             self.bar.write(text)
         else:
             print(text, flush=True)

@@ -27,6 +27,7 @@ from avengers.train.nonfinite import StepStats
 from avengers.train.parallel import build_mesh, find_blocks, init_distributed, parallelize
 from avengers.train.preemption import StopOnSignal
 from avengers.train.schedule import build_scheduler
+from avengers.train.validation import build_validator
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,18 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list
         skip = p.ndim < 2 or id(p) in embedding_params or leaf in NO_DECAY_SUFFIXES
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the config's LR, betas, eps and weight decay over `param_groups`; fused: one kernel,
+    and it can skip a non-finite step on the device (nonfinite.py)."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, cfg.decay_all_params),
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+        fused=True,
+    )
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -132,6 +145,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
     checks.check_run_folder(cfg.ckpt_save_path, checks.checkpoint_bytes(spec.num_params(), cfg, info.world_size))
     ckpt = Checkpointer(cfg, info.rank, info.world_size)
     ckpt.check_model(cfg.model_variant, shapes)
+    validator = build_validator(cfg, info.rank, info.world_size, info.device)
 
     device, rank, world = info.device, info.rank, info.world_size
     on_gpu = device.type == "cuda"
@@ -140,13 +154,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
     mixed = cfg.mixed_precision and on_gpu
     mesh = build_mesh(cfg.sharding_strategy, world, device.type, cfg.hsdp_shard_size or info.local_world_size)
     model = build_model(cfg, spec, device, mesh, mixed)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.decay_all_params),
-        lr=cfg.learning_rate,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.adam_eps,
-        fused=True,  # one kernel, and it can skip a non-finite step on the device (nonfinite.py)
-    )
+    optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.num_steps, cfg.training_stage, cfg.warmup_steps, cfg.min_lr_ratio)
     loader = train_data.build_loader(cfg, rank, world, spec.vocab_size)
     step, tokens_seen, how = ckpt.resume(model, optimizer, scheduler, loader)
@@ -208,6 +216,10 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
             }
             metrics.log(summary)
             window_steps, window_start = 0, time.perf_counter()
+        if validator is not None and (step % cfg.eval_interval == 0 or step == last_step):
+            record = {"step": step, "tokens_seen": tokens_seen, **validator.evaluate(model)}
+            metrics.log(record)
+            window_start += record["eval_time_s"]  # evaluation is not training time
         if step % cfg.checkpoint_interval == 0 or (
             step == last_step and (cfg.save_final_checkpoint or stop.agreed is not None)
         ):

@@ -129,3 +129,23 @@ _spec(
     attn_rotary_emb_dim=8,
     **_TINY,
 )
+# ~100M on the demo vocabulary: the quality comparison with llama3_100m_v4k (docs/quality.md)
+_spec(
+    "mamba2_100m_v4k",
+    "pure Mamba-2 ~100M, d_model 768, 24 layers, demo vocabulary",
+    vocab_size=TINY_VOCAB,
+    d_model=768,
+    n_layer=24,
+)
+_spec(
+    "hybrid_100m_v4k",
+    "hybrid ~100M: 26 layers, attention (12 heads, 4 KV, half RoPE) at 5/12/19/25, demo vocabulary",
+    vocab_size=TINY_VOCAB,
+    d_model=768,
+    n_layer=26,
+    attn_layer_idx=(5, 12, 19, 25),
+    attn_num_heads=12,
+    attn_num_heads_kv=4,
+    attn_head_dim=64,
+    attn_rotary_emb_dim=32,
+)

@@ -82,3 +82,6 @@ _tele_spec(
     f"CPU demo/test telescoping model (C=16, fmap c16, vocab {TINY_VOCAB})",
     tele_cache_size=16,
 )
+_tele_spec(
+    "tele64_100m_v4k", "llama3_100m_v4k", "Tele@64 on llama3_100m_v4k (the quality comparison)", tele_cache_size=64
+)
