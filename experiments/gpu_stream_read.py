@@ -35,8 +35,10 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avengers.decode.kernels.triton_decode import sm_count  # noqa: E402
-from avengers.inference.bench import H200_BANDWIDTH_GBS  # noqa: E402
+from avengers.hardware import spec_for_name  # noqa: E402
 from avengers.models.registry import get_model_spec  # noqa: E402
+
+H200_BANDWIDTH_GBS = spec_for_name("H200").bandwidth / 1e9  # these experiments ran on an H200
 
 
 @triton.jit
