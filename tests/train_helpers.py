@@ -36,6 +36,21 @@ def prepare_sample(out) -> str:
     return str(out)
 
 
+def sample_data_flags(out) -> dict:
+    """Trainer flags for the real loader on the sample corpus prepared into `out` (one worker per rank)."""
+    return dict(
+        use_dummy_dataset=False,
+        data_path=prepare_sample(out),
+        datasets="sample",
+        logical_shards=8,
+        num_workers=1,
+        eos_token=1,
+        bos_token=0,
+        seq_length=32,
+        shuffle_buffer=16,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

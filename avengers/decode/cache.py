@@ -30,6 +30,15 @@ def check_allocation(batch_size: int, max_seq_len: int) -> None:
         raise ValueError(f"batch_size and max_seq_len must be >= 1, got {batch_size} and {max_seq_len}")
 
 
+def allocation_target(
+    model: torch.nn.Module, batch_size: int, max_seq_len: int, device=None, dtype=None
+) -> tuple[torch.device, torch.dtype]:
+    """Check a cache's size; its device and dtype default to the model's parameters'."""
+    check_allocation(batch_size, max_seq_len)
+    param = next(model.parameters())
+    return (torch.device(device) if device is not None else param.device), (dtype or param.dtype)
+
+
 def _tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         if id(obj) not in seen:

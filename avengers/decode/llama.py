@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avengers.decode.attention import cached_attention, decode_attention, invalid_positions
-from avengers.decode.cache import InferenceCache, KVState, check_allocation, padded_len
+from avengers.decode.cache import InferenceCache, KVState, allocation_target, padded_len
 from avengers.decode.llama_block import decode_block, decode_head, eligible, is_plain_rms_norm
 from avengers.decode.options import DecodeOptions
 from avengers.ops.rope import rope_cos_sin, rotate_pairs
@@ -47,13 +47,10 @@ def allocate_kv_cache(
     options: DecodeOptions | None = None,
 ) -> KVCache:
     cfg = model.config
-    check_allocation(batch_size, max_seq_len)
+    device, dtype = allocation_target(model, batch_size, max_seq_len, device, dtype)
     rope_type = (cfg.rope_scaling or {}).get("rope_type", "regular")
     if rope_type != "regular":
         raise ValueError(f"cached decode supports rope_type 'regular' only, got {rope_type!r}")
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
-    dtype = dtype or param.dtype
     head_dim = cfg.emb_dim // cfg.nheads
     kv_heads = cfg.kvheads or cfg.nheads
     layers = KVState.stacked(cfg.nlayers, batch_size, kv_heads, max_seq_len, head_dim, device=device, dtype=dtype)

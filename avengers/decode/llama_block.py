@@ -118,7 +118,7 @@ def decode_block(
 ) -> torch.Tensor:
     """One Llama block for one token; `attention(q [B, H, d]) -> [B, H, d]` reads the updated cache.
     cos/sin [H + H_kv, d/2], fp32 and contiguous."""
-    attn, ff = layer.attn, layer.ff_sub_layer
+    attn = layer.attn
     pre_write, post = functions(options, h.shape[0])
     q = pre_write(
         h,
@@ -133,11 +133,16 @@ def decode_block(
         state=state,
         position=position,
     )
-    out = attention(q).reshape(h.shape[0], 1, -1)
+    return block_post(layer, h, attention(q).reshape(h.shape[0], 1, -1), post)
+
+
+def block_post(layer: nn.Module, h: torch.Tensor, attn_out: torch.Tensor, post=decode_post) -> torch.Tensor:
+    """The block after its attention: `post` (decode_post or its Triton GEMVs) with the layer's weights."""
+    ff = layer.ff_sub_layer
     return post(
         h,
-        out,
-        attn.dense.weight,
+        attn_out,
+        layer.attn.dense.weight,
         layer.ff_ln.weight,
         layer.ff_ln.eps,
         ff.wg1_fused.weight,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avengers.decode.cache import InferenceCache, KVState, check_allocation
+from avengers.decode.cache import InferenceCache, KVState, allocation_target
 from avengers.decode.options import DecodeOptions
 
 
@@ -91,11 +91,8 @@ def allocate_cache(
     options: DecodeOptions | None = None,
 ) -> InferenceCache:
     """Per layer: MambaState (constant size) or AttentionState (a KVState growing with max_seq_len)."""
-    check_allocation(batch_size, max_seq_len)
+    device, dtype = allocation_target(model, batch_size, max_seq_len, device, dtype)
     cfg = model.config
-    param = model.lm_head.weight
-    device = torch.device(device) if device is not None else param.device
-    dtype = dtype or param.dtype
     layers = [
         AttentionState(batch_size, cfg, max_seq_len, device=device, dtype=dtype)
         if i in cfg.attn_layer_idx

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from avengers.decode.attention import cached_attention
-from avengers.decode.cache import InferenceCache, KVState, check_allocation
-from avengers.decode.llama_block import decode_head, eligible
+from avengers.decode.cache import InferenceCache, KVState, allocation_target
+from avengers.decode.llama_block import block_post, decode_head, eligible
 from avengers.decode.options import DecodeOptions
 from avengers.ops.telescoping import (
     EMPTY_LOG_MASS,
@@ -277,11 +277,8 @@ def allocate_cache(
     options: DecodeOptions | None = None,
 ) -> InferenceCache:
     """Per layer: TelescopingState (C slots) or, for full-attention layers, a KVState."""
-    check_allocation(batch_size, max_seq_len)
+    device, dtype = allocation_target(model, batch_size, max_seq_len, device, dtype)
     cfg = model.config
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
-    dtype = dtype or param.dtype
     kv, d = cfg.kvheads or cfg.nheads, cfg.emb_dim // cfg.nheads
     layers = [
         KVState(batch_size, kv, max_seq_len, d, device=device, dtype=dtype)
@@ -346,7 +343,7 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
     # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
     core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
     for layer, state in zip(base.layers, cache.layers):
-        attn, ff = layer.attn, layer.ff_sub_layer
+        attn = layer.attn
         qkv = triton_gemv.gemv(
             h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
         )
@@ -365,14 +362,5 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
             attn.rope_theta,
             *attn._gains(),
         )
-        h = triton_gemv.decode_post(
-            h,
-            out.reshape(B, 1, -1),
-            attn.dense.weight,
-            layer.ff_ln.weight,
-            layer.ff_ln.eps,
-            ff.wg1_fused.weight,
-            ff.w2.weight,
-            ff.hidden_dim,
-        )
+        h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
     return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only

@@ -1,27 +1,14 @@
 """The real loader inside the trainer: 2 ranks x 1 loader worker, killed and resumed, bit-identical."""
 
 import pytest
-from train_helpers import FAULT_EXIT_CODE, prepare_sample, read_metrics, run_training
+from train_helpers import FAULT_EXIT_CODE, read_metrics, run_training, sample_data_flags
 
 from avengers.train.checkpoint import complete_checkpoints
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = prepare_sample(tmp_path_factory.mktemp("prepared"))
-    return dict(
-        use_dummy_dataset=False,
-        data_path=out,
-        datasets="sample",
-        logical_shards=8,
-        num_workers=1,
-        eos_token=1,
-        bos_token=0,
-        seq_length=32,
-        shuffle_buffer=16,
-        num_steps=4,
-        checkpoint_interval=2,
-    )
+    return dict(**sample_data_flags(tmp_path_factory.mktemp("prepared")), num_steps=4, checkpoint_interval=2)
 
 
 def test_real_loader_resume_is_bit_identical(data, tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from train_helpers import BASE, free_port, join_training, prepare_sample, read_metrics, run_training, start_training
+from train_helpers import BASE, free_port, join_training, read_metrics, run_training, sample_data_flags, start_training
 
 from avengers.train.checkpoint import complete_checkpoints
 from avengers.train.preemption import StopOnSignal
@@ -30,17 +30,8 @@ def test_signals_are_recorded_acted_on_at_check_steps_and_handlers_restored():
 
 @pytest.fixture(scope="module")
 def run_cfg(tmp_path_factory) -> dict:
-    data = prepare_sample(tmp_path_factory.mktemp("prepared"))
     return dict(
-        use_dummy_dataset=False,
-        data_path=data,
-        datasets="sample",
-        logical_shards=8,
-        num_workers=1,
-        eos_token=1,
-        bos_token=0,
-        seq_length=32,
-        shuffle_buffer=16,
+        **sample_data_flags(tmp_path_factory.mktemp("prepared")),
         num_steps=NUM_STEPS,
         checkpoint_interval=NUM_STEPS,
         signal_check_interval=INTERVAL,

@@ -102,9 +102,8 @@ _spec(
 TINY_VOCAB = 4096  # avengers.models.llama.TINY_VOCAB: the bundled demo tokenizer's vocabulary
 _TINY = dict(vocab_size=TINY_VOCAB, d_model=64, d_state=16, headdim=16, chunk_size=16)
 _spec("mamba2_tiny", "CPU demo/test pure Mamba-2", max_seq_len=1024, n_layer=2, **_TINY)
-_spec(
-    "hybrid_tiny",
-    "CPU demo/test hybrid: attention (4 heads, 2 KV, partial RoPE, conv) at layers 1, 3; MLP",
+# the tiny hybrids: 4 layers, attention (4 heads, 2 KV, head 16, partial RoPE) at layers 1 and 3, gated MLPs
+_TINY_HYBRID = dict(
     max_seq_len=1024,
     n_layer=4,
     d_intermediate=128,
@@ -113,21 +112,18 @@ _spec(
     attn_num_heads_kv=2,
     attn_head_dim=16,
     attn_rotary_emb_dim=8,
-    attn_d_conv=4,
     **_TINY,
+)
+_spec(
+    "hybrid_tiny",
+    "CPU demo/test hybrid: attention with a conv on its inputs at layers 1, 3; MLP",
+    attn_d_conv=4,
+    **_TINY_HYBRID,
 )
 _spec(
     "bamba_tiny",
     "CPU demo/test hybrid in the Bamba layout (mamba_9.8b's): hybrid_tiny without the attention conv",
-    max_seq_len=1024,
-    n_layer=4,
-    d_intermediate=128,
-    attn_layer_idx=(1, 3),
-    attn_num_heads=4,
-    attn_num_heads_kv=2,
-    attn_head_dim=16,
-    attn_rotary_emb_dim=8,
-    **_TINY,
+    **_TINY_HYBRID,
 )
 # ~100M on the demo vocabulary: the quality comparison with llama3_100m_v4k (docs/quality.md)
 _spec(
