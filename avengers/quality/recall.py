@@ -207,12 +207,14 @@ PRESETS: dict[str, RecallSweep] = {
     # One H100/H200 device call of ~8 minutes (estimated: 52k steps of 2-layer models at ~8 ms): T=256,
     # Zoology's MQAR grid at one length, every family at its state knob, widths 64..256.
     "gpu": RecallSweep(
+        # width 128 of every family first, so a sweep cut short by its time budget still compares them all
         models=(
-            *(_attention(w) for w in (64, 128, 256)),
-            *(_mamba2(64, n) for n in (16, 64)),
+            _attention(128),
             *(_mamba2(128, n) for n in (16, 64, 256)),
             _hybrid(128, 64),
             *(_telescoping(128, c) for c in (8, 16, 32, 64)),
+            *(_attention(w) for w in (64, 256)),
+            *(_mamba2(64, n) for n in (16, 64)),
         ),
         seq_lens=(256,),
         kv_pairs=(4, 8, 16, 32, 64),
