@@ -7,6 +7,7 @@ every context length L:
   3. for every batch size (and the largest that fits): copy the batch-1 state into every row
      (`InferenceCache.broadcast_from`, so large batches need no large prefill), capture the decode
      step in a CUDA graph (eager on CPU), warm up, and time `steps` decode steps.
+  4. with --peer (Mamba family on CUDA): mamba_ssm's own graph decode at the listed batch sizes (peer.py).
 Decode steps run at positions L - room .. L - 1 of a cache sized to L: attention reads keys
 written by the real prefill; the few positions between the prefill and the step are masked.
 """
@@ -31,6 +32,7 @@ from avengers.decode.cache import InferenceCache
 from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, DecodeOptions
 from avengers.dtypes import DTYPES
 from avengers.hardware import device_spec, measure_copy_bandwidth
+from avengers.inference import peer as peer_mod
 from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
 from avengers.inference.check import (
     CheckResult,
@@ -71,6 +73,7 @@ class BenchConfig:
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
     decode: str = "auto"  # decode path (avengers.decode.options.DECODE_PATHS); auto: the fastest per family
     decode_attn: str = "auto"  # attention decode kernel: auto | triton | torch
+    peer: str = "auto"  # mamba_ssm's graph decode beside ours (peer.PEER_MODES); auto: on CUDA when it imports
 
     @property
     def options(self) -> DecodeOptions:
@@ -98,6 +101,14 @@ class BenchConfig:
             )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if self.peer not in peer_mod.PEER_MODES:
+            raise ValueError(f"peer must be one of {peer_mod.PEER_MODES}, got {self.peer!r}")
+        if self.peer == "mamba_ssm":
+            if torch.device(self.device).type != "cuda":
+                raise ValueError(f"--peer mamba_ssm needs a CUDA device (its graph decode), got {self.device!r}")
+            reason = peer_mod.import_error()
+            if reason:
+                raise ValueError(f"--peer mamba_ssm: mamba_ssm does not import ({reason})")
         self.options.resolve("llama", self.device)  # a path this device cannot run fails here, before any model
 
     @property
@@ -216,6 +227,7 @@ class VariantResult:
     decode_mode: str = "eager"
     errors: list[str] = field(default_factory=list)
     decode_path: str = ""  # the resolved DecodeOptions path the variant ran
+    peer: str = ""  # the peer timed beside ours and its check, "" without one
 
 
 def bench_variant(name: str, cfg: BenchConfig, limits: Limits, rows: list[dict], deadline: float) -> VariantResult:
@@ -233,18 +245,71 @@ def bench_variant(name: str, cfg: BenchConfig, limits: Limits, rows: list[dict],
     res.weight_bytes = weight_bytes_per_step(model)
     chunk = cfg.prefill_chunk if check.chunked_prefill else 0
     res.decode_mode = check.decode_mode
+    peer = _build_peer(model, spec, check, res, cfg) if _peer_wanted(cfg, spec.family) else None
     for ctx in measure_order(cfg.contexts):
         if time.monotonic() > deadline:
             res.errors.append(f"context {ctx}: skipped, this variant's share of --deadline_s was used up")
             continue
         try:
-            _bench_context(model, spec, ctx, chunk, limits, res, cfg, rows, deadline)
+            _bench_context(model, spec, ctx, chunk, limits, res, cfg, rows, deadline, peer)
         except torch.cuda.OutOfMemoryError as e:
             res.errors.append(f"context {ctx}: out of memory at batch 1 ({str(e).splitlines()[0]})")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    del model
+    del model, peer
     return res
+
+
+def _peer_wanted(cfg: BenchConfig, family: str) -> bool:
+    if cfg.peer == "off" or family != "mamba" or torch.device(cfg.device).type != "cuda":
+        return False
+    reason = peer_mod.import_error() if cfg.peer == "auto" else None  # forced: validate() imported it
+    if reason:
+        log.info("no peer column: mamba_ssm does not import (%s)", reason)
+    return not reason
+
+
+def _build_peer(model: nn.Module, spec, check: CheckResult, res: VariantResult, cfg: BenchConfig) -> nn.Module | None:
+    """mamba_ssm's model on our weights once its batch-1 logits match ours in fp32 and in the timed
+    dtype; None (and the reason in res.errors) when it cannot be built or disagrees, e.g. hybrids
+    whose attention needs flash-attn."""
+    dtype = DTYPES[cfg.dtype]
+    # fp32 finds wiring errors (a decode that drops its state moves random-weight logits by only a
+    # few %, bf16 noise by ~2%); the timed dtype gets the tolerance the timed-dtype check gave ours
+    tols = {torch.float32: cfg.check_tol or 1e-2, dtype: check.dtype_tol or cfg.check_tol or 1e-2}
+    errs = {}
+    try:
+        peer = peer_mod.build_peer(model)  # shares our Parameter objects: the casts below cast both
+        for dt, tol in tols.items():
+            model.to(dt)
+            errs[dt] = peer_mod.check_peer(model, peer, spec.vocab_size, tol, options=cfg.options)
+    except Exception as e:  # any failure in mamba_ssm leaves our numbers standing, without the column
+        log.warning("%s: peer unavailable: %s: %s", res.variant, type(e).__name__, e)
+        res.errors.append(f"peer unavailable: {type(e).__name__}: {e}")
+        return None
+    finally:
+        model.to(dtype)
+    res.peer = "mamba_ssm graph decode, batch-1 logits vs ours: " + ", ".join(
+        f"rel err {err:.2g} in {str(dt).removeprefix('torch.')} (tol {tols[dt]:.2g})" for dt, err in errs.items()
+    )
+    return peer
+
+
+def _peer_columns(
+    peer: nn.Module, row: dict, ctx: int, fill: int, vocab: int, res: VariantResult, cfg: BenchConfig
+) -> dict:
+    try:
+        rounds = peer_mod.time_peer(peer, row["batch"], fill, ctx, vocab, cfg.warmup, cfg.rounds, cfg.steps)
+    except Exception as e:  # e.g. out of memory beside our cache: our row stands, the peer cells stay empty
+        res.errors.append(f"context {ctx} batch {row['batch']}: peer failed ({type(e).__name__}: {e})")
+        return {}
+    step_ms = statistics.median(rounds) * 1e3
+    return dict(
+        peer_step_ms=step_ms,
+        peer_step_ms_min=min(rounds) * 1e3,
+        peer_step_ms_max=max(rounds) * 1e3,
+        vs_peer=row["decode_step_ms"] / step_ms,
+    )
 
 
 def _run_checks(
@@ -279,6 +344,7 @@ def _bench_context(
     cfg: BenchConfig,
     rows: list[dict],
     deadline: float,
+    peer: nn.Module | None = None,
 ) -> None:
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -314,6 +380,9 @@ def _bench_context(
         if row is None:
             continue
         fits = row.pop("_fits") or fits
+        # not at the searched largest batch: the peer's own cache would not fit beside ours
+        if peer is not None and b in cfg.batch_sizes and b != largest:
+            row.update(_peer_columns(peer, row, ctx, fill, spec.vocab_size, res, cfg))
         ctx_rows.append({**common, **row})
         log.info(
             "%s ctx=%d batch=%d: %.3f ms/step, %.0f tok/s",
@@ -452,6 +521,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         choices=ATTENTION_BACKENDS,
         help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or forced",
     )
+    p.add_argument(
+        "--peer",
+        default="auto",
+        choices=peer_mod.PEER_MODES,
+        help="also time mamba_ssm's own CUDA-graph decode on the same weights (Mamba family): auto = on CUDA "
+        "when mamba_ssm imports; mamba_ssm = required (fails early without it); off",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     a = p.parse_args(argv)
@@ -479,6 +555,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         check_tol=a.check_tol,
         decode=a.decode,
         decode_attn=a.decode_attn,
+        peer=a.peer,
     )
     cfg.validate()
     return cfg

@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 TARGET_CONTEXT = 32768
+PEER_TARGET_BATCHES = (1, 64, 512)  # Mamba-2 at or ahead of mamba_ssm's graph decode at these batch sizes
 
 
 def _fmt(x, spec: str = ".3g") -> str:
@@ -44,10 +45,16 @@ def targets_summary(rows: list[dict]) -> dict:
         for r in rows
         if r["family"] == "llama" and r["batch"] == 1
     }
+    vs_peer = {
+        f"{r['variant']}@{r['context']} b{r['batch']}": r["vs_peer"]
+        for r in rows
+        if r.get("vs_peer") is not None and r["batch"] in PEER_TARGET_BATCHES
+    }
     return {
         "cache_growth_vs_context": flat,
         "speedup_vs_llama_at_32k_best_batch": speedup,
         "llama_batch1_measured_over_roofline": roofline_b1,
+        "step_ms_vs_mamba_ssm_graph_decode": vs_peer,
     }
 
 
@@ -83,14 +90,17 @@ def markdown_table(report: dict) -> str:
             + f", chunked prefill {chk.get('chunked_prefill')}"
             + (f" ({chk['chunked_note']})" if chk.get("chunked_note") else "")
             + f", decode path {v.get('decode_path') or 'n/a'} timed {v.get('decode_mode', 'n/a')}"
+            + (f"; peer: {v['peer']}" if v.get("peer") else "")
             + "".join(f"; {n}" for n in chk.get("notes", []))
             + ("".join(f"; {e}" for e in v.get("errors", [])))
         )
+    peer = any("peer_step_ms" in r for r in report["rows"])
     lines += [
         "",
         "| variant | context | batch | prefill s (b=1) | decode ms/step (median) | spread (min-max) "
-        "| decode tok/s | cache MiB/seq | peak GiB | max batch | roofline ms | bound | measured/roofline |",
-        "|" + "---|" * 13,
+        "| decode tok/s | cache MiB/seq | peak GiB | max batch | roofline ms | bound | measured/roofline |"
+        + (" mamba_ssm graph ms/step | ours/mamba_ssm |" if peer else ""),
+        "|" + "---|" * (15 if peer else 13),
     ]
     for r in report["rows"]:
         spread = f"{r['decode_step_ms_min']:.3f}-{r['decode_step_ms_max']:.3f}" if "decode_step_ms_min" in r else "n/a"
@@ -99,6 +109,7 @@ def markdown_table(report: dict) -> str:
             f"| {spread} | {r['decode_tok_s']:.0f} | {r['cache_bytes_per_seq'] / 2**20:.3f} "
             f"| {_fmt(r['peak_mem_gib'], '.1f')} | {_fmt(r['max_batch'], 'd')} | {_fmt(r['roofline_ms'], '.3f')} "
             f"| {r.get('roofline_bound') or 'n/a'} | {_fmt(r['roofline_ratio'], '.2f')} |"
+            + (f" {_fmt(r.get('peer_step_ms'), '.3f')} | {_fmt(r.get('vs_peer'), '.2f')} |" if peer else "")
         )
     t = report["targets"]
     lines += ["", "Targets:"]
@@ -111,6 +122,8 @@ def markdown_table(report: dict) -> str:
         lines.append(f"- decode tok/s vs Llama at 32k, best batch: {v} x{_fmt(s, '.2f')} (batch {b})")
     for k, ratio in t["llama_batch1_measured_over_roofline"].items():
         lines.append(f"- Llama batch 1 measured/roofline: {k} {_fmt(ratio, '.2f')}")
+    for k, ratio in t.get("step_ms_vs_mamba_ssm_graph_decode", {}).items():
+        lines.append(f"- decode ms/step vs mamba_ssm's graph decode (at most 1 meets the target): {k} {ratio:.2f}")
     return "\n".join(lines) + "\n"
 
 

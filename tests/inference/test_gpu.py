@@ -70,3 +70,45 @@ def test_bench_smoke_on_cuda(tmp_path):
     assert not report["variants"]["llama3_tiny"].get("failed")
     assert report["variants"]["llama3_tiny"]["decode_mode"] == "cuda_graph"
     assert {r["batch"] for r in report["rows"]} == {1, 4, 64}
+
+
+def test_bench_peer_column_on_cuda(tmp_path):
+    """mamba_ssm's own graph decode timed beside ours at the listed batch sizes, after its batch-1
+    logits matched ours; not at the searched largest batch (64 here, the cap)."""
+    from avengers.inference import peer
+    from avengers.inference.bench import parse_args, run
+
+    if peer.import_error():
+        pytest.skip(f"mamba_ssm does not import: {peer.import_error()}")
+    report = run(
+        parse_args(
+            [
+                "--device",
+                "cuda",
+                "--variants",
+                "mamba2_tiny",
+                "--contexts",
+                "128,1k",
+                "--batch_sizes",
+                "1,4",
+                "--steps",
+                "3",
+                "--max_batch_cap",
+                "64",
+                "--peer",
+                "mamba_ssm",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    )
+    variant = report["variants"]["mamba2_tiny"]
+    assert not variant.get("failed") and variant["errors"] == [], variant
+    assert variant["peer"].startswith("mamba_ssm graph decode"), variant
+    listed = [r for r in report["rows"] if r["batch"] in (1, 4)]
+    assert {(r["context"], r["batch"]) for r in listed} == {(c, b) for c in (128, 1024) for b in (1, 4)}
+    for r in listed:
+        assert 0 < r["peer_step_ms_min"] <= r["peer_step_ms"] <= r["peer_step_ms_max"], r
+        assert r["vs_peer"] == pytest.approx(r["decode_step_ms"] / r["peer_step_ms"]) and r["vs_peer"] > 0
+    assert not any("peer_step_ms" in r for r in report["rows"] if r["batch"] == 64)
+    assert "| mamba_ssm graph ms/step | ours/mamba_ssm |" in (tmp_path / "inference_bench.md").read_text()
