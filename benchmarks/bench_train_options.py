@@ -53,7 +53,9 @@ def base_flags(args) -> dict:
         seed=args.seed,
     )
     if os.path.isdir(SAMPLE) and not args.dummy_data:
-        flags.update(data_path=SAMPLE, datasets="fineweb-edu-sample,dolma-sample", weights="1,1", eos_token=1, bos_token=0)
+        flags.update(
+            data_path=SAMPLE, datasets="fineweb-edu-sample,dolma-sample", weights="1,1", eos_token=1, bos_token=0
+        )
     else:
         flags.update(use_dummy_dataset=True)
     return flags
@@ -138,7 +140,9 @@ def main() -> None:
     p.add_argument("--variant", default="llama3_1.8b_4k")
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--seq_length", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=None, help="default: 200 (float8), 8 (checkpoint: saves at steps/2 and steps)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="default: 200 (float8), 8 (checkpoint: saves at steps/2 and steps)"
+    )
     p.add_argument("--report_interval", type=int, default=10)
     p.add_argument("--learning_rate", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=2023)

@@ -10,10 +10,35 @@ gradients. Peak extra memory: one chunk's logits, plus an fp32 copy of the head 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_TOKENS = 4096
+
+
+def _chunk_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's summed loss and, if wanted, d (summed loss) / d logits = softmax - one-hot (zero on
+    ignored tokens) in the logits' dtype. fp32 math; compiled on CUDA into a reduction and one
+    element-wise pass over the logits, with no fp32 copy of them."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0)
+    loss = torch.where(valid, lse - x.gather(1, target[:, None])[:, 0], 0.0).sum()
+    if not want_grad:
+        return loss, None
+    one_hot = torch.arange(x.shape[-1], device=x.device)[None, :] == target[:, None]
+    grad = torch.where(valid[:, None], torch.exp(x - lse[:, None]) - one_hot.float(), 0.0)
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_loss():
+    return torch.compile(_chunk_loss, dynamic=False)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -26,16 +51,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_grads else None
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_grads else None
+        chunk_fn = _compiled_chunk_loss() if hidden.is_cuda else _chunk_loss
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
-            logits = F.linear(h, weight).float()
-            loss_sum += F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
-            if want_grads:  # d (summed loss) / d logits = softmax - one-hot, zero on ignored tokens
-                grad_logits = torch.softmax(logits, dim=-1)
-                valid = y != ignore_index
-                grad_logits[valid, y[valid]] -= 1.0
-                grad_logits[~valid] = 0.0
-                grad_logits = grad_logits.to(hidden.dtype)
+            loss, grad_logits = chunk_fn(F.linear(h, weight), y, ignore_index, want_grads)
+            loss_sum += loss
+            if want_grads:
                 grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
                 grad_weight += (grad_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, count)

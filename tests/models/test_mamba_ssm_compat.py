@@ -24,6 +24,7 @@ import avengers.models.mamba.model as mamba_model  # noqa: E402
 from avengers.models import get_model_spec  # noqa: E402
 from avengers.models.mamba import MambaLM, from_pretrained  # noqa: E402
 from avengers.models.mamba.config import _SSM_TOP_DEFAULTS  # noqa: E402
+from avengers.models.mamba.conv import ref_causal_conv  # noqa: E402
 from avengers.models.mamba.kernels import Kernels, _mamba_ssm_ops  # noqa: E402
 from avengers.models.mamba.ssd import ssd_chunked  # noqa: E402
 
@@ -134,7 +135,8 @@ def test_our_mamba_ssm_call_conventions(name, cpu_refs, monkeypatch):
     ids = torch.randint(0, 4096, (2, 32))  # their ref needs whole chunks
     with torch.no_grad():
         want = model(ids)
-        kernels = Kernels("mamba_ssm", **_mamba_ssm_ops())
+        # the conv is ours, not a mamba_ssm entry point: on a CUDA host its Triton kernel cannot take CPU tensors
+        kernels = Kernels("mamba_ssm", **{**_mamba_ssm_ops(), "causal_conv": ref_causal_conv})
         monkeypatch.setattr(mamba_model, "select_kernels", lambda device, mode: kernels)
         torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
         cache = model.allocate_cache(2, 40)

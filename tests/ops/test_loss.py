@@ -48,3 +48,20 @@ def test_without_gradients_and_bad_arguments():
         linear_cross_entropy(hidden, weight, labels, chunk_tokens=0)
     with pytest.raises(ValueError, match="disagree"):
         linear_cross_entropy(hidden, weight, labels[:, 1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_chunks_match_the_full_logits_path():
+    """On CUDA each chunk runs torch.compile'd: loss and gradients as the plain bf16 path within its rounding."""
+    hidden, weight, labels = (t.cuda() for t in _case(torch.bfloat16, n=300, d=64, v=1000))
+    hidden, weight = (t.detach().requires_grad_() for t in (hidden, weight))
+    ref = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), labels.flatten())
+    ref.backward()
+    ref_grads = hidden.grad.float(), weight.grad.float()
+    hidden.grad = weight.grad = None
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_tokens=256)  # a full and a partial chunk
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(hidden.grad.float(), ref_grads[0], rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(weight.grad.float(), ref_grads[1], rtol=2e-2, atol=1e-4)
