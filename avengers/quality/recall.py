@@ -204,7 +204,7 @@ PRESETS: dict[str, RecallSweep] = {
         warmup_steps=100,
         eval_examples=512,
     ),
-    # One H100/H200 device call of ~8 minutes (estimated: 52k steps of 2-layer models at ~8 ms): T=256,
+    # Sized for one H100/H200 call (52k steps at ~8 ms, an estimate the first run missed: docs/quality.md): T=256,
     # Zoology's MQAR grid at one length, every family at its state knob, widths 64..256.
     "gpu": RecallSweep(
         # width 128 of every family first, so a sweep cut short by its time budget still compares them all
