@@ -44,29 +44,16 @@ def test_generate_with_and_without_graph_agree(tiny):
     assert torch.equal(generate(model, ids, 20, cuda_graph=False), generate(model, ids, 20, cuda_graph=True))
 
 
-def test_bench_smoke_on_cuda(tmp_path):
+def _small_bench(tmp_path, variant: str, *flags: str) -> dict:
+    """The bench on CUDA at contexts 128 and 1k, batches 1 and 4 plus the largest up to 64."""
     from avengers.inference.bench import parse_args, run
 
-    report = run(
-        parse_args(
-            [
-                "--device",
-                "cuda",
-                "--variants",
-                "llama3_tiny",
-                "--contexts",
-                "128,1k",
-                "--batch_sizes",
-                "1,4",
-                "--steps",
-                "3",
-                "--max_batch_cap",
-                "64",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    )
+    argv = ["--device", "cuda", "--variants", variant, "--contexts", "128,1k", "--batch_sizes", "1,4"]
+    return run(parse_args([*argv, "--steps", "3", "--max_batch_cap", "64", *flags, "--out", str(tmp_path)]))
+
+
+def test_bench_smoke_on_cuda(tmp_path):
+    report = _small_bench(tmp_path, "llama3_tiny")
     assert not report["variants"]["llama3_tiny"].get("failed")
     assert report["variants"]["llama3_tiny"]["decode_mode"] == "cuda_graph"
     assert {r["batch"] for r in report["rows"]} == {1, 4, 64}
@@ -76,32 +63,10 @@ def test_bench_peer_column_on_cuda(tmp_path):
     """mamba_ssm's own graph decode timed beside ours at the listed batch sizes, after its batch-1
     logits matched ours; not at the searched largest batch (64 here, the cap)."""
     from avengers.inference import peer
-    from avengers.inference.bench import parse_args, run
 
     if peer.import_error():
         pytest.skip(f"mamba_ssm does not import: {peer.import_error()}")
-    report = run(
-        parse_args(
-            [
-                "--device",
-                "cuda",
-                "--variants",
-                "mamba2_tiny",
-                "--contexts",
-                "128,1k",
-                "--batch_sizes",
-                "1,4",
-                "--steps",
-                "3",
-                "--max_batch_cap",
-                "64",
-                "--peer",
-                "mamba_ssm",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    )
+    report = _small_bench(tmp_path, "mamba2_tiny", "--peer", "mamba_ssm")
     variant = report["variants"]["mamba2_tiny"]
     assert not variant.get("failed") and variant["errors"] == [], variant
     assert variant["peer"].startswith("mamba_ssm graph decode"), variant
