@@ -142,16 +142,30 @@ def _open_tracker(cfg):
 
 
 def build_profiler(cfg, rank: int):
-    """torch.profiler over 6 steps (wait 1, warmup 2, active 3), trace under <run>/profile_traces; or None."""
+    """torch.profiler over 6 steps (wait 1, warmup 2, active 3): a trace under <run>/profile_traces and,
+    beside it, ops_rank<r>.txt, the top operators by self device time (CPU time without a GPU); or None."""
     if not cfg.use_profiler or (cfg.profiler_rank0_only and rank != 0):
         return None
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    on_gpu = torch.cuda.is_available()
+    folder = os.path.join(cfg.ckpt_save_path, "profile_traces")
+    write_trace = tensorboard_trace_handler(folder)
+
+    def on_trace_ready(prof) -> None:
+        write_trace(prof)
+        sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        path = os.path.join(folder, f"ops_rank{rank}.txt")
+        with open(path, "w") as f:
+            f.write(f"top operators over the 3 profiled steps, by {sort}\n")
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+        log.info("profiler: trace and operator table in %s", folder)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     return profile(
         activities=activities,
         schedule=schedule(wait=1, warmup=2, active=3, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(os.path.join(cfg.ckpt_save_path, "profile_traces")),
+        on_trace_ready=on_trace_ready,
         profile_memory=True,
         record_shapes=True,
         with_stack=False,

@@ -19,3 +19,23 @@ def test_rows_get_a_unix_timestamp(tmp_path, capsys):
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.5), (2, 2.25)]
     assert before - 0.001 <= rows[0]["time"] <= rows[1]["time"] <= after + 0.001
     assert "time" not in capsys.readouterr().out  # the printed line stays as it was
+
+
+def test_profiler_writes_a_trace_and_an_operator_table(tmp_path):
+    import torch
+
+    from avengers.train.metrics import build_profiler
+
+    cfg = make_config(model_variant="llama3_tiny", ckpt_save_path=str(tmp_path), use_profiler=True)
+    profiler = build_profiler(cfg, rank=0)
+    x = torch.randn(64, 64)
+    profiler.start()
+    for _ in range(6):  # wait 1, warmup 2, active 3
+        (x @ x).relu_()
+        profiler.step()
+    profiler.stop()
+    folder = tmp_path / "profile_traces"
+    assert any(p.name.endswith(".pt.trace.json") for p in folder.iterdir())
+    table = (folder / "ops_rank0.txt").read_text()
+    assert table.startswith("top operators over the 3 profiled steps, by self_cpu_time_total")
+    assert "aten::mm" in table and "aten::relu_" in table
