@@ -10,6 +10,7 @@ Prints ms per forward + backward and the peak memory above the inputs, and write
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -77,22 +78,20 @@ def main() -> None:
     weight = 0.02 * torch.randn(args.vocab, args.dim, device=device, dtype=dtype, generator=gen)
     labels = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=gen)
 
-    paths = {
-        f"chunked {c}": (lambda c: lambda h, w, y: linear_cross_entropy(h, w, y, chunk_tokens=c))(c) for c in chunks
-    }
+    paths = {f"chunked {c}": functools.partial(linear_cross_entropy, chunk_tokens=c) for c in chunks}
     if device.type == "cuda":  # inductor on CPU needs a C++ toolchain; the comparison that matters is on the GPU
         paths["full logits, compiled"] = torch.compile(full_logits_loss)
     paths["full logits, eager"] = full_logits_loss
     rows = {}
-    for name, fn in paths.items():
+    for path, fn in paths.items():
         try:
-            rows[name] = time_loss(fn, hidden, weight, labels, args.reps)
+            rows[path] = time_loss(fn, hidden, weight, labels, args.reps)
         except torch.OutOfMemoryError as e:
-            rows[name] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+            rows[path] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             torch.cuda.empty_cache()
-        r = rows[name]
+        r = rows[path]
         mem = f", {r['extra_peak_gib']:.2f} GiB above the inputs" if r.get("extra_peak_gib") is not None else ""
-        print(f"{name:24s} {r['ms']:8.2f} ms{mem}" if "ms" in r else f"{name:24s} {r['error']}", flush=True)
+        print(f"{path:24s} {r['ms']:8.2f} ms{mem}" if "ms" in r else f"{path:24s} {r['error']}", flush=True)
     result = {
         "tokens": args.tokens,
         "dim": args.dim,
