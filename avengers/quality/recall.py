@@ -46,13 +46,15 @@ class RecallModel:
     """One model of a sweep: a registry variant with some config fields changed.
 
     `family` is the plot line the model belongs to; `label` names the model in tables (default:
-    the base variant plus its overrides).
+    the base variant plus its overrides); `learning_rates`, if given, replace the sweep's for this
+    model (a family's known-good LR saves the runs at the others).
     """
 
     family: str
     base: str
     overrides: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    learning_rates: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
@@ -88,6 +90,11 @@ class RecallSweep:
             raise ValueError(f"warmup_steps={self.warmup_steps}: expected an integer in [0, steps={self.steps}]")
         if not self.learning_rates or min(self.learning_rates) <= 0:
             raise ValueError(f"learning_rates={self.learning_rates}: expected one or more positive numbers")
+        for model in self.models:
+            if model.learning_rates and min(model.learning_rates) <= 0:
+                raise ValueError(
+                    f"model {model.name!r}: learning_rates={model.learning_rates}: expected positive numbers"
+                )
         for seq_len in self.seq_lens:
             if not self.tasks(seq_len):
                 raise ValueError(
@@ -163,6 +170,15 @@ def _telescoping(width: int, cache_size: int, layers: int = 2) -> RecallModel:
     )
 
 
+# The LR at which each family learned MQAR in the CPU preset (docs/results.md). Training each GPU-preset
+# model at its family's LR only halves the sweep, so that it fits fewer device calls.
+FAMILY_LR = {"attention": 3e-3, "telescoping": 3e-3, "mamba2": 1e-2, "hybrid": 1e-2}
+
+
+def _at_family_lr(*models: RecallModel) -> tuple[RecallModel, ...]:
+    return tuple(dataclasses.replace(m, learning_rates=(FAMILY_LR[m.family],)) for m in models)
+
+
 def _grid(widths: tuple[int, ...], d_states: tuple[int, ...], cache_sizes: tuple[int, ...]) -> tuple:
     models: list[RecallModel] = []
     for w in widths:
@@ -206,10 +222,10 @@ PRESETS: dict[str, RecallSweep] = {
     ),
     # T=256, Zoology's MQAR grid at one length, every family at its state knob, widths 64..256. Vocabulary 1024,
     # not Zoology's 8192: in 1,500-2,000 steps attention learns MQAR at 1024 and stays at chance at 8192
-    # (docs/quality.md). ~100 s per model on one H100: two or three device calls, each resuming the last.
+    # (docs/quality.md). One LR per model (its family's); the first, shared-GPU run took 33-75 s per LR.
     "gpu": RecallSweep(
         # width 128 of every family first, so a sweep cut short by its time budget still compares them all
-        models=(
+        models=_at_family_lr(
             _attention(128),
             *(_mamba2(128, n) for n in (16, 64, 256)),
             _hybrid(128, 64),
@@ -222,13 +238,13 @@ PRESETS: dict[str, RecallSweep] = {
         vocab_size=1024,
         steps=2000,
         batch_size=64,
-        learning_rates=(3e-3, 1e-2),  # as the CPU preset: attention learns at the first, Mamba-2 at the second
+        learning_rates=(3e-3, 1e-2),  # for models added without their own (each preset model has its family's)
         warmup_steps=200,
         eval_examples=512,
     ),
     # A second call: the same families at T=1024, where a KV cache is 4x the T=256 one.
     "gpu_long": RecallSweep(
-        models=(
+        models=_at_family_lr(
             _attention(128),
             *(_mamba2(128, n) for n in (64, 256)),
             _hybrid(128, 64),
@@ -401,7 +417,7 @@ def run_sweep(
         tasks = sweep.tasks(seq_len)
         best: dict[str, Any] | None = None
         run_start = time.perf_counter()
-        for lr in sweep.learning_rates:
+        for lr in model.learning_rates or sweep.learning_rates:
             result = train_and_score(spec, tasks, sweep, lr, device, sweep.seed, compile_blocks)
             result["learning_rate"] = lr
             if best is None or sum(result["accuracy"].values()) > sum(best["accuracy"].values()):
@@ -529,7 +545,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: str) -> None:
 
 
 def load_sweep(path: str) -> RecallSweep:
-    """A sweep from YAML/JSON: RecallSweep's fields, models as a list of {family, base, overrides, label}."""
+    """A sweep from YAML/JSON: RecallSweep's fields, models as a list of {family, base, overrides, label,
+    learning_rates}."""
     import yaml
 
     with open(path) as f:
@@ -538,7 +555,10 @@ def load_sweep(path: str) -> RecallSweep:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown sweep fields {unknown}; known: {', '.join(sorted(known))}")
-    models = tuple(RecallModel(**m) for m in data.pop("models", []))
+    models = tuple(
+        RecallModel(**{k: tuple(v) if k == "learning_rates" else v for k, v in m.items()})
+        for m in data.pop("models", [])
+    )
     tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
     return RecallSweep(models=models, **{**data, **tuples})
 

@@ -132,3 +132,33 @@ def test_a_sweep_file_gives_the_same_sweep_as_its_fields(tmp_path):
     path.write_text("models: []\nseq_len: [16]\n")
     with pytest.raises(ValueError, match="unknown sweep fields \\['seq_len'\\]"):
         load_sweep(str(path))
+
+
+def test_a_models_own_learning_rates_replace_the_sweeps(tmp_path):
+    from avengers.quality.recall import load_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "models:\n"
+        "  - {family: mamba2, base: mamba2_tiny, overrides: {d_model: 32, d_state: 8}, learning_rates: [0.02]}\n"
+        "  - {family: mamba2, base: mamba2_tiny, overrides: {d_model: 32, d_state: 4}}\n"
+        "seq_lens: [16]\nkv_pairs: [2]\nvocab_size: 32\nsteps: 3\nwarmup_steps: 1\nbatch_size: 4\n"
+        "eval_examples: 4\nlearning_rates: [0.001, 0.003]\n"
+    )
+    sweep = load_sweep(str(path))
+    assert sweep.models[0].learning_rates == (0.02,) and sweep.models[1].learning_rates == ()
+    rows = run_sweep(sweep, str(tmp_path / "out"))
+    lrs = {r["model"]: r["learning_rate"] for r in rows}
+    assert lrs[sweep.models[0].name] == 0.02
+    assert lrs[sweep.models[1].name] in (0.001, 0.003)
+    bad = dataclasses.replace(sweep, models=(dataclasses.replace(sweep.models[0], learning_rates=(0.0,)),))
+    with pytest.raises(ValueError, match="learning_rates=\\(0.0,\\): expected positive numbers"):
+        bad.validate()
+
+
+def test_gpu_presets_train_each_model_at_its_familys_learning_rate():
+    from avengers.quality.recall import FAMILY_LR
+
+    for name in ("gpu", "gpu_long"):
+        for m in PRESETS[name].models:
+            assert m.learning_rates == (FAMILY_LR[m.family],), (name, m.name)
