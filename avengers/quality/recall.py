@@ -171,7 +171,7 @@ def _telescoping(width: int, cache_size: int, layers: int = 2) -> RecallModel:
 
 
 # The LR at which each family learned MQAR in the CPU preset (docs/results.md). Training each GPU-preset
-# model at its family's LR only halves the sweep, so that it fits fewer device calls.
+# model at its family's LR alone halves the sweep, so that it fits fewer device calls.
 FAMILY_LR = {"attention": 3e-3, "telescoping": 3e-3, "mamba2": 1e-2, "hybrid": 1e-2}
 
 
