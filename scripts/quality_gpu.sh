@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quality runs that need a GPU (docs/quality.md), one stage per device call of <= 10 minutes:
-#   bash scripts/quality_gpu.sh recall       # MQAR sweep, T=256, every family (~8 min on one H100/H200)
+#   bash scripts/quality_gpu.sh recall       # MQAR sweep, T=256, every family (~14 min of training on one H100: run it twice)
 #   bash scripts/quality_gpu.sh recall_long  # the same families at T=1024
 #   bash scripts/quality_gpu.sh compare      # ~100M llama / mamba2 / hybrid / telescoping on the sample
 #                                            # corpus with eval loss, then curves, loss by position, passkey

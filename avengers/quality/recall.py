@@ -2,7 +2,7 @@
 
     python -m avengers.recall --preset smoke --out runs/recall_smoke      # seconds, CPU
     python -m avengers.recall --preset cpu --out runs/recall_cpu          # ~20 minutes on 2 busy CPU cores
-    python -m avengers.recall --preset gpu --out runs/recall_gpu          # one H100/H200, ~8 minutes (estimated)
+    python -m avengers.recall --preset gpu --out runs/recall_gpu          # one H100: ~14 min of training (resumable)
 
 A sweep names registry base variants and config-field overrides (width, depth, d_state,
 tele_cache_size, ...), so a new family is swept by adding one `RecallModel` line. Each (model,
