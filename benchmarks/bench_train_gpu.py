@@ -179,7 +179,7 @@ def main() -> None:
     flops = spec.flops_per_token(args.seq_length)
     peak = peak_flops(device)
 
-    modes = [m for m in args.bare_loss.split(",") if m and args.bare_loss != "none"]
+    modes = [] if args.bare_loss == "none" else [m for m in args.bare_loss.split(",") if m]
     if args.bare_loss != "none" and (not modes or any(m not in ("chunked", "full") for m in modes)):
         raise SystemExit(f"--bare_loss takes chunked and/or full, or none, got {args.bare_loss!r}")
     bare_runs = {}
