@@ -76,6 +76,18 @@ def test_gemv_rejects_bad_shapes():
         triton_gemv.gemv(_rand(2, 16), _rand(4, 16), residual=_rand(2, 5))
 
 
+def test_autotune_prune_keeps_k_blocks_up_to_the_narrowest_covering_one():
+    import triton
+
+    tiles = [(2, 1024), (4, 512), (4, 2048), (16, 512)]
+    configs = [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk in tiles for w in (2, 4)]
+    kept = lambda K, BB: {(c.kwargs["BN"], c.kwargs["BK"]) for c in triton_gemv._prune(configs, {"K": K}, BB=BB)}
+    assert kept(64, 1) == {(4, 512), (16, 512)}  # a tiny model: only the narrowest K block
+    assert kept(1000, 1) == {(2, 1024), (4, 512), (16, 512)}
+    assert kept(8192, 1) == set(tiles)  # K wider than every block: all of them
+    assert kept(8192, 8) == {(2, 1024), (4, 512)}  # the register budget at batch 8
+
+
 def test_decode_pre_post_match_the_torch_functions():
     B, D, H, Hkv, d, hidden = 2, 256, 8, 4, 32, 96
     h = _rand(B, 1, D, seed=5)

@@ -153,6 +153,7 @@ def merge_item(Acc, M, L, Out, sob, soh, H_KV, G, NSPLIT, item, D: tl.constexpr,
     key=["SPLIT", "G", "D", "PRECISION", "GDC"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=quick_bench,
+    cache_results=True,
 )
 @triton.jit
 def _partial_kernel(

@@ -40,9 +40,17 @@ def quick_bench(kernel_call, quantiles):  # autotune timing (here and triton_dec
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the [BB, BN, BK] product tile within a register budget for this batch size."""
+    """Keep the [BB, BN, BK] product tile within a register budget for this batch size, and no K
+    block wider than the narrowest one that covers K (a wider one only reads masked zeros), so a
+    small model tunes a third of the tiles."""
     bb = kwargs.get("BB", named_args.get("BB", 1))
-    kept = [c for c in configs if bb * c.kwargs["BN"] * c.kwargs["BK"] <= 16384]
+    k = named_args["K"]
+    covering = min((c.kwargs["BK"] for c in configs if c.kwargs["BK"] >= k), default=None)
+    kept = [
+        c
+        for c in configs
+        if bb * c.kwargs["BN"] * c.kwargs["BK"] <= 16384 and (covering is None or c.kwargs["BK"] <= covering)
+    ]
     return kept or configs[:1]
 
 
@@ -203,6 +211,7 @@ def rope_store(
     key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=quick_bench,
+    cache_results=True,
 )
 @triton.jit
 def _gemv_kernel(
@@ -247,6 +256,7 @@ def _gemv_kernel(
     key=["K", "N", "BB", "GDC"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=quick_bench,
+    cache_results=True,
 )
 @triton.jit
 def _qkv_rope_kernel(
