@@ -12,10 +12,15 @@ from decode_helpers import decode_logits  # noqa: E402
 from avengers.decode.kernels import gluon_chain as gc  # noqa: E402
 from avengers.decode.kernels.gluon_step import LlamaStepKernel  # noqa: E402
 
-hopper = pytest.mark.skipif(
+_on_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9 or not gc.GLUON_API,
     reason="needs a Hopper (sm_90+) GPU and Triton 3.6's Gluon",
 )
+
+
+def hopper(test):
+    """A GPU test (`make test-gpu` selects it), skipped off Hopper or without Triton 3.6's Gluon."""
+    return pytest.mark.gpu(_on_hopper(test))
 
 
 def _weights(L, D, NQKV, HID, device):
