@@ -1,7 +1,7 @@
 """Llama-3 1.8B's GEMV chain (every block's QKV, Wo, gate/up and W2 at batch 1; no attention) as one
-warp-specialised Gluon kernel (avengers/inference/gluon_chain.py) against the per-kernel Triton
+warp-specialised Gluon kernel (avengers/decode/kernels/gluon_chain.py) against the per-kernel Triton
 GEMVs launched with PDL, on the same random weights, both in CUDA graphs, on one GPU:
-`python3 benchmarks/gpu_gluon_chain_probe.py --out DIR`. Prints and writes gluon_chain_probe.json."""
+`python3 experiments/gpu_gluon_chain_probe.py --out DIR`. Prints and writes gluon_chain_probe.json."""
 
 import argparse
 import json
@@ -80,8 +80,8 @@ def main():
     ap.add_argument("--out", default="probe_out")
     ap.add_argument(
         "--variants",
-        default="12:8:1:1",
-        help="comma list of ring stages:consumer warps:grid barriers (0/1):maths (0/1)",
+        default="12:8",
+        help="comma list of ring stages:consumer warps",
     )
     ap.add_argument("--skip_per_kernel", action="store_true")
     ap.add_argument("--stamps", action="store_true", help="also profile the first variant's phases (per-phase stamps)")
@@ -134,8 +134,8 @@ def main():
         torch.zeros(2, device=dev, dtype=torch.int32),
     )
     for v in args.variants.split(","):
-        stages, warps, sync, maths = (int(f) for f in v.split(":"))
-        kw = dict(stages=stages, num_warps=warps, sync=bool(sync), math=bool(maths))
+        stages, warps = (int(f) for f in v.split(":"))
+        kw = dict(stages=stages, num_warps=warps)
         t = time.time()
         x = x0.clone()
         gc.chain(w_d, w2_d, x, ln, ffln, bufs, L, NQKV, HID, EPS, progs, **kw)
@@ -154,7 +154,7 @@ def main():
         )
         print(res["runs"][-1], flush=True)
     if args.stamps:
-        stages, warps, _, _ = (int(f) for f in args.variants.split(",")[0].split(":"))
+        stages, warps = (int(f) for f in args.variants.split(",")[0].split(":"))
         stamps = torch.zeros(progs, 4096, 4, device=dev, dtype=torch.int64)
         for _ in range(3):  # the last of three back-to-back steps
             gc.chain(

@@ -60,9 +60,14 @@ def compile_gluon_case(
 
 
 def _compile(source, fn, types: dict[str, str], constexprs: dict, divisible: tuple[str, ...], options: dict):
-    """Compile fn as a launch specialises it: pointers 16-byte aligned, as torch's allocations are,
-    and the integer arguments `divisible` (multiples of 16 at every launch) marked so."""
+    """Compile fn as a launch specialises it: constexprs left out at their declared defaults,
+    pointers 16-byte aligned, as torch's allocations are, and the integer arguments `divisible`
+    (multiples of 16 at every launch) marked so."""
     names = fn.arg_names
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs and not p.has_default]
+    if missing:
+        raise ValueError(f"{fn.__name__} needs constexprs {missing}")
+    constexprs = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | constexprs
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {
         (names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n].startswith("*") or n in divisible
@@ -176,45 +181,33 @@ def cases():
                 dict(
                     STAGES=12,
                     num_warps=warps,
-                    SYNC=True,
-                    MATH=True,
                     STAMPS=warps == 8,
                     DECODE=False,
-                    G=4,
-                    HD=128,
-                    BLOCK_S=16,
                 ),
                 warps,
                 ("NQKV", "D", "HID"),
             ),
         )
-    step_types = {**chain_types, **{n: "*i32" for n in ("X", "Qkv", "H2", "A", "Attn")}}  # tagged rows
-    for g, ring, poll in (
-        [(2, True, False), (4, True, False), (2, False, False), (2, True, True)] if gc.GLUON_API else ()
-    ):
+    step_types = {**chain_types, **{n: "*i32" for n in ("X", "Qkv", "H2", "A", "Attn")}}  # rows as int32 words (_put)
+    for g, ring in [(2, True), (4, True), (2, False)] if gc.GLUON_API else ():
         yield (
             (
                 f"gluon decode step ({g} query heads per kv head, keys and values "
-                f"{'through the ring' if ring else 'loaded by the consumer'}, "
-                f"{'tags polled' if poll else 'grid barriers'})"
+                f"{'through the ring' if ring else 'loaded by the consumer'})"
             ),
             functools.partial(
-                _no_hoisted_polls,
                 compile_gluon_case,
                 gc.chain_kernel,
                 step_types,
                 dict(
                     STAGES=LlamaStepKernel.STAGES,
                     num_warps=LlamaStepKernel.NUM_WARPS,
-                    SYNC=not poll,
-                    MATH=True,
                     STAMPS=False,
                     DECODE=True,
                     G=g,
                     HD=128,
                     BLOCK_S=16,
                     KV_RING=ring,
-                    POLL=poll,
                     INFLIGHT=LlamaStepKernel.INFLIGHT,
                 ),
                 LlamaStepKernel.NUM_WARPS,
@@ -237,18 +230,6 @@ def cases():
             conv,
         ),
     )
-
-
-def _no_hoisted_polls(compile_fn, *args):
-    """compile_fn(*args), failing if a tag poll of the Gluon decode step lost its load (hoisted_polls:
-    such a poll gives up after MAX_POLLS with stale data; the first GPU run of the tags hit it)."""
-    from avengers.decode.kernels import gluon_chain as gc
-
-    kernel = compile_fn(*args)
-    n = hoisted_polls(kernel, gc.MAX_POLLS.value)
-    if n:
-        raise AssertionError(f"{n} poll loop(s) without a load: the compiler hoisted the polled load")
-    return kernel
 
 
 def resource_usage(kernel) -> dict:
@@ -293,18 +274,6 @@ def loops(kernel) -> list[dict]:
         {"instructions": len(body), **{k: sum(op in b for b in body) for k, op in LOOP_OPS.items()}}
         for body in _loop_bodies(kernel)
     ]
-
-
-def hoisted_polls(kernel, max_polls: int) -> int:
-    """Loops that count polls up to max_polls (the SASS compares with max_polls - 1) but load
-    nothing: the compiler hoisted the polled load out, and the loop spins on a register."""
-    import re
-
-    limit = re.compile(rf"\b{hex(max_polls - 1)}\b")
-    return sum(
-        any(limit.search(b) for b in body) and not any(re.search(r"\bLDG\.", b) for b in body)
-        for body in _loop_bodies(kernel)
-    )
 
 
 def _loop_bodies(kernel) -> list[list[str]]:

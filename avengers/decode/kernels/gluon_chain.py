@@ -12,12 +12,11 @@ put their input row into shared memory and reduce the staged weights against it.
 item is one TMA box of ROWS rows x ITEM_K columns (16 KB in bf16).
 
 Two entry points share the kernel. `chain` runs the GEMVs alone (the Wo phase reads the q rows of
-the QKV output; `chain_reference` is its torch twin), for benchmarks/gpu_gluon_chain_probe.py.
+the QKV output; `chain_reference` is its torch twin), for experiments/gpu_gluon_chain_probe.py.
 `gluon_step.LlamaStepKernel` (DECODE, the `gluon` decode path) is a whole batch-1 decode step in one
 launch: the token's embedding row, RoPE and the cache write in the QKV epilogue, a split-K
 attention phase whose keys and values stream through the same ring, and the final norm + LM head;
-its rows between phases are stored as int32 words carrying the writing phase's tag, which readers
-may poll for instead of passing a grid barrier (POLL; measured slower, not the default). Weights
+its rows between phases are stored as int32 words carrying the writing phase's tag (_put). Weights
 are packed once (`pack`): every block's [Wqkv; Wo; Wg1 with gate and up rows interleaved in groups
 of ROWS // 2] stacked into one [rows, D] matrix, and every W2 into [L * D, hidden]; the LM head is
 streamed in place.
@@ -86,9 +85,7 @@ def _stamp_after(Stamps, pid, ph, slot: gl.constexpr, ON: gl.constexpr, dep):
 
 
 @gluon.jit
-def _copy(
-    desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, LOAD: gl.constexpr = True, INFLIGHT: gl.constexpr = 0
-):
+def _copy(desc, row, chunk, ring, ready, empty, i, STAGES: gl.constexpr, INFLIGHT: gl.constexpr = 0):
     """Ring position i: wait for its stage to be free (INFLIGHT > 0: and for copy i - INFLIGHT to
     have landed), then TMA-copy desc's box at [row, chunk, 0] into it. Returns i + 1."""
     s = i % STAGES
@@ -97,11 +94,8 @@ def _copy(
             j = i - INFLIGHT
             mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
     mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-    if LOAD:
-        mbarrier.expect(ready.index(s), _R * _IK * 2)
-        tma.async_copy_global_to_shared(desc, [row, chunk, 0], ready.index(s), ring.index(s))
-    else:  # timing only: the stage keeps stale contents
-        mbarrier.arrive(ready.index(s), count=1)
+    mbarrier.expect(ready.index(s), _R * _IK * 2)
+    tma.async_copy_global_to_shared(desc, [row, chunk, 0], ready.index(s), ring.index(s))
     return i + 1
 
 
@@ -118,13 +112,12 @@ def _load_phase(
     empty,
     i,
     STAGES: gl.constexpr,
-    LOAD: gl.constexpr,
     INFLIGHT: gl.constexpr,
 ):
     """This program's row blocks pid, pid + P, ... of one GEMV, K item by K item, into the ring."""
     for rb in range(pid, nrb, P):
         for kc in range(k_items):
-            i = _copy(desc, row0 + rb * _R, kc * _CH, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+            i = _copy(desc, row0 + rb * _R, kc * _CH, ring, ready, empty, i, STAGES, INFLIGHT)
     return i
 
 
@@ -154,7 +147,6 @@ def _loader(
     STAMPS: gl.constexpr,
     DECODE: gl.constexpr,
     KV_RING: gl.constexpr,
-    LOAD: gl.constexpr,
     INFLIGHT: gl.constexpr,
 ):
     """Worker partition (one warp): every weight item this program reduces, in the consumer's
@@ -171,7 +163,7 @@ def _loader(
     for layer in range(n_layers):
         row0 = layer * per_layer
         ph = layer * (4 + DECODE)
-        i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+        i = _load_phase(w_d, row0, NQKV // _R, kd, pid, P, ring, ready, empty, i, STAGES, INFLIGHT)
         _stamp(Stamps, pid, ph, 0, STAMPS)
         if DECODE:
             if KV_RING:
@@ -191,18 +183,17 @@ def _loader(
                     empty,
                     i,
                     STAGES,
-                    LOAD,
                     INFLIGHT,
                 )
             _stamp(Stamps, pid, ph + 1, 0, STAMPS)
-        i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+        i = _load_phase(w_d, row0 + NQKV, D // _R, kd, pid, P, ring, ready, empty, i, STAGES, INFLIGHT)
         _stamp(Stamps, pid, ph + 1 + DECODE, 0, STAMPS)
-        i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+        i = _load_phase(w_d, row0 + NQKV + D, 2 * HID // _R, kd, pid, P, ring, ready, empty, i, STAGES, INFLIGHT)
         _stamp(Stamps, pid, ph + 2 + DECODE, 0, STAMPS)
-        i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+        i = _load_phase(w2_d, layer * D, D // _R, HID // _IK, pid, P, ring, ready, empty, i, STAGES, INFLIGHT)
         _stamp(Stamps, pid, ph + 3 + DECODE, 0, STAMPS)
     if DECODE:  # the LM head
-        i = _load_phase(h_d, 0, V // _R, kd, pid, P, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+        i = _load_phase(h_d, 0, V // _R, kd, pid, P, ring, ready, empty, i, STAGES, INFLIGHT)
         _stamp(Stamps, pid, n_layers * 5, 0, STAMPS)
 
 
@@ -213,24 +204,21 @@ _grid_wait = _import_from_triton(triton_grid.grid_wait)
 
 
 @gluon.jit
-def _rows(ring, ready, empty, xbuf, i, k_items, STAGES: gl.constexpr, L4: gl.constexpr, MATH: gl.constexpr):
+def _rows(ring, ready, empty, xbuf, i, k_items, STAGES: gl.constexpr, L4: gl.constexpr):
     """[2, _R // 2] fp32 products of one row block's staged weight items with the input row in
     xbuf; element [a, b] is row a * _R // 2 + b of the block."""
     acc = gl.zeros([2, _R // 2, _CH, _CW], gl.float32, L4)
     for kc in range(k_items):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        if MATH:
-            stage, xs = _views(ring.index(s), xbuf)
-            w = stage.load(L4)
-            x = xs.index(kc).load(gl.SliceLayout(0, gl.SliceLayout(0, L4)))
-            # every warp has read the stage before it is handed back to the loader (reads before an
-            # async-proxy write need no proxy fence, as in CUTLASS's TMA pipelines)
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(s), count=1)
-            acc += w.to(gl.float32) * gl.expand_dims(gl.expand_dims(x.to(gl.float32), 0), 0)
-        else:
-            mbarrier.arrive(empty.index(s), count=1)
+        stage, xs = _views(ring.index(s), xbuf)
+        w = stage.load(L4)
+        x = xs.index(kc).load(gl.SliceLayout(0, gl.SliceLayout(0, L4)))
+        # every warp has read the stage before it is handed back to the loader (reads before an
+        # async-proxy write need no proxy fence, as in CUTLASS's TMA pipelines)
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(s), count=1)
+        acc += w.to(gl.float32) * gl.expand_dims(gl.expand_dims(x.to(gl.float32), 0), 0)
         i += 1
     return gl.sum(gl.sum(acc, 2), 2), i  # chunks in-thread first: one shuffle tree per row
 
@@ -244,20 +232,18 @@ def _row_index(K, LX: gl.constexpr):
     return idx, idx < K
 
 
-MAX_POLLS = gl.constexpr(1 << 20)  # polls of a tagged row before a reader gives up (sets Count[1]) instead of hanging
-
-
 @gluon.jit
 def _tag(tbase, phase):
     """Phase `phase`'s tag in the launch whose phases start at tbase: 15 bits of the phase's index
-    among all launches', top bit set, so that a zeroed buffer never looks written."""
+    among all launches', top bit set (a zeroed word carries none)."""
     return ((tbase + phase) & 0x7FFF) | 0x8000
 
 
 @gluon.jit
 def _put(ptr, offs, y, tag, mask, FMT: gl.constexpr):
     """Store y rounded to bf16; FMT (the decode step's buffers): as int32 words, the bf16 bits low
-    and this phase's 16-bit tag high, so that a reader sees value and tag together."""
+    and the writing phase's 16-bit tag high (_tag: which launch and phase wrote the word; _get
+    reads the low half)."""
     v = y.to(gl.bfloat16)
     if FMT:
         bits = v.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -267,25 +253,11 @@ def _put(ptr, offs, y, tag, mask, FMT: gl.constexpr):
 
 
 @gluon.jit
-def _get(ptr, offs, mask, tag, Count, FMT: gl.constexpr, POLL: gl.constexpr):
-    """Load a 2-D block of a row stored by _put, as fp32 (other programs' stores: read past L1).
-    POLL: reload until every element carries `tag` (its writers' phase of this launch), the
-    decode step's alternative to a grid barrier; after MAX_POLLS it records the wait in Count[1]
-    (LlamaStepKernel.gave_up) and goes on."""
+def _get(ptr, offs, mask, FMT: gl.constexpr):
+    """Load a 2-D block of a row stored by _put, as fp32 (other programs' stores: read past L1;
+    FMT: the bf16 bits of the int32 words)."""
     if FMT:
         raw = gl.load(ptr + offs, mask=mask, other=0, cache_modifier=".cg")
-        if POLL:
-            polls = 0
-            ready = gl.min(gl.min(gl.where(mask, ((raw >> 16) & 0xFFFF) == tag, True).to(gl.int32), 1), 0)
-            while (ready == 0) & (polls < MAX_POLLS):
-                # volatile: without a CTA barrier in the loop (a row block one warp reduces), the
-                # compiler otherwise hoists a plain load out of it and polls a register forever
-                raw = gl.load(ptr + offs, mask=mask, other=0, volatile=True)
-                ready = gl.min(gl.min(gl.where(mask, ((raw >> 16) & 0xFFFF) == tag, True).to(gl.int32), 1), 0)
-                polls += 1
-            if polls == MAX_POLLS:  # Count[1]: the tag waited for (high half) and the lowest one seen instead
-                seen = gl.min(gl.min(gl.where(mask, (raw >> 16) & 0xFFFF, 0xFFFF), 1), 0)
-                gl.atomic_xchg(Count + 1, (tag << 16) | seen)
         return (raw & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
     else:
         return gl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
@@ -306,11 +278,8 @@ def _enter(
     wait,
     pid,
     Stamps,
-    SYNC: gl.constexpr,
     ON: gl.constexpr,
-    tag=0,
     FMT: gl.constexpr = False,
-    POLL: gl.constexpr = False,
 ):
     """Start a phase: pass its grid barrier (when `wait`), then put its input row into xbuf: X [K]
     as stored, or rmsnorm(X) * NormW rounded to bf16 (NORM). The norm weights do not depend on the
@@ -318,11 +287,10 @@ def _enter(
     idx, ok = _row_index(K, LX)
     if NORM:
         w = gl.load(NormW + idx, mask=ok, other=0.0)
-    if SYNC:
-        if wait:
-            _grid_wait(Count, phase * P)
+    if wait:
+        _grid_wait(Count, phase * P)
     _stamp(Stamps, pid, phase, 1, ON)
-    x = _get(X, idx, ok, tag, Count, FMT, POLL)  # other programs' stores
+    x = _get(X, idx, ok, FMT)  # other programs' stores
     if NORM:
         rstd = 1.0 / gl.sqrt(gl.sum(gl.sum(x * x, 1), 0) / K + eps)
         x = x * rstd * w.to(gl.float32)
@@ -332,11 +300,10 @@ def _enter(
 
 
 @gluon.jit
-def _leave(Count, phase, pid, Stamps, SYNC: gl.constexpr, ON: gl.constexpr):
+def _leave(Count, phase, pid, Stamps, ON: gl.constexpr):
     """End a phase: this program's outputs are stored; arrive at the next barrier. Returns the next phase."""
     _stamp(Stamps, pid, phase, 3, ON)
-    if SYNC:
-        _grid_arrive(Count)
+    _grid_arrive(Count)
     return phase + 1
 
 
@@ -430,14 +397,11 @@ def _attention_item(
     i,
     NQ,
     NK,
-    tag,
-    Count,
     G: gl.constexpr,
     HD: gl.constexpr,
     BK: gl.constexpr,
     STAGES: gl.constexpr,
     KV_RING: gl.constexpr,
-    POLL: gl.constexpr,
     num_warps: gl.constexpr,
     Stamps=None,
     pid=0,
@@ -449,10 +413,9 @@ def _attention_item(
     `length`, into the partials. The query is pre-scaled (the RoPE tables carry 1/sqrt(d)).
     Each warp keeps its own running max/sum/output over its BK keys of every tile, so a tile's
     reductions stay inside a warp; the warps are merged once, at the end. The query and this
-    step's key and value come from Q (the QKV phase's tagged output; POLL: waiting for their tag);
-    older keys from the cache, KV_RING: through the ring (the loader copied them, 64 keys a stage,
-    K then V), else plain loads, the next tile's issued before this tile's maths. Returns the ring
-    position."""
+    step's key and value come from Q (the QKV phase's output); older keys from the cache, KV_RING:
+    through the ring (the loader copied them, 64 keys a stage, K then V), else plain loads, the
+    next tile's issued before this tile's maths. Returns the ring position."""
     # [warp, query head, key, head dim]: 8 lanes x 4 along the head dim, 4 lanes along the keys
     L: gl.constexpr = gl.BlockedLayout([1, G, 1, 4], [1, 1, 4, 8], [num_warps, 1, 1, 1], [3, 2, 1, 0])
     LKV: gl.constexpr = gl.SliceLayout(1, L)  # [warp, key, head dim]
@@ -462,12 +425,12 @@ def _attention_item(
     TILE: gl.constexpr = num_warps * BK
     g = gl.arange(0, G, layout=gl.SliceLayout(1, LQ))
     d = gl.arange(0, HD, layout=gl.SliceLayout(0, LQ))
-    q = _get(Q, gl.expand_dims(h * G + g, 1) * HD + gl.expand_dims(d, 0), True, tag, Count, True, POLL)
+    q = _get(Q, gl.expand_dims(h * G + g, 1) * HD + gl.expand_dims(d, 0), True, True)
     q = gl.expand_dims(gl.expand_dims(q, 0), 2)  # [1, G, 1, HD]
     LKD: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, L))  # [1, head dim] of LKV's last two dims
     dn = gl.expand_dims(gl.arange(0, HD, layout=gl.SliceLayout(0, LKD)), 0)
-    k_now = gl.expand_dims(_get(Q, NQ + h * HD + dn, True, tag, Count, True, POLL), 0)  # [1, 1, HD]
-    v_now = gl.expand_dims(_get(Q, NQ + NK + h * HD + dn, True, tag, Count, True, POLL), 0)
+    k_now = gl.expand_dims(_get(Q, NQ + h * HD + dn, True, True), 0)  # [1, 1, HD]
+    v_now = gl.expand_dims(_get(Q, NQ + NK + h * HD + dn, True, True), 0)
     if ON:
         _stamp_after(
             Stamps,
@@ -581,7 +544,6 @@ def _load_kv(
     empty,
     i,
     STAGES: gl.constexpr,
-    LOAD: gl.constexpr,
     INFLIGHT: gl.constexpr,
 ):
     """The loader's share of a block's attention (KV_RING): for this program's items (kv head,
@@ -592,8 +554,8 @@ def _load_kv(
         end = gl.minimum(start + SPLIT, length)
         row0 = (layer * HKV + item // NSPLIT) * (S // 8)
         for t0 in range(start, end, 64):
-            i = _copy(k_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
-            i = _copy(v_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, LOAD, INFLIGHT)
+            i = _copy(k_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, INFLIGHT)
+            i = _copy(v_d, row0 + t0 // 8, 0, ring, ready, empty, i, STAGES, INFLIGHT)
     return i
 
 
@@ -673,8 +635,6 @@ def _consumer(
     NSPLIT,
     SPLIT,
     STAGES: gl.constexpr,
-    SYNC: gl.constexpr,
-    MATH: gl.constexpr,
     ON: gl.constexpr,
     Logits,
     DecNormW,
@@ -686,7 +646,6 @@ def _consumer(
     HD: gl.constexpr,
     BLOCK_S: gl.constexpr,
     KV_RING: gl.constexpr,
-    POLL: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """Default partition: row blocks pid, pid + P, ... of every GEMV. Stamps per phase: 1 barrier
@@ -729,7 +688,7 @@ def _consumer(
             Kb = K0 + gl.multiple_of(gl.load(KOff + layer), 8)
             Vb = V0 + gl.multiple_of(gl.load(VOff + layer), 8)
             if layer == 0:
-                _enter(xbuf, emb_row, LnW, D, eps, True, LX, Count, phase, P, False, pid, Stamps, SYNC, ON)
+                _enter(xbuf, emb_row, LnW, D, eps, True, LX, Count, phase, P, False, pid, Stamps, ON)
             else:
                 _enter(
                     xbuf,
@@ -745,17 +704,14 @@ def _consumer(
                     True,
                     pid,
                     Stamps,
-                    SYNC,
                     ON,
-                    _tag(tbase, phase - 1),
                     True,
-                    POLL,
                 )
         else:
-            _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, SYNC, ON)
+            _enter(xbuf, X, LnW + layer * D, D, eps, True, LX, Count, phase, P, layer > 0, pid, Stamps, ON)
         j = 0
         for rb in range(pid, NQKV // _R, P):
-            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4)
             if DECODE:
                 j = _park(ybuf, j, y)
             else:
@@ -765,12 +721,10 @@ def _consumer(
             _rope_store(
                 x0, x1, pb, bb, rope_c, rope_s, pos, Qkv, Kb, Vb, skh, skn, NQ, NK, NQKV, _tag(tbase, phase), HD
             )
-        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
+        phase = _leave(Count, phase, pid, Stamps, ON)
         if DECODE:
-            # 1b. attention: items (kv head, split); the program finishing a head's last split merges it.
-            # POLL: no barrier, an item waits for its own head's q, k and v only
-            if SYNC:
-                _grid_wait(Count, phase * P)
+            # 1b. attention: items (kv head, split); the program finishing a head's last split merges it
+            _grid_wait(Count, phase * P)
             _stamp(Stamps, pid, phase, 1, ON)
             _stamp(Stamps, pid, phase, 2, ON)
             for item in range(pid, HKV * NSPLIT, P):
@@ -798,14 +752,11 @@ def _consumer(
                     i,
                     NQ,
                     NK,
-                    _tag(tbase, phase - 1),
-                    Count,
                     G,
                     HD,
                     4,
                     STAGES,
                     KV_RING,
-                    POLL,
                     num_warps,
                     Stamps,
                     pid,
@@ -819,7 +770,7 @@ def _consumer(
                     _stamp_after(Stamps, pid, phase, 3, ON, arrived)
                 if arrived == NSPLIT - 1:
                     _attention_merge(PAcc, PM, PL, Attn, h, NSPLIT, _tag(tbase, phase), G, HD, BLOCK_S, num_warps)
-            phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
+            phase = _leave(Count, phase, pid, Stamps, ON)
         # 2. h2 = x + attention @ Wo^T (the probe chain: q @ Wo^T)
         if DECODE:
             _enter(
@@ -836,26 +787,23 @@ def _consumer(
                 True,
                 pid,
                 Stamps,
-                SYNC,
                 ON,
-                _tag(tbase, phase - 1),
                 True,
-                POLL,
             )
         else:
-            _enter(xbuf, Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, SYNC, ON)
+            _enter(xbuf, Qkv, X, D, eps, False, LX, Count, phase, P, True, pid, Stamps, ON)
         for rb in range(pid, D // _R, P):
             # the residual's load is issued before the reduction
             if DECODE:
                 if layer == 0:
-                    res = _get(emb_row, rb * _R + offs, True, 0, Count, False, False)
+                    res = _get(emb_row, rb * _R + offs, True, False)
                 else:
-                    res = _get(X, rb * _R + offs, True, _tag(tbase, phase - 3), Count, True, POLL)
+                    res = _get(X, rb * _R + offs, True, True)
             else:
-                res = _get(X, rb * _R + offs, True, 0, Count, False, False)
-            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+                res = _get(X, rb * _R + offs, True, False)
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4)
             _put(H2, rb * _R + offs, y + res, _tag(tbase, phase), True, DECODE)
-        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
+        phase = _leave(Count, phase, pid, Stamps, ON)
         # 3. a = silu(g) * u, [g; u] = rmsnorm(h2) @ Wg1^T (a block: _R // 2 gate rows, then their up rows)
         _enter(
             xbuf,
@@ -871,19 +819,16 @@ def _consumer(
             True,
             pid,
             Stamps,
-            SYNC,
             ON,
-            _tag(tbase, phase - 1),
             DECODE,
-            POLL,
         )
         j = 0
         for _rb in range(pid, 2 * HID // _R, P):
-            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4)
             j = _park(ybuf, j, y)
         g, u = _parked(ybuf, LB)
         _put(A, pb * (_R // 2) + bb, g / (1.0 + gl.exp(-g)) * u, _tag(tbase, phase), pb < 2 * HID // _R, DECODE)
-        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
+        phase = _leave(Count, phase, pid, Stamps, ON)
         # 4. x = h2 + a @ W2^T
         _enter(
             xbuf,
@@ -899,17 +844,14 @@ def _consumer(
             True,
             pid,
             Stamps,
-            SYNC,
             ON,
-            _tag(tbase, phase - 1),
             DECODE,
-            POLL,
         )
         for rb in range(pid, D // _R, P):
-            res = _get(H2, rb * _R + offs, True, _tag(tbase, phase - 2), Count, DECODE, POLL)
-            y, i = _rows(ring, ready, empty, xbuf, i, HID // _IK, STAGES, L4, MATH)
+            res = _get(H2, rb * _R + offs, True, DECODE)
+            y, i = _rows(ring, ready, empty, xbuf, i, HID // _IK, STAGES, L4)
             _put(X, rb * _R + offs, y + res, _tag(tbase, phase), True, DECODE)
-        phase = _leave(Count, phase, pid, Stamps, SYNC, ON)
+        phase = _leave(Count, phase, pid, Stamps, ON)
     if DECODE:
         # 5. logits = rmsnorm(x) @ Whead^T (the final norm's own weight and eps)
         _enter(
@@ -926,14 +868,11 @@ def _consumer(
             True,
             pid,
             Stamps,
-            SYNC,
             ON,
-            _tag(tbase, phase - 1),
             True,
-            POLL,
         )
         for rb in range(pid, V // _R, P):
-            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4, MATH)
+            y, i = _rows(ring, ready, empty, xbuf, i, kd, STAGES, L4)
             gl.store(Logits + rb * _R + offs, y.to(gl.bfloat16))
         _stamp(Stamps, pid, phase, 3, ON)
         # the last program out resets the counters for the next launch, counts the launch (the
@@ -995,16 +934,12 @@ def chain_kernel(
     Emb,
     STAGES: gl.constexpr,
     num_warps: gl.constexpr,
-    SYNC: gl.constexpr = True,
-    MATH: gl.constexpr = True,
     STAMPS: gl.constexpr = False,
     DECODE: gl.constexpr = False,
     G: gl.constexpr = 4,
     HD: gl.constexpr = 128,
     BLOCK_S: gl.constexpr = 16,
     KV_RING: gl.constexpr = False,
-    POLL: gl.constexpr = False,
-    LOAD: gl.constexpr = True,
     INFLIGHT: gl.constexpr = 0,
 ):
     P = gl.num_programs(0)
@@ -1060,8 +995,6 @@ def chain_kernel(
                     NSPLIT,
                     SPLIT,
                     STAGES,
-                    SYNC,
-                    MATH,
                     STAMPS,
                     Logits,
                     DecNormW,
@@ -1073,7 +1006,6 @@ def chain_kernel(
                     HD,
                     BLOCK_S,
                     KV_RING,
-                    POLL,
                     num_warps,
                 ),
             ),
@@ -1104,7 +1036,6 @@ def chain_kernel(
                     STAMPS,
                     DECODE,
                     KV_RING,
-                    LOAD,
                     INFLIGHT,
                 ),
             ),
@@ -1187,18 +1118,15 @@ def chain(
     programs,
     stages=12,
     num_warps=8,
-    sync=True,
-    math=True,
     stamps=None,
 ):
     """chain_reference in place on x [D] (bf16) with the packed weights' descriptors (`descriptors`)
     and stacked norm weights [L, D]; `num_warps` (4 or 8) consumer warps and a ring of `stages` 16 KB
     stages per program; bufs = (qkv bf16 [NQKV], h2 bf16 [D], a bf16 [HID], count
     int32 [2], zeroed here; count[1] = 1 if a grid barrier gave up). `programs` must all be resident
-    (one per SM). sync=False (no grid barriers) and math=False (weights only streamed) give wrong
-    results and exist to time the parts. stamps: int64 [programs, 4096, 4] for per-phase timestamps
-    (ns; phase = block * 4 + GEMV: 0 the loader's last copy issued, 1 the barrier passed, 2 the input
-    row ready, 3 the phase done)."""
+    (one per SM). stamps: int64 [programs, 4096, 4] for per-phase timestamps (ns; phase = block * 4
+    + GEMV: 0 the loader's last copy issued, 1 the barrier passed, 2 the input row ready, 3 the
+    phase done)."""
     if not GLUON_API:
         raise RuntimeError(f"gluon chain needs Triton 3.6's Gluon API; this is Triton {triton.__version__}")
     D = x.shape[0]
@@ -1268,8 +1196,6 @@ def chain(
         none,
         STAGES=stages,
         num_warps=num_warps,
-        SYNC=sync,
-        MATH=math,
         STAMPS=stamps is not None,
         launch_cooperative_grid=True,
     )

@@ -20,25 +20,19 @@ class LlamaStepKernel:
     """A Llama's batch-1 decode step through all its blocks as one kernel (the `gluon` path):
     gluon_chain's GEMV chain with RoPE and the cache write in the QKV epilogue and an attention phase
     (split-K; the program that finishes a kv head's last split merges it) before Wo, and the final
-    norm + LM head after the last block (its weight streamed in place). The keys and
-    values stream through the weights' ring (the loader copies them right after the block's QKV
-    weights) when the caches are one tensor (KVState.stacked) and KV_RING is set; else the
-    consumer warps load them. Between phases a grid barrier, or (TAGGED) none: each row is stored
-    with its phase's tag next to every value, and a phase polls its input row until all tags are
-    this launch's (the attention items only their own head's q, k and v); measured slower (the
-    polls' traffic costs more than the barriers they replace: experiments/README.md). Holds a
-    packed copy of the block weights (2.6 GB for llama3_1.8b) and the step's buffers."""
+    norm + LM head after the last block (its weight streamed in place), the phases separated by grid
+    barriers (triton_grid). The keys and values stream through the weights' ring (the loader copies
+    them right after the block's QKV weights) when the caches are one tensor (KVState.stacked) and
+    KV_RING is set; else the consumer warps load them. Holds a packed copy of the block weights
+    (2.6 GB for llama3_1.8b) and the step's buffers."""
 
     STAGES = 12
     NUM_WARPS = 8
     KV_RING = True
-    TAGGED = False  # True: phases wait for their input rows' tags instead of a grid barrier
     # longer caches take the per-kernel Triton path: there reading the cache dominates, and its
     # split-K attention kernel (every warp of every SM loading keys) outruns this kernel's attention
     # phase (docs/results.md: the two paths at 32k-128k)
     MAX_CACHE_TOKENS = 32768
-    LOAD = True  # False (timing only): no weight or K/V copies, stale ring stages
-    MATH = True  # False (timing only): stages released unread
     # the loader keeps at most this many copies (16 KB each) in flight: with the ring's 12 allowed,
     # the grid barriers' atomics and the attention's loads queue behind the stream; 1 starves it
     INFLIGHT = 2
@@ -182,23 +176,6 @@ class LlamaStepKernel:
             }
         return self._buffers[key]
 
-    def gave_up(self, count: torch.Tensor, n_layers: int) -> str:
-        """What a poll that gave up waited for (count: a step buffer's counters; "" if none did):
-        the phase whose tag it waited for and the oldest tag its row carried instead."""
-        word = int(count[1]) & 0xFFFFFFFF
-        if word <= 1:
-            return "a grid barrier gave up" if word else ""
-        per = 5 * n_layers + 1
-        kinds = ("QKV", "attention", "Wo", "gate/up", "W2")
-
-        def phase(tag):
-            if not tag & 0x8000:
-                return "nothing (never written)"
-            launch, k = divmod(tag & 0x7FFF, per)
-            return f"launch {launch}'s " + ("LM head" if k == per - 1 else f"block {k // 5} {kinds[k % 5]}")
-
-        return f"a poll waited for {phase(word >> 16)} and saw {phase(word & 0xFFFF)}"
-
     @staticmethod
     def _kv_descriptors(cache):
         """TMA descriptors over all blocks' keys and values as [rows of 8 keys, 4, 256] (what the
@@ -290,10 +267,6 @@ class LlamaStepKernel:
             BLOCK_S=triton.next_power_of_2(b["nsplit"]),
             STAMPS=self.stamps is not None,
             KV_RING=kv is not None,
-            SYNC=not self.TAGGED,
-            POLL=self.TAGGED,
-            LOAD=self.LOAD,
-            MATH=self.MATH,
             INFLIGHT=self.INFLIGHT,
             launch_cooperative_grid=True,
         )
