@@ -8,8 +8,7 @@ to the next simpler one, so a cache holds one path for all its batch sizes and c
   every layer): Llama blocks, telescoping slot updates, Mamba-2 conv steps.
 - `triton`: at batch <= GEMV_STEP_MAX_BATCH, each projection as one Triton GEMV with its RMSNorm,
   SwiGLU or residual fused in (all families, where a model's layers have the bias-free layout the
-  kernels assume); larger batches as `compile`. A telescoping layer's step between its projections
-  runs as one Triton kernel at every batch (where its shapes fit).
+  kernels assume); larger batches as `compile`.
 - `gluon`: a Llama's whole batch-1 step as one Gluon kernel (Hopper, caches up to
   LlamaStepKernel.MAX_CACHE_TOKENS tokens, the Triton release it was tested with); other models,
   batches and caches as `triton`.

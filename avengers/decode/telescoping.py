@@ -5,12 +5,6 @@ merge rule of its schedule one token at a time; the step is looked up on the dev
 position (StepTables), so it can be replayed from a CUDA graph. Prefill runs the parallel form
 (the layer's `prefill`) and loads the last row of its node table into the slots. Full-attention
 layers of hybrid variants read a KVState through decode.attention.cached_attention.
-
-A step's work between a layer's projections (RoPE, gate, merge-shift-insert, read-out: step_core)
-runs, by the cache's decode path: `reference` as torch ops, `compile` as one torch.compile'd graph
-for every layer, `triton` and `gluon` as one Triton kernel per layer (kernels/triton_telescoping.py)
-wherever its fits() takes the shapes, else as `compile`. At batch 1 those two paths also run the
-projections as Triton GEMVs (gemv_step).
 """
 
 from __future__ import annotations
@@ -26,7 +20,6 @@ from avengers.decode.attention import cached_attention
 from avengers.decode.cache import InferenceCache, KVState, allocation_target
 from avengers.decode.llama_block import block_post, decode_head, eligible
 from avengers.decode.options import DecodeOptions
-from avengers.ops.rope import rope_cos_sin
 from avengers.ops.telescoping import (
     EMPTY_LOG_MASS,
     EMPTY_THRESHOLD,
@@ -91,7 +84,6 @@ class StepTables:
     Step t reads an extended slot array ext = [new token, old slot 0, ..., old slot C-1].
     Its action a = min(ctz(t), L) (a = L at t = 0) picks row a: new slot c takes ext[src_a[a, c]],
     fused with ext[src_b[a, c]] where merge[a, c] (only c = m_{a+1}); a = L is the drop step.
-    merge_slot [L + 1] (int32) is that slot m_{a+1} per action, C for the drop (the Triton step's table).
     """
 
     def __init__(self, cache_size: int, fmap: tuple[int, ...], device: torch.device):
@@ -108,7 +100,6 @@ class StepTables:
         self.src_a = torch.as_tensor(src_a, device=device)
         self.src_b = torch.as_tensor(src_b, device=device)
         self.merge = torch.as_tensor(merge, device=device)
-        self.merge_slot = torch.as_tensor([*fmap, C], dtype=torch.int32, device=device)
         self.pow2 = torch.as_tensor([2**k for k in range(1, L + 1)], device=device)
 
     def action(self, position: torch.Tensor) -> torch.Tensor:
@@ -207,8 +198,7 @@ def step_core(
 @functools.cache
 def compiled_step_core():
     """step_core through torch.compile (the decode step's ~40 small kernels per layer fused into a
-    few); used by the `compile` decode path, and by `triton` and `gluon` where the Triton step
-    kernel does not fit."""
+    few); used by the `compile` and `triton` decode paths."""
     return torch.compile(step_core, fullgraph=True)
 
 
@@ -231,7 +221,7 @@ def fused_qkv_step_core(
     """step_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
     block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
     B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
-    q, k, v = split_qkv(qkv, Hkv, d)
+    q, k, v = qkv.view(B, 1, -1, d).split([qkv.shape[1] // d - 2 * Hkv, Hkv, Hkv], dim=2)
     w = None
     if gate_w is not None:
         dt = compute_dtype(h.dtype)
@@ -239,86 +229,29 @@ def fused_qkv_step_core(
     return step_core(q, k, v, w, position, K, V, W, tables, opts, theta, k_gain, v_gain)
 
 
-def split_qkv(qkv: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views q [B, 1, H, d], k, v [B, 1, H_kv, d] of a fused QKV output [B, (H + 2 H_kv) d]."""
-    B, n = qkv.shape
-    return qkv.view(B, 1, -1, head_dim).split([n // head_dim - 2 * kv_heads, kv_heads, kv_heads], dim=2)
-
-
 @functools.cache
 def compiled_fused_qkv_step_core():
     return torch.compile(fused_qkv_step_core, fullgraph=True)
 
 
-def attention_step(
-    attn: nn.Module,
-    x: torch.Tensor,
-    state: TelescopingState,
-    position: torch.Tensor,
-    compiled: bool,
-    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-):
+def attention_step(attn: nn.Module, x: torch.Tensor, state: TelescopingState, position: torch.Tensor, compiled: bool):
     """A TelescopingAttention layer's recurrent form for one token: x [B, 1, d_model] at the 0-dim
-    long device `position` -> [B, 1, d_model]. The core runs as the Triton step kernel when given
-    the position's `rotation` (step_rotation), else step_core (torch.compile'd when `compiled`).
-    No host synchronisation (graph-capturable)."""
+    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable)."""
     B = x.shape[0]
     tables = step_tables(attn.opts.cache_size, attn.opts.fmap, x.device)
-    q, k, v, w = attn._project_raw(x)
-    state_args = (position, state.k, state.v, state.log_mass, tables, attn.opts)
-    if rotation is not None:
-        out = kernel_step(
-            q[:, 0], k[:, 0], v[:, 0], None if w is None else w[:, 0], *state_args, rotation, *attn._gains()
-        )
-    else:
-        core = compiled_step_core() if compiled else step_core
-        out = core(q, k, v, w, *state_args, attn.rope_theta, *attn._gains())
-    return attn.dense(out.reshape(B, 1, attn.nheads * attn.emb_v_per_head))
-
-
-def step_rotation(position: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [d/2] (fp32, on the device) of the 0-dim position: computed by torch once per step
-    for every layer's step kernel."""
-    cos, sin = rope_cos_sin(position.view(1), head_dim, theta)
-    return cos[0], sin[0]
-
-
-def kernel_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    w,
-    position: torch.Tensor,
-    K: torch.Tensor,
-    V: torch.Tensor,
-    W: torch.Tensor,
-    tables: StepTables,
-    opts,
-    rotation: tuple[torch.Tensor, torch.Tensor],
-    k_gain: torch.Tensor | None,
-    v_gain: torch.Tensor | None,
-) -> torch.Tensor:
-    """step_core as the Triton step kernel: q [B, H, d], k, v [B, H_kv, d], w the gate logits
-    [B, H_kv], a triton_telescoping.LinearGate, or None (WISQ) -> [B, H, d]."""
-    from avengers.decode.kernels import triton_telescoping
-
-    cos, sin = rotation
-    return triton_telescoping.telescoping_step(
-        q, k, v, w, position, K, V, W, tables.merge_slot, cos, sin, opts, k_gain, v_gain
+    core = compiled_step_core() if compiled else step_core
+    out = core(
+        *attn._project_raw(x),
+        position,
+        state.k,
+        state.v,
+        state.log_mass,
+        tables,
+        attn.opts,
+        attn.rope_theta,
+        *attn._gains(),
     )
-
-
-def step_kernel_runs(model: nn.Module, cache: InferenceCache) -> bool:
-    """Whether the cache's telescoping steps take the Triton step kernel: on the `triton` and
-    `gluon` paths (which resolve only where Triton runs) for shapes its fits() takes."""
-    if cache.options.path not in ("triton", "gluon"):
-        return False
-    state = next((s for s in cache.layers if isinstance(s, TelescopingState)), None)
-    if state is None:
-        return False
-    from avengers.decode.kernels import triton_telescoping
-
-    return triton_telescoping.fits(model.config.nheads, state.k, state.log_mass)
+    return attn.dense(out.reshape(B, 1, attn.nheads * attn.emb_v_per_head))
 
 
 def full_attention(
@@ -375,9 +308,6 @@ def _chunk(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: t
     if position is not None and options.gemv_step(x.shape[0]) and _gemv_layout(model):
         return gemv_step(model, x, cache, position)
     base = model.base_model
-    rotation = None
-    if position is not None and step_kernel_runs(model, cache):
-        rotation = step_rotation(position, model.config.emb_dim // model.config.nheads, model.config.rope_theta)
     h = base.embedding(x)
     for layer, state in zip(base.layers, cache.layers):
         y = layer.ln(h)
@@ -386,7 +316,7 @@ def _chunk(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: t
         elif position is None:
             a = layer.attn.prefill(y, state)
         else:
-            a = attention_step(layer.attn, y, state, position, options.compiled_cores, rotation)
+            a = attention_step(layer.attn, y, state, position, options.compiled_cores)
         h = h + a
         h = h + layer.ff_sub_layer(layer.ff_ln(h))
     return model.head(base.dec_norm(h))
@@ -401,20 +331,15 @@ def _gemv_layout(model: nn.Module) -> bool:
 
 def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
     """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
-    RMSNorm + QKV as one GEMV, the slot update and read-out (the Triton step kernel with the linear
-    gate computed in it, or fused_qkv_step_core where the kernel does not fit), then Wo +
+    RMSNorm + QKV as one GEMV, the slot update and read-out (fused_qkv_step_core), then Wo +
     residual, RMSNorm + gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final
     norm + LM head as one GEMV."""
     from avengers.decode.kernels import triton_gemv
-    from avengers.decode.kernels.triton_telescoping import LinearGate
 
     base, B = model.base_model, x.shape[0]
     h = base.embedding(x)
     opts = base.layers[0].attn.opts
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
-    cfg = model.config
-    d = cfg.emb_dim // cfg.nheads
-    rotation = step_rotation(position, d, cfg.rope_theta) if step_kernel_runs(model, cache) else None
     # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
     core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
     for layer, state in zip(base.layers, cache.layers):
@@ -422,15 +347,20 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
         qkv = triton_gemv.gemv(
             h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
         )
-        gate_w = attn.gate.weight if attn.gate is not None else None
-        state_args = (position, state.k, state.v, state.log_mass, tables, attn.opts)
-        if rotation is not None:
-            q, k, v = (t[:, 0] for t in split_qkv(qkv, attn.kvheads, d))
-            w = None if gate_w is None else LinearGate(h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w)
-            out = kernel_step(q, k, v, w, *state_args, rotation, *attn._gains())
-        else:
-            out = core(
-                qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w, *state_args, attn.rope_theta, *attn._gains()
-            )
+        out = core(
+            qkv,
+            h.view(B, -1),
+            layer.ln.weight,
+            layer.ln.eps,
+            attn.gate.weight if attn.gate is not None else None,
+            position,
+            state.k,
+            state.v,
+            state.log_mass,
+            tables,
+            attn.opts,
+            attn.rope_theta,
+            *attn._gains(),
+        )
         h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
     return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only

@@ -214,7 +214,6 @@ def cases():
                 ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"),
             ),
         )
-    yield from _telescoping_cases()
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield (
         "causal conv forward",
@@ -231,45 +230,6 @@ def cases():
             conv,
         ),
     )
-
-
-def _telescoping_cases():
-    """The telescoping step kernel in the shapes of the registered variants: tele128_llama3_1.8b
-    (d 64, 16 query heads per KV head, C 128; the batch-1 GEMV path's fused linear gate, and the
-    later variants' WISQ gate with mask and soft cap) and tele128_llama3_8b (d 128, C 128)."""
-    from avengers.decode.kernels import triton_telescoping as tt
-
-    bf, f32 = "*bf16", "*fp32"
-    ptrs = {
-        **{n: bf for n in ("Q", "Kn", "Vn", "Hin", "LnW", "GateW", "KS", "VS", "KGain", "VGain", "Out")},
-        **{"Wg": f32, "Cos": f32, "Sin": f32, "WS": f32, "Pos": "*i64", "MergeSlot": "*i32"},
-    }
-    for name, d, gate, kv_norm, later in [
-        ("d 64, C 128, linear gate in-kernel, k/v norm", 64, tt.GATE_LINEAR, True, False),
-        ("d 64, C 128, WISQ gate, mask, soft cap", 64, tt.GATE_WISQ, False, True),
-        ("d 128, C 128, given gate, k/v norm", 128, tt.GATE_GIVEN, True, False),
-    ]:
-        yield (
-            f"telescoping step ({name})",
-            functools.partial(
-                compile_case,
-                tt._step_kernel,
-                ptrs,
-                dict(
-                    D=d,
-                    BLOCK_C=128,
-                    BLOCK_G=16,
-                    GATE=gate,
-                    KV_NORM=kv_norm,
-                    MASK_EMPTY=later,
-                    SOFTCAP=later,
-                    GDC=True,
-                    BLOCK_DM=tt.BLOCK_DM,
-                ),
-                ("eps", "cap", "scale"),
-                tt.num_warps(128, d),
-            ),
-        )
 
 
 def resource_usage(kernel) -> dict:

@@ -22,4 +22,4 @@ def test_every_kernel_compiles_for_sm90():
         pytest.skip(f"no sm_90 backend in this triton: {results[0]['error'] if results else run.stderr[-500:]}")
     failed = [f"{r['case']}: {r['error']}" for r in results if not r["ok"]]
     assert not failed and run.returncode == 0, "\n".join(failed) or run.stderr[-2000:]
-    assert len(results) >= 15  # every case ran (more where this Triton has the Gluon API)
+    assert len(results) >= 12  # every case ran (more where this Triton has the Gluon API)
