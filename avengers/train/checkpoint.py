@@ -148,6 +148,7 @@ class Checkpointer:
         self.root = checkpoints_dir(cfg.ckpt_save_path)
         self._candidates: list[str] | None = None
         self._pending: _PendingSave | None = None
+        self.previous_write_wait_s = 0.0  # what the last save() spent finishing the save before it
         self._write_group = self._poll_group = None
         if getattr(cfg, "async_checkpoint", False) and dist.is_initialized():
             # the writer thread's collectives and the main thread's polls never share a group
@@ -166,8 +167,11 @@ class Checkpointer:
     ) -> str:
         """Write and commit step N's checkpoint, or raise CheckpointError on every rank and leave the
         newest committed checkpoint as it was (the partial folder is removed). blocking=False (with
-        async_checkpoint): return once the tensors are staged; the commit follows (poll, wait)."""
+        async_checkpoint): return once the tensors are staged; the commit follows (poll, wait). A
+        save still being written when the next one starts is finished first (previous_write_wait_s)."""
+        t0 = time.perf_counter()
         self.wait()
+        self.previous_write_wait_s = time.perf_counter() - t0
         final = os.path.join(self.root, f"step_{step}_ckp")
         tmp = final + ".tmp"
         if not _all_finite(model, optimizer):

@@ -227,7 +227,11 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
             stats.check()  # never save after more non-finite steps than allowed
             path = ckpt.save(step, tokens_seen, model, optimizer, scheduler, loader, blocking=step == last_step)
             stall = time.perf_counter() - t_save
-            metrics.event(f"[avengers.train] checkpoint step {step} -> {path} (the step loop waited {stall:.2f} s)")
+            behind = ckpt.previous_write_wait_s
+            of_which = f", {behind:.2f} s of it finishing the previous save's write" if behind >= 0.005 else ""
+            metrics.event(
+                f"[avengers.train] checkpoint step {step} -> {path} (the step loop waited {stall:.2f} s{of_which})"
+            )
             window_start += stall  # the save is not training time
     ckpt.wait()  # an asynchronous save still being written is committed before the run ends
     if profiler is not None:

@@ -25,6 +25,20 @@ def test_checkpoint_reads_both_stalls_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_checkpoint.json"]  # no checkpoint left behind
 
 
+def test_stall_lines_split_off_the_wait_for_the_previous_write():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train_options", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    log = (
+        "[avengers.train] checkpoint step 4 -> /r/step_4_ckp (the step loop waited 15.17 s)\n"
+        "[avengers.train] checkpoint step 8 -> /r/step_8_ckp (the step loop waited 30.58 s, "
+        "29.90 s of it finishing the previous save's write)\n"
+    )
+    assert bench.STALL.findall(log) == [("4", "15.17", ""), ("8", "30.58", "29.90")]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without fp8")
 def test_float8_refuses_without_an_fp8_gpu(tmp_path):
     cmd = [sys.executable, SCRIPT, "float8", *TINY, "--steps", "20", "--out", str(tmp_path)]
