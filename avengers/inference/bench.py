@@ -8,6 +8,7 @@ every context length L:
      (`InferenceCache.broadcast_from`, so large batches need no large prefill), capture the decode
      step in a CUDA graph (eager on CPU), warm up, and time `steps` decode steps.
   4. with --peer (Mamba family on CUDA): mamba_ssm's own graph decode at the listed batch sizes (peer.py).
+  5. with --profile: `steps` eager steps through the torch profiler, time per kernel (profile.py).
 Decode steps run at positions L - room .. L - 1 of a cache sized to L: attention reads keys
 written by the real prefill; the few positions between the prefill and the step are masked.
 """
@@ -43,6 +44,7 @@ from avengers.inference.check import (
     timed_dtype_case,
 )
 from avengers.inference.graphs import DecodeStep
+from avengers.inference.profile import profile_steps
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class BenchConfig:
     decode: str = "auto"  # decode path (avengers.decode.options.DECODE_PATHS); auto: the fastest per family
     decode_attn: str = "auto"  # attention decode kernel: auto | triton | torch
     peer: str = "auto"  # mamba_ssm's graph decode beside ours (peer.PEER_MODES); auto: on CUDA when it imports
+    profile: bool = False  # per row, also profile `steps` eager steps: time per kernel (profile.py)
 
     @property
     def options(self) -> DecodeOptions:
@@ -425,6 +428,7 @@ def _measure_batch(
                 cache.broadcast_from(cache1)
             rounds = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
             step_s = statistics.median(rounds)
+            profiled = profile_steps(model, cache, fill, cfg.steps, spec.vocab_size) if cfg.profile else None
             nbytes = cache.nbytes()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             moved = res.weight_bytes + nbytes
@@ -447,6 +451,7 @@ def _measure_batch(
                 roofline_ratio=step_s / bound[0] if bound else None,
                 decode_mode=res.decode_mode,
                 _fits=batch if is_largest else None,
+                **({"profile": profiled} if profiled else {}),
             )
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             # an allocation failing inside a graph capture surfaces as a RuntimeError
@@ -528,6 +533,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         help="also time mamba_ssm's own CUDA-graph decode on the same weights (Mamba family): auto = on CUDA "
         "when mamba_ssm imports; mamba_ssm = required (fails early without it); off",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="per row, also profile --steps eager decode steps: time per kernel, launches, and the share "
+        "of the timed step the kernels fill (where a step's time goes)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     a = p.parse_args(argv)
@@ -556,6 +567,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         decode=a.decode,
         decode_attn=a.decode_attn,
         peer=a.peer,
+        profile=a.profile,
     )
     cfg.validate()
     return cfg

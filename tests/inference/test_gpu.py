@@ -59,6 +59,20 @@ def test_bench_smoke_on_cuda(tmp_path):
     assert {r["batch"] for r in report["rows"]} == {1, 4, 64}
 
 
+def test_bench_profile_on_cuda(tmp_path):
+    """--profile: every row gets its kernels' time per step, from CUDA kernels (the Triton GEMVs of
+    the batch-1 step among them), less than the eager step that launched them."""
+    report = _small_bench(tmp_path, "tele_tiny", "--profile", "--no_max_batch")
+    for r in report["rows"]:
+        p = r["profile"]
+        assert 0 < p["kernel_ms_per_step"] and p["launches_per_step"] >= 1, r
+        assert sum(k["share"] for k in p["top_kernels"]) <= 1 + 1e-9
+        assert not any(k["name"].startswith("aten::") for k in p["top_kernels"]), p["top_kernels"]
+    batch1 = [k["name"] for r in report["rows"] if r["batch"] == 1 for k in r["profile"]["top_kernels"]]
+    assert any("gemv" in n for n in batch1), batch1
+    assert "Kernel time per decode step" in (tmp_path / "inference_bench.md").read_text()
+
+
 def test_bench_peer_column_on_cuda(tmp_path):
     """mamba_ssm's own graph decode timed beside ours at the listed batch sizes, after its batch-1
     logits matched ours; not at the searched largest batch (64 here, the cap)."""
