@@ -90,12 +90,11 @@ def save(run: Path, step: int, model, optimizer, scheduler, keep_last: int = 3) 
 
 
 def test_nonfinite_gradients_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, capfd):
-    """The issue's repro: LR 1e6 turns the gradients NaN at step 3; keep-last-1 used to leave only NaN weights."""
+    """Gradients NaN from step 3: keep-last-1 used to leave only NaN weights."""
     codes = run_training(
         world=1,
         ckpt_save_path=str(tmp_path),
-        learning_rate=1e6,
-        warmup_steps=0,
+        nan_at_steps=(3, 4, 5, 6, 7, 8),
         num_steps=8,
         checkpoint_interval=2,
         ckpt_keep_last=1,
@@ -107,6 +106,25 @@ def test_nonfinite_gradients_stop_the_run_and_keep_the_last_finite_checkpoint(tm
     assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [2]
     model, _ = load_model_from_checkpoint(str(tmp_path))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_diverging_run_stops_with_finite_checkpoints_only(tmp_path, capfd):
+    """The issue's repro, a real blow-up: LR 1e6 turns the gradients non-finite within a few steps
+    (which step depends on the platform's numerics); whatever was saved before is finite."""
+    codes = run_training(
+        world=1,
+        ckpt_save_path=str(tmp_path),
+        learning_rate=1e6,
+        warmup_steps=0,
+        num_steps=8,
+        checkpoint_interval=2,
+        ckpt_keep_last=1,
+    )
+    assert codes == [1]
+    assert "non-finite gradient norm (NaN/inf)" in capfd.readouterr().err
+    for _, path in complete_checkpoints(str(tmp_path)):
+        model, _ = load_model_from_checkpoint(path)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_skip_nonfinite_steps_skips_updates_then_stops_past_the_limit(tmp_path, capfd):
