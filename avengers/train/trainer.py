@@ -175,6 +175,7 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
     if profiler is not None:
         profiler.start()
     stats = StepStats(device, cfg.skip_nonfinite_steps)
+    first_step = step + 1
     window_steps, window_start, summary = 0, time.perf_counter(), {}
     model.train()
     while step < last_step:
@@ -194,6 +195,10 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
         tokens_seen += tokens_per_step
         metrics.step()
         ckpt.poll()  # commits an asynchronous save once every rank has written it
+        if step == first_step:
+            _report_first_step(metrics, step, window_start, device)
+            if step % cfg.report_interval and step != last_step:  # the first window starts after it
+                window_steps, window_start = 0, time.perf_counter()
         if profiler is not None:
             profiler.step()
         if stop.should_stop(step, device):
@@ -240,6 +245,17 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
         metrics.event(f"[avengers.train] {stop.agreed.name}: stopped after step {step}; the same command resumes")
     metrics.close()
     return summary
+
+
+def _report_first_step(metrics, step: int, start: float, device: torch.device) -> None:
+    """Log how long a launch's first step took: it compiles the model and autotunes Triton kernels
+    (Mamba-2's, on a cold cache), which no later step repeats."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    metrics.event(
+        f"[avengers.train] step {step}: {time.perf_counter() - start:.1f} s, the launch's first step "
+        "(compilation and kernel autotuning; the throughput report starts after it)"
+    )
 
 
 def _lr_of_step(scheduler, step: int) -> float:

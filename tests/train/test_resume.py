@@ -105,3 +105,15 @@ def test_killed_while_an_async_save_is_pending_resumes_exactly(reference, tmp_pa
     assert [s for s, _ in complete_checkpoints(str(tmp_path))] in ([], [2])
     assert run_training(ckpt_save_path=str(tmp_path), **flags) == [0, 0]
     assert read_metrics(tmp_path)[STEPS]["loss"] == read_metrics(reference)[STEPS]["loss"]
+
+
+def test_each_launch_reports_its_first_step_apart(tmp_path, capfd):
+    """A launch's first step (compilation, autotuning) is logged on its own and left out of the first
+    throughput window, in a fresh run and in a resumed one."""
+    flags = dict(world=1, ckpt_save_path=str(tmp_path), checkpoint_interval=2, report_interval=2)
+    assert run_training(num_steps=2, **flags) == [0]
+    assert run_training(num_steps=4, **flags) == [0]
+    firsts = [line for line in capfd.readouterr().out.splitlines() if "the launch's first step" in line]
+    assert [line.split(":")[0] for line in firsts] == ["[avengers.train] step 1", "[avengers.train] step 3"]
+    m = read_metrics(tmp_path)
+    assert m[2]["tokens_per_s_per_gpu"] > 0 and m[4]["tokens_per_s_per_gpu"] > 0
