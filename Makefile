@@ -53,9 +53,9 @@ test-compat: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/export/test_export_compat.py
 	PYTHONPATH=tests/stubs:.compat/mamba_ssm:.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/models/test_mamba_ssm_compat.py
 
-# Every gpu-marked test; run on a CUDA host after `make gpu-install`.
+# Every gpu-marked test (the experiments' kernel checks too); run on a CUDA host after `make gpu-install`.
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu tests
+	$(PY) -m pytest -q -m gpu tests experiments
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
