@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from avengers.decode.cache import InferenceCache
-from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, DecodeOptions
+from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, SSM_STATE_DTYPES, DecodeOptions
 from avengers.dtypes import DTYPES
 from avengers.hardware import device_spec, measure_copy_bandwidth
 from avengers.inference import peer as peer_mod
@@ -75,12 +75,13 @@ class BenchConfig:
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
     decode: str = "auto"  # decode path (avengers.decode.options.DECODE_PATHS); auto: the fastest per family
     decode_attn: str = "auto"  # attention decode kernel: auto | triton | torch
+    ssm_state: str = "fp32"  # Mamba-2 SSM state dtype (DecodeOptions.ssm_state): fp32 | model
     peer: str = "auto"  # mamba_ssm's graph decode beside ours (peer.PEER_MODES); auto: on CUDA when it imports
     profile: bool = False  # per row, also profile `steps` eager steps: time per kernel (profile.py)
 
     @property
     def options(self) -> DecodeOptions:
-        return DecodeOptions(path=self.decode, attention=self.decode_attn)
+        return DecodeOptions(path=self.decode, attention=self.decode_attn, ssm_state=self.ssm_state)
 
     def validate(self) -> None:
         known = list_variants()
@@ -93,6 +94,8 @@ class BenchConfig:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
         if self.decode_attn not in ATTENTION_BACKENDS:
             raise ValueError(f"decode_attn must be one of {ATTENTION_BACKENDS}, got {self.decode_attn!r}")
+        if self.ssm_state not in SSM_STATE_DTYPES:
+            raise ValueError(f"ssm_state must be one of {SSM_STATE_DTYPES}, got {self.ssm_state!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if any(c < self.room + 2 for c in self.contexts):
@@ -292,8 +295,12 @@ def _build_peer(model: nn.Module, spec, check: CheckResult, res: VariantResult, 
         return None
     finally:
         model.to(dtype)
-    res.peer = "mamba_ssm graph decode, batch-1 logits vs ours: " + ", ".join(
-        f"rel err {err:.2g} in {str(dt).removeprefix('torch.')} (tol {tols[dt]:.2g})" for dt, err in errs.items()
+    res.peer = (
+        f"mamba_ssm graph decode (its SSM state in the model's dtype, {cfg.dtype}; ours in "
+        f"{cfg.ssm_state}), batch-1 logits vs ours: "
+        + ", ".join(
+            f"rel err {err:.2g} in {str(dt).removeprefix('torch.')} (tol {tols[dt]:.2g})" for dt, err in errs.items()
+        )
     )
     return peer
 
@@ -527,6 +534,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or forced",
     )
     p.add_argument(
+        "--ssm_state",
+        default="fp32",
+        choices=SSM_STATE_DTYPES,
+        help="dtype of Mamba-2 layers' SSM state: fp32, or the model's dtype (model; as mamba_ssm's decode "
+        "keeps it: half the bytes a large-batch step moves)",
+    )
+    p.add_argument(
         "--peer",
         default="auto",
         choices=peer_mod.PEER_MODES,
@@ -566,6 +580,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         check_tol=a.check_tol,
         decode=a.decode,
         decode_attn=a.decode_attn,
+        ssm_state=a.ssm_state,
         peer=a.peer,
         profile=a.profile,
     )
