@@ -146,6 +146,20 @@ class InferenceCache:
     def nbytes_per_sequence(self) -> float:
         return self.nbytes() / self.batch_size
 
+    def nbytes_written_per_step(self) -> int:
+        """Bytes one decode step writes into the cache: one position of keys and values for each
+        KVState; every other state tensor whole (a recurrent state is rewritten each step: Mamba-2's
+        conv window and SSM state, the telescoping slots and their log-masses)."""
+        total = 0
+        for layer in self.layers:
+            tensors = list(_tensors(layer, set()))
+            if isinstance(layer, KVState):
+                kv = {id(layer.k), id(layer.v)}
+                tensors = [t for t in tensors if id(t) not in kv]
+                total += sum(t[:, :, :1].numel() * t.element_size() for t in (layer.k, layer.v))
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
     def set_seq_len(self, seq_len: int) -> None:
         """Move the position (host and device copies); the states themselves are left as they are."""
         if not 0 <= seq_len <= self.max_seq_len:

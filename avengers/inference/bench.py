@@ -425,9 +425,10 @@ def _measure_batch(
                 cache.broadcast_from(cache1)
             rounds = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
             step_s = statistics.median(rounds)
-            nbytes = cache.nbytes()
+            nbytes, written = cache.nbytes(), cache.nbytes_written_per_step()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            moved = res.weight_bytes + nbytes
+            # the weights and the whole cache are read; what the step changes is written back
+            moved = res.weight_bytes + nbytes + written
             # a decode step's forward FLOPs: a third of the training (fwd + bwd) FLOPs per token at this context
             flops = batch * spec.flops_per_token(cache1.max_seq_len) / 3
             bound = limits.bound(moved, flops)
@@ -439,6 +440,7 @@ def _measure_batch(
                 rounds=len(rounds),
                 decode_tok_s=batch / step_s,
                 cache_bytes=nbytes,
+                cache_bytes_written=written,
                 peak_mem_gib=peak,
                 bytes_per_step=moved,
                 flops_per_step=flops,

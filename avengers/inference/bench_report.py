@@ -63,7 +63,8 @@ def _roofline_note(roof: dict | None) -> str:
         return "Roofline: none (no memory bandwidth for this device; pass --bandwidth_gbs)."
     peak = f"{roof['peak_tflops']:.0f} TFLOP/s dense bf16" if roof.get("peak_tflops") else "no FLOP peak"
     return (
-        f"Roofline: max(bytes / {roof['bandwidth_gbs']:.0f} GB/s, FLOPs / {peak}), from {roof['source']}; "
+        f"Roofline: max(bytes read and written / {roof['bandwidth_gbs']:.0f} GB/s, FLOPs / {peak}), from "
+        f"{roof['source']}; "
         "decode ms/step is the median of the timed rounds."
     )
 

@@ -44,6 +44,7 @@ def test_cache_bytes_measured_from_tensors(tiny):
     per_token = cfg.nlayers * 2 * cfg.kvheads * (cfg.emb_dim // cfg.nheads) * 2
     assert cache.nbytes() == 3 * 2 * KV_CHUNK * per_token
     assert cache.nbytes_per_sequence() == 2 * KV_CHUNK * per_token
+    assert cache.nbytes_written_per_step() == 3 * per_token  # one position of every layer's keys and values
 
 
 def test_llama_caches_are_consecutive_views_of_one_tensor(tiny):

@@ -48,6 +48,9 @@ def test_smoke_every_tiny_variant(tmp_path):
         assert r["rounds"] == 3 and r["decode_step_ms_min"] <= r["decode_step_ms"] <= r["decode_step_ms_max"]
         # no FLOP peak on a CPU: the bound is the bytes at --bandwidth_gbs
         assert r["roofline_bound"] == "memory" and r["roofline_ms"] == pytest.approx(r["bytes_per_step"] / 20e6)
+        assert 0 < r["cache_bytes_written"] <= r["cache_bytes"] < r["bytes_per_step"]
+        if r["variant"] in ("mamba2_tiny", "tele_tiny"):  # a recurrent state is rewritten whole
+            assert r["cache_bytes_written"] == r["cache_bytes"], r["variant"]
     assert report["roofline"] == {"bandwidth_gbs": 20.0, "peak_tflops": None, "source": "--bandwidth_gbs"}
     llama = {r["context"]: r["cache_bytes_per_seq"] for r in rows if r["variant"] == "llama3_tiny"}
     assert llama[256] == 2 * llama[128]  # KV cache grows linearly

@@ -262,6 +262,13 @@ def test_cache_layers_and_sizes():
     cache = hybrid.allocate_cache(3, 256)
     assert [type(s) for s in cache.layers] == [MambaState, AttentionState, MambaState, AttentionState]
     assert isinstance(cache.layers[1], KVState) and cache.layers[1].k.shape == (3, 2, 256, 16)
+    assert pure.allocate_cache(3, 16).nbytes_written_per_step() == sizes[16]  # conv and SSM state rewritten
+    written = cache.nbytes_written_per_step()
+    mamba_bytes = sum(t.numel() * 4 for s in cache.layers if isinstance(s, MambaState) for t in (s.conv, s.ssm))
+    attn = [s for s in cache.layers if isinstance(s, AttentionState)]
+    one_position = sum(2 * 3 * s.k.shape[1] * s.k.shape[3] * 4 for s in attn)
+    conv_windows = sum(s.conv.numel() * 4 for s in attn if s.conv is not None)
+    assert written == mamba_bytes + one_position + conv_windows
     grow = hybrid.allocate_cache(3, 512).nbytes() - cache.nbytes()
     assert grow == 2 * 2 * 3 * 2 * 256 * 16 * 4  # attention layers x (k, v) x B x kv_heads x extra positions x d x fp32
 

@@ -108,6 +108,7 @@ def test_cache_is_constant_size():
     cfg = model.config
     expected = cfg.nlayers * (2 * 8 * 2 * 8 * 4 + 8 * 2 * 4)  # fp32 means + fp32 log-masses
     assert sizes[16] == 3 * expected == 3 * tele_cache_bytes(cfg, 0, dtype_bytes=4)
+    assert model.allocate_cache(3, 16).nbytes_written_per_step() == sizes[16]  # every slot shifts or merges
     cache = model.allocate_cache(2, 16, dtype=torch.bfloat16)
     state = cache.layers[0]
     assert isinstance(state, TelescopingState)
