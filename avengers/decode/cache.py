@@ -55,6 +55,10 @@ def _tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
             yield from _tensors(v, seen)
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def state_tensors(cache: InferenceCache) -> list[torch.Tensor]:
     """Every tensor of the per-layer states, each once, in a fixed traversal order."""
     return list(_tensors(cache.layers, set()))
@@ -141,7 +145,7 @@ class InferenceCache:
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds, measured from the allocated tensors."""
-        return sum(t.numel() * t.element_size() for t in _tensors(self.layers, set()))
+        return _nbytes(_tensors(self.layers, set()))
 
     def nbytes_per_sequence(self) -> float:
         return self.nbytes() / self.batch_size
@@ -152,12 +156,12 @@ class InferenceCache:
         conv window and SSM state, the telescoping slots and their log-masses)."""
         total = 0
         for layer in self.layers:
-            tensors = list(_tensors(layer, set()))
             if isinstance(layer, KVState):
-                kv = {id(layer.k), id(layer.v)}
-                tensors = [t for t in tensors if id(t) not in kv]
-                total += sum(t[:, :, :1].numel() * t.element_size() for t in (layer.k, layer.v))
-            total += sum(t.numel() * t.element_size() for t in tensors)
+                total += _nbytes((layer.k[:, :, :1], layer.v[:, :, :1]))
+                seen = {id(layer.k), id(layer.v)}  # the rest of the layer (a hybrid's conv window) is rewritten
+            else:
+                seen = set()
+            total += _nbytes(_tensors(layer, seen))
         return total
 
     def set_seq_len(self, seq_len: int) -> None:
