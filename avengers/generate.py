@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from avengers.decode.options import DECODE_PATHS, DecodeOptions
+from avengers.decode.options import DECODE_PATHS, SSM_STATE_DTYPES, DecodeOptions
 from avengers.dtypes import DTYPES
 from avengers.inference.generate import generate
 
@@ -90,13 +90,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="decode path (docs/inference.md); auto: the fastest tested one for the model, device and batch",
     )
     p.add_argument(
+        "--ssm_state",
+        choices=SSM_STATE_DTYPES,
+        default="fp32",
+        help="dtype of Mamba-2 layers' SSM state: fp32, or the model's own dtype (model: half the bytes)",
+    )
+    p.add_argument(
         "--no_cuda_graph", action="store_true", help="run decode steps eagerly on CUDA (default: replay a CUDA graph)"
     )
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_ids:
         p.error("give at least one --prompt or --prompt_ids")
     try:
-        DecodeOptions(args.decode).resolve("llama", args.device)
+        DecodeOptions(args.decode, ssm_state=args.ssm_state).resolve("llama", args.device)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         by_len[len(ids)].append(i)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     results: dict[int, list[int]] = {}
-    options = DecodeOptions(args.decode)
+    options = DecodeOptions(args.decode, ssm_state=args.ssm_state)
     for length, idx in by_len.items():  # one batch per prompt length: no padding (see generate's docstring)
         batch = torch.tensor([prompts[i][1] for i in idx], dtype=torch.long, device=args.device)
         out = generate(

@@ -19,11 +19,12 @@ from avengers.decode.options import DecodeOptions
 
 
 class MambaState:
-    """One Mamba-2 layer's constant decode state: the last d_conv conv inputs and the SSM state."""
+    """One Mamba-2 layer's constant decode state: the last d_conv conv inputs (in the model's dtype)
+    and the SSM state (fp32 unless ssm_dtype says otherwise: DecodeOptions.ssm_state)."""
 
-    def __init__(self, batch_size: int, cfg, device=None, dtype=None):
+    def __init__(self, batch_size: int, cfg, device=None, dtype=None, ssm_dtype: torch.dtype = torch.float32):
         self.conv = torch.zeros(batch_size, cfg.conv_dim, cfg.d_conv, device=device, dtype=dtype)
-        self.ssm = torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, device=device, dtype=torch.float32)
+        self.ssm = torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, device=device, dtype=ssm_dtype)
 
 
 class AttentionState(KVState):
@@ -92,14 +93,16 @@ def allocate_cache(
 ) -> InferenceCache:
     """Per layer: MambaState (constant size) or AttentionState (a KVState growing with max_seq_len)."""
     device, dtype = allocation_target(model, batch_size, max_seq_len, device, dtype)
+    options = (options or DecodeOptions()).resolve("mamba", device)
+    ssm_dtype = torch.float32 if options.ssm_state == "fp32" else dtype
     cfg = model.config
     layers = [
         AttentionState(batch_size, cfg, max_seq_len, device=device, dtype=dtype)
         if i in cfg.attn_layer_idx
-        else MambaState(batch_size, cfg, device=device, dtype=dtype)
+        else MambaState(batch_size, cfg, device=device, dtype=dtype, ssm_dtype=ssm_dtype)
         for i in range(cfg.n_layer)
     ]
-    return InferenceCache(layers, batch_size, max_seq_len, (options or DecodeOptions()).resolve("mamba", device))
+    return InferenceCache(layers, batch_size, max_seq_len, options)
 
 
 def forward_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache, k) -> torch.Tensor:

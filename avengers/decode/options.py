@@ -17,6 +17,11 @@ to the next simpler one, so a cache holds one path for all its batch sizes and c
 
 `attention` picks the decode attention kernel over K/V buffers: the Triton split-K kernel on CUDA
 once it has passed a self-test (`auto`), or forced (`triton`, `torch`).
+
+`ssm_state` is the dtype of a Mamba-2 layer's SSM state: `fp32` (the default: every decay and
+update accumulates in full precision) or `model`, the model's own dtype (bf16 for a bf16 model, as
+mamba_ssm's decode keeps it): half the bytes, and the state is what a step moves at large batches.
+Either way the update is computed in fp32; `model` rounds the state once per step.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DECODE_PATHS = ("auto", "reference", "compile", "triton", "gluon")
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+SSM_STATE_DTYPES = ("fp32", "model")
 # The largest batch the Triton GEMV steps serve: above it `compile` is faster (a GEMV program
 # re-reads its input tile for every few rows of weights; docs/results.md, decode by path).
 GEMV_STEP_MAX_BATCH = 1
@@ -45,12 +51,15 @@ GLUON_TESTED_TRITON = "3.6"
 class DecodeOptions:
     path: str = "auto"
     attention: str = "auto"
+    ssm_state: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.path not in DECODE_PATHS:
             raise ValueError(f"decode path must be one of {DECODE_PATHS}, got {self.path!r}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"decode attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if self.ssm_state not in SSM_STATE_DTYPES:
+            raise ValueError(f"SSM state dtype must be one of {SSM_STATE_DTYPES}, got {self.ssm_state!r}")
 
     def resolve(self, family: str, device: torch.device | str) -> DecodeOptions:
         """The concrete path for a model family on a device (`auto` chosen, others checked)."""

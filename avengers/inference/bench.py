@@ -8,6 +8,7 @@ every context length L:
      (`InferenceCache.broadcast_from`, so large batches need no large prefill), capture the decode
      step in a CUDA graph (eager on CPU), warm up, and time `steps` decode steps.
   4. with --peer (Mamba family on CUDA): mamba_ssm's own graph decode at the listed batch sizes (peer.py).
+  5. with --profile: `steps` eager steps through the torch profiler, time per kernel (profile.py).
 Decode steps run at positions L - room .. L - 1 of a cache sized to L: attention reads keys
 written by the real prefill; the few positions between the prefill and the step are masked.
 """
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from avengers.decode.cache import InferenceCache
-from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, DecodeOptions
+from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, SSM_STATE_DTYPES, DecodeOptions
 from avengers.dtypes import DTYPES
 from avengers.hardware import device_spec, measure_copy_bandwidth
 from avengers.inference import peer as peer_mod
@@ -43,6 +44,7 @@ from avengers.inference.check import (
     timed_dtype_case,
 )
 from avengers.inference.graphs import DecodeStep
+from avengers.inference.profile import profile_steps
 from avengers.models.registry import get_model_spec, list_variants
 
 log = logging.getLogger(__name__)
@@ -73,11 +75,13 @@ class BenchConfig:
     check_tol: float | None = None  # None: 1e-4 on CPU, 1e-2 on CUDA (TF32 in Triton kernels)
     decode: str = "auto"  # decode path (avengers.decode.options.DECODE_PATHS); auto: the fastest per family
     decode_attn: str = "auto"  # attention decode kernel: auto | triton | torch
+    ssm_state: str = "fp32"  # Mamba-2 SSM state dtype (DecodeOptions.ssm_state): fp32 | model
     peer: str = "auto"  # mamba_ssm's graph decode beside ours (peer.PEER_MODES); auto: on CUDA when it imports
+    profile: bool = False  # per row, also profile `steps` eager steps: time per kernel (profile.py)
 
     @property
     def options(self) -> DecodeOptions:
-        return DecodeOptions(path=self.decode, attention=self.decode_attn)
+        return DecodeOptions(path=self.decode, attention=self.decode_attn, ssm_state=self.ssm_state)
 
     def validate(self) -> None:
         known = list_variants()
@@ -90,6 +94,8 @@ class BenchConfig:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
         if self.decode_attn not in ATTENTION_BACKENDS:
             raise ValueError(f"decode_attn must be one of {ATTENTION_BACKENDS}, got {self.decode_attn!r}")
+        if self.ssm_state not in SSM_STATE_DTYPES:
+            raise ValueError(f"ssm_state must be one of {SSM_STATE_DTYPES}, got {self.ssm_state!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if any(c < self.room + 2 for c in self.contexts):
@@ -289,8 +295,12 @@ def _build_peer(model: nn.Module, spec, check: CheckResult, res: VariantResult, 
         return None
     finally:
         model.to(dtype)
-    res.peer = "mamba_ssm graph decode, batch-1 logits vs ours: " + ", ".join(
-        f"rel err {err:.2g} in {str(dt).removeprefix('torch.')} (tol {tols[dt]:.2g})" for dt, err in errs.items()
+    res.peer = (
+        f"mamba_ssm graph decode (its SSM state in the model's dtype, {cfg.dtype}; ours in "
+        f"{cfg.ssm_state}), batch-1 logits vs ours: "
+        + ", ".join(
+            f"rel err {err:.2g} in {str(dt).removeprefix('torch.')} (tol {tols[dt]:.2g})" for dt, err in errs.items()
+        )
     )
     return peer
 
@@ -425,6 +435,7 @@ def _measure_batch(
                 cache.broadcast_from(cache1)
             rounds = time_decode(model, cache, fill, cfg, spec.vocab_size, res.decode_mode == "cuda_graph")
             step_s = statistics.median(rounds)
+            profiled = profile_steps(model, cache, fill, cfg.steps, spec.vocab_size) if cfg.profile else None
             nbytes, written = cache.nbytes(), cache.nbytes_written_per_step()
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             # the weights and the whole cache are read; what the step changes is written back
@@ -449,6 +460,7 @@ def _measure_batch(
                 roofline_ratio=step_s / bound[0] if bound else None,
                 decode_mode=res.decode_mode,
                 _fits=batch if is_largest else None,
+                **({"profile": profiled} if profiled else {}),
             )
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             # an allocation failing inside a graph capture surfaces as a RuntimeError
@@ -524,11 +536,24 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         help="attention decode kernel: Triton on CUDA when it passes its self-test (auto), or forced",
     )
     p.add_argument(
+        "--ssm_state",
+        default="fp32",
+        choices=SSM_STATE_DTYPES,
+        help="dtype of Mamba-2 layers' SSM state: fp32, or the model's dtype (model; as mamba_ssm's decode "
+        "keeps it: half the bytes a large-batch step moves)",
+    )
+    p.add_argument(
         "--peer",
         default="auto",
         choices=peer_mod.PEER_MODES,
         help="also time mamba_ssm's own CUDA-graph decode on the same weights (Mamba family): auto = on CUDA "
         "when mamba_ssm imports; mamba_ssm = required (fails early without it); off",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="per row, also profile --steps eager decode steps: time per kernel, launches, and the share "
+        "of the timed step the kernels fill (where a step's time goes)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
@@ -557,7 +582,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         check_tol=a.check_tol,
         decode=a.decode,
         decode_attn=a.decode_attn,
+        ssm_state=a.ssm_state,
         peer=a.peer,
+        profile=a.profile,
     )
     cfg.validate()
     return cfg

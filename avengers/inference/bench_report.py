@@ -69,6 +69,20 @@ def _roofline_note(roof: dict | None) -> str:
     )
 
 
+def _profile_line(row: dict) -> str:
+    """One markdown bullet for a row profiled by --profile (avengers/inference/profile.py)."""
+    p = row["profile"]
+    step = row["decode_step_ms"]
+    top = ", ".join(
+        f"{k['name'][:60]} {k['ms_per_step']:.3f} ms ({k['launches_per_step']:g}x)" for k in p["top_kernels"][:5]
+    )
+    return (
+        f"- {row['variant']} context {row['context']} batch {row['batch']}: kernels {p['kernel_ms_per_step']:.3f} "
+        f"ms of the {step:.3f} ms step ({100 * p['kernel_ms_per_step'] / step:.0f}%), "
+        f"{p['launches_per_step']:g} launches; largest: {top}"
+    )
+
+
 def markdown_table(report: dict) -> str:
     lines = [
         f"Inference benchmark on {report['device']}, torch {report['torch']}, {report['date']}, "
@@ -112,6 +126,10 @@ def markdown_table(report: dict) -> str:
             f"| {r.get('roofline_bound') or 'n/a'} | {_fmt(r['roofline_ratio'], '.2f')} |"
             + (f" {_fmt(r.get('peer_step_ms'), '.3f')} | {_fmt(r.get('vs_peer'), '.2f')} |" if peer else "")
         )
+    profiled = [r for r in report["rows"] if "profile" in r]
+    if profiled:
+        lines += ["", "Kernel time per decode step (eager steps through the torch profiler, against the timed step):"]
+        lines += [_profile_line(r) for r in profiled]
     t = report["targets"]
     lines += ["", "Targets:"]
     for v, f in t["cache_growth_vs_context"].items():

@@ -193,3 +193,19 @@ def test_device_limits_take_flags_over_the_datasheet(monkeypatch):
     cfg.bandwidth_gbs, cfg.peak_tflops = 3000.0, 500.0
     limits = bench_mod.device_limits(cfg)
     assert (limits.bandwidth, limits.peak, limits.source) == (3000e9, 500e12, "--bandwidth_gbs")
+
+
+def test_profile_rows_name_the_operators_and_their_time(tmp_path):
+    """--profile on the CPU: each row gets the operators of `steps` eager steps, largest first."""
+    argv = ["--device", "cpu", "--variants", "llama3_tiny,tele_tiny", "--contexts", "128", "--batch_sizes", "1"]
+    report = run(parse_args([*argv, "--steps", "2", "--rounds", "1", "--profile", "--out", str(tmp_path)]))
+    assert len(report["rows"]) == 2
+    for r in report["rows"]:
+        p = r["profile"]
+        assert p["profiled_steps"] == 2 and p["kernel_ms_per_step"] > 0 and p["launches_per_step"] > 10
+        times = [k["ms_per_step"] for k in p["top_kernels"]]
+        assert times == sorted(times, reverse=True) and len(times) == 8
+        assert any(k["name"] in ("aten::mm", "aten::addmm", "aten::linear") for k in p["top_kernels"])
+    md = (tmp_path / "inference_bench.md").read_text()
+    assert "- tele_tiny context 128 batch 1: kernels " in md
+    assert "profile" not in run(parse_args([*argv, "--steps", "2", "--rounds", "1", "--out", str(tmp_path)]))["rows"][0]

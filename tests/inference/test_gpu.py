@@ -44,6 +44,36 @@ def test_generate_with_and_without_graph_agree(tiny):
     assert torch.equal(generate(model, ids, 20, cuda_graph=False), generate(model, ids, 20, cuda_graph=True))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_mamba_ssm_state_in_bf16_on_cuda(path):
+    """DecodeOptions(ssm_state="model") with mamba_ssm's kernels: prefill into, and state updates on, a
+    bf16 SSM state decode what the fp32 state does on CUDA and what our reference does on the CPU,
+    to bf16's rounding; the batch-1 GEMV step (triton) and batch 2 (compiled steps) alike."""
+    from avengers.decode.options import DecodeOptions
+    from avengers.models.registry import get_model_spec
+
+    torch.manual_seed(0)
+    cpu = get_model_spec("mamba2_tiny").build("cpu").eval().to(torch.bfloat16)
+    ids = torch.randint(0, 4096, (2, 40))
+
+    def decode(model, batch, ssm_state):
+        x = ids[:batch].to(next(model.parameters()).device)
+        options = DecodeOptions(path if x.is_cuda else "reference", ssm_state=ssm_state)
+        cache = model.allocate_cache(batch, 40, options=options)
+        outs = [model(x[:, :16], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(16, 40)]
+        return torch.cat(outs, 1).float().cpu()
+
+    gpu = get_model_spec("mamba2_tiny").build("cuda").eval().to(torch.bfloat16)
+    gpu.load_state_dict(cpu.state_dict())
+    for batch in (1, 2):
+        want = decode(cpu, batch, "model")
+        got, fp32 = decode(gpu, batch, "model"), decode(gpu, batch, "fp32")
+        scale = want.abs().max()
+        assert (got - want).abs().max() < 0.05 * scale, batch
+        assert (got - fp32).abs().max() < 0.05 * scale, batch
+
+
 def _small_bench(tmp_path, variant: str, *flags: str) -> dict:
     """The bench on CUDA at contexts 128 and 1k, batches 1 and 4 plus the largest up to 64."""
     from avengers.inference.bench import parse_args, run
@@ -57,6 +87,20 @@ def test_bench_smoke_on_cuda(tmp_path):
     assert not report["variants"]["llama3_tiny"].get("failed")
     assert report["variants"]["llama3_tiny"]["decode_mode"] == "cuda_graph"
     assert {r["batch"] for r in report["rows"]} == {1, 4, 64}
+
+
+def test_bench_profile_on_cuda(tmp_path):
+    """--profile: every row gets its kernels' time per step, from CUDA kernels (the Triton GEMVs of
+    the batch-1 step among them), less than the eager step that launched them."""
+    report = _small_bench(tmp_path, "tele_tiny", "--profile", "--no_max_batch")
+    for r in report["rows"]:
+        p = r["profile"]
+        assert 0 < p["kernel_ms_per_step"] and p["launches_per_step"] >= 1, r
+        assert sum(k["share"] for k in p["top_kernels"]) <= 1 + 1e-9
+        assert not any(k["name"].startswith("aten::") for k in p["top_kernels"]), p["top_kernels"]
+    batch1 = [k["name"] for r in report["rows"] if r["batch"] == 1 for k in r["profile"]["top_kernels"]]
+    assert any("gemv" in n for n in batch1), batch1
+    assert "Kernel time per decode step" in (tmp_path / "inference_bench.md").read_text()
 
 
 def test_bench_peer_column_on_cuda(tmp_path):

@@ -9,6 +9,7 @@ from decode_helpers import decode_logits, track_compiled
 
 from avengers.decode.cache import KVState
 from avengers.decode.mamba import AttentionState, MambaState
+from avengers.decode.options import DecodeOptions
 from avengers.models import get_model_spec, list_variants
 from avengers.models.mamba import (
     MambaBlock,
@@ -271,6 +272,53 @@ def test_cache_layers_and_sizes():
     assert written == mamba_bytes + one_position + conv_windows
     grow = hybrid.allocate_cache(3, 512).nbytes() - cache.nbytes()
     assert grow == 2 * 2 * 3 * 2 * 256 * 16 * 4  # attention layers x (k, v) x B x kv_heads x extra positions x d x fp32
+
+
+def test_ssm_state_in_the_model_dtype_halves_the_state_and_decodes_alike():
+    """DecodeOptions(ssm_state="model"): the SSM state in the model's dtype (as mamba_ssm keeps it),
+    updated in fp32 and rounded once per step; in bf16 it decodes what the fp32 state decodes, to
+    bf16's rounding, and prefill + decode continue across both."""
+    torch.manual_seed(0)
+    model = get_model_spec("hybrid_tiny").build("cpu").eval().to(torch.bfloat16)
+    ids = torch.randint(0, 4096, (2, 40))
+    half = DecodeOptions(ssm_state="model")
+    caches = {name: model.allocate_cache(2, 40, options=o) for name, o in (("fp32", None), ("model", half))}
+    states = [s for s in caches["model"].layers if isinstance(s, MambaState)]
+    assert states and all(s.ssm.dtype == torch.bfloat16 for s in states)
+    full_state = sum(s.ssm.numel() for s in states) * 4
+    assert caches["fp32"].nbytes() - caches["model"].nbytes() == full_state // 2
+    with torch.no_grad():
+        full = model(ids).float()
+        outs = {
+            name: torch.cat(
+                [model(ids[:, :16], cache=c)] + [model(ids[:, t : t + 1], cache=c) for t in range(16, 40)], 1
+            )
+            for name, c in caches.items()
+        }
+    scale = full.abs().max()
+    assert (outs["fp32"].float() - full).abs().max() < 0.05 * scale
+    assert (outs["model"].float() - outs["fp32"].float()).abs().max() < 0.05 * scale
+    assert not torch.equal(outs["model"], outs["fp32"])  # the state was rounded: not the fp32 path
+
+
+def test_ssd_step_rounds_a_half_state_once_per_step():
+    from avengers.models.mamba.ssd import ssd_step
+
+    torch.manual_seed(0)
+    b, h, p, n = 2, 4, 8, 16
+    x, dt = torch.randn(b, h, p), torch.rand(b, h)
+    A, B, C, D = -torch.rand(h), torch.randn(b, 1, n), torch.randn(b, 1, n), torch.randn(h)
+    start = torch.randn(b, h, p, n).to(torch.bfloat16)
+    full, half = start.float(), start.clone()
+    y_full = ssd_step(full, x, dt, A, B, C, D)
+    y_half = ssd_step(half, x, dt, A, B, C, D)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, full.to(torch.bfloat16))
+    torch.testing.assert_close(y_half, y_full)  # the read-out uses the update before rounding
+
+
+def test_decode_options_name_a_bad_ssm_state_dtype():
+    with pytest.raises(ValueError, match=r"SSM state dtype must be one of \('fp32', 'model'\), got 'bf16'"):
+        DecodeOptions(ssm_state="bf16")
 
 
 def test_cache_errors():

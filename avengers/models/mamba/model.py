@@ -90,7 +90,7 @@ class Mamba2Mixer(nn.Module):
             x, B, C = torch.split(xBC, [cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
             x = x.reshape(b, T, cfg.nheads, cfg.headdim)
             B, C = B.reshape(b, T, cfg.ngroups, cfg.d_state), C.reshape(b, T, cfg.ngroups, cfg.d_state)
-            initial = state.ssm if state is not None and cache is not None and cache.seq_len > 0 else None
+            initial = state.ssm.float() if state is not None and cache is not None and cache.seq_len > 0 else None
             y, final = k.ssd(
                 x,
                 dt,

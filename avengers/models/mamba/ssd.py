@@ -110,15 +110,19 @@ def ssd_step(
 ) -> torch.Tensor:
     """One position: updates `state` [b, h, p, n] in place and returns y [b, h, p] in x's dtype.
 
-    x [b, h, p], dt [b, h] (softplus'd), B, C [b, g, n].
+    x [b, h, p], dt [b, h] (softplus'd), B, C [b, g, n]. Computed in fp32 (fp64 stays fp64); a
+    half-precision state is rounded once, when the update is stored.
     """
     h = x.shape[1]
-    ct = state.dtype
+    ct = torch.promote_types(state.dtype, torch.float32)
     B, C = _expand_groups(B.unsqueeze(1), h).squeeze(1), _expand_groups(C.unsqueeze(1), h).squeeze(1)
     dt, xf = dt.to(ct), x.to(ct)
     dA = torch.exp(dt * A.to(ct))  # [b, h]
-    state.mul_(dA[:, :, None, None]).add_((dt[:, :, None] * xf).unsqueeze(-1) * B.to(ct).unsqueeze(2))
-    y = torch.einsum("bhpn,bhn->bhp", state, C.to(ct))
+    s = state.to(ct)  # state itself unless it is stored in half precision
+    s.mul_(dA[:, :, None, None]).add_((dt[:, :, None] * xf).unsqueeze(-1) * B.to(ct).unsqueeze(2))
+    if s is not state:
+        state.copy_(s)
+    y = torch.einsum("bhpn,bhn->bhp", s, C.to(ct))
     if D is not None:
         y = y + xf * D.to(ct)[:, None]
     return y.to(x.dtype)
