@@ -61,6 +61,12 @@ def device_spec(device: torch.device | str) -> DeviceSpec:
     return spec_for_name(torch.cuda.get_device_name(device))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, whose ops run synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def measure_copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes/s a device-to-device copy moves (read + write), the best of `repeats`: the achievable
@@ -70,11 +76,9 @@ def measure_copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, re
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats + 1):  # the first copy warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best

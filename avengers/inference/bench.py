@@ -32,7 +32,7 @@ from torch import nn
 from avengers.decode.cache import InferenceCache
 from avengers.decode.options import ATTENTION_BACKENDS, DECODE_PATHS, SSM_STATE_DTYPES, DecodeOptions
 from avengers.dtypes import DTYPES
-from avengers.hardware import device_spec, measure_copy_bandwidth
+from avengers.hardware import device_spec, measure_copy_bandwidth, synchronize
 from avengers.inference import peer as peer_mod
 from avengers.inference.bench_report import TARGET_CONTEXT, merge_reports, targets_summary, write_report
 from avengers.inference.check import (
@@ -90,12 +90,6 @@ class BenchConfig:
             raise ValueError(f"unknown variants {bad}; known: {', '.join(known)}")
         if not self.variants:
             raise ValueError("no variants to benchmark")
-        if self.decode not in DECODE_PATHS:
-            raise ValueError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
-        if self.decode_attn not in ATTENTION_BACKENDS:
-            raise ValueError(f"decode_attn must be one of {ATTENTION_BACKENDS}, got {self.decode_attn!r}")
-        if self.ssm_state not in SSM_STATE_DTYPES:
-            raise ValueError(f"ssm_state must be one of {SSM_STATE_DTYPES}, got {self.ssm_state!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if any(c < self.room + 2 for c in self.contexts):
@@ -147,11 +141,6 @@ def measure_order(contexts: list[int]) -> list[int]:
     return first + sorted(c for c in contexts if c not in first)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def prefill(model: nn.Module, cache: InferenceCache, ids: torch.Tensor, chunk: int) -> None:
     """Consume ids in chunks of `chunk` tokens (one call when chunk <= 0), keeping no logits."""
@@ -175,11 +164,11 @@ def time_decode(
     rounds = []
     for _ in range(cfg.rounds):
         cache.set_seq_len(start)
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(cfg.steps):
             step(tokens)
-        _sync(device)
+        synchronize(device)
         rounds.append((time.perf_counter() - t0) / cfg.steps)
     return rounds
 
@@ -362,10 +351,10 @@ def _bench_context(
     cache1 = model.allocate_cache(1, ctx, device, dtype, cfg.options)
     res.decode_path = cache1.options.path
     ids = torch.randint(0, spec.vocab_size, (1, fill), device=device)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     prefill(model, cache1, ids, chunk)
-    _sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - t0
     per_seq = cache1.nbytes_per_sequence()
     largest = _largest_batch(per_seq, device, cfg) if cfg.find_max_batch else None

@@ -15,12 +15,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from avengers.decode.cache import InferenceCache
+from avengers.hardware import synchronize
 from avengers.inference.graphs import DecodeStep
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -34,12 +30,12 @@ def profile_steps(model: nn.Module, cache: InferenceCache, start: int, steps: in
     cache.set_seq_len(start)
     step(tokens)
     cache.set_seq_len(start)
-    _sync(device)
+    synchronize(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
             step(tokens)
-        _sync(device)
+        synchronize(device)
     cache.set_seq_len(start)
     kernels = []
     for e in prof.key_averages():

@@ -163,7 +163,7 @@ def test_config_errors():
         BenchConfig(variants=["nope"], contexts=[128], batch_sizes=[1], device="cpu").validate()
     with pytest.raises(ValueError, match="every context must be"):
         BenchConfig(variants=["llama3_tiny"], contexts=[8], batch_sizes=[1], device="cpu").validate()
-    with pytest.raises(ValueError, match="decode must be one of"):
+    with pytest.raises(ValueError, match="decode path must be one of"):
         BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", decode="tvm").validate()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         BenchConfig(variants=["llama3_tiny"], contexts=[128], batch_sizes=[1], device="cpu", decode="triton").validate()
