@@ -12,8 +12,7 @@ Layout of one checkpoint, `<ckpt_save_path>/checkpoints/step_<N>_ckp/`:
 Everything is written into `step_<N>_ckp.tmp` and renamed after every rank has finished, so a
 crash during a save leaves the previous checkpoint as the newest complete one.
 
-With `async_checkpoint`, a periodic save copies the tensors to CPU memory (on CUDA: pinned buffers
-allocated at the first save and refilled at every later one) and returns; a thread
+With `async_checkpoint`, a periodic save copies the tensors to CPU memory and returns; a thread
 writes them while training goes on (`dcp.async_save`, over gloo groups of its own). The small
 per-rank files are written at once, so they hold the state of the step saved; the checkpoint is
 committed (COMPLETE, rename) only once every rank's write has finished, polled between steps
@@ -40,7 +39,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -144,29 +142,6 @@ class _PendingSave:
     write: Future
 
 
-class StagingBuffers(DefaultStager):
-    """Where an asynchronous save copies the tensors before its thread writes them. On CUDA: pinned
-    CPU buffers, kept from one save to the next (allocated once; the previous save has finished
-    writing from them before the next one refills them), filled by non-blocking copies; DCP's
-    default copies into fresh pageable memory at every save, several times slower. On the CPU:
-    plain copies, also kept.
-
-    `dcp.async_save` of some torch releases (2.11) closes the stager it is given after each save,
-    which drops its buffers and its copy table and fails the next save ("KeyError: <class 'type'>");
-    here that close does nothing, and the buffers go with this object."""
-
-    def __init__(self) -> None:
-        cuda = torch.cuda.is_available()
-        super().__init__(
-            StagingOptions(
-                use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=cuda
-            )
-        )
-
-    def close(self) -> None:
-        pass
-
-
 class Checkpointer:
     def __init__(self, cfg, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -174,11 +149,10 @@ class Checkpointer:
         self._candidates: list[str] | None = None
         self._pending: _PendingSave | None = None
         self.previous_write_wait_s = 0.0  # what the last save() spent finishing the save before it
-        self._write_group = self._poll_group = self._stager = None
+        self._write_group = self._poll_group = None
         if getattr(cfg, "async_checkpoint", False) and dist.is_initialized():
             # the writer thread's collectives and the main thread's polls never share a group
             self._write_group, self._poll_group = dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
-            self._stager = StagingBuffers()
 
     # ------------------------------------------------------------------ save
     def save(
@@ -223,10 +197,7 @@ class Checkpointer:
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
             else:
                 write = dcp.async_save(
-                    {"model": model_sd, "optim": optim_sd},
-                    checkpoint_id=tmp,
-                    process_group=self._write_group,
-                    async_stager=self._stager,
+                    {"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=self._write_group
                 )
                 self._pending = _PendingSave(step, tmp, final, write)
 
