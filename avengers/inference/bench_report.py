@@ -128,7 +128,12 @@ def markdown_table(report: dict) -> str:
         )
     profiled = [r for r in report["rows"] if "profile" in r]
     if profiled:
-        lines += ["", "Kernel time per decode step (eager steps through the torch profiler, against the timed step):"]
+        lines += [
+            "",
+            "Kernel time per decode step (eager steps through the torch profiler, against the timed step; "
+            "a kernel launched with programmatic dependent launch starts while its predecessor drains and "
+            "counts its wait for it, so the shares can add up to more than the step):",
+        ]
         lines += [_profile_line(r) for r in profiled]
     t = report["targets"]
     lines += ["", "Targets:"]
