@@ -28,6 +28,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cuda_timing import graph_us  # noqa: E402
 
 from avengers.models.mamba.kernels import ref_ssd_step  # noqa: E402
 from avengers.models.registry import get_model_spec  # noqa: E402
@@ -162,28 +165,6 @@ def layer_inputs(batch: int, cfg, state_dtype: torch.dtype, device, layers: int 
     return states, (x, dt, A, B, C, D, dt_bias)
 
 
-def _graph_time_us(run, states, reps: int = 5) -> float:
-    """Median microseconds of one update, from a CUDA graph of one update per state in turn."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for state in states:
-            run(state)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for state in states:
-            run(state)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(states))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="ssm_state_update")
@@ -218,7 +199,7 @@ def main() -> int:
                     ((got_y.float() - expect_y.float()).abs().max() / expect_y.float().abs().max()).item(),
                     ((got_state.float() - expect_state.float()).abs().max() / expect_state.float().abs().max()).item(),
                 )
-                us = _graph_time_us(run, states)
+                us = graph_us(lambda i, run=run: run(states[i]), len(states))
                 row = dict(
                     batch=batch,
                     state_dtype=str(state_dtype).removeprefix("torch."),

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cuda_timing import graph_us  # noqa: E402
 
 from avengers.decode.telescoping import slot_attention, step_core, step_tables  # noqa: E402
 from avengers.ops.telescoping import EMPTY_THRESHOLD, rope, wisq_gate  # noqa: E402
@@ -93,27 +96,6 @@ def layer_state(batch: int, kv_heads: int, cache_size: int, head_dim: int, devic
     return K, V, W, torch.arange(cache_size, device=device)
 
 
-def _graph_us(run, layers: int, reps: int = 5) -> float:
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(layers):
-            run(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(layers):
-            run(i)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / layers)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> int:
     from avengers.models.registry import get_model_spec
 
@@ -154,7 +136,7 @@ def main() -> int:
 
         err = (run_ring(0).float() - run_plain(0).float()).abs().max().item()
         state_bytes = sum(x.numel() * x.element_size() for x in states[0][:3])
-        row = dict(batch=batch, plain_us=_graph_us(run_plain, layers), ring_us=_graph_us(run_ring, layers))
+        row = dict(batch=batch, plain_us=graph_us(run_plain, layers), ring_us=graph_us(run_ring, layers))
         row.update(state_mib=state_bytes / 2**20, max_abs_diff=err)
         rows.append(row)
         print(
