@@ -1,8 +1,10 @@
-"""Timing for the experiments' kernel A/B scripts: CUDA-graph replays of many calls."""
+"""What the experiments' kernel A/B scripts share: CUDA-graph timing and their results file."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -29,3 +31,11 @@ def graph_us(run: Callable[[int], object], calls: int, reps: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[len(times) // 2]
+
+
+def write_results(out: str, variant: str, rows: list[dict]) -> None:
+    """<out>/results.json: the device, torch release, variant and the measured rows."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    result = dict(device=torch.cuda.get_device_name(), variant=variant, torch=torch.__version__, rows=rows)
+    (path / "results.json").write_text(json.dumps(result, indent=2))

@@ -19,7 +19,6 @@ prints microseconds per layer and the state's read + write bandwidth. Writes res
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cuda_timing import graph_us  # noqa: E402
+from cuda_timing import graph_us, write_results  # noqa: E402
 
 from avengers.models.mamba.kernels import ref_ssd_step  # noqa: E402
 from avengers.models.registry import get_model_spec  # noqa: E402
@@ -214,10 +213,7 @@ def main() -> int:
                     f"{row['state_tb_s']:5.2f} TB/s  rel err {err:.1e}",
                     flush=True,
                 )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = dict(device=torch.cuda.get_device_name(), variant=args.variant, torch=torch.__version__, rows=rows)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_results(args.out, args.variant, rows)
     for (batch, dtype), group in _groups(rows).items():
         best = min((r for r in group if r["kernel"] != "mamba_ssm"), key=lambda r: r["us_per_layer"])
         peer_us = next(r["us_per_layer"] for r in group if r["kernel"] == "mamba_ssm")

@@ -20,7 +20,6 @@ holds none of them), checks them against each other, and writes results.json und
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cuda_timing import graph_us  # noqa: E402
+from cuda_timing import graph_us, write_results  # noqa: E402
 
 from avengers.decode.telescoping import slot_attention, step_core, step_tables  # noqa: E402
 from avengers.ops.telescoping import EMPTY_THRESHOLD, rope, wisq_gate  # noqa: E402
@@ -145,10 +144,7 @@ def main() -> int:
             f"first-step outputs differ by {err:.1e}",
             flush=True,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = dict(device=torch.cuda.get_device_name(), variant=args.variant, torch=torch.__version__, rows=rows)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_results(args.out, args.variant, rows)
     return 0
 
 
