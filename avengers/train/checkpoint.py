@@ -12,7 +12,8 @@ Layout of one checkpoint, `<ckpt_save_path>/checkpoints/step_<N>_ckp/`:
 Everything is written into `step_<N>_ckp.tmp` and renamed after every rank has finished, so a
 crash during a save leaves the previous checkpoint as the newest complete one.
 
-With `async_checkpoint`, a periodic save copies the tensors to CPU memory and returns; a thread
+With `async_checkpoint`, a periodic save copies the tensors to CPU memory (on CUDA: pinned buffers
+allocated at the first save and refilled at every later one) and returns; a thread
 writes them while training goes on (`dcp.async_save`, over gloo groups of its own). The small
 per-rank files are written at once, so they hold the state of the step saved; the checkpoint is
 committed (COMPLETE, rename) only once every rank's write has finished, polled between steps
@@ -39,6 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,6 +49,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
+
+try:  # DCP's tensor copier (torch >= 2.8); older releases stage with DCP's default
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+except ImportError:
+    StateDictStager = None
 
 from avengers.train.checkpoint_files import (
     MARKER,
@@ -142,6 +149,41 @@ class _PendingSave:
     write: Future
 
 
+class StagingBuffers(AsyncStager):
+    """Where an asynchronous save copies the tensors before its thread writes them. On CUDA: pinned
+    CPU buffers, kept from one save to the next (allocated once; the previous save has finished
+    writing from them before the next one refills them), filled by non-blocking copies; DCP's
+    default copies into fresh pageable memory at every save, several times slower. On the CPU:
+    plain copies, also kept.
+
+    It drives DCP's own copier (StateDictStager) rather than its DefaultStager: torch 2.11's
+    DefaultStager closes that copier after every stage, which drops the buffers and fails the next
+    save with "KeyError: <class 'type'>"."""
+
+    _synchronize_after_execute = False  # stage() returns only once the copies are done
+
+    def __init__(self) -> None:
+        self._cuda = torch.cuda.is_available()
+        self._copier = None
+
+    def stage(self, state_dict):
+        if self._copier is None:
+            self._copier = StateDictStager(pin_memory=self._cuda, share_memory=False)
+        staged = self._copier.stage(state_dict, non_blocking=self._cuda)
+        if self._cuda:
+            torch.cuda.current_stream().synchronize()
+        return staged
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Frees the buffers; a later stage() allocates new ones."""
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
+
+
 class Checkpointer:
     def __init__(self, cfg, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -149,10 +191,11 @@ class Checkpointer:
         self._candidates: list[str] | None = None
         self._pending: _PendingSave | None = None
         self.previous_write_wait_s = 0.0  # what the last save() spent finishing the save before it
-        self._write_group = self._poll_group = None
+        self._write_group = self._poll_group = self._stager = None
         if getattr(cfg, "async_checkpoint", False) and dist.is_initialized():
             # the writer thread's collectives and the main thread's polls never share a group
             self._write_group, self._poll_group = dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
+            self._stager = StagingBuffers() if StateDictStager is not None else None
 
     # ------------------------------------------------------------------ save
     def save(
@@ -196,8 +239,12 @@ class Checkpointer:
             if blocking or self._write_group is None:
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
             else:
+                staging = {"async_stager": self._stager} if self._stager is not None else {}
                 write = dcp.async_save(
-                    {"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, process_group=self._write_group
+                    {"model": model_sd, "optim": optim_sd},
+                    checkpoint_id=tmp,
+                    process_group=self._write_group,
+                    **staging,
                 )
                 self._pending = _PendingSave(step, tmp, final, write)
 
