@@ -152,10 +152,14 @@ class InferenceCache:
 
     def nbytes_written_per_step(self) -> int:
         """Bytes one decode step writes into the cache: one position of keys and values for each
-        KVState; every other state tensor whole (a recurrent state is rewritten each step: Mamba-2's
-        conv window and SSM state, the telescoping slots and their log-masses)."""
+        KVState; what a state that counts its own writes says (the telescoping slots); every other
+        state tensor whole (a recurrent state is rewritten each step: Mamba-2's conv window and SSM
+        state)."""
         total = 0
         for layer in self.layers:
+            if hasattr(layer, "nbytes_written_per_step"):
+                total += layer.nbytes_written_per_step()
+                continue
             if isinstance(layer, KVState):
                 total += _nbytes((layer.k[:, :, :1], layer.v[:, :, :1]))
                 seen = {id(layer.k), id(layer.v)}  # the rest of the layer (a hybrid's conv window) is rewritten

@@ -2,7 +2,9 @@
 
 Each telescoping layer keeps its C slot means and log-masses (TelescopingState) and applies the
 merge rule of its schedule one token at a time; the step is looked up on the device from the
-position (StepTables), so it can be replayed from a CUDA graph. Prefill runs the parallel form
+position (StepTables), so it can be replayed from a CUDA graph. Small batches keep the slots in
+logical order and shift them every step (push_at); from RING_MIN_BATCH sequences they stay in
+place behind a ring map from logical slot to cell (ring_push). Prefill runs the parallel form
 (the layer's `prefill`) and loads the last row of its node table into the slots. Full-attention
 layers of hybrid variants read a KVState through decode.attention.cached_attention.
 """
@@ -30,11 +32,19 @@ from avengers.ops.telescoping import (
     wisq_gate,
 )
 
+# One layer's compiled step core on an H200 (tele128_llama3_1.8b, CUDA graphs), shift vs ring: 27.1 vs
+# 31.8 us at batch 1, 59.1 vs 44.3 at 64, 2090 vs 679 at 4096. Below 64 the step is latency-bound and
+# the ring's extra index kernels cost more than the shift saves.
+RING_MIN_BATCH = 64
+
 
 class TelescopingState:
     """One layer's decode state: slot means k, v [B, Hkv, C, d] and log-masses [B, Hkv, C].
 
-    Logical order (slot 0 newest). The step counter is the cache's seq_len, shared by the batch.
+    Slot i (logical order, slot 0 newest) is held in cell ring[i] of the C cells; ring, [C] long and
+    shared by the batch, stays the identity unless in_place (B >= RING_MIN_BATCH), where decode
+    steps leave the slots in place and update the map (ring_push). The step counter is the cache's
+    seq_len, shared by the batch.
     """
 
     def __init__(self, batch_size: int, kv_heads: int, cache_size: int, head_dim: int, device=None, dtype=None):
@@ -44,6 +54,20 @@ class TelescopingState:
         self.log_mass = torch.full(
             (batch_size, kv_heads, cache_size), EMPTY_LOG_MASS, device=device, dtype=compute_dtype(dtype)
         )
+        self.ring = torch.arange(cache_size, device=self.k.device)
+
+    @property
+    def in_place(self) -> bool:
+        # From the batch size rather than stored: InferenceCache.broadcast_from copies a state's
+        # plain attributes from its batch-1 source, and would turn the ring off at large batches.
+        return self.k.shape[0] >= RING_MIN_BATCH
+
+    def nbytes_written_per_step(self) -> int:
+        """Every slot when a step shifts them; in place, two cells of each and the ring."""
+        slots = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.log_mass))
+        if not self.in_place:
+            return slots
+        return slots * 2 // self.ring.numel() + self.ring.numel() * self.ring.element_size()
 
     def load_nodes(self, nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor) -> None:
         """Set the slots to the nodes `ids` [C] of a parallel pass (its last table row)."""
@@ -51,12 +75,16 @@ class TelescopingState:
         self.k.copy_(K[:, :, ids])
         self.v.copy_(V[:, :, ids])
         self.log_mass.copy_(W[:, :, ids])
+        self.ring.copy_(torch.arange(self.ring.numel(), device=self.ring.device))
 
     def push(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, slot: int | None) -> None:
         """One step: merge slots slot-1, slot into slot (or drop the oldest), shift, insert (k, v, w).
 
-        k, v [B, Hkv, d]; w [B, Hkv]. Vectorised over slots (one concatenation per tensor).
+        k, v [B, Hkv, d]; w [B, Hkv]. Vectorised over slots (one concatenation per tensor). The eager
+        reference for states in logical order (the ring the identity).
         """
+        if not torch.equal(self.ring, torch.arange(self.ring.numel(), device=self.ring.device)):
+            raise ValueError("push needs the slots in logical order; this state's are in place behind its ring map")
         K, V, W = self.k, self.v, self.log_mass
         dt = W.dtype
         new = (k.to(K.dtype).unsqueeze(2), v.to(V.dtype).unsqueeze(2), w.to(dt).unsqueeze(2))
@@ -79,11 +107,15 @@ class TelescopingState:
 
 
 class StepTables:
-    """Device tables that make one decode step branch-free (CUDA-graph safe).
+    """Device tables that make one decode step branch-free (CUDA-graph safe), shifted or in place.
 
-    Step t reads an extended slot array ext = [new token, old slot 0, ..., old slot C-1].
-    Its action a = min(ctz(t), L) (a = L at t = 0) picks row a: new slot c takes ext[src_a[a, c]],
-    fused with ext[src_b[a, c]] where merge[a, c] (only c = m_{a+1}); a = L is the drop step.
+    Step t's action a = min(ctz(t), L) (a = L at t = 0; a = L is the drop step) picks row a.
+    push_at reads an extended slot array ext = [new token, old slot 0, ..., old slot C-1]: new slot
+    c takes ext[src_a[a, c]], fused with ext[src_b[a, c]] where merge[a, c] (only c = m_{a+1}).
+    ring_push writes the new token into the cell of logical slot ring_new[a] (m - 1 at a merge,
+    C - 1 at the drop), the merged pair (where ring_merge[a]) into the cell of slot ring_fused[a]
+    (m; the drop: C - 1 again, unmerged), and gathers the new ring from the old through ring_perm[a]
+    (entry 0 <- j = ring_new[a], entries 1..j <- 0..j-1, the rest in place).
     """
 
     def __init__(self, cache_size: int, fmap: tuple[int, ...], device: torch.device):
@@ -101,6 +133,14 @@ class StepTables:
         self.src_b = torch.as_tensor(src_b, device=device)
         self.merge = torch.as_tensor(merge, device=device)
         self.pow2 = torch.as_tensor([2**k for k in range(1, L + 1)], device=device)
+        j = np.array([m - 1 for m in fmap] + [C - 1])
+        perm = np.tile(np.arange(C), (L + 1, 1))
+        for a, ja in enumerate(j):
+            perm[a, : ja + 1] = np.roll(np.arange(ja + 1), 1)
+        self.ring_new = torch.as_tensor(j, device=device)
+        self.ring_fused = torch.as_tensor(list(fmap) + [C - 1], device=device)
+        self.ring_merge = torch.as_tensor(np.arange(L + 1) < L, device=device)
+        self.ring_perm = torch.as_tensor(perm, device=device)
 
     def action(self, position: torch.Tensor) -> torch.Tensor:
         """min(ctz(t), L) for a 0-dim long position t (L for t = 0), on the device."""
@@ -145,6 +185,38 @@ def push_at(
     W.copy_(torch.where(merge, fused_w, wa))
 
 
+def ring_push(
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    ring: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    position: torch.Tensor,
+    tables: StepTables,
+) -> None:
+    """push_at on slots kept in place: K, V, W indexed by cell, ring [C] (logical slot -> cell).
+    Writes two cells (the merged pair, the new token) and updates the ring in place, instead of
+    rewriting every slot. No host sync, graph-safe."""
+    a = tables.action(position)
+    merge = tables.ring_merge.index_select(0, a)
+    new_cell = ring.index_select(0, tables.ring_new.index_select(0, a))  # [1]
+    fused_cell = ring.index_select(0, tables.ring_fused.index_select(0, a))  # == new_cell at the drop step
+    dt = W.dtype
+    wa, wb = W.index_select(2, new_cell), W.index_select(2, fused_cell)  # slots m - 1 and m
+    wn = torch.logaddexp(wa, wb)
+    pa, pb = torch.exp(wa - wn).unsqueeze(-1), torch.exp(wb - wn).unsqueeze(-1)
+    fused_w = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+    for x, new in ((K, k), (V, v)):
+        xa, xb = x.index_select(2, new_cell).to(dt), x.index_select(2, fused_cell).to(dt)
+        x.index_copy_(2, fused_cell, torch.where(merge, pa * xa + pb * xb, xb).to(x.dtype))
+        x.index_copy_(2, new_cell, new.to(x.dtype).unsqueeze(2))
+    W.index_copy_(2, fused_cell, torch.where(merge, fused_w, wb))
+    W.index_copy_(2, new_cell, w.to(dt).unsqueeze(2))
+    ring.copy_(ring.index_select(0, tables.ring_perm.index_select(0, a)[0]))
+
+
 def slot_attention(
     q: torch.Tensor,
     K: torch.Tensor,
@@ -178,6 +250,7 @@ def step_core(
     K: torch.Tensor,
     V: torch.Tensor,
     W: torch.Tensor,
+    ring: torch.Tensor | None,
     tables: StepTables,
     opts,
     theta: float,
@@ -186,12 +259,16 @@ def step_core(
 ) -> torch.Tensor:
     """A decode step between the projections: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k
     and q not yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device
-    position -> rotate, push into the slots (K, V, W, in place), read out: [B, H, d]. A pure function
-    of tensors, so that one torch.compile serves every layer (compiled_step_core)."""
+    position -> rotate, push into the slots (K, V, W, in place; ring None: in logical order, push_at;
+    else in place behind that map, ring_push), read out: [B, H, d]. A pure function of tensors, so
+    that one torch.compile serves every layer (compiled_step_core; ring None or not: two graphs)."""
     q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
     if w is None:
         w = wisq_gate(q, k)
-    push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    if ring is None:
+        push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    else:
+        ring_push(K, V, W, ring, k[:, 0], v[:, 0], w[:, 0], position, tables)
     return slot_attention(q[:, 0].to(v.dtype), K, V, W, opts, k_gain, v_gain)
 
 
@@ -212,6 +289,7 @@ def fused_qkv_step_core(
     K: torch.Tensor,
     V: torch.Tensor,
     W: torch.Tensor,
+    ring: torch.Tensor | None,
     tables: StepTables,
     opts,
     theta: float,
@@ -226,7 +304,7 @@ def fused_qkv_step_core(
     if gate_w is not None:
         dt = compute_dtype(h.dtype)
         w = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps).to(dt), gate_w.to(dt)).view(B, 1, Hkv)
-    return step_core(q, k, v, w, position, K, V, W, tables, opts, theta, k_gain, v_gain)
+    return step_core(q, k, v, w, position, K, V, W, ring, tables, opts, theta, k_gain, v_gain)
 
 
 @functools.cache
@@ -246,6 +324,7 @@ def attention_step(attn: nn.Module, x: torch.Tensor, state: TelescopingState, po
         state.k,
         state.v,
         state.log_mass,
+        state.ring if state.in_place else None,
         tables,
         attn.opts,
         attn.rope_theta,
@@ -357,6 +436,7 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
             state.k,
             state.v,
             state.log_mass,
+            state.ring if state.in_place else None,
             tables,
             attn.opts,
             attn.rope_theta,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from avengers.decode.telescoping import TelescopingState, slot_attention
+from avengers.decode.telescoping import TelescopingState, push_at, ring_push, slot_attention, step_core, step_tables
 from avengers.models.telescoping import (
     FMAP_PRESETS,
     TeleOptions,
@@ -398,8 +398,6 @@ def test_chunked_gather_equals_single_pass():
 
 @pytest.mark.parametrize("C,fmap", [(8, C8), (16, FMAP_PRESETS["c16"]), (10, (1, 9))])
 def test_table_driven_step_equals_reference_push(C, fmap):
-    from avengers.decode.telescoping import push_at, step_tables
-
     n, d = 300, 4
     _, k, v, w = _random_inputs(2, n, 2, 2, d, torch.float64, seed=23)
     ref = TelescopingState(2, 2, C, d, dtype=torch.float64)
@@ -410,6 +408,49 @@ def test_table_driven_step_equals_reference_push(C, fmap):
         push_at(fast.k, fast.v, fast.log_mass, k[:, t], v[:, t], w[:, t], torch.tensor(t), tables)
         for a, b in ((ref.k, fast.k), (ref.v, fast.v), (ref.log_mass, fast.log_mass)):
             torch.testing.assert_close(b, a, atol=1e-12, rtol=0)  # SIMD vs scalar exp: ulps differ
+
+
+@pytest.mark.parametrize("C,fmap", [(8, C8), (16, FMAP_PRESETS["c16"]), (10, (1, 9))])
+def test_ring_map_slots_equal_the_shifted_slots(C, fmap):
+    """Slots kept in place behind the ring map hold, in logical order, what the shifting update
+    holds, through merges at every level, EMPTY slots and drops; the read-out over them is the same."""
+    B, Hkv, H, d, n = 2, 2, 4, 4, 200  # n: several drops past the first eviction
+    q, k, v, w = _random_inputs(B, n, H, Hkv, d, torch.float64, seed=5)
+    shifted = TelescopingState(B, Hkv, C, d, dtype=torch.float64)
+    in_place = TelescopingState(B, Hkv, C, d, dtype=torch.float64)
+    tables = step_tables(C, fmap, torch.device("cpu"))
+    opts = TeleOptions(C, fmap, mask_empty=True)
+    gain = torch.rand(d, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+    for t in range(n):
+        pos = torch.tensor(t)
+        push_at(shifted.k, shifted.v, shifted.log_mass, k[:, t], v[:, t], w[:, t], pos, tables)
+        ring_push(in_place.k, in_place.v, in_place.log_mass, in_place.ring, k[:, t], v[:, t], w[:, t], pos, tables)
+        assert sorted(in_place.ring.tolist()) == list(range(C))
+        for a, b in ((shifted.k, in_place.k), (shifted.v, in_place.v), (shifted.log_mass, in_place.log_mass)):
+            torch.testing.assert_close(b.index_select(2, in_place.ring), a, atol=1e-12, rtol=0, msg=f"step {t}")
+        readouts = [slot_attention(q[:, t], s.k, s.v, s.log_mass, opts, gain, gain) for s in (shifted, in_place)]
+        torch.testing.assert_close(readouts[1], readouts[0], atol=1e-12, rtol=0)
+        if t == 0:  # the drop step rotated the whole ring: the eager reference wants logical order
+            with pytest.raises(ValueError, match="ring map"):
+                in_place.push(k[:, t], v[:, t], w[:, t], None)
+
+
+def test_step_core_with_a_ring_map_matches_the_shifting_one():
+    C, fmap, B, H, Hkv, d = 8, C8, 3, 4, 2, 8
+    gen = torch.Generator().manual_seed(7)
+    opts = TeleOptions(C, fmap, softcap=20.0)
+    gains = tuple(torch.rand(d, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2))
+    K = torch.randn(B, Hkv, C, d, generator=gen, dtype=torch.float64)
+    V, W = torch.randn_like(K), torch.randn(B, Hkv, C, generator=gen, dtype=torch.float64)
+    states = [(K.clone(), V.clone(), W.clone()) for _ in range(2)]
+    ring, tables = torch.arange(C), step_tables(C, fmap, torch.device("cpu"))
+    for t in range(100, 140):
+        q = torch.randn(B, 1, H, d, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(B, 1, Hkv, d, generator=gen, dtype=torch.float64) for _ in range(2))
+        w, pos = torch.randn(B, 1, Hkv, generator=gen, dtype=torch.float64), torch.tensor(t)
+        want = step_core(q, k, v, w, pos, *states[0], None, tables, opts, 10000.0, *gains)
+        got = step_core(q, k, v, w, pos, *states[1], ring, tables, opts, 10000.0, *gains)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("P", [50, 77])  # n/3 (not a power of two) and just past the first eviction

@@ -67,6 +67,46 @@ def test_prefill_plus_decode_equals_full_forward(variant):
             torch.testing.assert_close(torch.cat([a, b, c], 1), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_in_place_cache_decode_equals_full_forward(variant, monkeypatch):
+    """With its slots in place behind the ring map (RING_MIN_BATCH lowered to the batch), the cache
+    decodes the full forward's logits, through drops, and the slots did move behind the map."""
+    from avengers.decode import telescoping
+
+    model = _tiny(**VARIANTS[variant])
+    x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(telescoping, "RING_MIN_BATCH", 2)
+    cache = model.allocate_cache(2, 40)
+    with torch.no_grad():
+        full = model(x)
+        got = [model(x[:, :10], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(10, 40)]
+    torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-4, rtol=0)
+    states = [s for s in cache.layers if isinstance(s, TelescopingState)]
+    assert all(s.in_place for s in states) and not torch.equal(states[0].ring, torch.arange(8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["reference", "compile"])
+@torch.no_grad()
+def test_in_place_cache_graph_decode_matches_full_forward_cuda(path):
+    """At batch RING_MIN_BATCH the cache keeps its slots in place behind the ring map: the step (eager
+    or compiled) replayed from a CUDA graph gives the full forward's logits, through drops."""
+    from avengers.decode.options import DecodeOptions
+    from avengers.decode.telescoping import RING_MIN_BATCH
+    from avengers.inference.graphs import DecodeStep
+
+    model = _tiny().cuda()
+    x = torch.randint(0, 64, (RING_MIN_BATCH, 40), generator=torch.Generator().manual_seed(6)).cuda()
+    full = model(x)
+    cache = model.allocate_cache(RING_MIN_BATCH, 40, options=DecodeOptions(path))
+    assert all(s.in_place for s in cache.layers)
+    model(x[:, :10], cache=cache)
+    step = DecodeStep(model, cache, cuda_graph=True)
+    got = torch.stack([step(x[:, i : i + 1]).clone() for i in range(10, 40)], 1)
+    torch.testing.assert_close(got, full[:, 10:], atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["documented", "later"])
 def test_compiled_decode_step_matches_eager(variant, monkeypatch):
@@ -101,14 +141,25 @@ def test_compiled_decode_step_in_bf16_is_as_accurate_as_eager():
     assert err["compile"] <= 1.25 * err["reference"], err
 
 
+def test_a_step_in_place_writes_two_cells_and_the_ring(monkeypatch):
+    from avengers.decode import telescoping
+
+    monkeypatch.setattr(telescoping, "RING_MIN_BATCH", 3)
+    model = _tiny()
+    slots = 3 * (2 * 8 * 2 * 8 * 4 + 8 * 2 * 4)  # one layer's means and log-masses at batch 3, C = 8
+    written = model.allocate_cache(3, 16).nbytes_written_per_step()
+    assert written == model.config.nlayers * (slots * 2 // 8 + 8 * 8)
+
+
 def test_cache_is_constant_size():
     model = _tiny()
     sizes = {L: model.allocate_cache(3, L).nbytes() for L in (16, 1024, 100_000)}
     assert len(set(sizes.values())) == 1
     cfg = model.config
     expected = cfg.nlayers * (2 * 8 * 2 * 8 * 4 + 8 * 2 * 4)  # fp32 means + fp32 log-masses
-    assert sizes[16] == 3 * expected == 3 * tele_cache_bytes(cfg, 0, dtype_bytes=4)
-    assert model.allocate_cache(3, 16).nbytes_written_per_step() == sizes[16]  # every slot shifts or merges
+    ring = cfg.nlayers * 8 * 8  # each layer's ring map: C longs, shared by the batch
+    assert sizes[16] == 3 * expected + ring and expected == tele_cache_bytes(cfg, 0, dtype_bytes=4)
+    assert model.allocate_cache(3, 16).nbytes_written_per_step() == 3 * expected  # every slot shifts or merges
     cache = model.allocate_cache(2, 16, dtype=torch.bfloat16)
     state = cache.layers[0]
     assert isinstance(state, TelescopingState)
