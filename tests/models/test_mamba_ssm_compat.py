@@ -1,7 +1,7 @@
 """Against mamba_ssm itself (skipped unless it imports, e.g. PYTHONPATH with mamba_ssm + triton + the stub).
 
 On a CPU machine mamba_ssm's Triton kernels cannot run, so its own pure-torch reference functions
-(ssd_chunk_scan_combined_ref, rms_norm_ref, selective_state_update_ref) stand in for them. That
+(ssd_chunk_scan_combined_ref, rms_norm_ref) stand in for them. That
 checks (1) identical parameter layout and checkpoint folders both ways, (2) identical forward math
 of MambaLMHeadModel and MambaLM on the same weights, (3) the argument conventions of our calls
 into mamba_ssm's kernel entry points (avengers.models.mamba.kernels._mamba_ssm_ops).
@@ -16,7 +16,6 @@ from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig  # noqa: E402
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
 from mamba_ssm.ops.triton import layer_norm as ssm_ln  # noqa: E402
 from mamba_ssm.ops.triton import layernorm_gated as ssm_gated  # noqa: E402
-from mamba_ssm.ops.triton import selective_state_update as ssm_ssu  # noqa: E402
 from mamba_ssm.ops.triton import ssd_combined as ssm_ssd  # noqa: E402
 
 import avengers.models.mamba as mamba_mod  # noqa: E402
@@ -25,7 +24,7 @@ from avengers.models import get_model_spec  # noqa: E402
 from avengers.models.mamba import MambaLM, from_pretrained  # noqa: E402
 from avengers.models.mamba.config import _SSM_TOP_DEFAULTS  # noqa: E402
 from avengers.models.mamba.conv import ref_causal_conv  # noqa: E402
-from avengers.models.mamba.kernels import Kernels, _mamba_ssm_ops  # noqa: E402
+from avengers.models.mamba.kernels import Kernels, _mamba_ssm_ops, ref_ssd_step  # noqa: E402
 from avengers.models.mamba.ssd import ssd_chunked  # noqa: E402
 
 # mamba_ssm's MHA asserts flash-attn for rotary_emb_dim > 0, so its side of a hybrid runs without RoPE.
@@ -81,7 +80,6 @@ def cpu_refs(monkeypatch):
     monkeypatch.setattr("mamba_ssm.modules.mamba2.mamba_chunk_scan_combined", chunk_scan)
     monkeypatch.setattr(ssm_ln, "rms_norm_fn", rms)
     monkeypatch.setattr(ssm_gated, "rmsnorm_fn", gated)
-    monkeypatch.setattr(ssm_ssu, "selective_state_update", ssm_ssu.selective_state_update_ref)
 
 
 def test_missing_keys_take_mamba_ssm_defaults():
@@ -128,15 +126,17 @@ def test_same_logits_as_mamba_lm_head_model(name, cpu_refs):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_our_mamba_ssm_call_conventions(name, cpu_refs, monkeypatch):
     """Our model with its 'mamba_ssm' ops (entry points patched to refs) equals the reference path,
-    in training forward and in prefill + selective_state_update decode."""
+    in training forward and in prefill + decode."""
     spec = get_model_spec(name)
     torch.manual_seed(0)
     model = spec.build("cpu").eval()
     ids = torch.randint(0, 4096, (2, 32))  # their ref needs whole chunks
     with torch.no_grad():
         want = model(ids)
-        # the conv is ours, not a mamba_ssm entry point: on a CUDA host its Triton kernel cannot take CPU tensors
-        kernels = Kernels("mamba_ssm", **{**_mamba_ssm_ops(), "causal_conv": ref_causal_conv})
+        # the conv and the decode state update are ours, not mamba_ssm entry points (Triton kernels,
+        # tested against these references in their own tests)
+        ours = {"causal_conv": ref_causal_conv, "ssd_step": ref_ssd_step}
+        kernels = Kernels("mamba_ssm", **{**_mamba_ssm_ops(), **ours})
         monkeypatch.setattr(mamba_model, "select_kernels", lambda device, mode: kernels)
         torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-4)
         cache = model.allocate_cache(2, 40)

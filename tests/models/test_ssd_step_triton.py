@@ -55,3 +55,26 @@ def test_without_skip_connection_and_large_dt():
     got_y = triton_ssd_step(got_state, x, dt, A, B, C, None, dt_bias, block_p=8, num_warps=1)
     torch.testing.assert_close(got_state, expect_state, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(got_y.float(), expect_y.float(), atol=2e-2, rtol=2e-2)
+
+
+@torch.no_grad()
+def test_a_model_decodes_its_full_forward_through_it(monkeypatch):
+    """mamba2_tiny's decode steps with this kernel as the state update (as on CUDA) give the logits
+    of one forward over the same tokens."""
+    import dataclasses
+
+    import avengers.models.mamba.model as mamba_model
+    from avengers.models.mamba.kernels import REFERENCE
+    from avengers.models.registry import get_model_spec
+
+    torch.manual_seed(0)
+    model = get_model_spec("mamba2_tiny").build(DEVICE).eval()
+    ids = torch.randint(0, 4096, (2, 24), device=DEVICE)
+    want = model(ids)
+    kernels = dataclasses.replace(REFERENCE, ssd_step=triton_ssd_step)
+    monkeypatch.setattr(mamba_model, "select_kernels", lambda device, mode: kernels)
+    cache = model.allocate_cache(2, 24)
+    got = torch.cat(
+        [model(ids[:, :16], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(16, 24)], 1
+    )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
