@@ -38,6 +38,14 @@ from avengers.ops.telescoping import (
 RING_MIN_BATCH = 64
 
 
+def _fusion(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two slots' log-masses -> their weights in the fused mean and its log-mass (EMPTY + x = x
+    exactly, EMPTY + EMPTY stays at the sentinel)."""
+    wn = torch.logaddexp(wa, wb)
+    fused_w = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+    return torch.exp(wa - wn), torch.exp(wb - wn), fused_w
+
+
 class TelescopingState:
     """One layer's decode state: slot means k, v [B, Hkv, C, d] and log-masses [B, Hkv, C].
 
@@ -92,10 +100,8 @@ class TelescopingState:
             parts = [(n, x[:, :, :-1]) for n, x in zip(new, (K, V, W))]
         else:
             wa, wb = W[:, :, slot - 1], W[:, :, slot]
-            wn = torch.logaddexp(wa, wb)
-            pa, pb = torch.exp(wa - wn).unsqueeze(-1), torch.exp(wb - wn).unsqueeze(-1)
-            # EMPTY + x = x exactly, EMPTY + EMPTY stays at the sentinel
-            wn = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+            pa, pb, wn = _fusion(wa, wb)
+            pa, pb = pa.unsqueeze(-1), pb.unsqueeze(-1)
             merged = [(pa * x[:, :, slot - 1].to(dt) + pb * x[:, :, slot].to(dt)).to(x.dtype) for x in (K, V)]
             merged.append(wn)
             parts = [
@@ -175,10 +181,8 @@ def push_at(
     dt = W.dtype
     ext_w = torch.cat([w.to(dt).unsqueeze(2), W], 2)
     wa, wb = ext_w.index_select(2, src_a), ext_w.index_select(2, src_b)
-    wn = torch.logaddexp(wa, wb)
-    pa = torch.where(merge, torch.exp(wa - wn), 1.0).unsqueeze(-1)
-    pb = torch.where(merge, torch.exp(wb - wn), 0.0).unsqueeze(-1)
-    fused_w = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+    pa, pb, fused_w = _fusion(wa, wb)
+    pa, pb = torch.where(merge, pa, 1.0).unsqueeze(-1), torch.where(merge, pb, 0.0).unsqueeze(-1)
     for x, new in ((K, k), (V, v)):
         ext = torch.cat([new.to(x.dtype).unsqueeze(2), x], 2).to(dt)
         x.copy_(pa * ext.index_select(2, src_a) + pb * ext.index_select(2, src_b))
@@ -205,9 +209,8 @@ def ring_push(
     fused_cell = ring.index_select(0, tables.ring_fused.index_select(0, a))  # == new_cell at the drop step
     dt = W.dtype
     wa, wb = W.index_select(2, new_cell), W.index_select(2, fused_cell)  # slots m - 1 and m
-    wn = torch.logaddexp(wa, wb)
-    pa, pb = torch.exp(wa - wn).unsqueeze(-1), torch.exp(wb - wn).unsqueeze(-1)
-    fused_w = torch.where(wb <= EMPTY_THRESHOLD, wa, torch.where(wa <= EMPTY_THRESHOLD, wb, wn))
+    pa, pb, fused_w = _fusion(wa, wb)
+    pa, pb = pa.unsqueeze(-1), pb.unsqueeze(-1)
     for x, new in ((K, k), (V, v)):
         xa, xb = x.index_select(2, new_cell).to(dt), x.index_select(2, fused_cell).to(dt)
         x.index_copy_(2, fused_cell, torch.where(merge, pa * xa + pb * xb, xb).to(x.dtype))

@@ -7,25 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import BASE, ROOT
 
 from avengers.train.checkpoint import complete_checkpoints
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-ROOT = Path(__file__).resolve().parents[2]
-FLAGS = dict(
-    model_variant="llama3_tiny",
-    use_dummy_dataset=True,
-    seq_length=64,
-    batch_size=2,
-    num_steps=6,
-    checkpoint_interval=2,
-    ckpt_keep_last=3,
-    learning_rate=1e-3,
-    use_torch_compile=False,
-    report_interval=1,
-    seed=0,
-)
+FLAGS = {
+    **BASE,
+    "device": "cuda",
+    "seq_length": 64,
+    "num_steps": 6,
+    "checkpoint_interval": 2,
+    "ckpt_keep_last": 3,
+    "seed": 0,
+}
 
 
 def _train(run: Path, **extra) -> None:
