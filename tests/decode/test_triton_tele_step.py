@@ -22,7 +22,7 @@ def _opts(cache_size: int, gate: str, kv_norm: bool, softcap, mask_empty: bool, 
 
 
 @torch.no_grad()
-def _run_steps(opts, dtype, batch=3, heads=4, kv_heads=2, head_dim=16, width=48, steps=21):
+def _run_steps(opts, dtype, batch=3, heads=4, kv_heads=2, head_dim=32, width=48, steps=21):
     """The same random step inputs through both implementations from the same empty slots; returns
     every step's (reference, kernel) outputs and the final states."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -73,10 +73,11 @@ def test_steps_match_the_reference_core(gate, kv_norm, softcap, mask_empty, dtyp
     assert (ref_state[2] > EMPTY_LOG_MASS).all()  # 21 steps filled every slot: merges of decoded tokens ran
 
 
-def test_ragged_cache_size_and_one_sequence():
-    """A cache size that is not a power of two (padded slot rows) and batch 1, the decode path's."""
+def test_ragged_cache_size_and_query_group_and_one_sequence():
+    """A cache size and a query group that are not powers of two (padded slot rows and heads) and
+    batch 1, the decode path's."""
     opts = _opts(12, "linear", True, None, False, fmap=[2, 5, 9, 11])
-    outputs, (ref_state, got_state) = _run_steps(opts, torch.float32, batch=1, steps=40)
+    outputs, (ref_state, got_state) = _run_steps(opts, torch.float32, batch=1, heads=6, steps=40)
     for ref, got in outputs:
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_state[0], ref_state[0], atol=1e-4, rtol=1e-4)
@@ -87,7 +88,7 @@ def test_rejects_a_head_dim_that_is_not_a_power_of_two():
     K = torch.zeros(1, 1, 8, 12, device=DEVICE)
     W = torch.zeros(1, 1, 8, device=DEVICE)
     tables = step_tables(8, opts.fmap, torch.device(DEVICE))
-    with pytest.raises(ValueError, match="power-of-two head dim, got 12"):
+    with pytest.raises(ValueError, match="power-of-two head dim >= 32, got 12"):
         triton_tele_step(
             torch.zeros(1, 48, device=DEVICE), torch.zeros(1, 8, device=DEVICE), torch.ones(8, device=DEVICE),
             1e-5, None, torch.tensor(0, device=DEVICE), K, K.clone(), W, tables, opts, 500.0, None, None,

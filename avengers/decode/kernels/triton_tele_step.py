@@ -22,6 +22,7 @@ NUM_WARPS = 8
 # as constants the kernel can read
 _EMPTY = tl.constexpr(EMPTY_THRESHOLD)
 _NORM_EPS = tl.constexpr(NORM_EPS)
+DOT_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -100,6 +101,12 @@ def _tele_step_kernel(
     k0, k1 = _rotate(tl.load(k_ptr).to(tl.float32), tl.load(k_ptr + 1).to(tl.float32), cos, sin)
     v_ptr = row + (H + HKV + hk) * HD + 2 * offs_i
     v0, v1 = tl.load(v_ptr).to(tl.float32), tl.load(v_ptr + 1).to(tl.float32)
+    offs_g = tl.arange(0, BLOCK_G)  # the group's query heads
+    mg = offs_g < G
+    q_ptr = row + (hk * G + offs_g)[:, None] * HD + 2 * offs_i[None, :]
+    q0 = tl.load(q_ptr, mask=mg[:, None], other=0.0).to(tl.float32)
+    q1 = tl.load(q_ptr + 1, mask=mg[:, None], other=0.0).to(tl.float32)
+    q0, q1 = _rotate(q0, q1, cos[None, :], sin[None, :])
 
     # the new token's log-mass
     if HAS_GATE:  # linear: gate_w . rms_norm(h) (the norm's output rounded to the model dtype)
@@ -119,14 +126,8 @@ def _tele_step_kernel(
             acc += y * tl.load(GateW + hk * D + offs_d, mask=md, other=0.0).to(tl.float32)
         w_new = tl.sum(acc)
     else:  # WISQ: logsumexp over the group's query heads of q . k / sqrt(d), q and k rotated
-        offs_g = tl.arange(0, BLOCK_G)
-        qg_ptr = row + (hk * G + offs_g)[:, None] * HD + 2 * offs_i[None, :]
-        mg = (offs_g < G)[:, None]
-        qg0 = tl.load(qg_ptr, mask=mg, other=0.0).to(tl.float32)
-        qg1 = tl.load(qg_ptr + 1, mask=mg, other=0.0).to(tl.float32)
-        qg0, qg1 = _rotate(qg0, qg1, cos[None, :], sin[None, :])
-        sg = (tl.sum(qg0 * k0[None, :], axis=1) + tl.sum(qg1 * k1[None, :], axis=1)) * (HD**-0.5)
-        sg = tl.where(offs_g < G, sg, -float("inf"))
+        sg = (tl.sum(q0 * k0[None, :], axis=1) + tl.sum(q1 * k1[None, :], axis=1)) * (HD**-0.5)
+        sg = tl.where(mg, sg, -float("inf"))
         top = tl.max(sg, axis=0)
         w_new = top + tl.log(tl.sum(tl.exp(sg - top), axis=0))
 
@@ -141,7 +142,10 @@ def _tele_step_kernel(
     state = (b * HKV + hk) * C
     w_ptr = W + state
     wa = tl.where(src_a == 0, w_new, tl.load(w_ptr + src_a - 1, mask=mc & (src_a > 0), other=0.0))
-    wb = tl.where(src_b == 0, w_new, tl.load(w_ptr + src_b - 1, mask=mc & merge & (src_b > 0), other=0.0))
+    # at most one slot merges: ext[src_b] differs from ext[src_a] in that row only, held as one row
+    merges = tl.sum(merge.to(tl.int32), axis=0)
+    mb = tl.sum(tl.where(merge, src_b, 0), axis=0)  # >= 1: an old slot
+    wb = tl.sum(tl.where(merge, tl.load(w_ptr + src_b - 1, mask=mc & merge, other=0.0), 0.0), axis=0)
     # _fusion: the weights of the two fused slots, and the fused log-mass
     hi = tl.maximum(wa, wb)
     wn = hi + tl.log(1.0 + tl.exp(-tl.abs(wa - wb)))
@@ -155,14 +159,16 @@ def _tele_step_kernel(
     k0n, k1n = k0.to(kv_ty).to(tl.float32), k1.to(kv_ty).to(tl.float32)
     v0n, v1n = v0.to(kv_ty).to(tl.float32), v1.to(kv_ty).to(tl.float32)
     kslots, vslots = K + state * HD, V + state * HD
+    b_row = (mb - 1) * HD + 2 * offs_i
+    mb_row = offs_i * 0 + merges > 0  # the merge's old row (none at the drop step)
     ka0, ka1 = _slot_rows(kslots, src_a, k0n, k1n, offs_i, mc, HD)
-    kb0, kb1 = _slot_rows(kslots, src_b, k0n, k1n, offs_i, mc & merge, HD)
+    kb0 = tl.load(kslots + b_row, mask=mb_row, other=0.0).to(tl.float32)[None, :]
+    kb1 = tl.load(kslots + b_row + 1, mask=mb_row, other=0.0).to(tl.float32)[None, :]
+    K0, K1 = (pa * ka0 + pb * kb0).to(kv_ty), (pa * ka1 + pb * kb1).to(kv_ty)
     va0, va1 = _slot_rows(vslots, src_a, v0n, v1n, offs_i, mc, HD)
-    vb0, vb1 = _slot_rows(vslots, src_b, v0n, v1n, offs_i, mc & merge, HD)
-    K0 = (pa * ka0 + pb * kb0).to(kv_ty)
-    K1 = (pa * ka1 + pb * kb1).to(kv_ty)
-    V0 = (pa * va0 + pb * vb0).to(kv_ty)
-    V1 = (pa * va1 + pb * vb1).to(kv_ty)
+    vb0 = tl.load(vslots + b_row, mask=mb_row, other=0.0).to(tl.float32)[None, :]
+    vb1 = tl.load(vslots + b_row + 1, mask=mb_row, other=0.0).to(tl.float32)[None, :]
+    V0, V1 = (pa * va0 + pb * vb0).to(kv_ty), (pa * va1 + pb * vb1).to(kv_ty)
     tl.debug_barrier()  # every warp has read the old slots before any overwrites them
     out_ptr = offs_c[:, None] * HD + 2 * offs_i[None, :]
     m2 = mc[:, None]
@@ -172,31 +178,33 @@ def _tele_step_kernel(
     tl.store(vslots + out_ptr + 1, V1, mask=m2)
     tl.store(w_ptr + offs_c, w_out, mask=mc)
 
-    # read-out over the updated slots
-    K0, K1, V0, V1 = K0.to(tl.float32), K1.to(tl.float32), V0.to(tl.float32), V1.to(tl.float32)
+    # read-out over the updated slots: the scores, then the values (fewer fp32 rows live at once)
+    K0, K1 = K0.to(tl.float32), K1.to(tl.float32)
     if KV_NORM:
         K0, K1 = _rms(K0, K1, KGain, offs_i, HD)
-        V0, V1 = _rms(V0, V1, VGain, offs_i, HD)
     drop = ~mc
     if MASK_EMPTY:
         drop = drop | (w_out <= _EMPTY)
-    for g in range(G):
-        head = hk * G + g
-        q_ptr = row + head * HD + 2 * offs_i
-        q0, q1 = _rotate(tl.load(q_ptr).to(tl.float32), tl.load(q_ptr + 1).to(tl.float32), cos, sin)
-        q0, q1 = (
-            q0.to(QKV.dtype.element_ty).to(tl.float32),
-            q1.to(QKV.dtype.element_ty).to(tl.float32),
-        )  # as the read-out's q
-        s = (tl.sum(K0 * q0[None, :], axis=1) + tl.sum(K1 * q1[None, :], axis=1)) * (HD**-0.5)
-        if SOFTCAP:
-            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)  # softcap * tanh(s / softcap)
-        s = tl.where(drop, -float("inf"), s)
-        p = tl.exp(s - tl.max(s, axis=0))
-        p = (p / tl.sum(p, axis=0))[:, None]
-        o_ptr = Out + (b * H + head) * HD + 2 * offs_i
-        tl.store(o_ptr, tl.sum(p * V0, axis=0).to(Out.dtype.element_ty))
-        tl.store(o_ptr + 1, tl.sum(p * V1, axis=0).to(Out.dtype.element_ty))
+    # every head of the group at once: [G, C] scores, in fp32 (q rounded to the model dtype, as the
+    # read-out's q is)
+    q0 = q0.to(QKV.dtype.element_ty).to(tl.float32)
+    q1 = q1.to(QKV.dtype.element_ty).to(tl.float32)
+    s = tl.dot(q0, tl.trans(K0), input_precision=DOT_PRECISION) + tl.dot(
+        q1, tl.trans(K1), input_precision=DOT_PRECISION
+    )
+    s = s * (HD**-0.5)
+    if SOFTCAP:
+        s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)  # softcap * tanh(s / softcap)
+    s = tl.where(drop[None, :], -float("inf"), s)
+    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    V0, V1 = V0.to(tl.float32), V1.to(tl.float32)
+    if KV_NORM:
+        V0, V1 = _rms(V0, V1, VGain, offs_i, HD)
+    o_ptr = Out + (b * H + hk * G + offs_g)[:, None] * HD + 2 * offs_i[None, :]
+    out_ty = Out.dtype.element_ty
+    tl.store(o_ptr, tl.dot(p, V0, input_precision=DOT_PRECISION).to(out_ty), mask=mg[:, None])
+    tl.store(o_ptr + 1, tl.dot(p, V1, input_precision=DOT_PRECISION).to(out_ty), mask=mg[:, None])
 
 
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
@@ -213,8 +221,8 @@ def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor
 
 def supports(K: torch.Tensor, head_dim: int) -> bool:
     """Whether the kernel takes a state: slots in logical order (not behind a ring map), contiguous,
-    a power-of-two head dim of at least 2."""
-    return K.is_contiguous() and head_dim >= 2 and head_dim & (head_dim - 1) == 0
+    a power-of-two head dim of at least 32 (tl.dot's least inner dim, in halves)."""
+    return K.is_contiguous() and head_dim >= 32 and head_dim & (head_dim - 1) == 0
 
 
 def triton_tele_step(
@@ -238,7 +246,9 @@ def triton_tele_step(
     B, Hkv, C, d = K.shape
     H = qkv.shape[1] // d - 2 * Hkv
     if not supports(K, d) or not (V.is_contiguous() and W.is_contiguous()):
-        raise ValueError(f"the Triton telescoping step needs contiguous slots and a power-of-two head dim, got {d}")
+        raise ValueError(
+            f"the Triton telescoping step needs contiguous slots and a power-of-two head dim >= 32, got {d}"
+        )
     if qkv.stride(1) != 1 or h.stride(-1) != 1:
         raise ValueError("the Triton telescoping step needs rows of qkv and h with unit stride")
     out = torch.empty(B, H, d, device=qkv.device, dtype=qkv.dtype)
@@ -269,9 +279,9 @@ def triton_tele_step(
         HKV=Hkv,
         HD=d,
         LEVELS=len(opts.fmap),
-        BLOCK_C=triton.next_power_of_2(C),
+        BLOCK_C=max(16, triton.next_power_of_2(C)),
         BLOCK_D=min(1024, triton.next_power_of_2(D)),
-        BLOCK_G=triton.next_power_of_2(H // Hkv),
+        BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)),
         HAS_GATE=gate_w is not None,
         KV_NORM=opts.kv_norm,
         SOFTCAP=opts.softcap is not None,
