@@ -214,26 +214,8 @@ def cases():
                 ("NQKV", "D", "HID", "NQ", "NK", "skh", "skn", "SPLIT", "S", "V"),
             ),
         )
-    from avengers.decode.kernels import triton_tele_step
     from avengers.models.mamba import ssd_step_triton
 
-    tele_ptrs = dict(QKV=bf, Hin=bf, LnW=bf, GateW=bf, InvFreq=f32, Pos="*i64", K=bf, V=bf, W=f32)
-    tele_ptrs.update(SrcA="*i64", SrcB="*i64", Merge="*u8", KGain=bf, VGain=bf, Out=bf)
-    for gate in ("linear", "wisq"):  # tele128_llama3_1.8b's shape: 32 heads, 2 kv heads of 64, 128 slots
-        linear = gate == "linear"
-        tele = dict(H=32, HKV=2, HD=64, LEVELS=7, BLOCK_C=128, BLOCK_D=1024, BLOCK_G=16, HAS_GATE=linear)
-        tele.update(KV_NORM=linear, SOFTCAP=not linear, MASK_EMPTY=not linear)
-        yield (
-            f"telescoping step ({gate} gate)",
-            functools.partial(
-                compile_case,
-                triton_tele_step._tele_step_kernel,
-                tele_ptrs,
-                tele,
-                ("ln_eps", "softcap"),
-                triton_tele_step.NUM_WARPS,
-            ),
-        )
     for state in (bf, f32):
         yield (
             f"Mamba-2 decode state update ({state[1:]} state)",
