@@ -7,7 +7,7 @@ Parts (each time-boxed; whatever does not fit in --budget_s is skipped and says 
   check    small hybrid, same weights: reference path vs mamba_ssm-kernel path (fp32 and bf16 autocast
            logits, loss, gradients), kernel-path prefill + decode vs full forward, and our model vs
            mamba_ssm's own MambaLMHeadModel (rotary off: its MHA needs flash-attn for RoPE).
-  train    1.5B pure Mamba-2 shape (mamba2_1.3b: d 2048, 48 layers, vocab 128256), batch 4 x 4096:
+  train    1.5B pure Mamba-2 shape (mamba2_1.3b: d 2048, 48 layers, vocab 128256), batch 4 x 4096 (--batch):
            tokens/s + peak memory for our model and mamba_ssm's MambaLMHeadModel (use_mem_eff_path=False)
            with fp32 params + bf16 autocast, all-bf16, and bf16 params + fp32 master weights in the
            optimizer; one profiled step of each (top kernels, time by kernel class, the kernels whose
@@ -311,9 +311,12 @@ def time_steps(step, device, warmup: int, steps: int, tokens_per_step: int) -> d
     return out
 
 
-def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dict:
+def part_train(
+    device, smoke: bool, budget: Budget, profile: bool = True, batch: int | None = None, only: str | None = None
+) -> dict:
     spec = get_model_spec("mamba2_tiny" if smoke else "mamba2_1.3b")
     B, S = (2, 64) if smoke else (4, 4096)
+    B = batch or B
     warmup, steps = (1, 2) if smoke else (3, 6)
     res: dict = {
         "variant": spec.name,
@@ -330,6 +333,14 @@ def part_train(device, smoke: bool, budget: Budget, profile: bool = True) -> dic
         ("ours", "bf16_fp32_master"),
         ("ours", "fsdp2_mp"),
     ]
+    if only:
+        wanted = only.split(",")
+        unknown = set(wanted) - {f"{i}_{m}" for i, m in configs}
+        if unknown:
+            raise ValueError(
+                f"--train_configs: unknown {sorted(unknown)}; choose from {[f'{i}_{m}' for i, m in configs]}"
+            )
+        configs = [(i, m) for i, m in configs if f"{i}_{m}" in wanted]
     profiles: dict = {}
     for impl, mode in configs:
         tag = f"{impl}_{mode}"
@@ -518,6 +529,14 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: exercise every code path quickly")
     p.add_argument("--no_profile", action="store_true")
     p.add_argument(
+        "--batch", type=int, default=None, help="train part: sequences per step (default 4; 2 fits an 80 GB GPU)"
+    )
+    p.add_argument(
+        "--train_configs",
+        default=None,
+        help="train part: comma-separated subset, e.g. ours_bf16,ours_fsdp2_mp (default: all six)",
+    )
+    p.add_argument(
         "--expandable_segments",
         action="store_true",
         help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (compare alloc_retries with and without)",
@@ -549,7 +568,7 @@ def main() -> None:
         RESULTS["mamba_ssm_version"] = mamba_ssm.__version__
     for part, fn in (
         ("check", lambda: part_check(device, args.smoke)),
-        ("train", lambda: part_train(device, args.smoke, budget, not args.no_profile)),
+        ("train", lambda: part_train(device, args.smoke, budget, not args.no_profile, args.batch, args.train_configs)),
         ("attn", lambda: part_attn(device, args.smoke)),
         ("compile", lambda: part_compile(device, args.smoke, budget)),
     ):

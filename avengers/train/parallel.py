@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -101,6 +101,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def _block_kwargs(block: nn.Module, kwargs: dict) -> dict:
+    """A block class with `fsdp_cast_forward_inputs = False` gets its inputs in the dtypes the previous
+    block produced (Mamba's fp32 residual stream), not cast to the bf16 compute dtype."""
+    policy = kwargs.get("mp_policy")
+    inner = getattr(block, "_checkpoint_wrapped_module", block)
+    if policy is None or getattr(type(inner), "fsdp_cast_forward_inputs", True):
+        return kwargs
+    return {**kwargs, "mp_policy": replace(policy, cast_forward_inputs=False)}
+
+
 def parallelize(
     model: nn.Module,
     block_types: tuple[type[nn.Module], ...],
@@ -125,10 +135,9 @@ def parallelize(
             else "accumulated_cache_size_limit"
         )
         setattr(dyn, name, max(getattr(dyn, name), compile_cache_size_limit))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mesh": mesh} if mesh is not None else {}
-    if mp is not None:
-        kwargs["mp_policy"] = mp
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for i, ((name, block), ac) in enumerate(zip(blocks, pattern)):
         if ac:
             block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
@@ -137,7 +146,7 @@ def parallelize(
             block.compile()
         if mesh is not None:
             # The last block's parameters are needed again first in backward: keep them gathered.
-            fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+            fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **_block_kwargs(block, kwargs))
     if mesh is not None:
         fully_shard(model, **kwargs)
     log.info(

@@ -4,6 +4,7 @@
 import copy
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -40,5 +41,26 @@ def test_fsdp2_pure_mamba2_trains_without_the_view_warning_and_with_equal_gradie
         F.cross_entropy(plain(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
         for (name, p), q in zip(plain.named_parameters(), sharded.parameters()):
             torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_fsdp2_mixed_precision_keeps_the_residual_stream_fp32(checkpointed):
+    """FSDP2's bf16 policy casts block inputs by default; Mamba blocks opt out, so the second block
+    receives the fp32 residual that residual_in_fp32 asks for (the hidden state stays bf16)."""
+    spec = get_model_spec("mamba2_tiny")
+    torch.manual_seed(0)
+    model = spec.build()
+    model.init_weights()
+    ids = torch.randint(0, spec.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
+        parallelize(model, spec.block_types, mesh, activation_checkpointing=checkpointed, mixed_precision=True)
+        seen = []
+        model.backbone.layers[1].register_forward_pre_hook(lambda _, args: seen.append([a.dtype for a in args]))
+        model(ids[:, :-1], labels=ids[:, 1:]).backward()
+        assert seen[0] == [torch.bfloat16, torch.float32]
     finally:
         dist.destroy_process_group()

@@ -107,7 +107,7 @@ def _mamba_ssm_ops() -> dict[str, Callable]:
 
     def add_norm(x, residual, weight, eps, residual_in_fp32):
         if residual is not None and residual_in_fp32 and residual.dtype != torch.float32:
-            residual = residual.float()  # e.g. FSDP2's MixedPrecisionPolicy cast the block's inputs to bf16
+            residual = residual.float()  # a caller handed a bf16 residual: upcast, as the reference does
         out, res = rms_norm_fn(
             x, weight, None, residual=residual, eps=eps, prenorm=True, residual_in_fp32=residual_in_fp32
         )

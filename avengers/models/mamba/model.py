@@ -184,6 +184,10 @@ class MambaBlock(nn.Module):
     add and the next RMSNorm fuse into one kernel.
     """
 
+    # FSDP2's mixed precision would cast the fp32 residual to bf16 at every block boundary
+    # (avengers.train.parallel reads this); the block casts what its kernels need itself.
+    fsdp_cast_forward_inputs = False
+
     def __init__(self, cfg: MambaConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg
