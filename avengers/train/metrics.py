@@ -29,10 +29,14 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
 
 
 def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """CUDA: the window's peaks, and alloc_retries, how often the caching allocator ran out, freed
+    its cache and retried since the run started (each retry stalls the step; a growing count means
+    the batch barely fits)."""
     if device.type == "cuda":
         out = {
             "mem_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0),
         }
         torch.cuda.reset_peak_memory_stats(device)
         return out
