@@ -128,14 +128,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return _train(cfg, stop)
 
 
-# Near a full GPU the caching allocator fragments, then frees its cache and retries (a stall each
-# time: metrics' alloc_retries); expandable segments avoid most of that, as in torchtitan's launcher.
-# Read when CUDA first starts, in init_distributed; a PYTORCH_CUDA_ALLOC_CONF of the user's wins.
-DEFAULT_CUDA_ALLOC_CONF = "expandable_segments:True"
-
-
 def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF)
     info = init_distributed(cfg.device)
     logging.basicConfig(
         level=logging.INFO if info.rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
@@ -171,7 +164,6 @@ def _train(cfg: TrainConfig, stop: StopOnSignal) -> dict[str, Any]:
     metrics.event(
         f"[avengers.train] {spec.name}: {spec.num_params() / 1e6:.1f}M params, world {world} "
         f"({cfg.sharding_strategy}, {device.type}), {how}"
-        + (f"; PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']}" if on_gpu else "")
     )
 
     flops_tok = spec.flops_per_token(cfg.seq_length)
