@@ -55,7 +55,8 @@ def _tensors(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
             yield from _tensors(v, seen)
 
 
-def _nbytes(tensors) -> int:
+def tensor_bytes(tensors) -> int:
+    """Bytes of an iterable of tensors."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -101,6 +102,12 @@ class KVState:
         self.v[:, :, start:end] = v_new
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def nbytes_written_per_step(self) -> int:
+        """One position of the keys and values, and any other tensor of the state whole (a hybrid
+        attention layer's conv window is rewritten every step)."""
+        rest = _tensors(self, {id(self.k), id(self.v)})
+        return tensor_bytes((self.k[:, :, :1], self.v[:, :, :1])) + tensor_bytes(rest)
+
     def write_at(self, k_new: torch.Tensor, v_new: torch.Tensor, position: torch.Tensor) -> None:
         """Write one token's [B, H_kv, 1, d] at a position held in a 0-dim device tensor (graph-safe)."""
         index = position.view(1)
@@ -145,28 +152,14 @@ class InferenceCache:
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds, measured from the allocated tensors."""
-        return _nbytes(_tensors(self.layers, set()))
+        return tensor_bytes(_tensors(self.layers, set()))
 
     def nbytes_per_sequence(self) -> float:
         return self.nbytes() / self.batch_size
 
     def nbytes_written_per_step(self) -> int:
-        """Bytes one decode step writes into the cache: one position of keys and values for each
-        KVState; what a state that counts its own writes says (the telescoping slots); every other
-        state tensor whole (a recurrent state is rewritten each step: Mamba-2's conv window and SSM
-        state)."""
-        total = 0
-        for layer in self.layers:
-            if hasattr(layer, "nbytes_written_per_step"):
-                total += layer.nbytes_written_per_step()
-                continue
-            if isinstance(layer, KVState):
-                total += _nbytes((layer.k[:, :, :1], layer.v[:, :, :1]))
-                seen = {id(layer.k), id(layer.v)}  # the rest of the layer (a hybrid's conv window) is rewritten
-            else:
-                seen = set()
-            total += _nbytes(_tensors(layer, seen))
-        return total
+        """Bytes one decode step writes into the cache, as each layer's state counts them."""
+        return sum(layer.nbytes_written_per_step() for layer in self.layers)
 
     def set_seq_len(self, seq_len: int) -> None:
         """Move the position (host and device copies); the states themselves are left as they are."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avengers.decode.cache import InferenceCache, KVState, allocation_target
+from avengers.decode.cache import InferenceCache, KVState, allocation_target, tensor_bytes
 from avengers.decode.options import DecodeOptions
 
 
@@ -25,6 +25,10 @@ class MambaState:
     def __init__(self, batch_size: int, cfg, device=None, dtype=None, ssm_dtype: torch.dtype = torch.float32):
         self.conv = torch.zeros(batch_size, cfg.conv_dim, cfg.d_conv, device=device, dtype=dtype)
         self.ssm = torch.zeros(batch_size, cfg.nheads, cfg.headdim, cfg.d_state, device=device, dtype=ssm_dtype)
+
+    def nbytes_written_per_step(self) -> int:
+        """A recurrent state is rewritten whole every step."""
+        return tensor_bytes((self.conv, self.ssm))
 
 
 class AttentionState(KVState):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avengers.decode.attention import cached_attention
-from avengers.decode.cache import InferenceCache, KVState, allocation_target
+from avengers.decode.cache import InferenceCache, KVState, allocation_target, tensor_bytes
 from avengers.decode.llama_block import block_post, decode_head, eligible
 from avengers.decode.options import DecodeOptions
 from avengers.ops.telescoping import (
@@ -72,10 +72,10 @@ class TelescopingState:
 
     def nbytes_written_per_step(self) -> int:
         """Every slot when a step shifts them; in place, two cells of each and the ring."""
-        slots = sum(t.numel() * t.element_size() for t in (self.k, self.v, self.log_mass))
+        slots = tensor_bytes((self.k, self.v, self.log_mass))
         if not self.in_place:
             return slots
-        return slots * 2 // self.ring.numel() + self.ring.numel() * self.ring.element_size()
+        return slots * 2 // self.ring.numel() + tensor_bytes((self.ring,))
 
     def load_nodes(self, nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor) -> None:
         """Set the slots to the nodes `ids` [C] of a parallel pass (its last table row)."""
