@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from avengers.models.mamba.causal_conv_triton import BLOCK_C, BLOCK_T, CausalConvChannelLast, _load_bias, _pre_act
+from avengers.models.mamba.causal_conv_triton import (
+    BLOCK_C,
+    BLOCK_T,
+    CausalConvChannelLast,
+    _load_bias,
+    _pre_act,
+    _store_partials,
+    grads_from_partials,
+    partial_buffers,
+)
 
 
 @triton.jit
@@ -69,14 +78,7 @@ def _bwd_from_grad_pre_kernel(
     m = (rows < L)[:, None] & c_ok[None, :]
     tl.store(DX + (b * L + rows[:, None]) * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
     gp = tl.load(GP + (b * L + rows[:, None]) * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    part = b * n_tb + tb
-    for i in tl.static_range(WIDTH):
-        r = rows - (WIDTH - 1) + i
-        xm = ((r >= 0) & (r < L))[:, None] & c_ok[None, :]
-        x = tl.load(X + b * sxb + r[:, None] * sxt + cols[None, :], mask=xm, other=0.0).to(tl.float32)
-        tl.store(DWp + (part * WIDTH + i) * C + cols, tl.sum(gp * x, 0), mask=c_ok)
-    if HAS_BIAS:
-        tl.store(DBp + part * C + cols, tl.sum(gp, 0), mask=c_ok)
+    _store_partials(X, DWp, DBp, gp, b * n_tb + tb, b, rows, cols, sxb, sxt, L, C, WIDTH, HAS_BIAS)
 
 
 def twopass_backward(x, w, bias, grad, silu: bool, weight_shape):
@@ -94,14 +96,11 @@ def twopass_backward(x, w, bias, grad, silu: bool, weight_shape):
         gp = grad
     n_tb = grid[1]
     dx = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-    dw_part = torch.empty(B * n_tb, width, C, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(B * n_tb, C, device=x.device, dtype=torch.float32) if has_bias else dw_part
+    dw_part, db_part = partial_buffers(x, B * n_tb, width, has_bias)
     _bwd_from_grad_pre_kernel[grid](
         x, w, gp, dx, dw_part, db_part, x.stride(0), x.stride(1), L, C, n_tb, width, has_bias, BLOCK_T, BLOCK_C
     )
-    dw = dw_part.sum(0).t().reshape(weight_shape).to(w.dtype)
-    db = db_part.sum(0).to(bias.dtype) if has_bias else None
-    return dx, dw, db
+    return dx, *grads_from_partials(dw_part, db_part, weight_shape, w, bias)
 
 
 class CausalConvTwoPass(CausalConvChannelLast):

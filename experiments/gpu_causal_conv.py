@@ -2,6 +2,7 @@
 
     python experiments/gpu_causal_conv.py --out $OUT/conv          # GPU, mamba2_1.3b's conv shape
     TRITON_INTERPRET=1 python experiments/gpu_causal_conv.py --smoke  # CPU: the wiring only
+    PYTHONPATH=.triton-site python experiments/gpu_causal_conv.py --sm90  # CPU: registers and spills
 
 The input is what the Mamba-2 mixer hands the conv: the x|B|C columns of the in_proj output
 (d_inner 4096, d_state 128, 64 heads: [z 4096 | xBC 4352 | dt 64]), bf16, SiLU and bias on. For
@@ -56,12 +57,37 @@ def bench(fn, *args) -> float:
     return do_bench(lambda: fn(*args), warmup=25, rep=200)
 
 
+def sm90_usage() -> None:
+    """Compile the product's backward and the candidate's two kernels for sm_90 (no GPU needed) and
+    print registers and stack (spill) bytes a thread, as tests/decode/sm90_compile_cases.py does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "decode"))
+    from sm90_compile_cases import compile_case, resource_usage
+
+    from avengers.models.mamba import causal_conv_triton as product
+    from experiments import causal_conv_twopass as twopass
+
+    bf, f32 = "*bf16", "*fp32"
+    conv = dict(WIDTH=4, HAS_BIAS=True, BT=product.BLOCK_T, BC=product.BLOCK_C)
+    kernels = (
+        ("product backward", product._bwd_kernel, {"G": bf, "DX": bf, "DWp": f32, "DBp": f32}, {"SILU": True}),
+        ("two-pass grad_pre", twopass._grad_pre_kernel, {"G": bf, "GP": f32}, {}),
+        ("two-pass dx/dw", twopass._bwd_from_grad_pre_kernel, {"GP": f32, "DX": bf, "DWp": f32, "DBp": f32}, {}),
+    )
+    for name, kernel, pointers, extra in kernels:
+        inputs = {"X": bf, "Wt": bf} | ({"Bias": bf} if "Bias" in kernel.arg_names else {})
+        compiled = compile_case(kernel, inputs | pointers, conv | extra)
+        print(json.dumps({"kernel": name, **resource_usage(compiled)}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--batches", default="2,4")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
+    p.add_argument("--sm90", action="store_true", help="compile for sm_90 and print registers and spills, then exit")
     args = p.parse_args()
+    if args.sm90:
+        return sm90_usage()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seq, channels, z, dt = (64, 40, 16, 4) if args.smoke else (4096, 4352, 4096, 64)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": []}

@@ -102,11 +102,11 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _block_kwargs(block: nn.Module, kwargs: dict) -> dict:
-    """A block class with `fsdp_cast_forward_inputs = False` gets its inputs in the dtypes the previous
-    block produced (Mamba's fp32 residual stream), not cast to the bf16 compute dtype."""
+    """fully_shard's arguments for one block: a block class with `fsdp_cast_forward_inputs = False`
+    gets its inputs in the dtypes the previous block produced (Mamba's fp32 residual stream), not
+    cast to the bf16 compute dtype."""
     policy = kwargs.get("mp_policy")
-    inner = getattr(block, "_checkpoint_wrapped_module", block)
-    if policy is None or getattr(type(inner), "fsdp_cast_forward_inputs", True):
+    if policy is None or getattr(type(block), "fsdp_cast_forward_inputs", True):
         return kwargs
     return {**kwargs, "mp_policy": replace(policy, cast_forward_inputs=False)}
 
@@ -139,6 +139,7 @@ def parallelize(
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for i, ((name, block), ac) in enumerate(zip(blocks, pattern)):
+        shard_kwargs = _block_kwargs(block, kwargs)  # read from the block's own class, before any wrapper
         if ac:
             block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             _set_submodule(model, name, block)
@@ -146,7 +147,7 @@ def parallelize(
             block.compile()
         if mesh is not None:
             # The last block's parameters are needed again first in backward: keep them gathered.
-            fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **_block_kwargs(block, kwargs))
+            fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **shard_kwargs)
     if mesh is not None:
         fully_shard(model, **kwargs)
     log.info(

@@ -137,9 +137,14 @@ def _bwd_kernel(
         dx += gp * w[None, :]
     m = (rows < L)[:, None] & c_ok[None, :]
     tl.store(DX + (b * L + rows[:, None]) * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
-    # this program's share of dw[c, i] = sum_t gp[t] * x[t - (WIDTH-1) + i] and db[c] = sum_t gp[t]
     gp = _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, SILU, BT, BC)
-    part = b * n_tb + tb
+    _store_partials(X, DWp, DBp, gp, b * n_tb + tb, b, rows, cols, sxb, sxt, L, C, WIDTH, HAS_BIAS)
+
+
+@triton.jit
+def _store_partials(X, DWp, DBp, gp, part, b, rows, cols, sxb, sxt, L, C, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Program `part`'s share of dw[c, i] = sum_t gp[t] * x[t - (WIDTH-1) + i] and db[c] = sum_t gp[t]."""
+    c_ok = cols < C
     for i in tl.static_range(WIDTH):
         r = rows - (WIDTH - 1) + i
         xm = ((r >= 0) & (r < L))[:, None] & c_ok[None, :]
@@ -194,8 +199,7 @@ class CausalConvChannelLast(torch.autograd.Function):
         grad = grad.contiguous()
         n_tb = triton.cdiv(L, BLOCK_T)
         dx = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-        dw_part = torch.empty(B * n_tb, width, C, device=x.device, dtype=torch.float32)
-        db_part = torch.empty(B * n_tb, C, device=x.device, dtype=torch.float32) if bias is not None else dw_part
+        dw_part, db_part = partial_buffers(x, B * n_tb, width, bias is not None)
         _bwd_kernel[(B, n_tb, triton.cdiv(C, BLOCK_C))](
             x,
             w,
@@ -215,9 +219,20 @@ class CausalConvChannelLast(torch.autograd.Function):
             BLOCK_T,
             BLOCK_C,
         )
-        dw = dw_part.sum(0).t().reshape(ctx.weight_shape).to(w.dtype)
-        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dw, db, None
+        return dx, *grads_from_partials(dw_part, db_part, ctx.weight_shape, w, bias), None
+
+
+def partial_buffers(x: torch.Tensor, programs: int, width: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 per-program partials of dw [programs, width, C] and db [programs, C] (dw's buffer again,
+    unused, without a bias)."""
+    dw_part = torch.empty(programs, width, x.shape[-1], device=x.device, dtype=torch.float32)
+    return dw_part, (torch.empty(programs, x.shape[-1], device=x.device, dtype=torch.float32) if has_bias else dw_part)
+
+
+def grads_from_partials(dw_part, db_part, weight_shape, w, bias):
+    """(dw in the weight's shape and dtype, db or None) from the per-program partials."""
+    dw = dw_part.sum(0).t().reshape(weight_shape).to(w.dtype)
+    return dw, (db_part.sum(0).to(bias.dtype) if bias is not None else None)
 
 
 def triton_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
