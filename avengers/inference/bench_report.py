@@ -8,6 +8,8 @@ from pathlib import Path
 
 TARGET_CONTEXT = 32768
 PEER_TARGET_BATCHES = (1, 64, 512)  # Mamba-2 at or ahead of mamba_ssm's graph decode at these batch sizes
+ROOFLINE_TARGET = 1.5  # constant-cache families' step within this factor of the roofline, at batch 1 and the largest
+TELE_FASTER_FROM = 4096  # telescoping's batch-1 step no slower than Llama's at any context, faster from here on
 
 
 def _fmt(x, spec: str = ".3g") -> str:
@@ -55,7 +57,42 @@ def targets_summary(rows: list[dict]) -> dict:
         "speedup_vs_llama_at_32k_best_batch": speedup,
         "llama_batch1_measured_over_roofline": roofline_b1,
         "step_ms_vs_mamba_ssm_graph_decode": vs_peer,
+        "constant_cache_measured_over_roofline": _constant_cache_roofline(rows),
+        "telescoping_over_llama_batch1_ms": _telescoping_vs_llama(rows),
     }
+
+
+def _constant_cache_roofline(rows: list[dict]) -> dict[str, float]:
+    """measured / roofline of the non-Llama families at batch 1 and at the largest batch that ran."""
+    return {
+        f"{r['variant']}@{r['context']} b{r['batch']}" + (" (largest)" if r["batch"] == r.get("max_batch") else ""): (
+            r["roofline_ratio"]
+        )
+        for r in rows
+        if r["family"] != "llama"
+        and r.get("roofline_ratio") is not None
+        and (r["batch"] == 1 or r["batch"] == r.get("max_batch"))
+    }
+
+
+def _telescoping_vs_llama(rows: list[dict]) -> dict[str, float]:
+    """Each telescoping variant's batch-1 ms/step over the (first) Llama variant's, per context both ran."""
+    b1 = [r for r in rows if r["batch"] == 1]
+    llama = {}
+    for r in b1:
+        if r["family"] == "llama":
+            llama.setdefault(r["context"], r)
+    return {
+        f"{r['variant']}@{r['context']} vs {llama[r['context']]['variant']}": (
+            r["decode_step_ms"] / llama[r["context"]]["decode_step_ms"]
+        )
+        for r in b1
+        if r["family"] == "telescoping" and r["context"] in llama
+    }
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "not met"
 
 
 def _roofline_note(roof: dict | None) -> str:
@@ -148,6 +185,16 @@ def markdown_table(report: dict) -> str:
         lines.append(f"- Llama batch 1 measured/roofline: {k} {_fmt(ratio, '.2f')}")
     for k, ratio in t.get("step_ms_vs_mamba_ssm_graph_decode", {}).items():
         lines.append(f"- decode ms/step vs mamba_ssm's graph decode (at most 1 meets the target): {k} {ratio:.2f}")
+    for k, ratio in t.get("constant_cache_measured_over_roofline", {}).items():
+        lines.append(
+            f"- constant-cache measured/roofline (target at most {ROOFLINE_TARGET}): {k} {ratio:.2f}, "
+            f"{_met(ratio <= ROOFLINE_TARGET)}"
+        )
+    for k, ratio in t.get("telescoping_over_llama_batch1_ms", {}).items():
+        ctx = int(k.split("@")[1].split()[0])
+        ok = ratio < 1 if ctx >= TELE_FASTER_FROM else ratio <= 1
+        want = "below 1" if ctx >= TELE_FASTER_FROM else "at most 1"
+        lines.append(f"- telescoping / Llama batch-1 ms/step (target {want}): {k} {ratio:.2f}, {_met(ok)}")
     return "\n".join(lines) + "\n"
 
 

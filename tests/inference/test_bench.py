@@ -214,3 +214,38 @@ def test_profile_rows_name_the_operators_and_their_time(tmp_path):
     md = (tmp_path / "inference_bench.md").read_text()
     assert "- tele_tiny context 128 batch 1: kernels " in md
     assert "profile" not in run(parse_args([*argv, "--steps", "2", "--rounds", "1", "--out", str(tmp_path)]))["rows"][0]
+
+
+def test_targets_judge_the_constant_cache_families_and_telescoping_against_llama():
+    from avengers.inference.bench_report import markdown_table, targets_summary
+
+    def row(variant, family, ctx, batch, ms, ratio, max_batch=None):
+        return dict(
+            variant=variant, family=family, context=ctx, batch=batch, decode_step_ms=ms, decode_tok_s=batch / ms,
+            prefill_s=0.1, cache_bytes_per_seq=2**20, peak_mem_gib=None, max_batch=max_batch,
+            roofline_ms=ms / ratio, roofline_bound="memory", roofline_ratio=ratio,
+        )  # fmt: skip
+
+    rows = [
+        row("llama", "llama", 1024, 1, 1.0, 1.2),
+        row("llama", "llama", 4096, 1, 1.2, 1.2),
+        row("tele", "telescoping", 1024, 1, 1.0, 1.4),  # equal to Llama at 1k: met
+        row("tele", "telescoping", 4096, 1, 1.2, 1.4),  # equal from 4k on: not met
+        row("tele", "telescoping", 4096, 64, 3.0, 3.0),  # neither batch 1 nor the largest: not a target row
+        row("tele", "telescoping", 4096, 4096, 40.0, 1.6, max_batch=4096),
+    ]
+    t = targets_summary(rows)
+    assert t["constant_cache_measured_over_roofline"] == {
+        "tele@1024 b1": 1.4,
+        "tele@4096 b1": 1.4,
+        "tele@4096 b4096 (largest)": 1.6,
+    }
+    assert t["telescoping_over_llama_batch1_ms"] == {"tele@1024 vs llama": 1.0, "tele@4096 vs llama": 1.0}
+    md = markdown_table(
+        {"device": "H100", "torch": "2", "date": "d", "wall_s": 1, "config": {"dtype": "bf16"}, "variants": {},
+         "rows": rows, "targets": t}
+    )  # fmt: skip
+    assert "(target at most 1.5): tele@1024 b1 1.40, met" in md
+    assert "tele@4096 b4096 (largest) 1.60, not met" in md
+    assert "(target at most 1): tele@1024 vs llama 1.00, met" in md
+    assert "(target below 1): tele@4096 vs llama 1.00, not met" in md
