@@ -73,6 +73,11 @@ def build_mesh(strategy: str, world_size: int, device_type: str, shard_size: int
     return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
+def shard_group_size(mesh: DeviceMesh) -> int:
+    """Ranks a parameter is sharded over: the mesh's "shard" dimension (1-D meshes: all of it)."""
+    return mesh["shard"].size() if mesh.mesh_dim_names and "shard" in mesh.mesh_dim_names else mesh.size()
+
+
 def selective_ac_pattern(num_blocks: int, p: float | str) -> list[bool]:
     """fms-fsdp's spread: block i (1-based) is checkpointed when i*p >= cutoff (0.5, then +1 per hit)."""
     frac = Fraction(str(p)).limit_denominator(1_000_000)
@@ -146,8 +151,11 @@ def parallelize(
         if compile_blocks:
             block.compile()
         if mesh is not None:
-            # The last block's parameters are needed again first in backward: keep them gathered.
-            fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **shard_kwargs)
+            # The last block's parameters are needed again first in backward: keep them gathered. A
+            # shard group of one rank holds whole parameters, so resharding would free only their
+            # bf16 copies and cost a second gather (casts and copies) per block in backward.
+            reshard = shard_group_size(mesh) > 1 and i < len(blocks) - 1
+            fully_shard(block, reshard_after_forward=reshard, **shard_kwargs)
     if mesh is not None:
         fully_shard(model, **kwargs)
     log.info(

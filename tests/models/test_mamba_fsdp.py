@@ -64,3 +64,23 @@ def test_fsdp2_mixed_precision_keeps_the_residual_stream_fp32(checkpointed):
         assert seen[0] == [torch.bfloat16, torch.float32]
     finally:
         dist.destroy_process_group()
+
+
+def test_one_rank_shard_group_keeps_blocks_gathered_from_forward_to_backward():
+    """On one rank a block's shards are its whole parameters: resharding after forward would only cost
+    a second gather in backward, so every block stays unsharded (plain tensors) until its backward."""
+    from torch.distributed.tensor import DTensor
+
+    spec = get_model_spec("mamba2_tiny")
+    model = spec.build()
+    ids = torch.randint(0, spec.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parallelize(model, spec.block_types, init_device_mesh("cpu", (1,), mesh_dim_names=("shard",)))
+        loss = model(ids[:, :-1], labels=ids[:, 1:])
+        blocks = model.backbone.layers
+        assert not any(isinstance(p, DTensor) for b in blocks for p in b.parameters())
+        loss.backward()
+        assert all(isinstance(p, DTensor) for b in blocks for p in b.parameters())
+    finally:
+        dist.destroy_process_group()
