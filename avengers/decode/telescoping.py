@@ -413,30 +413,37 @@ def _gemv_layout(model: nn.Module) -> bool:
 
 def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
     """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
-    RMSNorm + QKV as one GEMV, the slot update and read-out as two kernels (triton_tele_step; the
-    compiled fused_qkv_step_core for slots behind a ring map), then Wo + residual, RMSNorm +
-    gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
-    from avengers.decode.kernels import triton_gemv, triton_tele_step
+    RMSNorm + QKV as one GEMV, the slot update and read-out (fused_qkv_step_core), then Wo +
+    residual, RMSNorm + gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final
+    norm + LM head as one GEMV."""
+    from avengers.decode.kernels import triton_gemv
 
     base, B = model.base_model, x.shape[0]
     h = base.embedding(x)
     opts = base.layers[0].attn.opts
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
+    # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
+    core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
     for layer, state in zip(base.layers, cache.layers):
         attn = layer.attn
         qkv = triton_gemv.gemv(
             h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
         )
-        gate_w = attn.gate.weight if attn.gate is not None else None
-        slots = (state.k, state.v, state.log_mass)
-        if not state.in_place and triton_tele_step.supports(state.k):
-            core_args = (gate_w, position, *slots, tables)
-            core = triton_tele_step.triton_tele_step
-        else:
-            core_args = (gate_w, position, *slots, state.ring if state.in_place else None, tables)
-            core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
         out = core(
-            qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, *core_args, attn.opts, attn.rope_theta, *attn._gains()
+            qkv,
+            h.view(B, -1),
+            layer.ln.weight,
+            layer.ln.eps,
+            attn.gate.weight if attn.gate is not None else None,
+            position,
+            state.k,
+            state.v,
+            state.log_mass,
+            state.ring if state.in_place else None,
+            tables,
+            attn.opts,
+            attn.rope_theta,
+            *attn._gains(),
         )
         h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
     return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only

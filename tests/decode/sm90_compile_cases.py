@@ -228,34 +228,6 @@ def cases():
                 ssd_step_triton.NUM_WARPS,
             ),
         )
-    from avengers.decode.kernels import triton_tele_step as tts
-
-    tele = dict(H=32, HKV=2, HD=64, BLOCK_C=128)  # tele128_llama3_1.8b's attention
-    for gate in (True, False):
-        yield (
-            f"telescoping step: slot update ({'linear' if gate else 'WISQ'} gate)",
-            functools.partial(
-                compile_case,
-                tts._update_kernel,
-                {"QKV": bf, "Hin": bf, "LnW": bf, "GateW": bf, "InvFreq": f32, "Pos": "*i64"}
-                | {"K": bf, "V": bf, "W": f32, "SrcA": "*i64", "SrcB": "*i64", "Merge": "*u8"},
-                tele | dict(LEVELS=7, BLOCK_D=1024, BLOCK_G=16, HAS_GATE=gate),
-                ("ln_eps",),
-                tts.UPDATE_WARPS,
-            ),
-        )
-    yield (
-        "telescoping step: read-out",
-        functools.partial(
-            compile_case,
-            tts._readout_kernel,
-            {"QKV": bf, "InvFreq": f32, "Pos": "*i64", "K": bf, "V": bf, "W": f32, "KGain": bf, "VGain": bf}
-            | {"Out": bf},
-            tele | dict(KV_NORM=True, SOFTCAP=False, MASK_EMPTY=False),
-            ("softcap",),
-            tts.READOUT_WARPS,
-        ),
-    )
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield (
         "causal conv forward",

@@ -200,15 +200,10 @@ def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     merge slots holding decoded tokens (whose gate logits then matter); a small vocabulary keeps
     the interpreter's LM head short."""
     from avengers.decode import telescoping
-    from avengers.decode.kernels import triton_tele_step
     from avengers.models.registry import get_model_spec
 
     spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512)
-    cores = []
-    real = triton_tele_step.triton_tele_step
-    monkeypatch.setattr(triton_tele_step, "triton_tele_step", lambda *a: cores.append(1) or real(*a))
     _assert_gemv_steps_match_full_forward(monkeypatch, spec, telescoping)
-    assert len(cores) == 4 * spec.config.nlayers  # the Triton step kernels served every layer of every step
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
