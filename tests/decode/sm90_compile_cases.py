@@ -235,13 +235,23 @@ def cases():
             compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv
         ),
     )
+    bwd = dict(WIDTH=4, HAS_BIAS=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield (
-        "causal conv backward",
+        "causal conv backward: pre-activation gradient",
+        functools.partial(
+            compile_case,
+            causal_conv_triton._grad_pre_kernel,
+            {"X": bf, "Wt": bf, "Bias": bf, "G": bf, "GP": f32},
+            bwd,
+        ),
+    )
+    yield (
+        "causal conv backward: dx and weight/bias partials",
         functools.partial(
             compile_case,
             causal_conv_triton._bwd_kernel,
-            {"X": bf, "Wt": bf, "Bias": bf, "G": bf, "DX": bf, "DWp": f32, "DBp": f32},
-            conv,
+            {"X": bf, "Wt": bf, "GP": f32, "DX": bf, "DWp": f32, "DBp": f32},
+            bwd,
         ),
     )
 

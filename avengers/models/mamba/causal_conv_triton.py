@@ -4,9 +4,12 @@ Mamba-2's in_proj writes [b, l, channels]; `F.conv1d` wants [b, channels, l], so
 causal-conv1d package each layer paid a transpose copy, cuDNN's slow depthwise kernels (forward,
 input grad, weight grad: an eighth of a training step of the 1.5B model) and separate
 slice/SiLU kernels. Here one kernel reads the channel-last view in place (any row stride, unit
-channel stride) and fuses bias and SiLU; the backward recomputes the pre-activation instead of
-saving it, and reduces the weight/bias gradients through per-program partial sums (deterministic,
-no atomics).
+channel stride) and fuses bias and SiLU. The backward recomputes the pre-activation instead of
+saving it: one kernel writes the pre-activation gradient (fp32 scratch, with SiLU), a second one
+the input gradient and per-program partial sums of the weight/bias gradients (deterministic, no
+atomics). Computing that gradient once, rather than within one kernel for each of the W taps and
+again for the weight gradient, took the backward from 0.935 to 0.747 ms at mamba2_1.3b's conv
+shape on an H100 (experiments/README.md, "Causal conv backward").
 
     out[b, t, c] = act(bias[c] + sum_i w[c, i] * x[b, t - (W - 1) + i, c]),  x[b, < 0, c] = 0
 """
@@ -77,39 +80,27 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _grad_pre(
-    X,
-    Wt,
-    G,
-    bias,
-    b,
-    rows,
-    cols,
-    sxb,
-    sxt,
-    L,
-    C,
-    WIDTH: tl.constexpr,
-    SILU: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
+def _grad_pre_kernel(
+    X, Wt, Bias, G, GP, sxb, sxt, L, C, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr
 ):
-    """d loss / d pre-activation at rows (0 outside [0, L)), fp32."""
-    m = (rows < L)[:, None] & (cols < C)[None, :]
+    """Backward pass 1 (SiLU only): gp = d loss / d pre-activation = g * silu'(pre), fp32."""
+    b, tb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tb * BT + tl.arange(0, BT)
+    cols = cb * BC + tl.arange(0, BC)
+    c_ok = cols < C
+    m = (rows < L)[:, None] & c_ok[None, :]
+    bias = _load_bias(Bias, cols, c_ok, HAS_BIAS, BC)
+    y = _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, BT, BC)
+    s = tl.sigmoid(y)
     g = tl.load(G + (b * L + rows[:, None]) * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    if SILU:
-        y = _pre_act(X, Wt, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, BT, BC)
-        s = tl.sigmoid(y)
-        g = g * s * (1.0 + y * (1.0 - s))
-    return g
+    tl.store(GP + (b * L + rows[:, None]) * C + cols[None, :], g * s * (1.0 + y * (1.0 - s)), mask=m)
 
 
 @triton.jit
 def _bwd_kernel(
     X,
     Wt,
-    Bias,
-    G,
+    GP,
     DX,
     DWp,
     DBp,
@@ -120,24 +111,25 @@ def _bwd_kernel(
     n_tb,
     WIDTH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
 ):
+    """Backward pass 2, from the pre-activation gradient gp: dx[t] = sum_i w[i] * gp[t + (WIDTH-1) - i],
+    and this program's partials of dw and db."""
     b, tb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tb * BT + tl.arange(0, BT)
     cols = cb * BC + tl.arange(0, BC)
     c_ok = cols < C
-    bias = _load_bias(Bias, cols, c_ok, HAS_BIAS, BC)
-    # dx[t] = sum_i w[i] * gp[t + (WIDTH-1) - i]
     dx = tl.zeros((BT, BC), dtype=tl.float32)
     for i in tl.static_range(WIDTH):
-        gp = _grad_pre(X, Wt, G, bias, b, rows + (WIDTH - 1) - i, cols, sxb, sxt, L, C, WIDTH, SILU, BT, BC)
+        r = rows + (WIDTH - 1) - i
+        m = (r < L)[:, None] & c_ok[None, :]
+        gp = tl.load(GP + (b * L + r[:, None]) * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
         w = tl.load(Wt + cols * WIDTH + i, mask=c_ok, other=0.0).to(tl.float32)
         dx += gp * w[None, :]
     m = (rows < L)[:, None] & c_ok[None, :]
     tl.store(DX + (b * L + rows[:, None]) * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
-    gp = _grad_pre(X, Wt, G, bias, b, rows, cols, sxb, sxt, L, C, WIDTH, SILU, BT, BC)
+    gp = tl.load(GP + (b * L + rows[:, None]) * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
     _store_partials(X, DWp, DBp, gp, b * n_tb + tb, b, rows, cols, sxb, sxt, L, C, WIDTH, HAS_BIAS)
 
 
@@ -195,29 +187,21 @@ class CausalConvChannelLast(torch.autograd.Function):
     def backward(ctx, grad):
         x, w, bias = ctx.saved_tensors
         B, L, C = x.shape
-        width = w.shape[-1]
+        width, has_bias = w.shape[-1], bias is not None
         grad = grad.contiguous()
-        n_tb = triton.cdiv(L, BLOCK_T)
+        grid = (B, triton.cdiv(L, BLOCK_T), triton.cdiv(C, BLOCK_C))
+        gp = grad
+        if ctx.silu:
+            gp = torch.empty(B, L, C, device=x.device, dtype=torch.float32)
+            b_or_w = bias if has_bias else w  # unread without a bias
+            _grad_pre_kernel[grid](
+                x, w, b_or_w, grad, gp, x.stride(0), x.stride(1), L, C, width, has_bias, BLOCK_T, BLOCK_C
+            )
+        n_tb = grid[1]
         dx = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-        dw_part, db_part = partial_buffers(x, B * n_tb, width, bias is not None)
-        _bwd_kernel[(B, n_tb, triton.cdiv(C, BLOCK_C))](
-            x,
-            w,
-            bias if bias is not None else w,
-            grad,
-            dx,
-            dw_part,
-            db_part,
-            x.stride(0),
-            x.stride(1),
-            L,
-            C,
-            n_tb,
-            width,
-            bias is not None,
-            ctx.silu,
-            BLOCK_T,
-            BLOCK_C,
+        dw_part, db_part = partial_buffers(x, B * n_tb, width, has_bias)
+        _bwd_kernel[grid](
+            x, w, gp, dx, dw_part, db_part, x.stride(0), x.stride(1), L, C, n_tb, width, has_bias, BLOCK_T, BLOCK_C
         )
         return dx, *grads_from_partials(dw_part, db_part, ctx.weight_shape, w, bias), None
 
