@@ -226,7 +226,9 @@ class VariantResult:
 
 
 def bench_variant(name: str, cfg: BenchConfig, limits: Limits, rows: list[dict], deadline: float) -> VariantResult:
-    """Checks, then every context; measurements that would start after `deadline` (monotonic) are skipped."""
+    """Checks, then every context; measurements that would start after `deadline` (monotonic) are
+    skipped, except the first one, so that every variant reports a row even when its checks (cold
+    compiles, autotuning) used its share of the time."""
     spec = get_model_spec(name)
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
@@ -241,12 +243,14 @@ def bench_variant(name: str, cfg: BenchConfig, limits: Limits, rows: list[dict],
     chunk = cfg.prefill_chunk if check.chunked_prefill else 0
     res.decode_mode = check.decode_mode
     peer = _build_peer(model, spec, check, res, cfg) if _peer_wanted(cfg, spec.family) else None
+    first = len(rows)
     for ctx in measure_order(cfg.contexts):
-        if time.monotonic() > deadline:
+        measured = len(rows) > first
+        if measured and time.monotonic() > deadline:
             res.errors.append(f"context {ctx}: skipped, this variant's share of --deadline_s was used up")
             continue
         try:
-            _bench_context(model, spec, ctx, chunk, limits, res, cfg, rows, deadline, peer)
+            _bench_context(model, spec, ctx, chunk, limits, res, cfg, rows, deadline, not measured, peer)
         except torch.cuda.OutOfMemoryError as e:
             res.errors.append(f"context {ctx}: out of memory at batch 1 ({str(e).splitlines()[0]})")
         if device.type == "cuda":
@@ -343,8 +347,11 @@ def _bench_context(
     cfg: BenchConfig,
     rows: list[dict],
     deadline: float,
+    first_row_due: bool,
     peer: nn.Module | None = None,
 ) -> None:
+    """Every batch at one context; none starts after `deadline`, except the first where
+    `first_row_due` (the variant has no row yet)."""
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     fill = ctx - cfg.room
@@ -372,7 +379,7 @@ def _bench_context(
     )
     ctx_rows, fits = [], None
     for b in batches:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline and (ctx_rows or not first_row_due):
             res.errors.append(f"context {ctx} batch {b}: skipped, deadline reached")
             break
         row = _measure_batch(model, spec, cache1, fill, b, b == largest, limits, res, cfg)

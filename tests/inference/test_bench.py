@@ -249,3 +249,16 @@ def test_targets_judge_the_constant_cache_families_and_telescoping_against_llama
     assert "tele@4096 b4096 (largest) 1.60, not met" in md
     assert "(target at most 1): tele@1024 vs llama 1.00, met" in md
     assert "(target below 1): tele@4096 vs llama 1.00, not met" in md
+
+
+def test_every_variant_reports_a_row_when_its_checks_use_up_its_deadline(tmp_path):
+    """A deadline that the checks alone exceed still leaves each variant its first measurement (the
+    first context's first batch); everything after it is skipped and said so."""
+    cfg = parse_args(
+        "--device cpu --variants llama3_tiny,mamba2_tiny --contexts 128,256 --batch_sizes 1,2 --steps 1 "
+        f"--warmup 1 --rounds 1 --deadline_s 1e-6 --out {tmp_path}".split()
+    )
+    report = run(cfg)
+    assert [(r["variant"], r["batch"]) for r in report["rows"]] == [("llama3_tiny", 1), ("mamba2_tiny", 1)]
+    for v in report["variants"].values():
+        assert any("deadline" in e for e in v["errors"]), v["errors"]
