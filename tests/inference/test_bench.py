@@ -240,7 +240,10 @@ def test_targets_judge_the_constant_cache_families_and_telescoping_against_llama
         "tele@4096 b1": 1.4,
         "tele@4096 b4096 (largest)": 1.6,
     }
-    assert t["telescoping_over_llama_batch1_ms"] == {"tele@1024 vs llama": 1.0, "tele@4096 vs llama": 1.0}
+    assert t["telescoping_over_llama_batch1_ms"] == {
+        "tele@1024 vs llama": {"ratio": 1.0, "context": 1024},
+        "tele@4096 vs llama": {"ratio": 1.0, "context": 4096},
+    }
     md = markdown_table(
         {"device": "H100", "torch": "2", "date": "d", "wall_s": 1, "config": {"dtype": "bf16"}, "variants": {},
          "rows": rows, "targets": t}
