@@ -143,6 +143,9 @@ def parallelize(
     kwargs = {"mesh": mesh} if mesh is not None else {}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # A shard group of one rank (one GPU, ddp) holds whole parameters: resharding after forward would
+    # free only their bf16 copies and cost a second gather (casts and copies) per block in backward.
+    one_rank = mesh is not None and shard_group_size(mesh) == 1
     for i, ((name, block), ac) in enumerate(zip(blocks, pattern)):
         shard_kwargs = _block_kwargs(block, kwargs)  # read from the block's own class, before any wrapper
         if ac:
@@ -151,10 +154,8 @@ def parallelize(
         if compile_blocks:
             block.compile()
         if mesh is not None:
-            # The last block's parameters are needed again first in backward: keep them gathered. A
-            # shard group of one rank holds whole parameters, so resharding would free only their
-            # bf16 copies and cost a second gather (casts and copies) per block in backward.
-            reshard = shard_group_size(mesh) > 1 and i < len(blocks) - 1
+            # The last block's parameters are needed again first in backward: keep them gathered.
+            reshard = not one_rank and i < len(blocks) - 1
             fully_shard(block, reshard_after_forward=reshard, **shard_kwargs)
     if mesh is not None:
         fully_shard(model, **kwargs)

@@ -199,21 +199,21 @@ class CausalConvChannelLast(torch.autograd.Function):
             )
         n_tb = grid[1]
         dx = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-        dw_part, db_part = partial_buffers(x, B * n_tb, width, has_bias)
+        dw_part, db_part = _partial_buffers(x, B * n_tb, width, has_bias)
         _bwd_kernel[grid](
             x, w, gp, dx, dw_part, db_part, x.stride(0), x.stride(1), L, C, n_tb, width, has_bias, BLOCK_T, BLOCK_C
         )
-        return dx, *grads_from_partials(dw_part, db_part, ctx.weight_shape, w, bias), None
+        return dx, *_grads_from_partials(dw_part, db_part, ctx.weight_shape, w, bias), None
 
 
-def partial_buffers(x: torch.Tensor, programs: int, width: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _partial_buffers(x: torch.Tensor, programs: int, width: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 per-program partials of dw [programs, width, C] and db [programs, C] (dw's buffer again,
     unused, without a bias)."""
     dw_part = torch.empty(programs, width, x.shape[-1], device=x.device, dtype=torch.float32)
     return dw_part, (torch.empty(programs, x.shape[-1], device=x.device, dtype=torch.float32) if has_bias else dw_part)
 
 
-def grads_from_partials(dw_part, db_part, weight_shape, w, bias):
+def _grads_from_partials(dw_part, db_part, weight_shape, w, bias):
     """(dw in the weight's shape and dtype, db or None) from the per-program partials."""
     dw = dw_part.sum(0).t().reshape(weight_shape).to(w.dtype)
     return dw, (db_part.sum(0).to(bias.dtype) if bias is not None else None)
