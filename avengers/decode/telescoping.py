@@ -244,6 +244,33 @@ def slot_attention(
     return out.reshape(B, H, d).to(q.dtype)
 
 
+def update_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    ring: torch.Tensor | None,
+    tables: StepTables,
+    theta: float,
+) -> torch.Tensor:
+    """A decode step's slot update: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k and q not
+    yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device position ->
+    rotate, push into the slots (K, V, W, in place; ring None: in logical order, push_at; else in
+    place behind that map, ring_push). Returns the rotated queries [B, H, d] in v's dtype."""
+    q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
+    if w is None:
+        w = wisq_gate(q, k)
+    if ring is None:
+        push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    else:
+        ring_push(K, V, W, ring, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    return q[:, 0].to(v.dtype)
+
+
 def step_core(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,19 +287,11 @@ def step_core(
     k_gain: torch.Tensor | None,
     v_gain: torch.Tensor | None,
 ) -> torch.Tensor:
-    """A decode step between the projections: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k
-    and q not yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device
-    position -> rotate, push into the slots (K, V, W, in place; ring None: in logical order, push_at;
-    else in place behind that map, ring_push), read out: [B, H, d]. A pure function of tensors, so
-    that one torch.compile serves every layer (compiled_step_core; ring None or not: two graphs)."""
-    q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
-    if w is None:
-        w = wisq_gate(q, k)
-    if ring is None:
-        push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
-    else:
-        ring_push(K, V, W, ring, k[:, 0], v[:, 0], w[:, 0], position, tables)
-    return slot_attention(q[:, 0].to(v.dtype), K, V, W, opts, k_gain, v_gain)
+    """update_core, then the read-out over the updated slots: [B, H, d]. A pure function of
+    tensors, so that one torch.compile serves every layer (compiled_step_core; ring None or not:
+    two graphs)."""
+    q = update_core(q, k, v, w, position, K, V, W, ring, tables, theta)
+    return slot_attention(q, K, V, W, opts, k_gain, v_gain)
 
 
 @functools.cache
@@ -315,25 +334,38 @@ def compiled_fused_qkv_step_core():
     return torch.compile(fused_qkv_step_core, fullgraph=True)
 
 
-def attention_step(attn: nn.Module, x: torch.Tensor, state: TelescopingState, position: torch.Tensor, compiled: bool):
+@functools.cache
+def compiled_update_core():
+    return torch.compile(update_core, fullgraph=True)
+
+
+def attention_step(
+    attn: nn.Module, x: torch.Tensor, state: TelescopingState, position: torch.Tensor, options: DecodeOptions
+):
     """A TelescopingAttention layer's recurrent form for one token: x [B, 1, d_model] at the 0-dim
-    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable)."""
+    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable). Slots kept
+    in place (large batches) on the Triton paths: the compiled slot update, then the read-out as one
+    Triton kernel (triton_tele_readout); otherwise both as one compiled (or plain) core."""
     B = x.shape[0]
     tables = step_tables(attn.opts.cache_size, attn.opts.fmap, x.device)
-    core = compiled_step_core() if compiled else step_core
-    out = core(
-        *attn._project_raw(x),
-        position,
-        state.k,
-        state.v,
-        state.log_mass,
-        state.ring if state.in_place else None,
-        tables,
-        attn.opts,
-        attn.rope_theta,
-        *attn._gains(),
-    )
+    ring = state.ring if state.in_place else None
+    args = (*attn._project_raw(x), position, state.k, state.v, state.log_mass, ring, tables)
+    if ring is not None and options.triton_kernels and _readout_kernel_takes(state.k):
+        from avengers.decode.kernels.triton_tele_readout import slot_readout
+
+        update = compiled_update_core() if x.is_cuda else update_core  # the interpreter's tests: plain
+        q = update(*args, attn.rope_theta)
+        out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
+    else:
+        core = compiled_step_core() if options.compiled_cores else step_core
+        out = core(*args, attn.opts, attn.rope_theta, *attn._gains())
     return attn.dense(out.reshape(B, 1, attn.nheads * attn.emb_v_per_head))
+
+
+def _readout_kernel_takes(K: torch.Tensor) -> bool:
+    from avengers.decode.kernels import triton_tele_readout  # Triton: imported on the Triton paths only
+
+    return triton_tele_readout.supports(K)
 
 
 def full_attention(
@@ -398,7 +430,7 @@ def _chunk(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: t
         elif position is None:
             a = layer.attn.prefill(y, state)
         else:
-            a = attention_step(layer.attn, y, state, position, options.compiled_cores)
+            a = attention_step(layer.attn, y, state, position, options)
         h = h + a
         h = h + layer.ff_sub_layer(layer.ff_ln(h))
     return model.head(base.dec_norm(h))

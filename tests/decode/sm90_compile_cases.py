@@ -228,6 +228,19 @@ def cases():
                 ssd_step_triton.NUM_WARPS,
             ),
         )
+    from avengers.decode.kernels import triton_tele_readout
+
+    yield (
+        "telescoping slot read-out (tele128_llama3_1.8b)",
+        functools.partial(
+            compile_case,
+            triton_tele_readout._readout_kernel,
+            {"Q": bf, "K": bf, "V": bf, "W": f32, "KGain": bf, "VGain": bf, "Out": bf},
+            dict(HKV=2, G=16, HD=64, BLOCK_C=128, BLOCK_G=16, KV_NORM=True, SOFTCAP=False, MASK_EMPTY=False),
+            ("softcap",),
+            triton_tele_readout.NUM_WARPS,
+        ),
+    )
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield (
         "causal conv forward",
