@@ -301,6 +301,31 @@ def compiled_step_core():
     return torch.compile(step_core, fullgraph=True)
 
 
+def fused_qkv_update_core(
+    qkv: torch.Tensor,
+    h: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    gate_w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    ring: torch.Tensor | None,
+    tables: StepTables,
+    theta: float,
+) -> torch.Tensor:
+    """update_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
+    block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
+    B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
+    q, k, v = qkv.view(B, 1, -1, d).split([qkv.shape[1] // d - 2 * Hkv, Hkv, Hkv], dim=2)
+    w = None
+    if gate_w is not None:
+        dt = compute_dtype(h.dtype)
+        w = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps).to(dt), gate_w.to(dt)).view(B, 1, Hkv)
+    return update_core(q, k, v, w, position, K, V, W, ring, tables, theta)
+
+
 def fused_qkv_step_core(
     qkv: torch.Tensor,
     h: torch.Tensor,
@@ -318,20 +343,19 @@ def fused_qkv_step_core(
     k_gain: torch.Tensor | None,
     v_gain: torch.Tensor | None,
 ) -> torch.Tensor:
-    """step_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
-    block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
-    B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
-    q, k, v = qkv.view(B, 1, -1, d).split([qkv.shape[1] // d - 2 * Hkv, Hkv, Hkv], dim=2)
-    w = None
-    if gate_w is not None:
-        dt = compute_dtype(h.dtype)
-        w = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps).to(dt), gate_w.to(dt)).view(B, 1, Hkv)
-    return step_core(q, k, v, w, position, K, V, W, ring, tables, opts, theta, k_gain, v_gain)
+    """step_core from a fused QKV GEMV's output: fused_qkv_update_core, then the read-out."""
+    q = fused_qkv_update_core(qkv, h, ln_w, eps, gate_w, position, K, V, W, ring, tables, theta)
+    return slot_attention(q, K, V, W, opts, k_gain, v_gain)
 
 
 @functools.cache
 def compiled_fused_qkv_step_core():
     return torch.compile(fused_qkv_step_core, fullgraph=True)
+
+
+@functools.cache
+def compiled_fused_qkv_update_core():
+    return torch.compile(fused_qkv_update_core, fullgraph=True)
 
 
 @functools.cache
@@ -343,14 +367,14 @@ def attention_step(
     attn: nn.Module, x: torch.Tensor, state: TelescopingState, position: torch.Tensor, options: DecodeOptions
 ):
     """A TelescopingAttention layer's recurrent form for one token: x [B, 1, d_model] at the 0-dim
-    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable). Slots kept
-    in place (large batches) on the Triton paths: the compiled slot update, then the read-out as one
-    Triton kernel (triton_tele_readout); otherwise both as one compiled (or plain) core."""
+    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable). On the
+    Triton paths: the compiled slot update, then the read-out as one Triton kernel
+    (triton_tele_readout); otherwise both as one compiled (or plain) core."""
     B = x.shape[0]
     tables = step_tables(attn.opts.cache_size, attn.opts.fmap, x.device)
     ring = state.ring if state.in_place else None
     args = (*attn._project_raw(x), position, state.k, state.v, state.log_mass, ring, tables)
-    if ring is not None and options.triton_kernels and _readout_kernel_takes(state.k):
+    if options.triton_kernels and _readout_kernel_takes(state.k):
         from avengers.decode.kernels.triton_tele_readout import slot_readout
 
         update = compiled_update_core() if x.is_cuda else update_core  # the interpreter's tests: plain
@@ -445,9 +469,9 @@ def _gemv_layout(model: nn.Module) -> bool:
 
 def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
     """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
-    RMSNorm + QKV as one GEMV, the slot update and read-out (fused_qkv_step_core), then Wo +
-    residual, RMSNorm + gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final
-    norm + LM head as one GEMV."""
+    RMSNorm + QKV as one GEMV, the compiled slot update and the read-out kernel (or, for a head dim
+    the kernel does not tile, fused_qkv_step_core), then Wo + residual, RMSNorm + gate/up + SwiGLU,
+    W2 + residual (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
     from avengers.decode.kernels import triton_gemv
 
     base, B = model.base_model, x.shape[0]
@@ -455,27 +479,25 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
     opts = base.layers[0].attn.opts
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
     # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
-    core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
+    readout = _readout_kernel_takes(cache.layers[0].k)
+    if readout:
+        from avengers.decode.kernels.triton_tele_readout import slot_readout
+
+        update = compiled_fused_qkv_update_core() if x.is_cuda else fused_qkv_update_core
+    else:
+        core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
     for layer, state in zip(base.layers, cache.layers):
         attn = layer.attn
         qkv = triton_gemv.gemv(
             h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
         )
-        out = core(
-            qkv,
-            h.view(B, -1),
-            layer.ln.weight,
-            layer.ln.eps,
-            attn.gate.weight if attn.gate is not None else None,
-            position,
-            state.k,
-            state.v,
-            state.log_mass,
-            state.ring if state.in_place else None,
-            tables,
-            attn.opts,
-            attn.rope_theta,
-            *attn._gains(),
-        )
+        gate_w = attn.gate.weight if attn.gate is not None else None
+        ring = state.ring if state.in_place else None
+        args = (qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w, position, state.k, state.v, state.log_mass)
+        if readout:
+            q = update(*args, ring, tables, attn.rope_theta)
+            out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
+        else:
+            out = core(*args, ring, tables, attn.opts, attn.rope_theta, *attn._gains())
         h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
     return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only

@@ -52,11 +52,13 @@ def test_readout_rejects_a_head_dim_it_cannot_tile():
         slot_readout(q, K, V, W, opts)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @torch.no_grad()
-def test_triton_path_reads_in_place_slots_with_the_kernel(monkeypatch):
-    """At the ring map's batch (lowered to 2) the `triton` path updates the slots in place and reads
-    them out with the kernel, in every layer of every step: the logits equal a full forward's, through
-    merges of decoded tokens and drops (8 slots, 24 steps after an 8-token prefill)."""
+def test_triton_path_reads_the_slots_with_the_kernel(batch, monkeypatch):
+    """The `triton` path reads the slots out with the kernel in every layer of every step: at batch 1
+    between the GEMVs (slots in logical order), at the ring map's batch (lowered to 2) in place. The
+    logits equal a full forward's, through merges of decoded tokens and a drop (8 slots, 12 steps
+    after an 8-token prefill)."""
     from decode_helpers import decode_logits
 
     from avengers.decode import telescoping
@@ -72,9 +74,9 @@ def test_triton_path_reads_in_place_slots_with_the_kernel(monkeypatch):
     calls = []
     real = triton_tele_readout.slot_readout
     monkeypatch.setattr(triton_tele_readout, "slot_readout", lambda *a: calls.append(1) or real(*a))
-    ids = torch.randint(0, spec.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ids = torch.randint(0, spec.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     torch.testing.assert_close(decode_logits(model, ids, 8, "triton"), model(ids), atol=1e-4, rtol=1e-4)
-    assert len(calls) == 24 * spec.config.nlayers
+    assert len(calls) == 12 * spec.config.nlayers
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
