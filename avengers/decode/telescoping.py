@@ -4,7 +4,8 @@ Each telescoping layer keeps its C slot means and log-masses (TelescopingState) 
 merge rule of its schedule one token at a time; the step is looked up on the device from the
 position (StepTables), so it can be replayed from a CUDA graph. Small batches keep the slots in
 logical order and shift them every step (push_at); from RING_MIN_BATCH sequences they stay in
-place behind a ring map from logical slot to cell (ring_push). Prefill runs the parallel form
+place behind a ring map from logical slot to cell, one map per cache: the layers write their two
+cells through it (ring_push) and the cache advances it once a step (advance_ring). Prefill runs the parallel form
 (the layer's `prefill`) and loads the last row of its node table into the slots. Full-attention
 layers of hybrid variants read a KVState through decode.attention.cached_attention.
 """
@@ -50,19 +51,29 @@ class TelescopingState:
     """One layer's decode state: slot means k, v [B, Hkv, C, d] and log-masses [B, Hkv, C].
 
     Slot i (logical order, slot 0 newest) is held in cell ring[i] of the C cells; ring, [C] long and
-    shared by the batch, stays the identity unless in_place (B >= RING_MIN_BATCH), where decode
-    steps leave the slots in place and update the map (ring_push). The step counter is the cache's
-    seq_len, shared by the batch.
+    shared by the batch and by every layer of a cache (every layer takes the same step), stays the
+    identity unless in_place (B >= RING_MIN_BATCH), where decode steps leave the slots in place and
+    write two cells through the map (ring_push), which the cache then advances (advance_ring). The
+    step counter is the cache's seq_len, shared by the batch.
     """
 
-    def __init__(self, batch_size: int, kv_heads: int, cache_size: int, head_dim: int, device=None, dtype=None):
+    def __init__(
+        self,
+        batch_size: int,
+        kv_heads: int,
+        cache_size: int,
+        head_dim: int,
+        device=None,
+        dtype=None,
+        ring: torch.Tensor | None = None,
+    ):
         dtype = dtype or torch.get_default_dtype()
         self.k = torch.zeros(batch_size, kv_heads, cache_size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.log_mass = torch.full(
             (batch_size, kv_heads, cache_size), EMPTY_LOG_MASS, device=device, dtype=compute_dtype(dtype)
         )
-        self.ring = torch.arange(cache_size, device=self.k.device)
+        self.ring = torch.arange(cache_size, device=self.k.device) if ring is None else ring
 
     @property
     def in_place(self) -> bool:
@@ -71,11 +82,10 @@ class TelescopingState:
         return self.k.shape[0] >= RING_MIN_BATCH
 
     def nbytes_written_per_step(self) -> int:
-        """Every slot when a step shifts them; in place, two cells of each and the ring."""
+        """Every slot when a step shifts them; in place, two cells of each (the cache's ring map, C
+        longs, is left out: a step rewrites it once for all layers)."""
         slots = tensor_bytes((self.k, self.v, self.log_mass))
-        if not self.in_place:
-            return slots
-        return slots * 2 // self.ring.numel() + tensor_bytes((self.ring,))
+        return slots * 2 // self.ring.numel() if self.in_place else slots
 
     def load_nodes(self, nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor) -> None:
         """Set the slots to the nodes `ids` [C] of a parallel pass (its last table row)."""
@@ -200,9 +210,9 @@ def ring_push(
     position: torch.Tensor,
     tables: StepTables,
 ) -> None:
-    """push_at on slots kept in place: K, V, W indexed by cell, ring [C] (logical slot -> cell).
-    Writes two cells (the merged pair, the new token) and updates the ring in place, instead of
-    rewriting every slot. No host sync, graph-safe."""
+    """push_at on slots kept in place: K, V, W indexed by cell, ring [C] (logical slot -> cell, read
+    only: advance_ring moves it once all layers took the step). Writes two cells (the merged pair,
+    the new token) instead of rewriting every slot. No host sync, graph-safe."""
     a = tables.action(position)
     merge = tables.ring_merge.index_select(0, a)
     new_cell = ring.index_select(0, tables.ring_new.index_select(0, a))  # [1]
@@ -217,7 +227,12 @@ def ring_push(
         x.index_copy_(2, new_cell, new.to(x.dtype).unsqueeze(2))
     W.index_copy_(2, fused_cell, torch.where(merge, fused_w, wb))
     W.index_copy_(2, new_cell, w.to(dt).unsqueeze(2))
-    ring.copy_(ring.index_select(0, tables.ring_perm.index_select(0, a)[0]))
+
+
+def advance_ring(ring: torch.Tensor, position: torch.Tensor, tables: StepTables) -> None:
+    """The ring map after the step at `position`: entry 0 (the new token's slot) <- the cell that
+    ring_push wrote it to, entries 1..j <- 0..j-1, the rest in place. No host sync, graph-safe."""
+    ring.copy_(ring.index_select(0, tables.ring_perm.index_select(0, tables.action(position))[0]))
 
 
 def slot_attention(
@@ -418,10 +433,11 @@ def allocate_cache(
     device, dtype = allocation_target(model, batch_size, max_seq_len, device, dtype)
     cfg = model.config
     kv, d = cfg.kvheads or cfg.nheads, cfg.emb_dim // cfg.nheads
+    ring = torch.arange(cfg.tele_cache_size, device=device)  # one map for every layer: they take the same steps
     layers = [
         KVState(batch_size, kv, max_seq_len, d, device=device, dtype=dtype)
         if i in model.full_layers
-        else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype)
+        else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype, ring=ring)
         for i in range(cfg.nlayers)
     ]
     return InferenceCache(layers, batch_size, max_seq_len, (options or DecodeOptions()).resolve("telescoping", device))
@@ -457,7 +473,19 @@ def _chunk(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: t
             a = attention_step(layer.attn, y, state, position, options)
         h = h + a
         h = h + layer.ff_sub_layer(layer.ff_ln(h))
+    if position is not None:
+        _advance_ring(model, cache, position)
     return model.head(base.dec_norm(h))
+
+
+def _advance_ring(model: nn.Module, cache: InferenceCache, position: torch.Tensor) -> None:
+    """After every layer took the step at `position`: advance the cache's ring map (slots in place)."""
+    for layer, state in zip(model.base_model.layers, cache.layers):
+        if isinstance(state, TelescopingState):
+            if state.in_place:  # every telescoping layer shares the map and the schedule
+                opts = layer.attn.opts
+                advance_ring(state.ring, position, step_tables(opts.cache_size, opts.fmap, position.device))
+            return
 
 
 def _gemv_layout(model: nn.Module) -> bool:
@@ -500,4 +528,5 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
         else:
             out = core(*args, ring, tables, attn.opts, attn.rope_theta, *attn._gains())
         h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
+    _advance_ring(model, cache, position)
     return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only
