@@ -22,7 +22,7 @@ from torch import nn
 from avengers.decode.attention import cached_attention
 from avengers.decode.cache import InferenceCache, KVState, allocation_target, tensor_bytes
 from avengers.decode.llama_block import block_post, decode_head, eligible
-from avengers.decode.options import DecodeOptions
+from avengers.decode.options import GEMV_STEP_MAX_BATCH, DecodeOptions
 from avengers.ops.telescoping import (
     EMPTY_LOG_MASS,
     EMPTY_THRESHOLD,
@@ -74,12 +74,14 @@ class TelescopingState:
             (batch_size, kv_heads, cache_size), EMPTY_LOG_MASS, device=device, dtype=compute_dtype(dtype)
         )
         self.ring = torch.arange(cache_size, device=self.k.device) if ring is None else ring
+        self.kernel_step = False  # set by allocate_cache on the Triton paths: batch 1 runs the ring kernels
 
     @property
     def in_place(self) -> bool:
         # From the batch size rather than stored: InferenceCache.broadcast_from copies a state's
         # plain attributes from its batch-1 source, and would turn the ring off at large batches.
-        return self.k.shape[0] >= RING_MIN_BATCH
+        batch = self.k.shape[0]
+        return batch >= RING_MIN_BATCH or (self.kernel_step and batch <= GEMV_STEP_MAX_BATCH)
 
     def nbytes_written_per_step(self) -> int:
         """Every slot when a step shifts them; in place, two cells of each (the cache's ring map, C
@@ -440,7 +442,11 @@ def allocate_cache(
         else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype, ring=ring)
         for i in range(cfg.nlayers)
     ]
-    return InferenceCache(layers, batch_size, max_seq_len, (options or DecodeOptions()).resolve("telescoping", device))
+    options = (options or DecodeOptions()).resolve("telescoping", device)
+    for state in layers:
+        if isinstance(state, TelescopingState):
+            state.kernel_step = options.triton_kernels
+    return InferenceCache(layers, batch_size, max_seq_len, options)
 
 
 def forward_with_cache(model: nn.Module, x: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -497,19 +503,21 @@ def _gemv_layout(model: nn.Module) -> bool:
 
 def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
     """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
-    RMSNorm + QKV as one GEMV, the compiled slot update and the read-out kernel (or, for a head dim
-    the kernel does not tile, fused_qkv_step_core), then Wo + residual, RMSNorm + gate/up + SwiGLU,
-    W2 + residual (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
+    RMSNorm + QKV as one GEMV, the slot update (triton_tele_update's kernel for slots in place, else
+    compiled) and the read-out kernel (or, for a head dim the kernels do not tile,
+    fused_qkv_step_core), then Wo + residual, RMSNorm + gate/up + SwiGLU, W2 + residual
+    (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
     from avengers.decode.kernels import triton_gemv
 
     base, B = model.base_model, x.shape[0]
     h = base.embedding(x)
     opts = base.layers[0].attn.opts
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
+    kernels = _readout_kernel_takes(cache.layers[0].k)
     # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
-    readout = _readout_kernel_takes(cache.layers[0].k)
-    if readout:
+    if kernels:
         from avengers.decode.kernels.triton_tele_readout import slot_readout
+        from avengers.decode.kernels.triton_tele_update import ring_update
 
         update = compiled_fused_qkv_update_core() if x.is_cuda else fused_qkv_update_core
     else:
@@ -522,8 +530,11 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
         gate_w = attn.gate.weight if attn.gate is not None else None
         ring = state.ring if state.in_place else None
         args = (qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w, position, state.k, state.v, state.log_mass)
-        if readout:
+        if kernels and ring is not None:
+            q = ring_update(*args, ring, tables, attn.rope_theta, len(attn.opts.fmap))
+        elif kernels:
             q = update(*args, ring, tables, attn.rope_theta)
+        if kernels:
             out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
         else:
             out = core(*args, ring, tables, attn.opts, attn.rope_theta, *attn._gains())

@@ -55,14 +55,15 @@ def test_readout_rejects_a_head_dim_it_cannot_tile():
 @pytest.mark.parametrize("batch", [1, 2])
 @torch.no_grad()
 def test_triton_path_reads_the_slots_with_the_kernel(batch, monkeypatch):
-    """The `triton` path reads the slots out with the kernel in every layer of every step: at batch 1
-    between the GEMVs (slots in logical order), at the ring map's batch (lowered to 2) in place. The
+    """The `triton` path reads the slots out with the kernel in every layer of every step, the slots
+    in place behind the ring map: at batch 1 between the GEMVs, updated by the ring update kernel;
+    at the ring map's batch (lowered to 2) updated by the compiled core. The
     logits equal a full forward's, through merges of decoded tokens and a drop (8 slots, 12 steps
     after an 8-token prefill)."""
     from decode_helpers import decode_logits
 
     from avengers.decode import telescoping
-    from avengers.decode.kernels import triton_tele_readout
+    from avengers.decode.kernels import triton_tele_readout, triton_tele_update
     from avengers.models.registry import get_model_spec
 
     spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512)
@@ -71,12 +72,15 @@ def test_triton_path_reads_the_slots_with_the_kernel(batch, monkeypatch):
     model.init_weights()
     model.eval()
     monkeypatch.setattr(telescoping, "RING_MIN_BATCH", 2)
-    calls = []
+    calls, updates = [], []
     real = triton_tele_readout.slot_readout
     monkeypatch.setattr(triton_tele_readout, "slot_readout", lambda *a: calls.append(1) or real(*a))
+    real_update = triton_tele_update.ring_update
+    monkeypatch.setattr(triton_tele_update, "ring_update", lambda *a: updates.append(1) or real_update(*a))
     ids = torch.randint(0, spec.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     torch.testing.assert_close(decode_logits(model, ids, 8, "triton"), model(ids), atol=1e-4, rtol=1e-4)
     assert len(calls) == 12 * spec.config.nlayers
+    assert len(updates) == (12 * spec.config.nlayers if batch == 1 else 0)  # batch 1: the ring update kernel
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
