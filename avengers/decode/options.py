@@ -91,9 +91,15 @@ class DecodeOptions:
         """Whether the element-wise work between projections runs torch.compile'd."""
         return self.path in ("compile", "triton", "gluon")
 
+    @property
+    def triton_kernels(self) -> bool:
+        """Whether the path runs the families' Triton kernels (GEMVs at batch 1, read-outs and state
+        updates above it)."""
+        return self.path in ("triton", "gluon")
+
     def gemv_step(self, batch: int) -> bool:
         """Whether a step of `batch` sequences takes a family's Triton GEMV step."""
-        return self.path in ("triton", "gluon") and batch <= GEMV_STEP_MAX_BATCH
+        return self.triton_kernels and batch <= GEMV_STEP_MAX_BATCH
 
 
 def gluon_unavailable_reason(device: torch.device) -> str | None:

@@ -4,7 +4,8 @@ Each telescoping layer keeps its C slot means and log-masses (TelescopingState) 
 merge rule of its schedule one token at a time; the step is looked up on the device from the
 position (StepTables), so it can be replayed from a CUDA graph. Small batches keep the slots in
 logical order and shift them every step (push_at); from RING_MIN_BATCH sequences they stay in
-place behind a ring map from logical slot to cell (ring_push). Prefill runs the parallel form
+place behind a ring map from logical slot to cell, one map per cache: the layers write their two
+cells through it (ring_push) and the cache advances it once a step (advance_ring). Prefill runs the parallel form
 (the layer's `prefill`) and loads the last row of its node table into the slots. Full-attention
 layers of hybrid variants read a KVState through decode.attention.cached_attention.
 """
@@ -21,7 +22,7 @@ from torch import nn
 from avengers.decode.attention import cached_attention
 from avengers.decode.cache import InferenceCache, KVState, allocation_target, tensor_bytes
 from avengers.decode.llama_block import block_post, decode_head, eligible
-from avengers.decode.options import DecodeOptions
+from avengers.decode.options import GEMV_STEP_MAX_BATCH, DecodeOptions
 from avengers.ops.telescoping import (
     EMPTY_LOG_MASS,
     EMPTY_THRESHOLD,
@@ -50,32 +51,43 @@ class TelescopingState:
     """One layer's decode state: slot means k, v [B, Hkv, C, d] and log-masses [B, Hkv, C].
 
     Slot i (logical order, slot 0 newest) is held in cell ring[i] of the C cells; ring, [C] long and
-    shared by the batch, stays the identity unless in_place (B >= RING_MIN_BATCH), where decode
-    steps leave the slots in place and update the map (ring_push). The step counter is the cache's
-    seq_len, shared by the batch.
+    shared by the batch and by every layer of a cache (every layer takes the same step), stays the
+    identity unless in_place (B >= RING_MIN_BATCH), where decode steps leave the slots in place and
+    write two cells through the map (ring_push), which the cache then advances (advance_ring). The
+    step counter is the cache's seq_len, shared by the batch.
     """
 
-    def __init__(self, batch_size: int, kv_heads: int, cache_size: int, head_dim: int, device=None, dtype=None):
+    def __init__(
+        self,
+        batch_size: int,
+        kv_heads: int,
+        cache_size: int,
+        head_dim: int,
+        device=None,
+        dtype=None,
+        ring: torch.Tensor | None = None,
+    ):
         dtype = dtype or torch.get_default_dtype()
         self.k = torch.zeros(batch_size, kv_heads, cache_size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.log_mass = torch.full(
             (batch_size, kv_heads, cache_size), EMPTY_LOG_MASS, device=device, dtype=compute_dtype(dtype)
         )
-        self.ring = torch.arange(cache_size, device=self.k.device)
+        self.ring = torch.arange(cache_size, device=self.k.device) if ring is None else ring
+        self.kernel_step = False  # set by allocate_cache on the Triton paths: batch 1 runs the ring kernels
 
     @property
     def in_place(self) -> bool:
         # From the batch size rather than stored: InferenceCache.broadcast_from copies a state's
         # plain attributes from its batch-1 source, and would turn the ring off at large batches.
-        return self.k.shape[0] >= RING_MIN_BATCH
+        batch = self.k.shape[0]
+        return batch >= RING_MIN_BATCH or (self.kernel_step and batch <= GEMV_STEP_MAX_BATCH)
 
     def nbytes_written_per_step(self) -> int:
-        """Every slot when a step shifts them; in place, two cells of each and the ring."""
+        """Every slot when a step shifts them; in place, two cells of each (the cache's ring map, C
+        longs, is left out: a step rewrites it once for all layers)."""
         slots = tensor_bytes((self.k, self.v, self.log_mass))
-        if not self.in_place:
-            return slots
-        return slots * 2 // self.ring.numel() + tensor_bytes((self.ring,))
+        return slots * 2 // self.ring.numel() if self.in_place else slots
 
     def load_nodes(self, nodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ids: torch.Tensor) -> None:
         """Set the slots to the nodes `ids` [C] of a parallel pass (its last table row)."""
@@ -200,9 +212,9 @@ def ring_push(
     position: torch.Tensor,
     tables: StepTables,
 ) -> None:
-    """push_at on slots kept in place: K, V, W indexed by cell, ring [C] (logical slot -> cell).
-    Writes two cells (the merged pair, the new token) and updates the ring in place, instead of
-    rewriting every slot. No host sync, graph-safe."""
+    """push_at on slots kept in place: K, V, W indexed by cell, ring [C] (logical slot -> cell, read
+    only: advance_ring moves it once all layers took the step). Writes two cells (the merged pair,
+    the new token) instead of rewriting every slot. No host sync, graph-safe."""
     a = tables.action(position)
     merge = tables.ring_merge.index_select(0, a)
     new_cell = ring.index_select(0, tables.ring_new.index_select(0, a))  # [1]
@@ -217,7 +229,12 @@ def ring_push(
         x.index_copy_(2, new_cell, new.to(x.dtype).unsqueeze(2))
     W.index_copy_(2, fused_cell, torch.where(merge, fused_w, wb))
     W.index_copy_(2, new_cell, w.to(dt).unsqueeze(2))
-    ring.copy_(ring.index_select(0, tables.ring_perm.index_select(0, a)[0]))
+
+
+def advance_ring(ring: torch.Tensor, position: torch.Tensor, tables: StepTables) -> None:
+    """The ring map after the step at `position`: entry 0 (the new token's slot) <- the cell that
+    ring_push wrote it to, entries 1..j <- 0..j-1, the rest in place. No host sync, graph-safe."""
+    ring.copy_(ring.index_select(0, tables.ring_perm.index_select(0, tables.action(position))[0]))
 
 
 def slot_attention(
@@ -244,6 +261,33 @@ def slot_attention(
     return out.reshape(B, H, d).to(q.dtype)
 
 
+def update_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    ring: torch.Tensor | None,
+    tables: StepTables,
+    theta: float,
+) -> torch.Tensor:
+    """A decode step's slot update: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k and q not
+    yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device position ->
+    rotate, push into the slots (K, V, W, in place; ring None: in logical order, push_at; else in
+    place behind that map, ring_push). Returns the rotated queries [B, H, d] in v's dtype."""
+    q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
+    if w is None:
+        w = wisq_gate(q, k)
+    if ring is None:
+        push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    else:
+        ring_push(K, V, W, ring, k[:, 0], v[:, 0], w[:, 0], position, tables)
+    return q[:, 0].to(v.dtype)
+
+
 def step_core(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,19 +304,11 @@ def step_core(
     k_gain: torch.Tensor | None,
     v_gain: torch.Tensor | None,
 ) -> torch.Tensor:
-    """A decode step between the projections: q [B, 1, H, d], k, v [B, 1, H_kv, d] as projected (k
-    and q not yet rotated), gate logits w [B, 1, H_kv] (None: the WISQ gate) at the 0-dim device
-    position -> rotate, push into the slots (K, V, W, in place; ring None: in logical order, push_at;
-    else in place behind that map, ring_push), read out: [B, H, d]. A pure function of tensors, so
-    that one torch.compile serves every layer (compiled_step_core; ring None or not: two graphs)."""
-    q, k = rope(q, position.view(1), theta), rope(k, position.view(1), theta)
-    if w is None:
-        w = wisq_gate(q, k)
-    if ring is None:
-        push_at(K, V, W, k[:, 0], v[:, 0], w[:, 0], position, tables)
-    else:
-        ring_push(K, V, W, ring, k[:, 0], v[:, 0], w[:, 0], position, tables)
-    return slot_attention(q[:, 0].to(v.dtype), K, V, W, opts, k_gain, v_gain)
+    """update_core, then the read-out over the updated slots: [B, H, d]. A pure function of
+    tensors, so that one torch.compile serves every layer (compiled_step_core; ring None or not:
+    two graphs)."""
+    q = update_core(q, k, v, w, position, K, V, W, ring, tables, theta)
+    return slot_attention(q, K, V, W, opts, k_gain, v_gain)
 
 
 @functools.cache
@@ -280,6 +316,31 @@ def compiled_step_core():
     """step_core through torch.compile (the decode step's ~40 small kernels per layer fused into a
     few); used by the `compile` and `triton` decode paths."""
     return torch.compile(step_core, fullgraph=True)
+
+
+def fused_qkv_update_core(
+    qkv: torch.Tensor,
+    h: torch.Tensor,
+    ln_w: torch.Tensor,
+    eps: float,
+    gate_w: torch.Tensor | None,
+    position: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    W: torch.Tensor,
+    ring: torch.Tensor | None,
+    tables: StepTables,
+    theta: float,
+) -> torch.Tensor:
+    """update_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
+    block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
+    B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
+    q, k, v = qkv.view(B, 1, -1, d).split([qkv.shape[1] // d - 2 * Hkv, Hkv, Hkv], dim=2)
+    w = None
+    if gate_w is not None:
+        dt = compute_dtype(h.dtype)
+        w = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps).to(dt), gate_w.to(dt)).view(B, 1, Hkv)
+    return update_core(q, k, v, w, position, K, V, W, ring, tables, theta)
 
 
 def fused_qkv_step_core(
@@ -299,15 +360,9 @@ def fused_qkv_step_core(
     k_gain: torch.Tensor | None,
     v_gain: torch.Tensor | None,
 ) -> torch.Tensor:
-    """step_core from a fused QKV GEMV's output qkv [B, (H + 2 H_kv) d] (in_proj's row order) and the
-    block input h [B, D], whose normalised form the linear gate reads (gate_w None: WISQ gate)."""
-    B, (Hkv, d) = qkv.shape[0], (K.shape[1], K.shape[-1])
-    q, k, v = qkv.view(B, 1, -1, d).split([qkv.shape[1] // d - 2 * Hkv, Hkv, Hkv], dim=2)
-    w = None
-    if gate_w is not None:
-        dt = compute_dtype(h.dtype)
-        w = F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps).to(dt), gate_w.to(dt)).view(B, 1, Hkv)
-    return step_core(q, k, v, w, position, K, V, W, ring, tables, opts, theta, k_gain, v_gain)
+    """step_core from a fused QKV GEMV's output: fused_qkv_update_core, then the read-out."""
+    q = fused_qkv_update_core(qkv, h, ln_w, eps, gate_w, position, K, V, W, ring, tables, theta)
+    return slot_attention(q, K, V, W, opts, k_gain, v_gain)
 
 
 @functools.cache
@@ -315,25 +370,43 @@ def compiled_fused_qkv_step_core():
     return torch.compile(fused_qkv_step_core, fullgraph=True)
 
 
-def attention_step(attn: nn.Module, x: torch.Tensor, state: TelescopingState, position: torch.Tensor, compiled: bool):
+@functools.cache
+def compiled_fused_qkv_update_core():
+    return torch.compile(fused_qkv_update_core, fullgraph=True)
+
+
+@functools.cache
+def compiled_update_core():
+    return torch.compile(update_core, fullgraph=True)
+
+
+def attention_step(
+    attn: nn.Module, x: torch.Tensor, state: TelescopingState, position: torch.Tensor, options: DecodeOptions
+):
     """A TelescopingAttention layer's recurrent form for one token: x [B, 1, d_model] at the 0-dim
-    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable)."""
+    long device `position` -> [B, 1, d_model]. No host synchronisation (graph-capturable). On the
+    Triton paths: the compiled slot update, then the read-out as one Triton kernel
+    (triton_tele_readout); otherwise both as one compiled (or plain) core."""
     B = x.shape[0]
     tables = step_tables(attn.opts.cache_size, attn.opts.fmap, x.device)
-    core = compiled_step_core() if compiled else step_core
-    out = core(
-        *attn._project_raw(x),
-        position,
-        state.k,
-        state.v,
-        state.log_mass,
-        state.ring if state.in_place else None,
-        tables,
-        attn.opts,
-        attn.rope_theta,
-        *attn._gains(),
-    )
+    ring = state.ring if state.in_place else None
+    args = (*attn._project_raw(x), position, state.k, state.v, state.log_mass, ring, tables)
+    if options.triton_kernels and _readout_kernel_takes(state.k):
+        from avengers.decode.kernels.triton_tele_readout import slot_readout
+
+        update = compiled_update_core() if x.is_cuda else update_core  # the interpreter's tests: plain
+        q = update(*args, attn.rope_theta)
+        out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
+    else:
+        core = compiled_step_core() if options.compiled_cores else step_core
+        out = core(*args, attn.opts, attn.rope_theta, *attn._gains())
     return attn.dense(out.reshape(B, 1, attn.nheads * attn.emb_v_per_head))
+
+
+def _readout_kernel_takes(K: torch.Tensor) -> bool:
+    from avengers.decode.kernels import triton_tele_readout  # Triton: imported on the Triton paths only
+
+    return triton_tele_readout.supports(K)
 
 
 def full_attention(
@@ -362,13 +435,18 @@ def allocate_cache(
     device, dtype = allocation_target(model, batch_size, max_seq_len, device, dtype)
     cfg = model.config
     kv, d = cfg.kvheads or cfg.nheads, cfg.emb_dim // cfg.nheads
+    ring = torch.arange(cfg.tele_cache_size, device=device)  # one map for every layer: they take the same steps
     layers = [
         KVState(batch_size, kv, max_seq_len, d, device=device, dtype=dtype)
         if i in model.full_layers
-        else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype)
+        else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype, ring=ring)
         for i in range(cfg.nlayers)
     ]
-    return InferenceCache(layers, batch_size, max_seq_len, (options or DecodeOptions()).resolve("telescoping", device))
+    options = (options or DecodeOptions()).resolve("telescoping", device)
+    for state in layers:
+        if isinstance(state, TelescopingState):
+            state.kernel_step = options.triton_kernels
+    return InferenceCache(layers, batch_size, max_seq_len, options)
 
 
 def forward_with_cache(model: nn.Module, x: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -398,10 +476,22 @@ def _chunk(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: t
         elif position is None:
             a = layer.attn.prefill(y, state)
         else:
-            a = attention_step(layer.attn, y, state, position, options.compiled_cores)
+            a = attention_step(layer.attn, y, state, position, options)
         h = h + a
         h = h + layer.ff_sub_layer(layer.ff_ln(h))
+    if position is not None:
+        _advance_ring(model, cache, position)
     return model.head(base.dec_norm(h))
+
+
+def _advance_ring(model: nn.Module, cache: InferenceCache, position: torch.Tensor) -> None:
+    """After every layer took the step at `position`: advance the cache's ring map (slots in place)."""
+    for layer, state in zip(model.base_model.layers, cache.layers):
+        if isinstance(state, TelescopingState):
+            if state.in_place:  # every telescoping layer shares the map and the schedule
+                opts = layer.attn.opts
+                advance_ring(state.ring, position, step_tables(opts.cache_size, opts.fmap, position.device))
+            return
 
 
 def _gemv_layout(model: nn.Module) -> bool:
@@ -413,37 +503,41 @@ def _gemv_layout(model: nn.Module) -> bool:
 
 def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
     """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
-    RMSNorm + QKV as one GEMV, the slot update and read-out (fused_qkv_step_core), then Wo +
-    residual, RMSNorm + gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final
-    norm + LM head as one GEMV."""
+    RMSNorm + QKV as one GEMV, the slot update (triton_tele_update's kernel for slots in place, else
+    compiled) and the read-out kernel (or, for a head dim the kernels do not tile,
+    fused_qkv_step_core), then Wo + residual, RMSNorm + gate/up + SwiGLU, W2 + residual
+    (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
     from avengers.decode.kernels import triton_gemv
 
     base, B = model.base_model, x.shape[0]
     h = base.embedding(x)
     opts = base.layers[0].attn.opts
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
+    kernels = _readout_kernel_takes(cache.layers[0].k)
     # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
-    core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
+    if kernels:
+        from avengers.decode.kernels.triton_tele_readout import slot_readout
+        from avengers.decode.kernels.triton_tele_update import ring_update
+
+        update = compiled_fused_qkv_update_core() if x.is_cuda else fused_qkv_update_core
+    else:
+        core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
     for layer, state in zip(base.layers, cache.layers):
         attn = layer.attn
         qkv = triton_gemv.gemv(
             h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
         )
-        out = core(
-            qkv,
-            h.view(B, -1),
-            layer.ln.weight,
-            layer.ln.eps,
-            attn.gate.weight if attn.gate is not None else None,
-            position,
-            state.k,
-            state.v,
-            state.log_mass,
-            state.ring if state.in_place else None,
-            tables,
-            attn.opts,
-            attn.rope_theta,
-            *attn._gains(),
-        )
+        gate_w = attn.gate.weight if attn.gate is not None else None
+        ring = state.ring if state.in_place else None
+        args = (qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w, position, state.k, state.v, state.log_mass)
+        if kernels and ring is not None:
+            q = ring_update(*args, ring, tables, attn.rope_theta, len(attn.opts.fmap))
+        elif kernels:
+            q = update(*args, ring, tables, attn.rope_theta)
+        if kernels:
+            out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
+        else:
+            out = core(*args, ring, tables, attn.opts, attn.rope_theta, *attn._gains())
         h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
+    _advance_ring(model, cache, position)
     return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only

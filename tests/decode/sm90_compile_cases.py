@@ -228,6 +228,34 @@ def cases():
                 ssd_step_triton.NUM_WARPS,
             ),
         )
+    from avengers.decode.kernels import triton_tele_readout
+
+    yield (
+        "telescoping slot read-out (tele128_llama3_1.8b)",
+        functools.partial(
+            compile_case,
+            triton_tele_readout._readout_kernel,
+            {"Q": bf, "K": bf, "V": bf, "W": f32, "KGain": bf, "VGain": bf, "Out": bf},
+            dict(HKV=2, G=16, HD=64, BLOCK_C=128, BLOCK_G=16, KV_NORM=True, SOFTCAP=False, MASK_EMPTY=False),
+            ("softcap",),
+            triton_tele_readout.NUM_WARPS,
+        ),
+    )
+    from avengers.decode.kernels import triton_tele_update
+
+    for gate in (True, False):
+        yield (
+            f"telescoping ring update, batch 1 ({'linear' if gate else 'WISQ'} gate)",
+            functools.partial(
+                compile_case,
+                triton_tele_update._ring_update_kernel,
+                {"QKV": bf, "Hin": bf, "LnW": bf, "GateW": bf, "InvFreq": f32, "Pos": "*i64", "K": bf, "V": bf}
+                | {"W": f32, "Ring": "*i64", "RingNew": "*i64", "RingFused": "*i64", "RingMerge": "*u8", "Qout": bf},
+                dict(H=32, HKV=2, HD=64, LEVELS=7, BLOCK_D=1024, BLOCK_G=16, HAS_GATE=gate),
+                ("ln_eps",),
+                triton_tele_update.NUM_WARPS,
+            ),
+        )
     conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
     yield (
         "causal conv forward",

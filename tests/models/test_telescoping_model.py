@@ -141,14 +141,15 @@ def test_compiled_decode_step_in_bf16_is_as_accurate_as_eager():
     assert err["compile"] <= 1.25 * err["reference"], err
 
 
-def test_a_step_in_place_writes_two_cells_and_the_ring(monkeypatch):
+def test_a_step_in_place_writes_two_cells_per_layer_through_one_shared_ring(monkeypatch):
     from avengers.decode import telescoping
 
     monkeypatch.setattr(telescoping, "RING_MIN_BATCH", 3)
     model = _tiny()
     slots = 3 * (2 * 8 * 2 * 8 * 4 + 8 * 2 * 4)  # one layer's means and log-masses at batch 3, C = 8
-    written = model.allocate_cache(3, 16).nbytes_written_per_step()
-    assert written == model.config.nlayers * (slots * 2 // 8 + 8 * 8)
+    cache = model.allocate_cache(3, 16)
+    assert cache.nbytes_written_per_step() == model.config.nlayers * (slots * 2 // 8)
+    assert len({id(s.ring) for s in cache.layers}) == 1  # one map for every layer
 
 
 def test_cache_is_constant_size():
@@ -157,7 +158,7 @@ def test_cache_is_constant_size():
     assert len(set(sizes.values())) == 1
     cfg = model.config
     expected = cfg.nlayers * (2 * 8 * 2 * 8 * 4 + 8 * 2 * 4)  # fp32 means + fp32 log-masses
-    ring = cfg.nlayers * 8 * 8  # each layer's ring map: C longs, shared by the batch
+    ring = 8 * 8  # the cache's ring map: C longs, shared by the batch and the layers
     assert sizes[16] == 3 * expected + ring and expected == tele_cache_bytes(cfg, 0, dtype_bytes=4)
     assert model.allocate_cache(3, 16).nbytes_written_per_step() == 3 * expected  # every slot shifts or merges
     cache = model.allocate_cache(2, 16, dtype=torch.bfloat16)
