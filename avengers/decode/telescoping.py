@@ -3,9 +3,10 @@
 Each telescoping layer keeps its C slot means and log-masses (TelescopingState) and applies the
 merge rule of its schedule one token at a time; the step is looked up on the device from the
 position (StepTables), so it can be replayed from a CUDA graph. Small batches keep the slots in
-logical order and shift them every step (push_at); from RING_MIN_BATCH sequences they stay in
-place behind a ring map from logical slot to cell, one map per cache: the layers write their two
-cells through it (ring_push) and the cache advances it once a step (advance_ring). Prefill runs the parallel form
+logical order and shift them every step (push_at); from RING_MIN_BATCH sequences, and at batch 1
+on the Triton paths (kernels/triton_tele_update), they stay in place behind a ring map from
+logical slot to cell, one map per cache: the layers write their two cells through it (ring_push)
+and the cache advances it once a step (advance_ring). Prefill runs the parallel form
 (the layer's `prefill`) and loads the last row of its node table into the slots. Full-attention
 layers of hybrid variants read a KVState through decode.attention.cached_attention.
 """
