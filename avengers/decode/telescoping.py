@@ -67,6 +67,7 @@ class TelescopingState:
         device=None,
         dtype=None,
         ring: torch.Tensor | None = None,
+        kernel_step: bool = False,
     ):
         dtype = dtype or torch.get_default_dtype()
         self.k = torch.zeros(batch_size, kv_heads, cache_size, head_dim, device=device, dtype=dtype)
@@ -75,7 +76,7 @@ class TelescopingState:
             (batch_size, kv_heads, cache_size), EMPTY_LOG_MASS, device=device, dtype=compute_dtype(dtype)
         )
         self.ring = torch.arange(cache_size, device=self.k.device) if ring is None else ring
-        self.kernel_step = False  # set by allocate_cache on the Triton paths: batch 1 runs the ring kernels
+        self.kernel_step = kernel_step  # the Triton paths: batch 1 writes its cells in place (triton_tele_update)
 
     @property
     def in_place(self) -> bool:
@@ -372,11 +373,6 @@ def compiled_fused_qkv_step_core():
 
 
 @functools.cache
-def compiled_fused_qkv_update_core():
-    return torch.compile(fused_qkv_update_core, fullgraph=True)
-
-
-@functools.cache
 def compiled_update_core():
     return torch.compile(update_core, fullgraph=True)
 
@@ -436,17 +432,15 @@ def allocate_cache(
     device, dtype = allocation_target(model, batch_size, max_seq_len, device, dtype)
     cfg = model.config
     kv, d = cfg.kvheads or cfg.nheads, cfg.emb_dim // cfg.nheads
+    options = (options or DecodeOptions()).resolve("telescoping", device)
     ring = torch.arange(cfg.tele_cache_size, device=device)  # one map for every layer: they take the same steps
+    slots = dict(device=device, dtype=dtype, ring=ring, kernel_step=options.triton_kernels)
     layers = [
         KVState(batch_size, kv, max_seq_len, d, device=device, dtype=dtype)
         if i in model.full_layers
-        else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, device=device, dtype=dtype, ring=ring)
+        else TelescopingState(batch_size, kv, cfg.tele_cache_size, d, **slots)
         for i in range(cfg.nlayers)
     ]
-    options = (options or DecodeOptions()).resolve("telescoping", device)
-    for state in layers:
-        if isinstance(state, TelescopingState):
-            state.kernel_step = options.triton_kernels
     return InferenceCache(layers, batch_size, max_seq_len, options)
 
 
@@ -504,24 +498,22 @@ def _gemv_layout(model: nn.Module) -> bool:
 
 def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
     """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
-    RMSNorm + QKV as one GEMV, the slot update (triton_tele_update's kernel for slots in place, else
-    compiled) and the read-out kernel (or, for a head dim the kernels do not tile,
-    fused_qkv_step_core), then Wo + residual, RMSNorm + gate/up + SwiGLU, W2 + residual
-    (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
+    RMSNorm + QKV as one GEMV, the two-cell slot update and the read-out as Triton kernels
+    (triton_tele_update, triton_tele_readout; the slots are in place on this path) or, for a head
+    dim the kernels do not tile, fused_qkv_step_core compiled; then Wo + residual, RMSNorm +
+    gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
     from avengers.decode.kernels import triton_gemv
 
     base, B = model.base_model, x.shape[0]
     h = base.embedding(x)
     opts = base.layers[0].attn.opts
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
-    kernels = _readout_kernel_takes(cache.layers[0].k)
-    # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
+    # allocate_cache puts the slots in place for this path; the read-out's head dims suit the update too
+    kernels = cache.layers[0].in_place and _readout_kernel_takes(cache.layers[0].k)
     if kernels:
         from avengers.decode.kernels.triton_tele_readout import slot_readout
         from avengers.decode.kernels.triton_tele_update import ring_update
-
-        update = compiled_fused_qkv_update_core() if x.is_cuda else fused_qkv_update_core
-    else:
+    else:  # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
         core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
     for layer, state in zip(base.layers, cache.layers):
         attn = layer.attn
@@ -529,15 +521,12 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
             h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
         )
         gate_w = attn.gate.weight if attn.gate is not None else None
-        ring = state.ring if state.in_place else None
         args = (qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w, position, state.k, state.v, state.log_mass)
-        if kernels and ring is not None:
-            q = ring_update(*args, ring, tables, attn.rope_theta, len(attn.opts.fmap))
-        elif kernels:
-            q = update(*args, ring, tables, attn.rope_theta)
         if kernels:
+            q = ring_update(*args, state.ring, tables, attn.rope_theta, len(attn.opts.fmap))
             out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
         else:
+            ring = state.ring if state.in_place else None
             out = core(*args, ring, tables, attn.opts, attn.rope_theta, *attn._gains())
         h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
     _advance_ring(model, cache, position)
