@@ -27,50 +27,21 @@ import time
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts; both runs
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from avengers.config import make_config  # noqa: E402
 from avengers.models import get_model_spec  # noqa: E402
 from avengers.train.metrics import mfu, peak_flops  # noqa: E402
-from avengers.train.parallel import build_mesh, find_blocks, init_distributed  # noqa: E402
+from avengers.train.parallel import init_distributed  # noqa: E402
+from benchmarks.bare_step import bare_step  # noqa: E402
 
 
 def bare_loop(
     spec, device, batch: int, seq: int, warmup: int, steps: int, compile_blocks: bool, mixed: bool, loss_mode: str
 ) -> dict:
-    """Tokens/s and peak memory of the timed steps of a minimal FSDP2 training loop."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    torch.manual_seed(0)
-    mesh = build_mesh("fsdp", 1, device.type, None)
-    model = spec.build("meta")
-    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if mixed else {}
-    blocks = find_blocks(model, spec.block_types)
-    for i, (_, block) in enumerate(blocks):
-        if compile_blocks:
-            block.compile()
-        fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1, **mp)
-    fully_shard(model, mesh=mesh, **mp)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda" or None
-    )
-    x = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
-    inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-
-    def step() -> None:
-        if loss_mode == "full":
-            loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten())
-        else:
-            loss = model(inputs, labels=labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    """Tokens/s and peak memory of the timed steps of a minimal FSDP2 training loop (bare_step)."""
+    step = bare_step(spec, device, batch, seq, compile_blocks, mixed, loss_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -87,7 +58,7 @@ def bare_loop(
         result = {"tokens_per_s_per_gpu": None, "error": f"out of memory: {str(e).splitlines()[0]}"}
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, opt, x, inputs, labels
+    del step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

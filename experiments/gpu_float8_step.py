@@ -3,9 +3,9 @@ layers in float8, timed and profiled by kernel class on one GPU.
 
     python experiments/gpu_float8_step.py --variant tele128_llama3_1.8b --out DIR
 
-A bare FSDP2 loop on one GPU (bf16 params, fp32 reduce and master weights, per-block compile, fused
-AdamW, random tokens), the conversion the trainer makes (avengers/train/float8.py): 4 warm-up steps,
-5 timed steps, then one profiled step. Writes <out>/float8_step_<variant>.json and the profiles
+benchmarks/bare_step.py's step on one GPU (bf16 params, fp32 reduce and master weights, per-block
+compile, fused AdamW, random tokens; float8: the trainer's conversion): 4 warm-up steps, 5 timed
+steps, then one profiled step. Writes <out>/float8_step_<variant>.json and the profiles
 (benchmarks/profiling.py). Needs an sm_89+ GPU and torchao.
 """
 
@@ -22,36 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avengers.models import get_model_spec  # noqa: E402
-from avengers.train.float8 import convert_blocks_to_float8, float8_unavailable_reason  # noqa: E402
-from avengers.train.parallel import build_mesh, find_blocks, init_distributed  # noqa: E402
+from avengers.train.float8 import float8_unavailable_reason  # noqa: E402
+from avengers.train.parallel import init_distributed  # noqa: E402
+from benchmarks.bare_step import bare_step  # noqa: E402
 from benchmarks.profiling import profile_step  # noqa: E402
 
 
 def one_mode(spec, device: torch.device, float8: bool, batch: int, seq: int, out: Path, tag: str) -> dict:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    torch.manual_seed(0)
-    mesh = build_mesh("fsdp", 1, "cuda", None)
-    model = spec.build("meta")
-    blocks = [block for _, block in find_blocks(model, spec.block_types)]
-    converted = convert_blocks_to_float8(model, blocks) if float8 else 0
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for i, block in enumerate(blocks):
-        block.compile()
-        fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    tokens = torch.randint(0, spec.vocab_size, (batch, seq + 1), device=device)
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-    def step() -> None:
-        model(inputs, labels=labels).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = bare_step(spec, device, batch, seq, compile_blocks=True, mixed=True, loss_mode="chunked", float8=float8)
     for _ in range(4):
         step()
     torch.cuda.synchronize(device)
@@ -60,10 +38,10 @@ def one_mode(spec, device: torch.device, float8: bool, batch: int, seq: int, out
         step()
     torch.cuda.synchronize(device)
     ms = (time.perf_counter() - t0) / 5 * 1e3
-    print(f"{tag}: {ms:.1f} ms/step ({converted} float8 linear layers)", flush=True)
+    print(f"{tag}: {ms:.1f} ms/step", flush=True)
     summary = profile_step(step, device, out, tag)
     summary.pop("_rows")
-    return {"ms_per_step": ms, "float8_linear_layers": converted, **summary}
+    return {"ms_per_step": ms, **summary}
 
 
 def main() -> None:
