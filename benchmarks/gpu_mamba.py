@@ -485,6 +485,7 @@ def part_compile(device, smoke: bool, budget: Budget) -> dict:
     ]
     if have_ssm:
         configs += [("mamba_ssm", "eager", None, "bf16")]
+    default_mode = mamba_kernels.COMPILE_MODE
     for impl, how, cmode, mode in configs:
         tag = f"{impl}_{how}" + (f"_{cmode}" if cmode else "") + ("" if mode == "bf16" else f"_{mode}")
         if budget.left() < (5 if smoke else 60):
@@ -492,7 +493,7 @@ def part_compile(device, smoke: bool, budget: Budget) -> dict:
             continue
         try:
             torch._dynamo.reset()
-            mamba_kernels.COMPILE_MODE = cmode or "opaque"
+            mamba_kernels.COMPILE_MODE = cmode or default_mode
             torch.manual_seed(0)
             dtype = torch.bfloat16 if mode == "bf16" else None
             model = build_ours(spec, device, dtype) if impl == "ours" else ssm_model(spec.config, device, dtype)
@@ -514,7 +515,7 @@ def part_compile(device, smoke: bool, budget: Budget) -> dict:
             log(traceback.format_exc())
         finally:
             model = step = None
-            mamba_kernels.COMPILE_MODE = "opaque"
+            mamba_kernels.COMPILE_MODE = default_mode
             free()
         save()
     return res

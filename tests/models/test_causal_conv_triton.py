@@ -65,6 +65,24 @@ def test_channel_first_input_and_layout_errors():
         triton_causal_conv(x, weight[:16], bias, True)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_custom_op_matches_reference(with_bias):
+    """The kernels behind the custom op a compiled Mamba block calls (avengers.models.mamba.compile)."""
+    from avengers.models.mamba.compile import conv_channel_first_view, triton_conv_op
+
+    x, weight, bias = _inputs(2, 70, 150, 4, torch.float32, with_bias)
+    ins = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+    args = (ins[0].transpose(1, 2), ins[1], ins[2] if with_bias else None, True)
+    torch.library.opcheck(triton_conv_op(), args, test_utils=("test_schema", "test_autograd_registration"))
+    out = conv_channel_first_view(triton_conv_op())(ins[0], *args[1:])
+    ref_in = [t.detach().clone().requires_grad_() for t in ins]
+    ref = ref_causal_conv(ref_in[0], ref_in[1], ref_in[2] if with_bias else None, True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for got, want in zip(torch.autograd.grad(out, ins, grad), torch.autograd.grad(ref, ref_in, grad)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_hybrid_model_with_triton_conv_matches_reference(monkeypatch):
     """The Mamba mixer's and the hybrid attention's conv calls (transposed channel-last views)."""
     import dataclasses

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from avengers.models import get_model_spec
-from avengers.models.mamba.compile import make_ssd_op, ssd_training
+from avengers.models.mamba.compile import conv_channel_first_view, make_conv_op, make_ssd_op, ssd_training
+from avengers.models.mamba.conv import ref_causal_conv
 from avengers.models.mamba.kernels import REFERENCE, Kernels, ref_ssd
 
 
@@ -20,6 +21,21 @@ def _ref_bwd(dy, x, dt, A, B, C, D, dt_bias, y, chunk_size):
 
 
 OP = make_ssd_op("avengers_test::ssd_ref", _ref_fwd, _ref_bwd)
+
+
+def _conv_fwd(x, weight, bias, silu):  # channel-last [b, l, c] in and out
+    return ref_causal_conv(x.transpose(1, 2), weight, bias, silu).transpose(1, 2)
+
+
+def _conv_bwd(grad, x, weight, bias, silu):
+    with torch.enable_grad():
+        ins = (x, weight) if bias is None else (x, weight, bias)
+        _, vjp = torch.func.vjp(lambda x, w, *b: _conv_fwd(x, w, b[0] if b else None, silu), *ins)
+        grads = vjp(grad)
+    return grads[0], grads[1], grads[2] if bias is not None else None
+
+
+CONV_OP = make_conv_op("avengers_test::conv_ref", _conv_fwd, _conv_bwd)
 
 
 def _inputs(dtype=torch.float64, b=2, l=24, h=4, p=4, g=1, n=8):
@@ -53,6 +69,26 @@ def test_gradients_equal_reference_autograd():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("silu", [True, False])
+def test_conv_op_opcheck_and_gradients(with_bias, silu):
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(2, 11, 20, dtype=torch.float64, generator=gen)
+    x = wide[..., 3:15].requires_grad_()  # a column slice: unit channel stride, row stride 20
+    w = torch.randn(12, 1, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    b = torch.randn(12, dtype=torch.float64, generator=gen).requires_grad_() if with_bias else None
+    torch.library.opcheck(CONV_OP, (x, w, b, silu))
+    conv = conv_channel_first_view(CONV_OP)
+    out = conv(x.transpose(1, 2), w, b, silu)
+    want = ref_causal_conv(x.transpose(1, 2), w, b, silu)
+    assert out.shape == want.shape and out.stride(1) == 1  # channel-last, as the mixer's split needs
+    torch.testing.assert_close(out, want)
+    ins = [t for t in (x, w, b) if t is not None]
+    dy = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    for got, ref in zip(torch.autograd.grad(out, ins, dy), torch.autograd.grad(want, ins, dy)):
+        torch.testing.assert_close(got, ref)
+
+
 def test_compiled_block_is_one_graph_and_matches_eager():
     torch.manual_seed(0)
     model = get_model_spec("mamba2_tiny").build("cpu")
@@ -70,14 +106,15 @@ def test_compiled_block_is_one_graph_and_matches_eager():
             REFERENCE.ssd_step,
             REFERENCE.gated_rmsnorm,
             REFERENCE.add_rmsnorm,
-            REFERENCE.causal_conv,
+            conv_channel_first_view(CONV_OP),
         ),
     )
     h = torch.randn(2, 40, 64, requires_grad=True)
     explain = torch._dynamo.explain(block)(h, None, None, None, kernels)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     ops = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert any("avengers_test.ssd_ref" in o for o in ops), ops  # the scan is one opaque node
+    for name in ("avengers_test.ssd_ref", "avengers_test.conv_ref"):  # the scan and the conv: one node each
+        assert any(name in o for o in ops), ops
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     out_c, res_c = compiled(h, None, None, None, kernels)

@@ -155,55 +155,54 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"weight has {weight.shape[0]} channels, x has {x.shape[-1]}")
 
 
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    """x [b, l, channels] (unit channel stride, any row stride), weight [channels, 1, W] -> [b, l, channels]."""
+    _check(x, weight)
+    B, L, C = x.shape
+    width = weight.shape[-1]
+    w = weight.reshape(C, width).contiguous()
+    out = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
+    grid = (B, triton.cdiv(L, BLOCK_T), triton.cdiv(C, BLOCK_C))
+    b_or_w = bias if bias is not None else w  # unread without a bias
+    _fwd_kernel[grid](
+        x, w, b_or_w, out, x.stride(0), x.stride(1), L, C, width, bias is not None, silu, BLOCK_T, BLOCK_C
+    )
+    return out
+
+
+def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool):
+    """-> (dx [b, l, channels], dweight, dbias or None), recomputing the pre-activation from x."""
+    B, L, C = x.shape
+    width, has_bias = weight.shape[-1], bias is not None
+    w = weight.reshape(C, width).contiguous()
+    grad = grad.contiguous()
+    grid = (B, triton.cdiv(L, BLOCK_T), triton.cdiv(C, BLOCK_C))
+    gp = grad
+    if silu:
+        gp = torch.empty(B, L, C, device=x.device, dtype=torch.float32)
+        b_or_w = bias if has_bias else w
+        _grad_pre_kernel[grid](
+            x, w, b_or_w, grad, gp, x.stride(0), x.stride(1), L, C, width, has_bias, BLOCK_T, BLOCK_C
+        )
+    n_tb = grid[1]
+    dx = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
+    dw_part, db_part = _partial_buffers(x, B * n_tb, width, has_bias)
+    _bwd_kernel[grid](
+        x, w, gp, dx, dw_part, db_part, x.stride(0), x.stride(1), L, C, n_tb, width, has_bias, BLOCK_T, BLOCK_C
+    )
+    return dx, *_grads_from_partials(dw_part, db_part, weight.shape, w, bias)
+
+
 class CausalConvChannelLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu: bool):
-        _check(x, weight)
-        B, L, C = x.shape
-        width = weight.shape[-1]
-        w = weight.reshape(C, width).contiguous()
-        out = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-        grid = (B, triton.cdiv(L, BLOCK_T), triton.cdiv(C, BLOCK_C))
-        _fwd_kernel[grid](
-            x,
-            w,
-            bias if bias is not None else w,
-            out,
-            x.stride(0),
-            x.stride(1),
-            L,
-            C,
-            width,
-            bias is not None,
-            silu,
-            BLOCK_T,
-            BLOCK_C,
-        )
-        ctx.save_for_backward(x, w, bias)
-        ctx.silu, ctx.weight_shape = silu, weight.shape
-        return out
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return conv_forward(x, weight, bias, silu)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, bias = ctx.saved_tensors
-        B, L, C = x.shape
-        width, has_bias = w.shape[-1], bias is not None
-        grad = grad.contiguous()
-        grid = (B, triton.cdiv(L, BLOCK_T), triton.cdiv(C, BLOCK_C))
-        gp = grad
-        if ctx.silu:
-            gp = torch.empty(B, L, C, device=x.device, dtype=torch.float32)
-            b_or_w = bias if has_bias else w  # unread without a bias
-            _grad_pre_kernel[grid](
-                x, w, b_or_w, grad, gp, x.stride(0), x.stride(1), L, C, width, has_bias, BLOCK_T, BLOCK_C
-            )
-        n_tb = grid[1]
-        dx = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-        dw_part, db_part = _partial_buffers(x, B * n_tb, width, has_bias)
-        _bwd_kernel[grid](
-            x, w, gp, dx, dw_part, db_part, x.stride(0), x.stride(1), L, C, n_tb, width, has_bias, BLOCK_T, BLOCK_C
-        )
-        return dx, *_grads_from_partials(dw_part, db_part, ctx.weight_shape, w, bias), None
+        return *conv_backward(grad, *ctx.saved_tensors, ctx.silu), None
 
 
 def _partial_buffers(x: torch.Tensor, programs: int, width: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:

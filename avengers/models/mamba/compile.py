@@ -1,13 +1,15 @@
-"""The SSD scan as a torch.library custom op, so a compiled Mamba block is one graph.
+"""The SSD scan and the causal conv as torch.library custom ops, so a compiled Mamba block is one graph.
 
 torch.compile cannot see into mamba_ssm's autograd.Function cleanly: tracing it captures every
 Triton launch (with functionalisation copies), and hiding it behind torch.compiler.disable splits
 each block into several graphs. Registered as an opaque custom op with a fake (shape) function and
 an autograd formula, the scan stays mamba_ssm's kernels while inductor compiles and fuses the rest
-of the block (projections' glue, conv + SiLU, the RMSNorms in plain torch).
+of the block (projections' glue, the RMSNorms in plain torch). The causal conv is our Triton kernel
+behind a custom op the same way (inductor would otherwise call cuDNN's slow depthwise conv).
 
-`make_ssd_op` takes the forward/backward implementations as arguments; the GPU build passes
-mamba_ssm's `_mamba_chunk_scan_combined_fwd/_bwd`, the tests pass the pure-torch reference.
+`make_ssd_op` and `make_conv_op` take the forward/backward implementations as arguments; the GPU
+build passes mamba_ssm's `_mamba_chunk_scan_combined_fwd/_bwd` and causal_conv_triton's
+`conv_forward/conv_backward`, the tests pass the pure-torch references.
 """
 
 from __future__ import annotations
@@ -100,3 +102,66 @@ def mamba_ssm_ssd_op():
         return dx, ddt, dA, dB, dC, dD, ddt_bias
 
     return make_ssd_op("avengers::mamba2_ssd", fwd, bwd)
+
+
+def make_conv_op(name: str, fwd: Callable, bwd: Callable):
+    """Register `name` (e.g. "avengers::causal_conv") and its backward op; returns the forward op.
+
+    fwd(x [b, l, c], weight [c, 1, W], bias or None, silu) -> [b, l, c] contiguous;
+    bwd(grad, x, weight, bias, silu) -> (dx, dweight, dbias or None).
+    """
+
+    @torch.library.custom_op(name, mutates_args=())
+    def conv(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+        return fwd(x, weight, bias, silu).contiguous()
+
+    @conv.register_fake
+    def _(x, weight, bias, silu):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    @torch.library.custom_op(name + "_bwd", mutates_args=())
+    def conv_bwd(
+        grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dx, dw, db = bwd(grad, x, weight, bias, silu)
+        db = db.to(bias.dtype).contiguous() if bias is not None else weight.new_empty(0)  # outputs cannot be None
+        return dx.to(x.dtype).contiguous(), dw.to(weight.dtype).contiguous(), db
+
+    @conv_bwd.register_fake
+    def _(grad, x, weight, bias, silu):
+        db = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else weight.new_empty(0)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight), db
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, silu = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = conv_bwd(grad.contiguous(), x, weight, bias, ctx.silu)
+        return dx, dw, (db if bias is not None else None), None
+
+    conv.register_autograd(backward, setup_context=setup_context)
+    return conv
+
+
+def conv_channel_first_view(op) -> Callable:
+    """A Kernels.causal_conv over a channel-last op: x [b, c, l] (the mixer's transposed view) ->
+    [b, c, l], a view of the op's [b, l, c] output."""
+
+    def causal_conv(x, weight, bias, silu):
+        x_blc = x.transpose(1, 2)
+        if x_blc.stride(-1) != 1:
+            x_blc = x_blc.contiguous()
+        return op(x_blc, weight, bias, silu).transpose(1, 2)
+
+    return causal_conv
+
+
+@functools.cache
+def triton_conv_op():
+    """The custom op over causal_conv_triton's kernels (registered once per process)."""
+    from avengers.models.mamba.causal_conv_triton import conv_backward, conv_forward
+
+    return make_conv_op("avengers::causal_conv", conv_forward, conv_backward)

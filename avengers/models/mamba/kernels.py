@@ -145,11 +145,12 @@ REFERENCE = Kernels("reference", ref_ssd, ref_ssd_step, ref_gated_rmsnorm, ref_a
 # What torch.compile'd Mamba blocks see of mamba_ssm (benchmarks/gpu_mamba.py compares them):
 #   "opaque"    each mamba_ssm op behind torch.compiler.disable (graph breaks around every op)
 #   "traced"    dynamo traces into mamba_ssm's autograd.Functions and Triton launches
-#   "custom_op" the SSD scan as a torch.library custom op and norms/conv in torch, so the block is
-#               one graph and inductor fuses everything but the scan (avengers.models.mamba.compile)
+#   "custom_op" the SSD scan and the Triton causal conv as torch.library custom ops, the norms in
+#               torch, so the block is one graph and inductor fuses the rest (avengers.models.mamba.compile);
+#               the default: no graph breaks, 1.10x eager at batch 2 through train_mamba.sh (docs/mamba.md)
 # Eager execution is the same in all three.
 COMPILE_MODES = ("opaque", "traced", "custom_op")
-COMPILE_MODE = "opaque"
+COMPILE_MODE = "custom_op"
 
 
 @functools.cache
@@ -170,7 +171,13 @@ def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
     ops = {k: torch.compiler.disable(f) for k, f in ops.items()}
     for_compile = None
     if compile_mode == "custom_op":
-        from avengers.models.mamba.compile import mamba_ssm_ssd_op, ssd_training
+        from avengers.models.mamba.causal_conv_triton import self_test
+        from avengers.models.mamba.compile import (
+            conv_channel_first_view,
+            mamba_ssm_ssd_op,
+            ssd_training,
+            triton_conv_op,
+        )
 
         for_compile = Kernels(
             "mamba_ssm_compile",
@@ -178,7 +185,7 @@ def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
             ops["ssd_step"],
             ref_gated_rmsnorm,
             ref_add_rmsnorm,
-            ref_causal_conv,
+            conv_channel_first_view(triton_conv_op()) if self_test() else ref_causal_conv,
         )
     return Kernels("mamba_ssm", **ops, for_compile=for_compile)
 
