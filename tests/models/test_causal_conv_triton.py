@@ -10,7 +10,7 @@ from triton_helpers import triton_device
 
 DEVICE = triton_device()
 
-from avengers.models.mamba.causal_conv_triton import CausalConvChannelLast, triton_causal_conv  # noqa: E402
+from avengers.models.mamba.causal_conv_triton import conv_forward, triton_causal_conv, triton_conv_op  # noqa: E402
 from avengers.models.mamba.conv import ref_causal_conv  # noqa: E402
 
 pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
@@ -60,21 +60,19 @@ def test_channel_first_input_and_layout_errors():
         triton_causal_conv(x_cf, weight, bias, True), ref_causal_conv(x_cf, weight, bias, True), atol=1e-5, rtol=1e-5
     )
     with pytest.raises(ValueError, match="unit channel stride"):
-        CausalConvChannelLast.apply(x_cf.transpose(1, 2), weight, bias, True)
+        conv_forward(x_cf.transpose(1, 2), weight, bias, True)
     with pytest.raises(ValueError, match="weight has 16 channels"):
         triton_causal_conv(x, weight[:16], bias, True)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_custom_op_matches_reference(with_bias):
-    """The kernels behind the custom op a compiled Mamba block calls (avengers.models.mamba.compile)."""
-    from avengers.models.mamba.compile import conv_channel_first_view, triton_conv_op
-
+    """The custom op that eager and compiled blocks call, registered right for torch.compile."""
     x, weight, bias = _inputs(2, 70, 150, 4, torch.float32, with_bias)
     ins = [t.detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
     args = (ins[0].transpose(1, 2), ins[1], ins[2] if with_bias else None, True)
-    torch.library.opcheck(triton_conv_op(), args, test_utils=("test_schema", "test_autograd_registration"))
-    out = conv_channel_first_view(triton_conv_op())(ins[0], *args[1:])
+    torch.library.opcheck(triton_conv_op, args, test_utils=("test_schema", "test_autograd_registration"))
+    out = triton_causal_conv(ins[0], *args[1:])
     ref_in = [t.detach().clone().requires_grad_() for t in ins]
     ref = ref_causal_conv(ref_in[0], ref_in[1], ref_in[2] if with_bias else None, True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

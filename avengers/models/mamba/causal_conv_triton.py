@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from avengers.models.mamba.compile import conv_channel_first_view, make_conv_op
+
 log = logging.getLogger(__name__)
 
 BLOCK_T = 32
@@ -193,18 +195,6 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
     return dx, *_grads_from_partials(dw_part, db_part, weight.shape, w, bias)
 
 
-class CausalConvChannelLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu: bool):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu = silu
-        return conv_forward(x, weight, bias, silu)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return *conv_backward(grad, *ctx.saved_tensors, ctx.silu), None
-
-
 def _partial_buffers(x: torch.Tensor, programs: int, width: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 per-program partials of dw [programs, width, C] and db [programs, C] (dw's buffer again,
     unused, without a bias)."""
@@ -218,13 +208,13 @@ def _grads_from_partials(dw_part, db_part, weight_shape, w, bias):
     return dw, (db_part.sum(0).to(bias.dtype) if bias is not None else None)
 
 
-def triton_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
-    """kernels.py's causal_conv signature: x [b, channels, l] (a transposed channel-last view, as the
-    Mamba mixer passes it), weight [channels, 1, W] -> [b, channels, l] (a view of a [b, l, channels] tensor)."""
-    x_blc = x.transpose(1, 2)
-    if x_blc.stride(-1) != 1:  # a channel-first tensor: one copy into the kernel's layout
-        x_blc = x_blc.contiguous()
-    return CausalConvChannelLast.apply(x_blc, weight, bias, silu).transpose(1, 2)
+# One op for eager and compiled blocks: a torch.library custom op is opaque to dynamo, so a compiled
+# Mamba block stays one graph around it (avengers.models.mamba.compile).
+triton_conv_op = make_conv_op("avengers::causal_conv", conv_forward, conv_backward)
+# kernels.py's causal_conv signature: x [b, channels, l] (a transposed channel-last view, as the Mamba
+# mixer passes it; a channel-first tensor costs one copy), weight [channels, 1, W] -> [b, channels, l],
+# a view of a [b, l, channels] tensor.
+triton_causal_conv = conv_channel_first_view(triton_conv_op)
 
 
 def self_test(device: torch.device | str = "cuda") -> bool:

@@ -8,8 +8,8 @@ of the block (projections' glue, the RMSNorms in plain torch). The causal conv i
 behind a custom op the same way (inductor would otherwise call cuDNN's slow depthwise conv).
 
 `make_ssd_op` and `make_conv_op` take the forward/backward implementations as arguments; the GPU
-build passes mamba_ssm's `_mamba_chunk_scan_combined_fwd/_bwd` and causal_conv_triton's
-`conv_forward/conv_backward`, the tests pass the pure-torch references.
+build passes mamba_ssm's `_mamba_chunk_scan_combined_fwd/_bwd` (below) and causal_conv_triton its
+`conv_forward/conv_backward` (eager blocks call the same op), the tests pass the pure-torch references.
 """
 
 from __future__ import annotations
@@ -157,11 +157,3 @@ def conv_channel_first_view(op) -> Callable:
         return op(x_blc, weight, bias, silu).transpose(1, 2)
 
     return causal_conv
-
-
-@functools.cache
-def triton_conv_op():
-    """The custom op over causal_conv_triton's kernels (registered once per process)."""
-    from avengers.models.mamba.causal_conv_triton import conv_backward, conv_forward
-
-    return make_conv_op("avengers::causal_conv", conv_forward, conv_backward)

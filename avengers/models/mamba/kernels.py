@@ -168,24 +168,23 @@ def _mamba_ssm_kernels(compile_mode: str) -> Kernels | None:
         return None
     if compile_mode == "traced":
         return Kernels("mamba_ssm", **ops)
+    conv = ops["causal_conv"]
     ops = {k: torch.compiler.disable(f) for k, f in ops.items()}
     for_compile = None
     if compile_mode == "custom_op":
-        from avengers.models.mamba.causal_conv_triton import self_test
-        from avengers.models.mamba.compile import (
-            conv_channel_first_view,
-            mamba_ssm_ssd_op,
-            ssd_training,
-            triton_conv_op,
-        )
+        from avengers.models.mamba.compile import mamba_ssm_ssd_op, ssd_training
 
+        if conv is not ref_causal_conv:  # ours (a custom op), or causal-conv1d's, which dynamo cannot trace
+            from avengers.models.mamba.causal_conv_triton import self_test, triton_causal_conv
+
+            conv = triton_causal_conv if conv is triton_causal_conv or self_test() else ref_causal_conv
         for_compile = Kernels(
             "mamba_ssm_compile",
             ssd_training(mamba_ssm_ssd_op(), ops["ssd"]),
             ops["ssd_step"],
             ref_gated_rmsnorm,
             ref_add_rmsnorm,
-            conv_channel_first_view(triton_conv_op()) if self_test() else ref_causal_conv,
+            conv,
         )
     return Kernels("mamba_ssm", **ops, for_compile=for_compile)
 
