@@ -39,3 +39,23 @@ def test_profiler_writes_a_trace_and_an_operator_table(tmp_path):
     table = (folder / "ops_rank0.txt").read_text()
     assert table.startswith("top operators over the 3 profiled steps, by self_cpu_time_total")
     assert "aten::mm" in table and "aten::relu_" in table
+
+
+def test_operator_tables_one_per_sort(tmp_path):
+    import torch
+    from torch.profiler import profile
+
+    from avengers.train.metrics import write_operator_tables
+
+    x = torch.randn(32, 32)
+    with profile() as prof:
+        (x @ x).relu_()
+    path = tmp_path / "ops.txt"
+    write_operator_tables(prof.key_averages(), str(path), ("self_device_time_total", "self_cpu_time_total"))
+    text = path.read_text()
+    heads = [line for line in text.splitlines() if line.startswith("top operators")]
+    assert heads == [
+        "top operators over the 3 profiled steps, by self_device_time_total",
+        "top operators over the 3 profiled steps, by self_cpu_time_total",
+    ]
+    assert text.count("aten::mm") == 2
