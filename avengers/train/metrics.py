@@ -167,8 +167,8 @@ def build_profiler(cfg, rank: int):
 
     def on_trace_ready(prof) -> None:
         write_trace(prof)
-        # On a GPU also by host time: a step that launches faster than the GPU drains is bound by the
-        # host, and the device-time table alone does not show it (Mamba-2 at batch 2, docs/mamba.md).
+        # On a GPU also by host time: when the kernels finish faster than the host launches them, the
+        # host sets the step, and the device-time table alone does not show it (Mamba-2 at batch 2).
         sorts = ("self_device_time_total", "self_cpu_time_total") if on_gpu else ("self_cpu_time_total",)
         write_operator_tables(prof.key_averages(), os.path.join(folder, f"ops_rank{rank}.txt"), sorts)
         log.info("profiler: trace and operator tables in %s", folder)
