@@ -256,30 +256,25 @@ def cases():
                 triton_tele_update.NUM_WARPS,
             ),
         )
-    conv = dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
+    fwd, bwd = causal_conv_triton.FWD_TILES, causal_conv_triton.BWD_TILES
     yield (
         "causal conv forward",
         functools.partial(
-            compile_case, causal_conv_triton._fwd_kernel, {"X": bf, "Wt": bf, "Bias": bf, "Out": bf}, conv
-        ),
-    )
-    bwd = dict(WIDTH=4, HAS_BIAS=True, BT=causal_conv_triton.BLOCK_T, BC=causal_conv_triton.BLOCK_C)
-    yield (
-        "causal conv backward: pre-activation gradient",
-        functools.partial(
             compile_case,
-            causal_conv_triton._grad_pre_kernel,
-            {"X": bf, "Wt": bf, "Bias": bf, "G": bf, "GP": f32},
-            bwd,
+            causal_conv_triton._fwd_kernel,
+            {"X": bf, "Wt": bf, "Bias": bf, "Out": bf},
+            dict(WIDTH=4, HAS_BIAS=True, SILU=True, BT=fwd.bt, BC=fwd.bc),
+            num_warps=fwd.warps,
         ),
     )
     yield (
-        "causal conv backward: dx and weight/bias partials",
+        "causal conv backward",
         functools.partial(
             compile_case,
             causal_conv_triton._bwd_kernel,
-            {"X": bf, "Wt": bf, "GP": f32, "DX": bf, "DWp": f32, "DBp": f32},
-            bwd,
+            {"X": bf, "W4": bf, "Bias": bf, "G": bf, "DX": bf, "DWp": f32, "DBp": f32},
+            dict(HAS_BIAS=True, SILU=True, BT=bwd.bt, NT=bwd.nt, BC=bwd.bc),
+            num_warps=bwd.warps,
         ),
     )
 

@@ -28,7 +28,7 @@ def _inputs(B, L, C, width, dtype, with_bias, seed=0):
 
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("shape", [(2, 70, 150, 4), (1, 33, 64, 3), (3, 5, 130, 4)])
+@pytest.mark.parametrize("shape", [(2, 70, 150, 4), (1, 33, 64, 3), (3, 5, 130, 4), (2, 300, 40, 2), (1, 9, 300, 1)])
 def test_matches_reference_with_grads(shape, with_bias, silu):
     B, L, C, width = shape
     x, weight, bias = _inputs(B, L, C, width, torch.float32, with_bias)
@@ -51,6 +51,19 @@ def test_bf16_close_to_fp32_reference():
     ref = ref_causal_conv(x.float(), weight.float(), bias.float(), True)
     out = triton_causal_conv(x, weight, bias, True)
     assert (out.float() - ref).abs().max() < 3e-2 * ref.abs().max()
+
+
+def test_wider_than_four_taps_runs_the_reference_and_the_kernels_refuse_it():
+    from avengers.models.mamba.causal_conv_triton import conv_backward
+
+    x, weight, bias = _inputs(2, 20, 24, 5, torch.float32, True)
+    out = triton_causal_conv(x, weight, bias, True)
+    torch.testing.assert_close(out, ref_causal_conv(x, weight, bias, True), atol=1e-5, rtol=1e-5)
+    x_blc = x.transpose(1, 2)
+    with pytest.raises(ValueError, match="width 5"):
+        conv_forward(x_blc, weight, bias, True)
+    with pytest.raises(ValueError, match="width 5"):
+        conv_backward(torch.ones_like(x_blc), x_blc, weight, bias, True)
 
 
 def test_channel_first_input_and_layout_errors():
