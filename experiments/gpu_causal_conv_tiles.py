@@ -36,16 +36,25 @@ BWD = [
 ]
 
 
-def layer_inputs(batch: int, L: int = 4096, d_inner: int = 4096, bc: int = 256, nheads: int = 64):
+def layer_inputs(batch, L=4096, d_inner=4096, bc=256, nheads=64, device="cuda", dtype=torch.bfloat16):
     """mamba2_1.3b's conv input: columns [d_inner, d_inner + C) of a [b, L, d_in_proj] projection."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     C = d_inner + bc
-    wide = torch.randn(batch, L, 2 * d_inner + bc + nheads, device="cuda", generator=g).bfloat16()
+    wide = torch.randn(batch, L, 2 * d_inner + bc + nheads, device=device, generator=g).to(dtype)
     x = wide[..., d_inner : d_inner + C]
-    w = (0.5 * torch.randn(C, 1, 4, device="cuda", generator=g)).bfloat16()
-    b = torch.randn(C, device="cuda", generator=g).bfloat16()
-    grad = torch.randn(batch, L, C, device="cuda", generator=g).bfloat16()
+    w = (0.5 * torch.randn(C, 1, 4, device=device, generator=g)).to(dtype)
+    b = torch.randn(C, device=device, generator=g).to(dtype)
+    grad = torch.randn(batch, L, C, device=device, generator=g).to(dtype)
     return x, w, b, grad
+
+
+def run_form(form: str, tiles, x, w, b, grad):
+    """A zero-argument call of the forward or the backward with these tiles."""
+    if form == "forward":
+        cc.FWD_TILES = tiles
+        return lambda: cc.conv_forward(x, w, b, True)
+    cc.BWD_TILES = tiles
+    return lambda: cc.conv_backward(grad, x, w, b, True)
 
 
 def reference(x, w, b, grad):
@@ -56,7 +65,12 @@ def reference(x, w, b, grad):
 
 
 def rel_err(a, r) -> float:
-    return float((a.float() - r).abs().max() / r.abs().max())
+    return float((a.float() - r.float()).abs().max() / r.float().abs().max())
+
+
+def errors(form: str, got, ref_out, ref_grads) -> float:
+    """The largest relative error of a form's outputs against the fp32 reference."""
+    return rel_err(got, ref_out) if form == "forward" else max(rel_err(a, r) for a, r in zip(got, ref_grads))
 
 
 def main() -> None:
@@ -77,14 +91,8 @@ def main() -> None:
         for form, cands in (("forward", FWD), ("backward", BWD)):
             for bt, bcols, nt, warps in cands:
                 tiles = cc.Tiles(bt, bcols, nt, warps)
-                if form == "forward":
-                    cc.FWD_TILES = tiles
-                    fn = lambda: cc.conv_forward(x, w, b, True)  # noqa: E731
-                    err = rel_err(fn(), ref_out)
-                else:
-                    cc.BWD_TILES = tiles
-                    fn = lambda: cc.conv_backward(grad, x, w, b, True)  # noqa: E731
-                    err = max(rel_err(a, r) for a, r in zip(fn(), ref_grads))
+                fn = run_form(form, tiles, x, w, b, grad)
+                err = errors(form, fn(), ref_out, ref_grads)
                 ms = do_bench(fn, warmup=25, rep=100)
                 row = dict(batch=batch, form=form, tiles=dataclasses.asdict(tiles), ms=ms, err=err)
                 row["gbs_over_floor"] = floors[form] / ms / 1e6
