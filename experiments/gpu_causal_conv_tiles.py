@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from avengers.hardware import device_spec, measure_copy_bandwidth
 from avengers.models.mamba import causal_conv_triton as cc
 from avengers.models.mamba.conv import ref_causal_conv
 
@@ -51,10 +52,8 @@ def layer_inputs(batch, L=4096, d_inner=4096, bc=256, nheads=64, device="cuda", 
 def run_form(form: str, tiles, x, w, b, grad):
     """A zero-argument call of the forward or the backward with these tiles."""
     if form == "forward":
-        cc.FWD_TILES = tiles
-        return lambda: cc.conv_forward(x, w, b, True)
-    cc.BWD_TILES = tiles
-    return lambda: cc.conv_backward(grad, x, w, b, True)
+        return lambda: cc.conv_forward(x, w, b, True, tiles)
+    return lambda: cc.conv_backward(grad, x, w, b, True, tiles)
 
 
 def reference(x, w, b, grad):
@@ -82,7 +81,7 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     rows, best = [], {}
-    bw = 3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12
+    bw = device_spec("cuda").bandwidth or measure_copy_bandwidth(torch.device("cuda"))
     for batch in (int(v) for v in args.batch.split(",")):
         x, w, b, grad = layer_inputs(batch)
         ref_out, ref_grads = reference(x, w, b, grad)

@@ -20,9 +20,7 @@ pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
 
 
 @pytest.mark.parametrize("form,tiles", [("forward", t) for t in sweep.FWD] + [("backward", t) for t in sweep.BWD])
-def test_every_candidate_matches_the_reference(form, tiles, monkeypatch):
-    monkeypatch.setattr(cc, "FWD_TILES", cc.FWD_TILES)
-    monkeypatch.setattr(cc, "BWD_TILES", cc.BWD_TILES)
+def test_every_candidate_matches_the_reference(form, tiles):
     x, w, b, grad = sweep.layer_inputs(2, L=37, d_inner=32, bc=16, nheads=2, device=DEVICE, dtype=torch.float32)
     ref_out, ref_grads = sweep.reference(x, w, b, grad)
     fn = sweep.run_form(form, cc.Tiles(*tiles), x, w, b, grad)

@@ -125,7 +125,7 @@ def _bwd_kernel(
     sxt,
     L,
     C,
-    n_parts_t,
+    parts_t,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
     BT: tl.constexpr,
@@ -178,13 +178,13 @@ def _bwd_kernel(
         acc2 += g0 * x2
         acc3 += g0 * x3
         accb += g0
-    dw = DWp + (b * n_parts_t + tp) * 4 * C + cols
+    dw = DWp + (b * parts_t + tp) * 4 * C + cols
     tl.store(dw, tl.sum(acc0, 0), mask=c_ok)
     tl.store(dw + C, tl.sum(acc1, 0), mask=c_ok)
     tl.store(dw + 2 * C, tl.sum(acc2, 0), mask=c_ok)
     tl.store(dw + 3 * C, tl.sum(acc3, 0), mask=c_ok)
     if HAS_BIAS:
-        tl.store(DBp + (b * n_parts_t + tp) * C + cols, tl.sum(accb, 0), mask=c_ok)
+        tl.store(DBp + (b * parts_t + tp) * C + cols, tl.sum(accb, 0), mask=c_ok)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -198,23 +198,44 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"conv width {weight.shape[-1]}: the Triton causal conv takes widths 1 to {MAX_WIDTH}")
 
 
-def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
+def conv_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool, tiles: Tiles = FWD_TILES
+) -> torch.Tensor:
     """x [b, l, channels] (unit channel stride, any row stride), weight [channels, 1, W] -> [b, l, channels]."""
     _check(x, weight)
     B, L, C = x.shape
     width = weight.shape[-1]
     w = weight.reshape(C, width).contiguous()
     out = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-    t = FWD_TILES
-    grid = (B, triton.cdiv(L, t.bt), triton.cdiv(C, t.bc))
+    grid = (B, triton.cdiv(L, tiles.bt), triton.cdiv(C, tiles.bc))
     b_or_w = bias if bias is not None else w  # unread without a bias
     _fwd_kernel[grid](
-        x, w, b_or_w, out, x.stride(0), x.stride(1), L, C, width, bias is not None, silu, t.bt, t.bc, num_warps=t.warps
+        x,
+        w,
+        b_or_w,
+        out,
+        x.stride(0),
+        x.stride(1),
+        L,
+        C,
+        width,
+        bias is not None,
+        silu,
+        tiles.bt,
+        tiles.bc,
+        num_warps=tiles.warps,
     )
     return out
 
 
-def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool):
+def conv_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu: bool,
+    tiles: Tiles = BWD_TILES,
+):
     """-> (dx [b, l, channels], dweight, dbias or None), recomputing the pre-activation from x."""
     _check(x, weight)
     B, L, C = x.shape
@@ -223,12 +244,11 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
     w4 = F.pad(w, (MAX_WIDTH - width, 0))  # zero taps on the left: the same conv
     grad = grad.contiguous()
     dx = torch.empty(B, L, C, device=x.device, dtype=x.dtype)
-    t = BWD_TILES
-    parts_t = triton.cdiv(L, t.bt * t.nt)
+    parts_t = triton.cdiv(L, tiles.bt * tiles.nt)
     dw_part, db_part = _partial_buffers(x, B * parts_t, MAX_WIDTH, has_bias)
-    _bwd_kernel[(B, parts_t, triton.cdiv(C, t.bc))](
+    _bwd_kernel[(B, parts_t, triton.cdiv(C, tiles.bc))](
         x, w4, bias if has_bias else w4, grad, dx, dw_part, db_part, x.stride(0), x.stride(1), L, C, parts_t,
-        has_bias, silu, t.bt, t.nt, t.bc, num_warps=t.warps,
+        has_bias, silu, tiles.bt, tiles.nt, tiles.bc, num_warps=tiles.warps,
     )  # fmt: skip
     return dx, *_grads_from_partials(dw_part[:, MAX_WIDTH - width :], db_part, weight.shape, w, bias)
 
