@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from avengers.hardware import device_spec
+from avengers.train.trace_summary import write_for_newest_trace
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +157,15 @@ def write_operator_tables(averages, path: str, sorts: tuple[str, ...]) -> None:
 def build_profiler(cfg, rank: int):
     """torch.profiler over 6 steps (wait 1, warmup 2, active 3): a trace under <run>/profile_traces and,
     beside it, ops_rank<r>.txt, the top operators by self device time and by self CPU time (CPU time
-    alone without a GPU); or None."""
+    alone without a GPU), and on a GPU host_gpu_rank<r>.txt, whether the host or the GPU sets the step
+    (trace_summary); or None."""
     if not cfg.use_profiler or (cfg.profiler_rank0_only and rank != 0):
         return None
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
     on_gpu = torch.cuda.is_available()
     folder = os.path.join(cfg.ckpt_save_path, "profile_traces")
-    write_trace = tensorboard_trace_handler(folder)
+    write_trace = tensorboard_trace_handler(folder, worker_name=f"rank{rank}")
 
     def on_trace_ready(prof) -> None:
         write_trace(prof)
@@ -171,6 +173,13 @@ def build_profiler(cfg, rank: int):
         # host sets the step, and the device-time table alone does not show it (Mamba-2 at batch 2).
         sorts = ("self_device_time_total", "self_cpu_time_total") if on_gpu else ("self_cpu_time_total",)
         write_operator_tables(prof.key_averages(), os.path.join(folder, f"ops_rank{rank}.txt"), sorts)
+        try:  # a diagnosis: never the reason a run stops
+            summary = write_for_newest_trace(folder, f"rank{rank}", os.path.join(folder, f"host_gpu_rank{rank}.txt"))
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("profiler: no host/GPU summary of the trace: %s", e)
+            summary = None
+        if summary is not None:
+            log.info("profiler: %s (host_gpu_rank%d.txt)", summary.verdict(), rank)
         log.info("profiler: trace and operator tables in %s", folder)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
