@@ -1,5 +1,10 @@
-"""Run avengers.train in N forked processes on gloo (a torchrun stand-in that costs no re-import), with
-faults injected from the test side."""
+"""Run avengers.train in N processes on gloo (a torchrun stand-in), with faults injected from the test side.
+
+The ranks fork from a forkserver that imported torch and the trainer once (no re-import per launch),
+not from the test process: process groups that earlier tests created and destroyed there leave state
+that breaks ranks forked from it (two were enough for their checkpoints to write overlapping shards,
+or for them to crash). Their stdout and stderr go to files that `join_training` writes into the test
+process's own, so `capfd` sees them."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,7 +128,11 @@ def _inject_fault(
         loss_module._LinearCrossEntropy.apply = nan_loss
 
 
-def _worker(rank: int, world: int, port: int, overrides: dict, env: dict, faults: dict) -> None:
+def _worker(rank: int, world: int, port: int, overrides: dict, env: dict, faults: dict, logs: str) -> None:
+    for fd, name in ((1, "out"), (2, "err")):
+        f = os.open(os.path.join(logs, f"rank{rank}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -154,15 +164,17 @@ def start_training(
     disk_full_in_save: tuple[int, int] | None = None,
     **overrides,
 ) -> list[mp.Process]:
-    """Start `python -m avengers.train` with BASE + overrides as flags on `world` forked ranks (rank r is
+    """Start `python -m avengers.train` with BASE + overrides as flags on `world` ranks (rank r is
     the r-th process) without waiting for them; `join_training` waits.
 
     Injected faults: die_after_step=N, every process exits abruptly (FAULT_EXIT_CODE) after optimizer
     step N; die_in_save=N, inside step N's save, after DCP wrote the tensors; nan_at_steps, the loss
     of those steps (counted from 1 in this launch) is NaN; disk_full_in_save=(N, r), rank r's disk is full
     when step N's save writes its loader state."""
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "avengers.train.trainer", "train_helpers"])
     port = free_port()
+    logs = tempfile.mkdtemp(prefix="ranks_")
     procs = []
     for rank in range(world):
         faults = dict(
@@ -171,7 +183,8 @@ def start_training(
             nan_at_steps=tuple(nan_at_steps),
             disk_full_in_save=disk_full_in_save[0] if disk_full_in_save and disk_full_in_save[1] == rank else None,
         )
-        procs.append(ctx.Process(target=_worker, args=(rank, world, port, overrides, env or {}, faults)))
+        procs.append(ctx.Process(target=_worker, args=(rank, world, port, overrides, env or {}, faults, logs)))
+        procs[-1].logs = logs
     for p in procs:
         p.start()
     return procs
@@ -189,6 +202,15 @@ def join_training(procs: list[mp.Process], timeout: float = 120) -> list[int]:
         if p.is_alive():
             p.kill()
             p.join()
+    for rank, p in enumerate(procs):  # the ranks' output, into this process's stdout and stderr
+        for fd, name in ((1, "out"), (2, "err")):
+            path = os.path.join(p.logs, f"rank{rank}.{name}")
+            if os.path.exists(path):
+                with open(path, "rb") as f, os.fdopen(os.dup(fd), "wb") as out:
+                    out.write(f.read())
+                os.remove(path)
+    for logs in {p.logs for p in procs}:
+        os.rmdir(logs)
     return [p.exitcode for p in procs]
 
 
