@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from avengers.hardware import device_spec
-from avengers.train.trace_summary import write_for_newest_trace
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +161,8 @@ def build_profiler(cfg, rank: int):
     if not cfg.use_profiler or (cfg.profiler_rank0_only and rank != 0):
         return None
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    from avengers.train.trace_summary import write_for_newest_trace
 
     on_gpu = torch.cuda.is_available()
     folder = os.path.join(cfg.ckpt_save_path, "profile_traces")

@@ -30,7 +30,7 @@ class ThreadSummary:
     kernels: int
     span_ms: float
     kernel_ms: float
-    idle_ms: float  # GPU idle between this thread's first kernel start and last kernel end
+    idle_ms: float  # GPU idle just before this thread's kernels (the gap each of them ended)
     host_wait_ms: float  # the part of idle_ms that ended with a kernel launched < HOST_WAIT_US earlier
     median_delay_us: float  # launch end -> kernel start
 
@@ -40,7 +40,6 @@ class StepSummary:
     steps: int
     step_ms: float  # host time per profiled step (ProfilerStep annotations); 0 when absent
     span_ms: float  # per step, from the first kernel's start to the last one's end
-    kernel_ms: float  # per step, the GPU activity's summed durations (streams may overlap)
     idle_ms: float  # per step, time in the span with no GPU activity
     host_wait_ms: float  # per step, the part of idle_ms spent waiting for the host
     threads: tuple[ThreadSummary, ...]  # totals over the profiled steps
@@ -103,7 +102,6 @@ def summarize(trace: dict) -> StepSummary | None:
         steps=len(steps),
         step_ms=sum(s["dur"] for s in steps) / 1e3 / n_steps,
         span_ms=(max(k["ts"] + k["dur"] for k in gpu) - gpu[0]["ts"]) / 1e3 / n_steps,
-        kernel_ms=sum(r[0]["dur"] for r in rows) / 1e3 / n_steps,
         idle_ms=sum(r[1] for r in rows) / 1e3 / n_steps,
         host_wait_ms=sum(waited(r) for r in rows) / 1e3 / n_steps,
         threads=tuple(threads),
