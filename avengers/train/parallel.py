@@ -116,6 +116,14 @@ def _block_kwargs(block: nn.Module, kwargs: dict) -> dict:
     return {**kwargs, "mp_policy": replace(policy, cast_forward_inputs=False)}
 
 
+def shards_per_block(mesh: DeviceMesh | None) -> bool:
+    """FSDP2 units per block, or the root's alone. A world of one rank has nothing to communicate, so
+    units per block would overlap nothing: they only add hooks, casts and copies per block, host time
+    that sets a small model's step (Mamba-2 at batch 4). Its root is then the only unit: one gather per
+    step, one reduction at the end."""
+    return mesh is not None and mesh.size() > 1
+
+
 def parallelize(
     model: nn.Module,
     block_types: tuple[type[nn.Module], ...],
@@ -146,6 +154,7 @@ def parallelize(
     # A shard group of one rank (one GPU, ddp) holds whole parameters: resharding after forward would
     # free only their bf16 copies and cost a second gather (casts and copies) per block in backward.
     one_rank = mesh is not None and shard_group_size(mesh) == 1
+    per_block = shards_per_block(mesh)
     for i, ((name, block), ac) in enumerate(zip(blocks, pattern)):
         shard_kwargs = _block_kwargs(block, kwargs)  # read from the block's own class, before any wrapper
         if ac:
@@ -153,15 +162,16 @@ def parallelize(
             _set_submodule(model, name, block)
         if compile_blocks:
             block.compile()
-        if mesh is not None:
+        if per_block:
             # The last block's parameters are needed again first in backward: keep them gathered.
             reshard = not one_rank and i < len(blocks) - 1
             fully_shard(block, reshard_after_forward=reshard, **shard_kwargs)
     if mesh is not None:
         fully_shard(model, **kwargs)
     log.info(
-        "parallelize: %d blocks, %d checkpointed, compile=%s, mixed_precision=%s",
+        "parallelize: %d blocks%s, %d checkpointed, compile=%s, mixed_precision=%s",
         len(blocks),
+        "" if per_block else " in the root's FSDP2 unit (one rank)",
         sum(pattern),
         compile_blocks,
         mixed_precision,

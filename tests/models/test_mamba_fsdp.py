@@ -66,9 +66,10 @@ def test_fsdp2_mixed_precision_keeps_the_residual_stream_fp32(checkpointed):
         dist.destroy_process_group()
 
 
-def test_one_rank_shard_group_keeps_blocks_gathered_from_forward_to_backward():
-    """On one rank a block's shards are its whole parameters: resharding after forward would only cost
-    a second gather in backward, so every block stays unsharded (plain tensors) until its backward."""
+def test_one_rank_world_is_one_fsdp2_unit_gathered_from_forward_to_backward():
+    """On one rank the root is the only FSDP2 unit (per-block units would only add hooks, casts and
+    copies per block), and its parameters stay gathered (plain tensors) from forward to backward."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     spec = get_model_spec("mamba2_tiny")
@@ -77,6 +78,7 @@ def test_one_rank_shard_group_keeps_blocks_gathered_from_forward_to_backward():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         parallelize(model, spec.block_types, init_device_mesh("cpu", (1,), mesh_dim_names=("shard",)))
+        assert [name for name, m in model.named_modules() if isinstance(m, FSDPModule)] == [""]
         loss = model(ids[:, :-1], labels=ids[:, 1:])
         blocks = model.backbone.layers
         assert not any(isinstance(p, DTensor) for b in blocks for p in b.parameters())
@@ -84,3 +86,14 @@ def test_one_rank_shard_group_keeps_blocks_gathered_from_forward_to_backward():
         assert all(isinstance(p, DTensor) for b in blocks for p in b.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp2_units_per_block_only_where_ranks_communicate():
+    """One rank has nothing to overlap: the root is its only FSDP2 unit (the test above). More ranks
+    shard every block (the 2-process runs in tests/train)."""
+    from types import SimpleNamespace
+
+    from avengers.train.parallel import shards_per_block
+
+    assert [shards_per_block(SimpleNamespace(size=lambda n=n: n)) for n in (1, 2, 8)] == [False, True, True]
+    assert not shards_per_block(None)
