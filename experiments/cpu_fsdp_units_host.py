@@ -5,10 +5,10 @@
 A Mamba-2 of mamba2_1.3b's depth (48 blocks) but tiny width, trained on CPU through the trainer's
 `parallelize` (bf16 mixed precision, fp32 master weights, AdamW) with its reference kernels: at this
 width the kernels cost next to nothing, so a step's time is the host's. Two wrappings, alternating
-in one process after a warm-up round: one FSDP2 unit per block (what one rank got before `shards_per_block`) and the root
-alone (what it gets now). The difference per block is what the per-block hooks, casts and copies
-cost the host, the cost that sets a GPU step whose kernels are issued slower than they run
-(docs/mamba.md, "Training speed"). Writes DIR/fsdp_units_host.json.
+in one process after a warm-up round: one FSDP2 unit per block (what one rank got before
+`shards_per_block`) and the root alone (what it gets now). The difference per block is what the
+per-block hooks, casts and copies cost the host, the cost that sets a GPU step whose kernels are
+issued slower than they run (docs/mamba.md, "Training speed"). Writes DIR/fsdp_units_host.json.
 """
 
 from __future__ import annotations

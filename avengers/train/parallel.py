@@ -171,7 +171,7 @@ def parallelize(
     log.info(
         "parallelize: %d blocks%s, %d checkpointed, compile=%s, mixed_precision=%s",
         len(blocks),
-        "" if per_block else " in the root's FSDP2 unit (one rank)",
+        " in the root's FSDP2 unit (one rank)" if mesh is not None and not per_block else "",
         sum(pattern),
         compile_blocks,
         mixed_precision,
