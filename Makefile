@@ -27,7 +27,7 @@ test: $(STAMP)
 # triton goes into .triton-site, outside the venv, so `make test` keeps skipping these files; the
 # version is pinned so CI and developers interpret the same Triton.
 TRITON_INTERPRETER ?= triton==3.9.0
-TRITON_TESTS := tests/decode/test_triton_decode.py tests/decode/test_triton_gemv.py tests/decode/test_triton_tele_readout.py tests/decode/test_triton_tele_update.py tests/decode/test_gluon_chain.py \
+TRITON_TESTS := tests/decode/test_triton_decode.py tests/decode/test_triton_gemv.py tests/decode/test_triton_mamba_step.py tests/decode/test_triton_tele_readout.py tests/decode/test_triton_tele_update.py tests/decode/test_gluon_chain.py \
 	tests/decode/test_sm90_compile.py tests/models/test_causal_conv_triton.py \
 	tests/models/test_ssd_step_triton.py experiments/test_stream_read.py experiments/test_decode_attention_bench.py \
 	experiments/test_causal_conv_tiles.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,6 +17,27 @@ def triton_device() -> str:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA, or TRITON_INTERPRET=1 for Triton's CPU interpreter", allow_module_level=True)
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def few_gemv_tiles(device: str, *kernels):
+    """On CUDA the GEMV autotuners would compile and time all 27 tiles for every new shape (minutes
+    per test file); correctness needs a few of the kinds the H200 picks (batch 8 keeps only the last).
+    The interpreter has one tile already."""
+    saved = [k.configs for k in kernels]
+    if device == "cuda":
+        import triton
+
+        tiles = [
+            triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in ((2, 2048, 8), (8, 512, 2), (2, 1024, 4))
+        ]
+        for k in kernels:
+            k.configs = tiles
+    try:
+        yield
+    finally:
+        for k, configs in zip(kernels, saved):
+            k.configs = configs
 
 
 @torch.no_grad()

@@ -82,25 +82,60 @@ def cases():
 
     bf, f32 = "*bf16", "*fp32"
     gemv = triton_gemv._gemv_kernel
-    for name, bb, x, out, norm, swiglu, res, bn, bk, w in [
-        ("gemv norm (QKV, LM head)", 1, bf, bf, True, False, False, 2, 2048, 8),
-        ("gemv norm+swiglu (gate/up)", 1, bf, bf, True, True, False, 4, 1024, 4),
-        ("gemv residual (Wo, W2)", 1, bf, bf, False, False, True, 8, 512, 2),
-        ("gemv fp32 stream (Mamba-2 in_proj)", 1, f32, bf, True, False, False, 2, 2048, 8),
-        ("gemv fp32 residual (Mamba-2 out_proj)", 1, bf, f32, False, False, True, 2, 2048, 8),
-        ("gemv batch 8 norm+swiglu", 8, bf, bf, True, True, False, 2, 1024, 4),
+    for name, bb, x, out, norm, gate, swiglu, res, bn, bk, w in [
+        ("gemv norm (QKV, LM head)", 1, bf, bf, True, False, False, False, 2, 2048, 8),
+        ("gemv norm+swiglu (gate/up)", 1, bf, bf, True, False, True, False, 4, 1024, 4),
+        ("gemv residual (Wo, W2)", 1, bf, bf, False, False, False, True, 8, 512, 2),
+        ("gemv fp32 stream (Mamba-2 in_proj)", 1, f32, bf, True, False, False, False, 2, 2048, 8),
+        ("gemv gated norm + fp32 residual (Mamba-2 out_proj)", 1, bf, f32, True, True, False, True, 2, 2048, 8),
+        ("gemv batch 8 norm+swiglu", 8, bf, bf, True, False, True, False, 2, 1024, 4),
     ]:
         yield (
             name,
             functools.partial(
                 compile_case,
                 gemv,
-                {"X": x, "NormW": bf, "W": bf, "Res": out, "Out": out},
-                dict(BB=bb, B=bb, NORM=norm, SWIGLU=swiglu, RESIDUAL=res, GDC=True, BN=bn, BK=bk),
+                {"X": x, "NormW": bf, "Z": bf, "W": bf, "Res": out, "Out": out},
+                dict(BB=bb, B=bb, NORM=norm, GATE=gate, SWIGLU=swiglu, RESIDUAL=res, GDC=True, BN=bn, BK=bk),
                 ("eps",),
                 w,
             ),
         )
+    from avengers.decode.kernels import triton_mamba_step
+
+    yield (
+        "Mamba-2 in_proj + conv step",
+        functools.partial(
+            compile_case,
+            triton_mamba_step._in_proj_conv_kernel,
+            {"X": f32, "NormW": bf, "W": bf, "Out": bf, "Window": bf, "ConvW": bf, "ConvB": bf},
+            dict(BB=1, B=1, WIDTH=4, SILU=True, GDC=True, BN=2, BK=2048),
+            ("eps",),
+            8,
+        ),
+    )
+    yield (
+        "hybrid attention RoPE + cache write (mamba_1.5b)",
+        functools.partial(
+            compile_case,
+            triton_mamba_step._rope_write_kernel,
+            {"QKV": bf, "Cos": f32, "Sin": f32, "Pos": "*i64", "Q": bf, "Kc": bf, "Vc": bf},
+            dict(HD=128),
+            (),
+            1,
+        ),
+    )
+    yield (
+        "Mamba-2 conv step (batch > 8)",
+        functools.partial(
+            compile_case,
+            triton_mamba_step._conv_step_kernel,
+            {"Window": bf, "Xbc": bf, "ConvW": bf, "ConvB": bf, "Out": bf},
+            dict(WIDTH=4, WP=4, BLOCK_B=triton_mamba_step.CONV_BLOCK_B, BLOCK_C=triton_mamba_step.CONV_BLOCK_C),
+            (),
+            4,
+        ),
+    )
     yield (
         "qkv + rope + cache write",
         functools.partial(
@@ -216,14 +251,14 @@ def cases():
         )
     from avengers.models.mamba import ssd_step_triton
 
-    for state in (bf, f32):
+    for state, a_log in ((bf, False), (f32, False), (bf, True)):
         yield (
-            f"Mamba-2 decode state update ({state[1:]} state)",
+            f"Mamba-2 decode state update ({state[1:]} state{', A from A_log' if a_log else ''})",
             functools.partial(
                 compile_case,
                 ssd_step_triton._state_update_kernel,
                 {n: bf for n in ("X", "Dt", "B", "C", "Y")} | {"State": state, "DtBias": f32, "A": f32, "D": f32},
-                dict(BLOCK_P=ssd_step_triton.BLOCK_P, BLOCK_N=128, HAS_D=True),
+                dict(BLOCK_P=ssd_step_triton.BLOCK_P, BLOCK_N=128, HAS_D=True, A_LOG=a_log),
                 (),
                 ssd_step_triton.NUM_WARPS,
             ),

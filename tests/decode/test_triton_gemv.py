@@ -7,13 +7,18 @@ TRITON_INTERPRET=1 is set (`make test-triton`; fp32 only there).
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_helpers import assert_decode_path_matches_full_forward, assert_graph_decode_matches_eager, triton_device
+from triton_helpers import (
+    assert_decode_path_matches_full_forward,
+    assert_graph_decode_matches_eager,
+    few_gemv_tiles,
+    triton_device,
+)
 
 DEVICE = triton_device()
 
 from avengers.decode import llama_block  # noqa: E402
 from avengers.decode.cache import KVState  # noqa: E402
-from avengers.decode.kernels import triton_gemv  # noqa: E402
+from avengers.decode.kernels import triton_gemv, triton_mamba_step  # noqa: E402
 from avengers.decode.options import GEMV_STEP_MAX_BATCH, DecodeOptions  # noqa: E402
 
 pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
@@ -21,21 +26,10 @@ pytestmark = pytest.mark.gpu if DEVICE == "cuda" else []
 
 @pytest.fixture(autouse=True, scope="module")
 def few_tiles():
-    """On CUDA the autotuners would compile and time all 27 tiles for every new shape (minutes for
-    this file); correctness needs a few of the kinds the H200 picks (batch 8 keeps only the last)."""
-    kernels = (triton_gemv._gemv_kernel, triton_gemv._qkv_rope_kernel)
-    saved = [k.configs for k in kernels]
-    if DEVICE == "cuda":
-        import triton
-
-        tiles = [
-            triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in ((2, 2048, 8), (8, 512, 2), (2, 1024, 4))
-        ]
-        for k in kernels:
-            k.configs = tiles
-    yield
-    for k, configs in zip(kernels, saved):
-        k.configs = configs
+    with few_gemv_tiles(
+        DEVICE, triton_gemv._gemv_kernel, triton_gemv._qkv_rope_kernel, triton_mamba_step._in_proj_conv_kernel
+    ):
+        yield
 
 
 def _rand(*shape, seed=0, scale=1.0):
@@ -43,28 +37,32 @@ def _rand(*shape, seed=0, scale=1.0):
 
 
 @pytest.mark.parametrize("B", [1, 3, 8])
-@pytest.mark.parametrize("fusion", ["plain", "norm", "norm_swiglu", "norm_swiglu_gate_last", "residual"])
+@pytest.mark.parametrize(
+    "fusion", ["plain", "norm", "norm_swiglu", "norm_swiglu_gate_last", "residual", "gated_norm_residual"]
+)
 def test_gemv_fusions_match_torch(B, fusion):
     K, N = 200, 37  # neither a multiple of the block sizes
-    x, g = _rand(B, K, seed=1), _rand(K, seed=2) + 1
-    swiglu, gate_last = "swiglu" in fusion, fusion.endswith("gate_last")
+    x, g, z = _rand(B, K, seed=1), _rand(K, seed=2) + 1, _rand(B, K, seed=5)
+    swiglu, gate_last, gated = "swiglu" in fusion, fusion.endswith("gate_last"), fusion.startswith("gated")
     w = _rand(2 * N if swiglu else N, K, seed=3, scale=K**-0.5)
     res = _rand(B, N, seed=4)
-    xin = F.rms_norm(x, (K,), g, 1e-5) if fusion.startswith("norm") else x
+    xin = x * F.silu(z) if gated else x
+    xin = F.rms_norm(xin, (K,), g, 1e-5) if "norm" in fusion else xin
     ref = F.linear(xin, w)
     if swiglu:
         gate, up = ref.split(N, -1)[::-1] if gate_last else ref.split(N, -1)
         ref = F.silu(gate) * up
-    if fusion == "residual":
+    if fusion.endswith("residual"):
         ref = ref + res
     out = triton_gemv.gemv(
         x,
         w,
-        norm_weight=g if fusion.startswith("norm") else None,
+        norm_weight=g if "norm" in fusion else None,
         eps=1e-5,
-        residual=res if fusion == "residual" else None,
+        residual=res if fusion.endswith("residual") else None,
         swiglu=swiglu,
         gate_last=gate_last,
+        gate=z if gated else None,
     )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -74,6 +72,8 @@ def test_gemv_rejects_bad_shapes():
         triton_gemv.gemv(_rand(9, 16), _rand(4, 16))
     with pytest.raises(ValueError, match="residual must be"):
         triton_gemv.gemv(_rand(2, 16), _rand(4, 16), residual=_rand(2, 5))
+    with pytest.raises(ValueError, match="gate must be"):
+        triton_gemv.gemv(_rand(2, 16), _rand(4, 16), gate=_rand(2, 8))
 
 
 def test_autotune_prune_keeps_k_blocks_up_to_the_narrowest_covering_one():
@@ -172,26 +172,50 @@ def _assert_gemv_steps_match_full_forward(monkeypatch, spec, decode_module) -> N
 
 
 def test_mamba2_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
-    """Pure Mamba-2 models on the `triton` decode path at batch 1: norm + in_proj and out_proj +
-    residual as Triton GEMVs around each mixer's core, the final norm + LM head as one GEMV."""
+    """Pure Mamba-2 models on the `triton` decode path: at batch 1 each layer as three kernels
+    (norm + in_proj + conv step, the state update, gated norm + out_proj + residual) and the final
+    norm + LM head as one GEMV; at batch 2 the conv step as its own Triton kernel."""
     from avengers.decode import mamba
     from avengers.models.registry import get_model_spec
 
-    _assert_gemv_steps_match_full_forward(monkeypatch, get_model_spec("mamba2_tiny"), mamba)
-
-
-@pytest.mark.parametrize("d_intermediate", [0, 128])
-def test_hybrid_decode_with_triton_gemvs_matches_full_forward(monkeypatch, d_intermediate):
-    """A Mamba-2 / attention hybrid on the `triton` decode path at batch 1, without MLPs (as
-    mamba_1.5b) and with gated MLPs (as mamba_9.8b): the attention layers' in_proj and out_proj
-    become GEMVs too (their core: conv, partial RoPE, the cache write and decode attention), and
-    each MLP two GEMVs (RMSNorm + fc1 + SwiGLU with fc1's [value; gate] rows, fc2 + residual)."""
-    from avengers.decode import mamba
-    from avengers.models.registry import get_model_spec
-
-    spec = get_model_spec("hybrid_tiny").replace(d_intermediate=d_intermediate)
+    layers, convs = [], []
+    real, real_conv = mamba.mamba_layer_step, triton_mamba_step.conv_step
+    monkeypatch.setattr(mamba, "mamba_layer_step", lambda *a: layers.append(1) or real(*a))
+    monkeypatch.setattr(triton_mamba_step, "conv_step", lambda *a: convs.append(1) or real_conv(*a))
+    spec = get_model_spec("mamba2_tiny")
     _assert_gemv_steps_match_full_forward(monkeypatch, spec, mamba)
+    assert len(layers) == len(convs) == 4 * spec.config.n_layer  # batch 1: three kernels; batch 2: the conv kernel
+
+
+@pytest.mark.parametrize("name, d_intermediate", [("hybrid_tiny", 0), ("hybrid_tiny", 128), ("bamba_tiny", 128)])
+def test_hybrid_decode_with_triton_gemvs_matches_full_forward(monkeypatch, name, d_intermediate):
+    """A Mamba-2 / attention hybrid on the `triton` decode path at batch 1, without MLPs (as
+    mamba_1.5b) and with gated MLPs (as mamba_9.8b), with and without the q/k/v conv (bamba_tiny):
+    each attention layer as in_proj (+ its conv step), RoPE + cache write, the decode attention and
+    out_proj + residual, and each MLP two GEMVs (RMSNorm + fc1 + SwiGLU with fc1's [value; gate]
+    rows, fc2 + residual)."""
+    from avengers.decode import mamba
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec(name).replace(d_intermediate=d_intermediate)
+    layers = []
+    real = mamba.attention_layer_step
+    monkeypatch.setattr(mamba, "attention_layer_step", lambda *a: layers.append(1) or real(*a))
+    _assert_gemv_steps_match_full_forward(monkeypatch, spec, mamba)
+    assert len(layers) == 4 * len(spec.config.attn_layer_idx)
     assert not mamba._gemv_layout(spec.replace(attn_qkv_bias=True).build("meta"))  # biases: not this path
+
+
+def test_mamba2_with_b_c_groups_keeps_the_per_group_norm(monkeypatch):
+    """Two B/C groups normalise y * silu(z) per group, which out_proj's whole-row norm cannot: such
+    layers take in_proj, the mixer's core and out_proj, and still match the full forward."""
+    from avengers.decode import mamba
+    from avengers.models.registry import get_model_spec
+
+    calls = []
+    monkeypatch.setattr(mamba, "mamba_layer_step", lambda *a: calls.append(1))
+    _assert_gemv_steps_match_full_forward(monkeypatch, get_model_spec("mamba2_tiny").replace(ngroups=2), mamba)
+    assert not calls
 
 
 def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
@@ -207,9 +231,9 @@ def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("name", ["mamba2_tiny", "tele_tiny"])
+@pytest.mark.parametrize("name", ["mamba2_tiny", "hybrid_tiny", "tele_tiny"])
 def test_gemv_steps_in_a_cuda_graph_match_eager_decode(name):
-    """Mamba-2's and the telescoping model's batch-1 GEMV steps replayed from a CUDA graph."""
+    """Mamba-2's, a hybrid's and the telescoping model's batch-1 GEMV steps replayed from a CUDA graph."""
     from avengers.models.registry import get_model_spec
 
     spec = get_model_spec(name)

@@ -55,15 +55,17 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr):
-    """[BB, BK] fp32 tile of the input rows, and that tile times the norm weight when NORM (else
-    the tile again)."""
+def x_parts(X, NormW, Z, bs, b_ok, k0, K, sxb, szb, NORM: tl.constexpr, GATE: tl.constexpr, BK: tl.constexpr):
+    """[BB, BK] fp32 tile of the input rows (times silu(z) of the gate rows Z when GATE), and that
+    tile times the norm weight when NORM (else the tile again)."""
     ks = k0 + tl.arange(0, BK)
     k_ok = ks < K
+    m = b_ok[:, None] & k_ok[None, :]
     # .cg: in the persistent block kernel X was just written by other programs (read past L1)
-    x = tl.load(
-        X + bs[:, None] * sxb + ks[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg"
-    ).to(tl.float32)
+    x = tl.load(X + bs[:, None] * sxb + ks[None, :], mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if GATE:
+        z = tl.load(Z + bs[:, None] * szb + ks[None, :], mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+        x = x * z * tl.sigmoid(z)
     gx = x
     if NORM:
         gx = x * tl.load(NormW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -71,19 +73,10 @@ def x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
-def x_tile(X, NormW, rstd, bs, b_ok, k0, K, sxb, NORM: tl.constexpr, BK: tl.constexpr, WDT: tl.constexpr):
-    """[BB, BK] fp32 tile of the input rows, RMS-normalised (and rounded to the weights' dtype, as
-    torch rounds rms_norm's output before the matmul) when NORM."""
-    x, gx = x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM, BK)
-    if NORM:
-        x = (gx * rstd[:, None]).to(WDT).to(tl.float32)
-    return x
-
-
-@triton.jit
 def _gemv_acc(
     X,
     NormW,
+    Z,
     W,
     Res,
     K,
@@ -91,18 +84,20 @@ def _gemv_acc(
     UP,
     eps,
     sxb,
+    szb,
     srb,
     rows,
     r_ok,
     bs,
     b_ok,
     NORM: tl.constexpr,
+    GATE: tl.constexpr,
     SWIGLU: tl.constexpr,
     RESIDUAL: tl.constexpr,
     GDC: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """fp32 [BB, BN] products of the (normalised) input rows with weight rows `rows` (and with the
+    """fp32 [BB, BN] products of the (gated, normalised) input rows with weight rows `rows` (and with the
     up rows `rows + UP` when SWIGLU: returned second, else the first again), and the residual
     rows when RESIDUAL (read right after the wait, so that their latency overlaps the products).
     With NORM the rows' sums of squares are gathered in the product loop and their RMS scale
@@ -123,7 +118,7 @@ def _gemv_acc(
     if RESIDUAL:
         om = b_ok[:, None] & r_ok[None, :]
         res = tl.load(Res + bs[:, None] * srb + rows[None, :], mask=om, other=0.0, cache_modifier=".cg").to(tl.float32)
-    x, gx = x_parts(X, NormW, bs, b_ok, 0, K, sxb, NORM, BK)
+    x, gx = x_parts(X, NormW, Z, bs, b_ok, 0, K, sxb, szb, NORM, GATE, BK)
     ss = tl.sum(x * x, 1) if NORM else tl.zeros(bs.shape, tl.float32)
     acc = tl.sum(gx[:, None, :] * w_first.to(tl.float32)[None, :, :], 2)
     acc_up = acc
@@ -131,7 +126,7 @@ def _gemv_acc(
         acc_up = tl.sum(gx[:, None, :] * u_first.to(tl.float32)[None, :, :], 2)
     for k0 in range(BK, K, BK):
         ks = k0 + tl.arange(0, BK)
-        x, gx = x_parts(X, NormW, bs, b_ok, k0, K, sxb, NORM, BK)
+        x, gx = x_parts(X, NormW, Z, bs, b_ok, k0, K, sxb, szb, NORM, GATE, BK)
         if NORM:
             ss += tl.sum(x * x, 1)
         wm = r_ok[:, None] & (ks < K)[None, :]
@@ -208,7 +203,7 @@ def rope_store(
 
 @triton.autotune(
     configs=_gemv_configs(),
-    key=["K", "N", "BB", "NORM", "SWIGLU", "RESIDUAL", "GDC"],
+    key=["K", "N", "BB", "NORM", "GATE", "SWIGLU", "RESIDUAL", "GDC"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=quick_bench,
     cache_results=True,
@@ -217,6 +212,7 @@ def rope_store(
 def _gemv_kernel(
     X,
     NormW,
+    Z,
     W,
     Res,
     Out,
@@ -225,11 +221,13 @@ def _gemv_kernel(
     UP,
     eps,
     sxb,
+    szb,
     srb,
     sob,
     BB: tl.constexpr,
     B: tl.constexpr,
     NORM: tl.constexpr,
+    GATE: tl.constexpr,
     SWIGLU: tl.constexpr,
     RESIDUAL: tl.constexpr,
     GDC: tl.constexpr,
@@ -241,7 +239,7 @@ def _gemv_kernel(
     bs = tl.arange(0, BB)
     b_ok = bs < B
     acc, acc_up, res = _gemv_acc(
-        X, NormW, W, Res, K, N, UP, eps, sxb, srb, rows, r_ok, bs, b_ok, NORM, SWIGLU, RESIDUAL, GDC, BK
+        X, NormW, Z, W, Res, K, N, UP, eps, sxb, szb, srb, rows, r_ok, bs, b_ok, NORM, GATE, SWIGLU, RESIDUAL, GDC, BK
     )
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
@@ -295,7 +293,9 @@ def _qkv_rope_kernel(
     # were written by the plain (non-PDL) kernels before the step's first block, which the first
     # block's kernels cannot overtake
     c, s, pos = rope_operands(tl.program_id(0), Cos, Sin, Pos, NQ, NK, BN)
-    acc, _, _ = _gemv_acc(X, NormW, W, X, K, N, 0, eps, sxb, 0, rows, rows < N, bs, bs < B, True, False, False, GDC, BK)
+    acc, _, _ = _gemv_acc(
+        X, NormW, X, W, X, K, N, 0, eps, sxb, 0, 0, rows, rows < N, bs, bs < B, True, False, False, False, GDC, BK
+    )
     rope_store(
         acc, tl.program_id(0), c, s, pos, Q, Kc, Vc, N, skb, skh, skn, svb, svh, svn, NQ, NK, HEAD_DIM, BB, B, BN
     )
@@ -310,11 +310,13 @@ def gemv(
     swiglu: bool = False,
     gate_last: bool = False,
     out_dtype: torch.dtype | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [B, K] (B <= MAX_BATCH, unit last stride) @ weight[N', K]^T with the optional fusions:
-    rmsnorm(x) * norm_weight first; swiglu: weight is [gate; up] (N' = 2N; [up; gate] with
-    gate_last, as mamba_ssm's GatedMLP fc1), output silu(gate) * up; residual [B, N] added last.
-    Returns [B, N] in out_dtype (default x's dtype)."""
+    x * silu(gate) first (gate [B, K]: Mamba-2's gated RMSNorm over one group), then rmsnorm(.) *
+    norm_weight; swiglu: weight is [gate; up] (N' = 2N; [up; gate] with gate_last, as mamba_ssm's
+    GatedMLP fc1), output silu(gate) * up; residual [B, N] added last. Returns [B, N] in out_dtype
+    (default x's dtype)."""
     B, K = x.shape
     if not 1 <= B <= MAX_BATCH or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != K:
         raise ValueError(
@@ -325,11 +327,14 @@ def gemv(
     out = torch.empty(B, N, device=x.device, dtype=out_dtype or x.dtype)
     if residual is not None and (residual.shape != out.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must be [{B}, {N}] with unit last stride, got {tuple(residual.shape)}")
+    if gate is not None and (gate.shape != x.shape or gate.stride(-1) != 1):
+        raise ValueError(f"gate must be [{B}, {K}] with unit last stride, got {tuple(gate.shape)}")
     # gate_last: the kernel's gate rows from row N on (a view), its up rows N rows before them
     w, up = (weight[N:], -N) if swiglu and gate_last else (weight, N)
     _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](
         x,
         norm_weight if norm_weight is not None else x,
+        gate if gate is not None else x,
         w,
         residual if residual is not None else out,
         out,
@@ -338,11 +343,13 @@ def gemv(
         up,
         eps,
         x.stride(0),
+        gate.stride(0) if gate is not None else 0,
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
         BB=triton.next_power_of_2(B),
         B=B,
         NORM=norm_weight is not None,
+        GATE=gate is not None,
         SWIGLU=swiglu,
         RESIDUAL=residual is not None,
         **pdl_kwargs(x.device),

@@ -80,7 +80,7 @@ class Mamba2Mixer(nn.Module):
         b, T, _ = zxbcdt.shape
         z, xBC, dt = torch.split(zxbcdt, [cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
         if state is not None and T == 1:
-            y = mixer_step(self, xBC, dt, k, state, cache.options.compiled_cores)
+            y = mixer_step(self, xBC, dt, k, state, cache.options)
         else:
             A = -torch.exp(self.A_log.float())
             if state is None:

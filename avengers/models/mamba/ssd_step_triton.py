@@ -57,6 +57,7 @@ def _state_update_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr,
+    A_LOG: tl.constexpr,
 ):
     """One program: rows [pid_p * BLOCK_P, +BLOCK_P) of the state of sequence b, head h.
     state = state * exp(dt * A) + dt * x B^T; y = state C (+ D x); dt = softplus(dt + dt_bias).
@@ -77,7 +78,10 @@ def _state_update_kernel(
     dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
     b_vec = tl.load(B + b * s_bb + g * s_bg + offs_n * s_bn, mask=mn, other=0.0).to(tl.float32)
     c_vec = tl.load(C + b * s_cb + g * s_cg + offs_n * s_cn, mask=mn, other=0.0).to(tl.float32)
-    s = s * tl.exp(dt * tl.load(A + h).to(tl.float32)) + (dt * x)[:, None] * b_vec[None, :]
+    a = tl.load(A + h).to(tl.float32)
+    if A_LOG:
+        a = -tl.exp(a)
+    s = s * tl.exp(dt * a) + (dt * x)[:, None] * b_vec[None, :]
     tl.store(s_ptr, s.to(State.dtype.element_ty), mask=m)
     y = tl.sum(s * c_vec[None, :], axis=1)
     if HAS_D:
@@ -96,9 +100,11 @@ def triton_ssd_step(
     dt_bias: torch.Tensor,
     block_p: int = BLOCK_P,
     num_warps: int = NUM_WARPS,
+    a_log: bool = False,
 ) -> torch.Tensor:
     """ref_ssd_step's contract: state [b, h, p, n] updated in place; x [b, h, p]; raw dt [b, h];
-    A, D, dt_bias [h]; B, C [b, g, n] -> y [b, h, p] in x's dtype. Any strides."""
+    A, D, dt_bias [h]; B, C [b, g, n] -> y [b, h, p] in x's dtype. Any strides. With a_log, A holds
+    the model's A_log and the kernel takes A = -exp(A_log) itself (one launch fewer a layer)."""
     b, h, p, n = state.shape
     g = B.shape[1]
     if h % g:
@@ -129,6 +135,7 @@ def triton_ssd_step(
         BLOCK_P=block_p,
         BLOCK_N=triton.next_power_of_2(n),
         HAS_D=D is not None,
+        A_LOG=a_log,
         num_warps=num_warps,
     )
     return y
