@@ -21,12 +21,20 @@ def decode_logits(model, ids: torch.Tensor, prefill: int, path: str = "reference
 
 
 def track_compiled(monkeypatch, module, name: str):
-    """Count calls of module.<name>() (a cached torch.compile'd function) from here on: returns the
-    list of calls and a function giving the number of graphs dynamo has built since."""
+    """Count calls of the torch.compile'd function module.<name>() returns (cached) from here on:
+    returns the list of calls and a function giving the number of graphs dynamo has built since
+    (its caches cleared first, so that earlier tests' graphs do not count)."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
     compiled = getattr(module, name)()
     before = counters["stats"]["unique_graphs"]
     calls = []
-    monkeypatch.setattr(module, name, lambda: calls.append(1) or compiled)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compiled(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, lambda: counted)
     return calls, lambda: counters["stats"]["unique_graphs"] - before

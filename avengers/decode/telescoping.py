@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avengers.decode import llama_block
 from avengers.decode.attention import cached_attention
 from avengers.decode.cache import InferenceCache, KVState, allocation_target, tensor_bytes
-from avengers.decode.llama_block import block_post, decode_head, eligible
+from avengers.decode.llama_block import block_post, decode_head, decode_post, eligible
 from avengers.decode.options import GEMV_STEP_MAX_BATCH, DecodeOptions
 from avengers.ops.telescoping import (
     EMPTY_LOG_MASS,
@@ -373,6 +374,11 @@ def compiled_fused_qkv_step_core():
 
 
 @functools.cache
+def compiled_fused_qkv_update_core():
+    return torch.compile(fused_qkv_update_core, fullgraph=True)
+
+
+@functools.cache
 def compiled_update_core():
     return torch.compile(update_core, fullgraph=True)
 
@@ -460,8 +466,9 @@ def forward_with_cache(model: nn.Module, x: torch.Tensor, cache: InferenceCache)
 def _chunk(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor | None) -> torch.Tensor:
     """Prefill (position None: tokens 0..T-1) or one decode step at a device position."""
     options = cache.options
-    if position is not None and options.gemv_step(x.shape[0]) and _gemv_layout(model):
-        return gemv_step(model, x, cache, position)
+    if position is not None and options.compiled_cores and _block_layout(model):
+        step = gemv_step if options.gemv_step(x.shape[0]) else compiled_block_step
+        return step(model, x, cache, position)
     base = model.base_model
     h = base.embedding(x)
     for layer, state in zip(base.layers, cache.layers):
@@ -489,45 +496,93 @@ def _advance_ring(model: nn.Module, cache: InferenceCache, position: torch.Tenso
             return
 
 
-def _gemv_layout(model: nn.Module) -> bool:
-    """The Triton GEMV step's layout: telescoping layers only, Llama's block layout (checked once)."""
-    if not hasattr(model, "_tele_gemv_layout"):
-        model._tele_gemv_layout = not model.full_layers and all(eligible(l) for l in model.base_model.layers)
-    return model._tele_gemv_layout
+def _block_layout(model: nn.Module) -> bool:
+    """Llama's block layout in every layer, all of them telescoping (checked once): the decode steps
+    below run llama_block's functions around the slot update."""
+    if not hasattr(model, "_tele_block_layout"):
+        model._tele_block_layout = not model.full_layers and all(eligible(l) for l in model.base_model.layers)
+    return model._tele_block_layout
 
 
 def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor) -> torch.Tensor:
-    """One decode step with the projections as the Triton GEMVs of Llama's `triton` path: per block
-    RMSNorm + QKV as one GEMV, the two-cell slot update and the read-out as Triton kernels
-    (triton_tele_update, triton_tele_readout; the slots are in place on this path) or, for a head
-    dim the kernels do not tile, fused_qkv_step_core compiled; then Wo + residual, RMSNorm +
-    gate/up + SwiGLU, W2 + residual (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
+    """A batch-1 step on the Triton paths: per block RMSNorm + QKV as one Triton GEMV, the slot
+    update and read-out, then Wo + residual, RMSNorm + gate/up + SwiGLU, W2 + residual
+    (triton_gemv.decode_post); the final norm + LM head as one GEMV."""
     from avengers.decode.kernels import triton_gemv
 
-    base, B = model.base_model, x.shape[0]
+    def norm_qkv(h, layer):
+        return triton_gemv.gemv(h, layer.attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps)
+
+    h = _blocks(model, x, cache, position, norm_qkv, triton_gemv.decode_post)
+    return decode_head(model.base_model.dec_norm, model.head, h, cache.options)
+
+
+def compiled_block_step(
+    model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor
+) -> torch.Tensor:
+    """A step at any other batch on the `compile` and `triton` paths: per block RMSNorm + QKV and
+    llama_block.decode_post (Wo + residual, RMSNorm + SwiGLU MLP, residual) torch.compile'd around
+    the slot update and read-out, so none of the element-wise work between the GEMMs runs eager."""
+    plain = _interpreted(cache.options, x)
+    project = norm_linear if plain else compiled_norm_linear()
+    post = decode_post if plain else llama_block.functions(cache.options, x.shape[0])[1]
+
+    def norm_qkv(h, layer):
+        return project(h, layer.ln.weight, layer.ln.eps, layer.attn.in_proj.qkv_fused.weight)
+
+    h = _blocks(model, x, cache, position, norm_qkv, post)
+    return model.head(model.base_model.dec_norm(h))
+
+
+def _interpreted(options: DecodeOptions, x: torch.Tensor) -> bool:
+    """Triton paths on the CPU (the interpreter, in the kernels' tests) take the plain functions:
+    Inductor is not what those tests check, and compiling there costs minutes."""
+    return options.triton_kernels and not x.is_cuda
+
+
+def norm_linear(h: torch.Tensor, ln_w: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
+    """RMSNorm then a bias-free projection: h [B, D] -> [B, N]."""
+    return F.linear(F.rms_norm(h, (h.shape[-1],), ln_w, eps), w)
+
+
+@functools.cache
+def compiled_norm_linear():
+    return torch.compile(norm_linear, dynamic=True, fullgraph=True)
+
+
+def _blocks(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: torch.Tensor, norm_qkv, post):
+    """The blocks of one decode step -> the last hidden state [B, 1, D]. Per block: qkv = norm_qkv(h
+    [B, D], layer); the slot update (where the slots are in place and the read-out kernel takes
+    them, the Triton ring update; otherwise fused_qkv_update_core) and the read-out (the Triton
+    kernel on the Triton paths, else slot_attention, compiled with the update); then post."""
+    options, base, B = cache.options, model.base_model, x.shape[0]
     h = base.embedding(x)
     opts = base.layers[0].attn.opts
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
-    # allocate_cache puts the slots in place for this path; the read-out's head dims suit the update too
-    kernels = cache.layers[0].in_place and _readout_kernel_takes(cache.layers[0].k)
-    if kernels:
+    state0 = cache.layers[0]
+    readout = options.triton_kernels and _readout_kernel_takes(state0.k)
+    ring = state0.ring if state0.in_place else None  # one map for every layer
+    plain = _interpreted(options, x)
+    if readout:
         from avengers.decode.kernels.triton_tele_readout import slot_readout
         from avengers.decode.kernels.triton_tele_update import ring_update
-    else:  # torch.compile on CUDA, as the `compile` path does; the plain function on the CPU (interpreter tests)
-        core = compiled_fused_qkv_step_core() if x.is_cuda else fused_qkv_step_core
+
+        update = fused_qkv_update_core if plain else compiled_fused_qkv_update_core()
+    else:
+        core = fused_qkv_step_core if plain else compiled_fused_qkv_step_core()
     for layer, state in zip(base.layers, cache.layers):
         attn = layer.attn
-        qkv = triton_gemv.gemv(
-            h.view(B, -1), attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps
-        )
+        qkv = norm_qkv(h.view(B, -1), layer)
         gate_w = attn.gate.weight if attn.gate is not None else None
         args = (qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w, position, state.k, state.v, state.log_mass)
-        if kernels:
-            q = ring_update(*args, state.ring, tables, attn.rope_theta, len(attn.opts.fmap))
-            out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
-        else:
-            ring = state.ring if state.in_place else None
+        if not readout:
             out = core(*args, ring, tables, attn.opts, attn.rope_theta, *attn._gains())
-        h = block_post(layer, h, out.reshape(B, 1, -1), triton_gemv.decode_post)
+        else:
+            if ring is not None:
+                q = ring_update(*args, ring, tables, attn.rope_theta, len(opts.fmap))
+            else:
+                q = update(*args, None, tables, attn.rope_theta)
+            out = slot_readout(q, state.k, state.v, state.log_mass, attn.opts, *attn._gains())
+        h = block_post(layer, h, out.reshape(B, 1, -1), post)
     _advance_ring(model, cache, position)
-    return decode_head(base.dec_norm, model.head, h, cache.options)  # a GEMV: this path serves batch 1 only
+    return h

@@ -230,6 +230,27 @@ def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     _assert_gemv_steps_match_full_forward(monkeypatch, spec, telescoping)
 
 
+def test_telescoping_batched_decode_on_the_triton_path_matches_full_forward(monkeypatch):
+    """Above batch 1 a telescoping step is compiled_block_step: RMSNorm + QKV and the MLP block in
+    torch around the slot update and the read-out kernel. Below the ring map's batch the slots
+    shift (fused_qkv_update_core, no ring update kernel; in place: test_triton_tele_readout); the
+    logits equal the full forward's."""
+    from avengers.decode import telescoping
+    from avengers.decode.kernels import triton_tele_update
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512)
+    torch.manual_seed(0)
+    model = spec.build(DEVICE)
+    model.init_weights()
+    steps, ring_updates = [], []
+    real_step = telescoping.compiled_block_step
+    monkeypatch.setattr(telescoping, "compiled_block_step", lambda *a: steps.append(1) or real_step(*a))
+    monkeypatch.setattr(triton_tele_update, "ring_update", lambda *a: ring_updates.append(1))
+    assert_decode_path_matches_full_forward(model.eval(), spec, "triton", DEVICE, batch=2)
+    assert len(steps) == 4 and not ring_updates
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", ["mamba2_tiny", "hybrid_tiny", "tele_tiny"])
 def test_gemv_steps_in_a_cuda_graph_match_eager_decode(name):

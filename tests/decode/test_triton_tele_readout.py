@@ -56,8 +56,8 @@ def test_readout_rejects_a_head_dim_it_cannot_tile():
 @torch.no_grad()
 def test_triton_path_reads_the_slots_with_the_kernel(batch, monkeypatch):
     """The `triton` path reads the slots out with the kernel in every layer of every step, the slots
-    in place behind the ring map: at batch 1 between the GEMVs, updated by the ring update kernel;
-    at the ring map's batch (lowered to 2) updated by the compiled core. The
+    in place behind the ring map and updated by the ring update kernel: at batch 1 between the
+    GEMVs, at the ring map's batch (lowered to 2) between compiled_block_step's projections. The
     logits equal a full forward's, through merges of decoded tokens and a drop (8 slots, 12 steps
     after an 8-token prefill)."""
     from decode_helpers import decode_logits
@@ -80,7 +80,7 @@ def test_triton_path_reads_the_slots_with_the_kernel(batch, monkeypatch):
     ids = torch.randint(0, spec.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     torch.testing.assert_close(decode_logits(model, ids, 8, "triton"), model(ids), atol=1e-4, rtol=1e-4)
     assert len(calls) == 12 * spec.config.nlayers
-    assert len(updates) == (12 * spec.config.nlayers if batch == 1 else 0)  # batch 1: the ring update kernel
+    assert len(updates) == 12 * spec.config.nlayers
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")

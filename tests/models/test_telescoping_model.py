@@ -108,19 +108,24 @@ def test_in_place_cache_graph_decode_matches_full_forward_cuda(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["documented", "later"])
+@pytest.mark.parametrize("variant", ["documented", "later", "hybrid"])
 def test_compiled_decode_step_matches_eager(variant, monkeypatch):
-    """On the `compile` decode path every telescoping layer's step runs one torch.compile'd
-    step_core (no recompile per layer) and decodes what the reference step does, through drops."""
+    """On the `compile` decode path every telescoping layer's step runs one torch.compile'd core (no
+    recompile per layer) and decodes what the reference step does, through drops: Llama-layout
+    models through compiled_block_step (its norm + QKV, slot step and MLP block each one graph),
+    hybrids through attention_step's compiled_step_core."""
     from avengers.decode import telescoping
 
     model = _tiny(**VARIANTS[variant])
     x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(3))
-    calls, new_graphs = track_compiled(monkeypatch, telescoping, "compiled_step_core")
+    blocks = telescoping._block_layout(model)
+    core = "compiled_fused_qkv_step_core" if blocks else "compiled_step_core"
+    calls, new_graphs = track_compiled(monkeypatch, telescoping, core)
     outs = {path: decode_logits(model, x, 10, path) for path in ("reference", "compile")}
     torch.testing.assert_close(outs["compile"], outs["reference"], atol=1e-5, rtol=1e-5)
-    assert len(calls) == 30 * 3  # every decode step of every layer went through the compiled core
-    assert new_graphs() == 1  # one graph for the 3 layers and 30 positions
+    tele_layers = sum(not isinstance(s, KVState) for s in model.allocate_cache(1, 8).layers)
+    assert len(calls) == 30 * tele_layers  # every decode step of every telescoping layer took the compiled core
+    assert new_graphs() == (3 if blocks else 1)  # one graph per function for all layers and positions
 
 
 @pytest.mark.slow
