@@ -30,7 +30,7 @@ TRITON_INTERPRETER ?= triton==3.9.0
 TRITON_TESTS := tests/decode/test_triton_decode.py tests/decode/test_triton_gemv.py tests/decode/test_triton_mamba_step.py tests/decode/test_triton_tele_readout.py tests/decode/test_triton_tele_update.py tests/decode/test_gluon_chain.py \
 	tests/decode/test_sm90_compile.py tests/models/test_causal_conv_triton.py \
 	tests/models/test_ssd_step_triton.py experiments/test_stream_read.py experiments/test_decode_attention_bench.py \
-	experiments/test_causal_conv_tiles.py
+	experiments/test_causal_conv_tiles.py experiments/test_tele_readout_precision.py
 test-triton: $(STAMP)
 	test -d .triton-site || $(PY) -m pip install -q --no-deps --target .triton-site "$(TRITON_INTERPRETER)"
 	TRITON_INTERPRET=1 PYTHONPATH=.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TRITON_TESTS)
