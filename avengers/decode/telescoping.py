@@ -514,7 +514,8 @@ def gemv_step(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position
         return triton_gemv.gemv(h, layer.attn.in_proj.qkv_fused.weight, norm_weight=layer.ln.weight, eps=layer.ln.eps)
 
     h = _blocks(model, x, cache, position, norm_qkv, triton_gemv.decode_post)
-    return decode_head(model.base_model.dec_norm, model.head, h, cache.options)
+    logits = decode_head(model.base_model.dec_norm, model.head, h, cache.options)
+    return logits if logits is not None else model.head(model.base_model.dec_norm(h))
 
 
 def compiled_block_step(
