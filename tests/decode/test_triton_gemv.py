@@ -230,6 +230,20 @@ def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
     _assert_gemv_steps_match_full_forward(monkeypatch, spec, telescoping)
 
 
+def test_telescoping_gemv_step_without_the_head_gemv_matches_full_forward(monkeypatch):
+    """Where the head GEMV does not apply (decode_head None), the batch-1 step ends with the
+    model's own final norm and head."""
+    from avengers.decode import telescoping
+    from avengers.models.registry import get_model_spec
+
+    spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512)
+    torch.manual_seed(0)
+    model = spec.build(DEVICE)
+    model.init_weights()
+    monkeypatch.setattr(telescoping, "decode_head", lambda *a: None)
+    assert_decode_path_matches_full_forward(model.eval(), spec, "triton", DEVICE, batch=1)
+
+
 def test_telescoping_batched_decode_on_the_triton_path_matches_full_forward(monkeypatch):
     """Above batch 1 a telescoping step is compiled_block_step: RMSNorm + QKV and the MLP block in
     torch around the slot update and the read-out kernel. Below the ring map's batch the slots
