@@ -6,7 +6,7 @@ A Mamba-2 of mamba2_1.3b's depth (48 blocks) but tiny width, trained on CPU thro
 `parallelize` (bf16 mixed precision, fp32 master weights, AdamW) with its reference kernels: at this
 width the kernels cost next to nothing, so a step's time is the host's. Two wrappings, alternating
 in one process after a warm-up round: one FSDP2 unit per block (what one rank got before
-`shards_per_block`) and the root alone (what it gets now). The difference per block is what the
+`unit_per_block`) and the root alone (what it gets now). The difference per block is what the
 per-block hooks, casts and copies cost the host, the cost that sets a GPU step whose kernels are
 issued slower than they run (docs/mamba.md, "Training speed"). Writes DIR/fsdp_units_host.json.
 """
@@ -41,12 +41,12 @@ def step_times(per_block: bool, layers: int, steps: int) -> list[float]:
     torch.manual_seed(0)
     model = MambaLM(cfg)
     model.init_weights()
-    kept = parallel.shards_per_block
-    parallel.shards_per_block = (lambda mesh: True) if per_block else kept
+    kept = parallel.unit_per_block
+    parallel.unit_per_block = (lambda mesh: True) if per_block else kept
     try:
         parallel.parallelize(model, (MambaBlock,), init_device_mesh("cpu", (1,)), mixed_precision=True)
     finally:
-        parallel.shards_per_block = kept
+        parallel.unit_per_block = kept
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     ids = torch.randint(0, cfg.vocab_size, (1, 33))
     times = []

@@ -579,7 +579,7 @@ def _blocks(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: 
         if not readout:
             out = core(*args, ring, tables, attn.opts, attn.rope_theta, *attn._gains())
         else:
-            if ring is not None:
+            if ring is not None:  # slots in place: the two cells written by the Triton kernel
                 q = ring_update(*args, ring, tables, attn.rope_theta, len(opts.fmap))
             else:
                 q = update(*args, None, tables, attn.rope_theta)

@@ -116,11 +116,11 @@ def _block_kwargs(block: nn.Module, kwargs: dict) -> dict:
     return {**kwargs, "mp_policy": replace(policy, cast_forward_inputs=False)}
 
 
-def shards_per_block(mesh: DeviceMesh | None) -> bool:
-    """FSDP2 units per block, or the root's alone. A world of one rank has nothing to communicate, so
-    units per block would overlap nothing: they only add hooks, casts and copies per block, host time
-    that sets a small model's step (Mamba-2 at batch 4). Its root is then the only unit: one gather per
-    step, one reduction at the end."""
+def unit_per_block(mesh: DeviceMesh | None) -> bool:
+    """Whether each block gets its own FSDP2 unit (else the root is the only one). A world of one
+    rank has nothing to communicate, so units per block would overlap nothing: they only add hooks,
+    casts and copies per block, host time that sets a small model's step (Mamba-2 at batch 4). Its
+    root is then the only unit: one gather per step, one reduction at the end."""
     return mesh is not None and mesh.size() > 1
 
 
@@ -154,7 +154,7 @@ def parallelize(
     # A shard group of one rank (one GPU, ddp) holds whole parameters: resharding after forward would
     # free only their bf16 copies and cost a second gather (casts and copies) per block in backward.
     one_rank = mesh is not None and shard_group_size(mesh) == 1
-    per_block = shards_per_block(mesh)
+    per_block = unit_per_block(mesh)
     for i, ((name, block), ac) in enumerate(zip(blocks, pattern)):
         shard_kwargs = _block_kwargs(block, kwargs)  # read from the block's own class, before any wrapper
         if ac:

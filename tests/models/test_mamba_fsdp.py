@@ -93,7 +93,7 @@ def test_fsdp2_units_per_block_only_where_ranks_communicate():
     shard every block (the 2-process runs in tests/train)."""
     from types import SimpleNamespace
 
-    from avengers.train.parallel import shards_per_block
+    from avengers.train.parallel import unit_per_block
 
-    assert [shards_per_block(SimpleNamespace(size=lambda n=n: n)) for n in (1, 2, 8)] == [False, True, True]
-    assert not shards_per_block(None)
+    assert [unit_per_block(SimpleNamespace(size=lambda n=n: n)) for n in (1, 2, 8)] == [False, True, True]
+    assert not unit_per_block(None)

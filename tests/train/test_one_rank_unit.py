@@ -15,7 +15,7 @@ def _loss_and_grads(spec, per_block: bool, monkeypatch) -> tuple[int, torch.Tens
     torch.manual_seed(0)
     model = spec.build()
     model.init_weights()
-    monkeypatch.setattr(parallel, "shards_per_block", lambda mesh: per_block)
+    monkeypatch.setattr(parallel, "unit_per_block", lambda mesh: per_block)
     parallel.parallelize(model, spec.block_types, init_device_mesh("cpu", (1,)), mixed_precision=True)
     ids = torch.randint(0, spec.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     out = model(ids[:, :-1], labels=ids[:, 1:])
