@@ -265,17 +265,31 @@ def cases():
         )
     from avengers.decode.kernels import triton_tele_readout
 
-    yield (
-        "telescoping slot read-out (tele128_llama3_1.8b)",
-        functools.partial(
-            compile_case,
-            triton_tele_readout._readout_kernel,
-            {"Q": bf, "K": bf, "V": bf, "W": f32, "KGain": bf, "VGain": bf, "Out": bf},
-            dict(HKV=2, G=16, HD=64, BLOCK_C=128, BLOCK_G=16, KV_NORM=True, SOFTCAP=False, MASK_EMPTY=False),
-            ("softcap",),
-            triton_tele_readout.NUM_WARPS,
-        ),
-    )
+    for slots, (precision, warps) in (
+        (bf, triton_tele_readout.HALF_SLOTS),
+        (f32, triton_tele_readout.FP32_SLOTS),
+    ):
+        yield (
+            f"telescoping slot read-out (tele128_llama3_1.8b, {slots[1:]} slots)",
+            functools.partial(
+                compile_case,
+                triton_tele_readout._readout_kernel,
+                {"Q": slots, "K": slots, "V": slots, "W": f32, "KGain": bf, "VGain": bf, "Out": slots},
+                dict(
+                    HKV=2,
+                    G=16,
+                    HD=64,
+                    BLOCK_C=128,
+                    BLOCK_G=16,
+                    KV_NORM=True,
+                    SOFTCAP=False,
+                    MASK_EMPTY=False,
+                    PRECISION=precision,
+                ),  # fmt: skip
+                ("softcap",),
+                warps,
+            ),
+        )
     from avengers.decode.kernels import triton_tele_update
 
     for gate in (True, False):
