@@ -412,6 +412,20 @@ def _readout_kernel_takes(K: torch.Tensor) -> bool:
     return triton_tele_readout.supports(K)
 
 
+def _full_attention_step(
+    attn: nn.Module, qkv: torch.Tensor, state: KVState, position: torch.Tensor, options: DecodeOptions, theta: float
+) -> torch.Tensor:
+    """A full-attention layer's decode step from its fused QKV output qkv [B, (H + 2 H_kv) d]: RoPE,
+    the cache write and the attention read -> [B, H, d] (before the output projection)."""
+    B, d = qkv.shape[0], attn.emb_kq_per_head
+    q, k, v = qkv.view(B, 1, -1, d).split([attn.nheads, attn.kvheads, attn.kvheads], dim=2)
+    pos = position.view(1)
+    q, k = rope(q, pos, theta).to(v.dtype), rope(k, pos, theta)
+    out = cached_attention(q, k, v, state, 0, position, backend=options.attention)
+    # a tensor of its own, as the read-out's is: a view of another layout recompiles decode_post
+    return out[:, 0].clone()
+
+
 def full_attention(
     attn: nn.Module, y: torch.Tensor, state: KVState, cache: InferenceCache, position: torch.Tensor | None, theta: float
 ) -> torch.Tensor:
@@ -497,10 +511,10 @@ def _advance_ring(model: nn.Module, cache: InferenceCache, position: torch.Tenso
 
 
 def _block_layout(model: nn.Module) -> bool:
-    """Llama's block layout in every layer, all of them telescoping (checked once): the decode steps
-    below run llama_block's functions around the slot update."""
+    """Llama's block layout in every layer (checked once): the decode steps below run llama_block's
+    functions around the slot update, or a full-attention layer's cache read."""
     if not hasattr(model, "_tele_block_layout"):
-        model._tele_block_layout = not model.full_layers and all(eligible(l) for l in model.base_model.layers)
+        model._tele_block_layout = all(eligible(l) for l in model.base_model.layers)
     return model._tele_block_layout
 
 
@@ -558,11 +572,11 @@ def _blocks(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: 
     kernel on the Triton paths, else slot_attention, compiled with the update); then post."""
     options, base, B = cache.options, model.base_model, x.shape[0]
     h = base.embedding(x)
-    opts = base.layers[0].attn.opts
+    first = next(i for i, s in enumerate(cache.layers) if isinstance(s, TelescopingState))
+    opts, state0 = base.layers[first].attn.opts, cache.layers[first]
     tables = step_tables(opts.cache_size, opts.fmap, x.device)
-    state0 = cache.layers[0]
     readout = options.triton_kernels and _readout_kernel_takes(state0.k)
-    ring = state0.ring if state0.in_place else None  # one map for every layer
+    ring = state0.ring if state0.in_place else None  # one map for every telescoping layer
     plain = _interpreted(options, x)
     if readout:
         from avengers.decode.kernels.triton_tele_readout import slot_readout
@@ -574,6 +588,10 @@ def _blocks(model: nn.Module, x: torch.Tensor, cache: InferenceCache, position: 
     for layer, state in zip(base.layers, cache.layers):
         attn = layer.attn
         qkv = norm_qkv(h.view(B, -1), layer)
+        if isinstance(state, KVState):
+            out = _full_attention_step(attn, qkv, state, position, options, model.config.rope_theta)
+            h = block_post(layer, h, out.reshape(B, 1, -1), post)
+            continue
         gate_w = attn.gate.weight if attn.gate is not None else None
         args = (qkv, h.view(B, -1), layer.ln.weight, layer.ln.eps, gate_w, position, state.k, state.v, state.log_mass)
         if not readout:

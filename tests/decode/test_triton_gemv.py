@@ -218,15 +218,17 @@ def test_mamba2_with_b_c_groups_keeps_the_per_group_norm(monkeypatch):
     assert not calls
 
 
-def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch):
+@pytest.mark.parametrize("full_layers", [(), (0,)])
+def test_telescoping_decode_with_triton_gemvs_matches_full_forward(monkeypatch, full_layers):
     """Telescoping models on the `triton` decode path at batch 1: Llama's GEMVs around each
-    layer's slot update and read-out. 8 slots, so that the 4 decode steps after a 16-token prefill
-    merge slots holding decoded tokens (whose gate logits then matter); a small vocabulary keeps
-    the interpreter's LM head short."""
+    layer's slot update and read-out, or, in a hybrid's full-attention layer, around its cache
+    write and read. 8 slots, so that the 4 decode steps after a 16-token prefill merge slots
+    holding decoded tokens (whose gate logits then matter); a small vocabulary keeps the
+    interpreter's LM head short."""
     from avengers.decode import telescoping
     from avengers.models.registry import get_model_spec
 
-    spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512)
+    spec = get_model_spec("tele_tiny").replace(tele_cache_size=8, src_vocab_size=512, tele_full_attn_layers=full_layers)
     _assert_gemv_steps_match_full_forward(monkeypatch, spec, telescoping)
 
 

@@ -112,8 +112,9 @@ def test_in_place_cache_graph_decode_matches_full_forward_cuda(path):
 def test_compiled_decode_step_matches_eager(variant, monkeypatch):
     """On the `compile` decode path every telescoping layer's step runs one torch.compile'd core (no
     recompile per layer) and decodes what the reference step does, through drops: Llama-layout
-    models through compiled_block_step (its norm + QKV, slot step and MLP block each one graph),
-    hybrids through attention_step's compiled_step_core."""
+    models, hybrids included, through compiled_block_step (its norm + QKV, slot step and MLP block
+    each one graph, for telescoping and full-attention layers alike), other layouts through
+    attention_step's compiled_step_core."""
     from avengers.decode import telescoping
 
     model = _tiny(**VARIANTS[variant])
