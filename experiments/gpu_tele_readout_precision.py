@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     nbytes = (K.numel() + V.numel()) * K.element_size()
     rows = [
         {
-            "variant": "product (tf32x3, 8 warps)",
+            "variant": "product ({}, {} warps)".format(*triton_tele_readout.HALF_SLOTS),
             "us": 1e3 * do_bench(lambda: triton_tele_readout.slot_readout(q, K, V, W, _Opts, *gains)),
             "max_abs_diff": 0.0,
         }
