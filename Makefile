@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-triton test-compat test-slurm test-gpu lint format install gpu-install clean
+.PHONY: demo test test-triton sm90-compile test-compat test-slurm test-gpu lint format install gpu-install clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ TRITON_TESTS := tests/decode/test_triton_decode.py tests/decode/test_triton_gemv
 test-triton: $(STAMP)
 	test -d .triton-site || $(PY) -m pip install -q --no-deps --target .triton-site "$(TRITON_INTERPRETER)"
 	TRITON_INTERPRET=1 PYTHONPATH=.triton-site OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TRITON_TESTS)
+
+# Every kernel compiled for sm_90 with the Triton the GPU host runs (3.6, torch 2.11's), the Gluon
+# step's included (its API is that release's): registers and stack bytes per kernel, a JSON line each.
+TRITON_DEVICE ?= triton==3.6.0
+sm90-compile: $(STAMP)
+	test -d .triton-device-site || $(PY) -m pip install -q --no-deps --target .triton-device-site "$(TRITON_DEVICE)"
+	PYTHONPATH=.triton-device-site $(PY) tests/decode/sm90_compile_cases.py
 
 # scripts/slurm/train.sbatch on a one-node Slurm cluster started on localhost (as root; apt-installs slurmctld,
 # slurmd and munge if missing): CPU ranks over gloo, cancel / time-limit signal / requeue, exact resume.
