@@ -412,18 +412,23 @@ def _readout_kernel_takes(K: torch.Tensor) -> bool:
     return triton_tele_readout.supports(K)
 
 
+def _attend(q, k, v, state: KVState, position: torch.Tensor | None, backend: str, theta: float) -> torch.Tensor:
+    """q, k, v [B, T, heads, d] as projected -> RoPE on q and k, the cache write and the attention
+    read over the KVState: [B, T, H, d] (position None: a prefill from position 0)."""
+    pos = torch.arange(q.shape[1], device=q.device) if position is None else position.view(1)
+    q, k = rope(q, pos, theta).to(v.dtype), rope(k, pos, theta)
+    return cached_attention(q, k, v, state, 0, position, backend=backend)
+
+
 def _full_attention_step(
     attn: nn.Module, qkv: torch.Tensor, state: KVState, position: torch.Tensor, options: DecodeOptions, theta: float
 ) -> torch.Tensor:
-    """A full-attention layer's decode step from its fused QKV output qkv [B, (H + 2 H_kv) d]: RoPE,
-    the cache write and the attention read -> [B, H, d] (before the output projection)."""
+    """A full-attention layer's decode step from its fused QKV output qkv [B, (H + 2 H_kv) d] -> [B, H, d]
+    (before the output projection)."""
     B, d = qkv.shape[0], attn.emb_kq_per_head
     q, k, v = qkv.view(B, 1, -1, d).split([attn.nheads, attn.kvheads, attn.kvheads], dim=2)
-    pos = position.view(1)
-    q, k = rope(q, pos, theta).to(v.dtype), rope(k, pos, theta)
-    out = cached_attention(q, k, v, state, 0, position, backend=options.attention)
     # a tensor of its own, as the read-out's is: a view of another layout recompiles decode_post
-    return out[:, 0].clone()
+    return _attend(q, k, v, state, position, options.attention, theta)[:, 0].clone()
 
 
 def full_attention(
@@ -432,11 +437,10 @@ def full_attention(
     """A hybrid variant's full-attention layer over a KVState: prefill (position None) or one step."""
     B, T, _ = y.shape
     q, k, v = attn.in_proj(y, None, None)
-    pos = torch.arange(T, device=y.device) if position is None else position.view(1)
-    q = rope(q.view(B, T, attn.nheads, attn.emb_kq_per_head), pos, theta).to(v.dtype)
-    k = rope(k.view(B, T, attn.kvheads, attn.emb_kq_per_head), pos, theta)
+    q = q.view(B, T, attn.nheads, attn.emb_kq_per_head)
+    k = k.view(B, T, attn.kvheads, attn.emb_kq_per_head)
     v = v.view(B, T, attn.kvheads, attn.emb_v_per_head)
-    out = cached_attention(q, k, v, state, 0, position, backend=cache.options.attention)
+    out = _attend(q, k, v, state, position, cache.options.attention, theta)
     return attn.dense(out.reshape(B, T, attn.nheads * attn.emb_v_per_head))
 
 

@@ -101,3 +101,10 @@ def test_in_proj_conv_rejects_a_window_outside_the_columns():
         in_proj_conv(
             _rand(1, 16), _rand(8, 16), _rand(16), 1e-5, _rand(1, 6, 4), _rand(6, 1, 4), _rand(6), 4, torch.float32
         )
+
+
+def test_conv_step_rejects_a_conv_without_bias():
+    from avengers.decode.kernels.triton_mamba_step import conv_step
+
+    with pytest.raises(ValueError, match="conv_step.*bias"):
+        conv_step(_rand(1, 6, 4), _rand(1, 6), _rand(6, 1, 4), None)

@@ -209,10 +209,12 @@ def conv_step(
         or xbc.stride(-1) != 1
         or conv_weight.shape != (C, 1, width)
         or not conv_weight.is_contiguous()
+        or conv_bias is None
+        or conv_bias.shape != (C,)
     ):
         raise ValueError(
             f"conv_step: window {tuple(window.shape)}, input {tuple(xbc.shape)} (unit last stride), conv weight "
-            f"{tuple(conv_weight.shape)} (contiguous [C, 1, width]) do not match"
+            f"{tuple(conv_weight.shape)} (contiguous [C, 1, width]) and a bias [C] do not match"
         )
     out = torch.empty(B, C, device=xbc.device, dtype=xbc.dtype)
     block_b = min(CONV_BLOCK_B, triton.next_power_of_2(B))
