@@ -285,7 +285,7 @@ def cases():
                     SOFTCAP=False,
                     MASK_EMPTY=False,
                     PRECISION=precision,
-                ),  # fmt: skip
+                ),
                 ("softcap",),
                 warps,
             ),
